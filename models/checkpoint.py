@@ -1,0 +1,84 @@
+"""Reading a Hugging Face checkpoint directory from disk: config and safetensors weights only.
+
+Nothing here executes code from the directory: no ``trust_remote_code``, no pickle (``.bin``) weights.
+Weights are streamed one tensor at a time so that loading a 7B model does not hold two copies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.errors import CheckpointError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise CheckpointError(f"unknown precision {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint directory {p} does not exist; pass the folder holding config.json")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is not a directory; pass the checkpoint folder holding config.json")
+    return p
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    p = checkpoint_dir(path) / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"{p.parent} has no config.json; is it a Hugging Face checkpoint directory?")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e})") from None
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from the shard index when there is one."""
+    d = checkpoint_dir(path)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [d / s for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{d}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")) or any(d.glob("*.pth")):
+        raise CheckpointError(
+            f"{d} has only pickle weights (.bin/.pt); they can execute code when loaded and are refused. "
+            "Convert them to safetensors first (for example save_pretrained(..., safe_serialization=True))."
+        )
+    raise CheckpointError(f"{d} has no model.safetensors or model.safetensors.index.json")
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yields (name, lazy slice handle getter) over every tensor in the checkpoint, one file at a time."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None

@@ -1,0 +1,176 @@
+"""Images and videos to ``pixel_values`` and ``grid_thw``, without torchvision.
+
+Follows the original Qwen2-VL / Qwen2.5-VL processing: frames sampled by fps within min/max frame
+counts, each frame resized (PIL bicubic, as the reference image processor does) to multiples of
+patch_size x merge_size inside [min_pixels, max_pixels] (videos also inside a total-pixel budget),
+rescaled, normalized, grouped by temporal_patch_size (the last frame repeated to fill a group) and
+cut into flat patches in merged-block order.
+
+Frames handed in by callers are RGB uint8 [H, W, 3] arrays (OpenCV's BGR must be converted first;
+``runtime`` does that for files it decodes itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import InputError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionSettings:
+    """Processing parameters; read from the checkpoint's preprocessor_config.json where present."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    # video sampling (the original release's defaults)
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    video_total_pixels: int = 24576 * 28 * 28
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> VisionSettings:
+        s = cls()
+        d = Path(path)
+        for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+            f = d / name
+            if not f.is_file():
+                continue
+            raw = json.loads(f.read_text(encoding="utf-8"))
+            is_video = name.startswith("video")
+            size = raw.get("size") or {}
+            lo = raw.get("min_pixels", size.get("shortest_edge"))
+            hi = raw.get("max_pixels", size.get("longest_edge"))
+            for key in ("patch_size", "temporal_patch_size", "merge_size"):
+                if key in raw:
+                    setattr(s, key, int(raw[key]))
+            if is_video:
+                if lo is not None:
+                    s.video_min_pixels = int(lo)
+                if hi is not None:
+                    s.video_max_pixels = int(hi)
+                for key in ("fps", "min_frames", "max_frames"):
+                    if raw.get(key) is not None:
+                        setattr(s, key, type(getattr(s, key))(raw[key]))
+            else:
+                if lo is not None:
+                    s.min_pixels = int(lo)
+                if hi is not None:
+                    s.max_pixels = int(hi)
+                s.image_mean = tuple(raw.get("image_mean", s.image_mean))
+                s.image_std = tuple(raw.get("image_std", s.image_std))
+        return s
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Target size: multiples of ``factor``, pixel count inside [min, max], aspect ratio kept."""
+    if min(height, width) < 1:
+        raise InputError(f"image of size {width}x{height} is empty")
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"aspect ratio {width}x{height} is beyond 200:1; crop the image first")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def check_frame(frame: np.ndarray, what: str = "frame") -> np.ndarray:
+    a = np.asarray(frame)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise InputError(f"{what} must be an RGB uint8 array of shape [H, W, 3]; got {a.dtype} {list(a.shape)}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise InputError(f"{what} is empty ({list(a.shape)})")
+    return a
+
+
+def resize_normalize(frame: np.ndarray, height: int, width: int, s: VisionSettings) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> normalized float32 [3, height, width] (PIL bicubic, like the reference)."""
+    from PIL import Image
+
+    img = Image.fromarray(frame, mode="RGB") if frame.shape[:2] != (height, width) else None
+    a = np.asarray(img.resize((width, height), resample=Image.BICUBIC)) if img is not None else frame
+    x = a.astype(np.float64) * (1 / 255)
+    x = (x.astype(np.float32) - np.asarray(s.image_mean, np.float32)) / np.asarray(s.image_std, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def patchify(frames: np.ndarray, s: VisionSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """[F, 3, H, W] normalized frames -> pixel_values [t*h*w, 3*tp*p*p] and grid (t, h, w)."""
+    tp, p, m = s.temporal_patch_size, s.patch_size, s.merge_size
+    if pad := -frames.shape[0] % tp:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    f, c, hh, ww = frames.shape
+    t, gh, gw = f // tp, hh // p, ww // p
+    x = frames.reshape(t, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(t * gh * gw, c * tp * p * p)), (t, gh, gw)
+
+
+def process_image(image: np.ndarray, s: VisionSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    frame = check_frame(image, "image")
+    h, w = smart_resize(frame.shape[0], frame.shape[1], s.factor, s.min_pixels, s.max_pixels)
+    return patchify(resize_normalize(frame, h, w, s)[None], s)
+
+
+def video_frame_size(height: int, width: int, n_frames: int, s: VisionSettings) -> tuple[int, int]:
+    """Per-frame target size for a video: per-frame bounds and the total-pixel budget over all frames."""
+    max_pixels = max(min(s.video_max_pixels, s.video_total_pixels / max(n_frames, 1) * s.temporal_patch_size),
+                     int(s.video_min_pixels * 1.05))
+    return smart_resize(height, width, s.factor, s.video_min_pixels, int(max_pixels))
+
+
+def process_video(frames: Iterable[np.ndarray], s: VisionSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Sampled RGB frames (all the same size) -> pixel_values and grid (t, h, w)."""
+    frames = [check_frame(f, f"video frame {i}") for i, f in enumerate(frames)]
+    if not frames:
+        raise InputError("the video has no frames")
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise InputError(f"video frames differ in size ({sorted(shapes)}); give frames of one size")
+    h, w = video_frame_size(frames[0].shape[0], frames[0].shape[1], len(frames), s)
+    return patchify(np.stack([resize_normalize(f, h, w, s) for f in frames]), s)
+
+
+def sample_indices(total_frames: int, video_fps: float, s: VisionSettings,
+                   max_frames: int | None = None) -> np.ndarray:
+    """Which frames to decode: ``fps`` per second within [min_frames, max_frames], a multiple of the
+    temporal patch size, spread evenly from the first to the last frame (original release's rule)."""
+    if total_frames < 1:
+        raise InputError("the video has no frames")
+    f = s.temporal_patch_size
+    cap = min(s.max_frames, max_frames or s.max_frames, total_frames)
+    lo = math.ceil(s.min_frames / f) * f
+    hi = max(f, math.floor(cap / f) * f)
+    n = total_frames / max(video_fps, 1e-6) * s.fps
+    n = min(max(n, lo), hi, total_frames)
+    n = max(1, math.floor(n / f) * f) if n >= f else max(1, int(n))
+    return np.round(np.linspace(0, total_frames - 1, n)).astype(np.int64)

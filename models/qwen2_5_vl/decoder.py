@@ -1,0 +1,175 @@
+"""The Qwen2.5-VL language decoder, split into the exportable trunk and the differentiable head.
+
+trunk: layers 0..L-2 with an explicit token-major KV cache (past entries in, new entries out).
+head:  token embedding, the last layer with its own cache, final norm, LM head (stays in PyTorch so the
+       V-Reason controller can take gradients through it).
+Both share one ``Decoder`` holding the weights once; ``Decoder.forward`` is the full-sequence reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.qwen2_5_vl.config import TextConfig
+from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary
+
+
+class MRoPE(nn.Module):
+    """Multimodal rotary embedding: each frequency band follows one of the (t, h, w) position axes."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        bounds, start = [], 0
+        for n in cfg.mrope_section:
+            bounds.append((start, start + n))
+            start += n
+        self.bounds = bounds
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids [3, B, S] -> cos, sin [B, S, 1, head_dim]
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [3, B, S, head_dim/2]
+        freqs = torch.cat([freqs[i % 3, ..., a:b] for i, (a, b) in enumerate(self.bounds)], dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_key: torch.Tensor,  # [B, P, kv_heads, head_dim]
+        past_value: torch.Tensor,  # [B, P, kv_heads, head_dim]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, s, _ = x.shape
+        groups = self.heads // self.kv_heads
+        q = apply_rotary(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        keys = torch.cat((past_key, k), dim=1)  # [B, T, kv_heads, head_dim], T = P + S
+        values = torch.cat((past_value, v), dim=1)
+        p = past_key.shape[1]
+        t = keys.shape[1]
+        # grouped-query attention without repeating the cache: [B, kv, groups, S, head_dim]
+        qg = q.view(b, s, self.kv_heads, groups, self.head_dim).permute(0, 2, 3, 1, 4)
+        kg = keys.permute(0, 2, 3, 1).unsqueeze(2)  # [B, kv, 1, head_dim, T]
+        vg = values.permute(0, 2, 1, 3).unsqueeze(2)  # [B, kv, 1, T, head_dim]
+        scores = torch.matmul(qg, kg) * (self.head_dim**-0.5)  # [B, kv, groups, S, T]
+        # causal mask from P and S inside the graph: query j sits at cache index P + j
+        allowed = torch.arange(t, device=x.device).unsqueeze(0) <= (
+            torch.arange(s, device=x.device).unsqueeze(1) + p
+        )
+        scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(x.dtype)
+        out = torch.matmul(probs, vg)  # [B, kv, groups, S, head_dim]
+        out = out.permute(0, 3, 1, 2, 4).reshape(b, s, self.heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, past_key, past_value):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_key, past_value)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class Decoder(nn.Module):
+    """All decoder weights, held once. ``trunk`` and ``head`` below are thin views over it."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = MRoPE(cfg)
+
+    def empty_cache(self, batch: int = 1, device=None, dtype=None) -> torch.Tensor:
+        """A [B, 0, kv_heads, head_dim] tensor: the past of a prefill."""
+        w = self.embed_tokens.weight
+        return torch.zeros(batch, 0, self.cfg.num_key_value_heads, self.cfg.head_dim,
+                           device=device or w.device, dtype=dtype or w.dtype)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits [B, S, vocab] with no cache: the reference the split is tested against."""
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        empty = self.empty_cache(x.shape[0], x.device, x.dtype)
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, empty, empty)
+        return self.lm_head(self.norm(x))
+
+
+class Trunk(nn.Module):
+    """Layers 0..L-2 with explicit cache I/O; the module exported to ONNX / TensorRT.
+
+    forward(inputs_embeds [B,S,H], position_ids [3,B,S], past_key.0, past_value.0, ...) ->
+        (hidden [B,S,H], key.0, value.0, ...) with new cache entries only, [B,S,kv_heads,head_dim].
+    """
+
+    def __init__(self, decoder: Decoder) -> None:
+        super().__init__()
+        self.layers = decoder.layers[:-1]
+        self.rotary = decoder.rotary
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        new: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1])
+            new += [k, v]
+        return (x, *new)
+
+
+class Head(nn.Module):
+    """Token embedding, the last decoder layer, final norm and LM head; differentiable in PyTorch."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        super().__init__()
+        self.embed_tokens = decoder.embed_tokens
+        self.layer = decoder.layers[-1]
+        self.norm = decoder.norm
+        self.lm_head = decoder.lm_head
+        self.rotary = decoder.rotary
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [B, S, hidden]: output of the trunk
+        position_ids: torch.Tensor,  # [3, B, S]
+        past_key: torch.Tensor,  # [B, P, kv_heads, head_dim]
+        past_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns logits [B, S, vocab] and this layer's new key and value entries."""
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        x, k, v = self.layer(hidden, cos, sin, past_key, past_value)
+        return self.lm_head(self.norm(x)), k, v

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random checkpoints built once per test session (CPU, fp32)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from models.tiny import make_checkpoint
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(2)
+
+# two shapes: GQA 4:2 with mrope [2,3,3] (transformers-5 layout) and GQA 4:1 with mrope [4,2,2]
+# (original-release layout)
+CONFIGS = {
+    "gqa2": dict(layout="transformers"),
+    "gqa4": dict(layout="original", seed=3,
+                 text_overrides=dict(num_key_value_heads=1, rope_parameters={
+                     "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_checkpoint(root / name, **kw) for name, kw in CONFIGS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny(checkpoints):
+    return checkpoints["gqa2"]
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def any_checkpoint(request, checkpoints):
+    return checkpoints[request.param]

@@ -1,0 +1,35 @@
+"""Helpers shared by tests: prompts with visual inputs for our model and for transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.preprocess import VisionSettings, process_image, process_video
+from models.qwen2_5_vl import VisualSpan
+
+
+def visual_prompt(model, ckpt, kind: str, seed: int = 0):
+    """(input_ids [S], [(span, pixel_values)], transformers kwargs) for a text / image / video prompt."""
+    cfg = model.cfg
+    s = VisionSettings.from_dir(ckpt)
+    rng = np.random.default_rng(seed)
+    ids = [1, 40, 41, 42]
+    visuals, kw = [], {}
+    if kind == "image":
+        pv, g = process_image(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8), s)
+        visuals.append((VisualSpan("image", g), torch.from_numpy(pv)))
+        kw = dict(pixel_values=torch.from_numpy(pv), image_grid_thw=torch.tensor([g]))
+        pad = cfg.image_token_id
+    elif kind == "video":
+        frames = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(6)]
+        pv, g = process_video(frames, s)
+        visuals.append((VisualSpan("video", g, 1.0), torch.from_numpy(pv)))
+        kw = dict(pixel_values_videos=torch.from_numpy(pv), video_grid_thw=torch.tensor([g]),
+                  second_per_grid_ts=torch.tensor([1.0]))
+        pad = cfg.video_token_id
+    if visuals:
+        g = visuals[0][0].grid_thw
+        ids += [cfg.vision_start_token_id] + [pad] * (g[0] * g[1] * g[2] // 4) + [cfg.vision_end_token_id]
+    ids += [50, 51, 52, 53, 54]
+    return torch.tensor(ids), visuals, kw
