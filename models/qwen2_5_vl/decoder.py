@@ -149,7 +149,11 @@ class Trunk(nn.Module):
 
 
 class Head(nn.Module):
-    """Token embedding, the last decoder layer, final norm and LM head; differentiable in PyTorch."""
+    """Token embedding, the last decoder layer, final norm and LM head; differentiable in PyTorch.
+
+    Built over a full ``Decoder`` (sharing its weights) or standalone from ``head.safetensors`` of an
+    export, where it is the only PyTorch copy of these weights.
+    """
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
@@ -158,6 +162,28 @@ class Head(nn.Module):
         self.norm = decoder.norm
         self.lm_head = decoder.lm_head
         self.rotary = decoder.rotary
+        self.tied = decoder.cfg.tie_word_embeddings
+        if self.tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def standalone(cls, cfg: TextConfig) -> Head:
+        """A head with its own (uninitialized) weights and nothing else of the decoder."""
+        shell = nn.Module()
+        shell.cfg = cfg
+        shell.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        shell.layers = nn.ModuleList([DecoderLayer(cfg)])
+        shell.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        shell.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        shell.rotary = MRoPE(cfg)
+        return cls(shell)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The head's tensors to save (the LM head is omitted when tied to the embedding)."""
+        sd = dict(self.state_dict())
+        if self.tied:
+            sd.pop("lm_head.weight")
+        return sd
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

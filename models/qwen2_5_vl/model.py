@@ -116,3 +116,28 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", device: str 
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     model.reset_buffers()
     return model.eval().requires_grad_(False)
+
+
+def load_head(cfg: Qwen25VLConfig, path: str | Path, dtype: str | torch.dtype = "fp32",
+              device: str | torch.device = "cpu") -> Head:
+    """The standalone head from an export's head.safetensors (the only PyTorch copy of those weights)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        head = Head.standalone(cfg.text)
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-export") from None
+    state = {k: v.to(resolve_dtype(dtype)) for k, v in state.items()}
+    if head.tied:
+        state["lm_head.weight"] = state.get("embed_tokens.weight")
+    missing = sorted(set(head.state_dict()) - {k for k, v in state.items() if v is not None})
+    if missing:
+        raise CheckpointError(f"{path} lacks the head weights {', '.join(missing)}; re-export")
+    head.load_state_dict(state, strict=True, assign=True)
+    if head.tied:
+        head.lm_head.weight = head.embed_tokens.weight
+    head.rotary.inv_freq = MRoPE(cfg.text).inv_freq.to(device)
+    return head.eval().requires_grad_(False)

@@ -1,0 +1,100 @@
+"""python -m export: a Hugging Face VLM checkpoint on disk -> ONNX graphs, head, manifest (and TensorRT engines)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from models.errors import UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a Qwen2.5-VL checkpoint directory to ONNX graphs with an explicit KV cache, "
+                    "validate them against PyTorch, and optionally build TensorRT engines.")
+    ap.add_argument("--model", help="checkpoint directory (config.json, *.safetensors, tokenizer files)")
+    ap.add_argument("--out", help="export directory to create")
+    ap.add_argument("--check", metavar="DIR", help="verify an existing export directory and exit")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                    help="weights and activations of the graphs (default fp32)")
+    ap.add_argument("--max-context", type=int, default=8192, help="prompt + generated tokens (default 8192)")
+    ap.add_argument("--max-prompt", type=int, default=6144, help="longest prefill, tokens (default 6144)")
+    ap.add_argument("--max-frames", type=int, default=32, help="video frames per request (default 32)")
+    ap.add_argument("--max-vision-patches", type=int, default=0,
+                    help="vision patches per call (default: from --max-frames and the processor's pixel bounds)")
+    ap.add_argument("--opset", type=int, default=18, help="ONNX opset, at most 20 for TensorRT 10.3 (default 18)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to trace on (default cpu)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
+    ap.add_argument("--tensorrt", action="store_true", help="also build trunk.plan and vision.plan (needs tensorrt)")
+    ap.add_argument("--print-trtexec", action="store_true",
+                    help="print the trtexec commands that build the same engines (for building on a Jetson)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.manifest import check_export
+
+    if args.check:
+        data = check_export(args.check)
+        print(f"{args.check}: ok ({data['model_type']}, {data['precision']}, {len(data['files'])} files verified)")
+        if args.print_trtexec:
+            print_trtexec(Path(args.check), data)
+        return 0
+    if not args.model or not args.out:
+        raise UserError("pass --model DIR and --out DIR (or --check DIR)")
+    from export.exporter import Limits, export_model
+
+    limits = Limits(max_context=args.max_context, max_prompt=args.max_prompt, max_frames=args.max_frames,
+                    max_vision_patches=args.max_vision_patches)
+    out = export_model(args.model, args.out, args.precision, limits, args.opset, args.device, args.force,
+                       not args.no_validate, args.tensorrt, args.quiet)
+    print(f"exported {args.model} -> {out}")
+    if args.print_trtexec:
+        from export.manifest import read_manifest
+        print_trtexec(out, read_manifest(out))
+    return 0
+
+
+def print_trtexec(root: Path, data: dict) -> None:
+    from export.exporter import Limits, trt_profiles
+    from export.tensorrt_build import trtexec_command
+    from models.qwen2_5_vl import Config
+
+    cfg = Config.from_dict(_raw_config(data["config"]))
+    for graph, profiles in trt_profiles(cfg, Limits(**data["limits"])).items():
+        print(trtexec_command(str(root / f"{graph}.onnx"), str(root / f"{graph}.plan"), profiles,
+                              data["precision"], str(root / "timing.cache")))
+
+
+def _raw_config(c: dict) -> dict:
+    """The manifest stores the parsed config; rebuild a config.json-shaped dict from it."""
+    text, vision = dict(c["text"]), dict(c["vision"])
+    text.pop("head_dim", None)
+    flat = dict(text, rope_scaling={"mrope_section": text.pop("mrope_section")}, vision_config=vision,
+                image_token_id=c["image_token_id"], video_token_id=c["video_token_id"],
+                vision_start_token_id=c["vision_start_token_id"], vision_end_token_id=c["vision_end_token_id"],
+                eos_token_id=c["eos_token_ids"], model_type=c["model_type"])
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""``export_model``: checkpoint directory -> export directory (graphs, head, tokenizer, manifest).
+
+The output appears only when complete: everything is written to a hidden sibling directory that is
+renamed into place at the end and removed on any failure or interrupt.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from export.manifest import ExportError, graph_io, write_manifest
+from export.onnx_graphs import export_graph, name_dynamic_dims
+from export.trt_compat import check_graph
+from models.checkpoint import resolve_dtype
+from models.errors import UserError
+from models.preprocess import VisionSettings
+from models.registry import family_for
+
+CARRIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "generation_config.json")
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in <graph>.onnx.data
+
+
+@dataclass
+class Limits:
+    max_context: int = 8192  # prompt + generated tokens
+    max_prompt: int = 6144
+    max_frames: int = 32
+    max_vision_patches: int = 0  # 0: derived from max_frames and the processor's pixel bounds
+    max_frame_patches: int = 0
+
+
+class Stages:
+    """One line per stage on stderr with its duration: the progress of a long export."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.n, self.quiet = total, 0, quiet
+
+    @contextmanager
+    def stage(self, what: str):
+        self.n += 1
+        t = time.perf_counter()
+        if not self.quiet:
+            print(f"[{self.n}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+        yield
+        if not self.quiet:
+            print(f"[{self.n}/{self.total}] {what}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr,
+                  flush=True)
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+         "onnxruntime": onnxruntime.__version__}
+    try:
+        import onnxscript
+        v["onnxscript"] = onnxscript.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def derive_limits(limits: Limits, settings: VisionSettings, patch: int, merge: int) -> Limits:
+    per_frame = max(settings.max_pixels, settings.video_max_pixels) // (patch * patch)
+    per_frame -= per_frame % (merge * merge)
+    lim = Limits(**asdict(limits))
+    lim.max_frame_patches = lim.max_frame_patches or per_frame
+    lim.max_vision_patches = lim.max_vision_patches or per_frame * max(1, lim.max_frames // 2)
+    if lim.max_prompt > lim.max_context:
+        raise ExportError(f"--max-prompt {lim.max_prompt} exceeds --max-context {lim.max_context}")
+    return lim
+
+
+def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", limits: Limits | None = None,
+                 opset: int = 18, device: str = "cpu", force: bool = False, validate: bool = True,
+                 tensorrt: bool = False, quiet: bool = False) -> Path:
+    """Export a checkpoint; returns the export directory. Raises UserError subclasses for user mistakes."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if opset > 20:
+        raise ExportError(f"--opset {opset}: TensorRT 10.3 (JetPack 6) parses ONNX opsets up to 20")
+    family = family_for(model_dir)  # fails early on a wrong directory or architecture
+    dtype = resolve_dtype(precision)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stages = Stages(6 + int(validate) + int(tensorrt), quiet)  # load, 2 graphs, head, compat, manifest
+    try:
+        with stages.stage(f"load {model_dir} ({precision}, {device})"):
+            model = family.load_model(model_dir, dtype=dtype, device=device)
+            cfg = model.cfg
+        settings = VisionSettings.from_dir(model_dir)
+        lim = derive_limits(limits or Limits(), settings, cfg.vision.patch_size, cfg.vision.spatial_merge_size)
+        specs = family.export_spec(model, dtype, device)
+        graphs = {}
+        for spec in specs:
+            with stages.stage(f"export {spec.name}.onnx"):
+                size = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+                path = tmp / f"{spec.name}.onnx"
+                export_graph(spec, path, opset, external_data=size > EXTERNAL_DATA_BYTES)
+                name_dynamic_dims(path, spec)
+                import onnx
+                graphs[spec.name] = graph_io(onnx.load(str(path), load_external_data=False))
+        with stages.stage("write head.safetensors and tokenizer files"):
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous().cpu() for k, v in model.head.weights().items()}, str(tmp / "head.safetensors"))
+            for name in CARRIED_FILES:
+                if (Path(model_dir) / name).is_file():
+                    shutil.copy2(Path(model_dir) / name, tmp / name)
+        with stages.stage("TensorRT compatibility check"):
+            compat = {s.name: [str(f) for f in check_graph(tmp / f"{s.name}.onnx")] for s in specs}
+            bad = {g: f for g, f in compat.items() if f}
+            if bad:
+                msg = "; ".join(f"{g}: {', '.join(f[:5])}" for g, f in bad.items())
+                if tensorrt:
+                    raise ExportError(f"the graphs use what TensorRT cannot parse: {msg}")
+                print(f"warning: TensorRT would reject these graphs: {msg}", file=sys.stderr)
+        report = {"status": "not run", "reason": "--no-validate", "rows": []}
+        if validate:
+            with stages.stage("validate ONNX Runtime against PyTorch"):
+                from export.validate import validate_export
+                names = {s.name: s.input_names for s in specs}
+                report = validate_export(model, tmp, precision, names["trunk"], names["vision"])
+                if not quiet and report.get("table"):
+                    print(report["table"], file=sys.stderr)
+                elif not quiet:
+                    print(f"validation {report['status']}: {report.get('reason', '')}", file=sys.stderr)
+        manifest = {
+            "model_type": cfg.model_type, "config": cfg.to_dict(), "precision": precision,
+            "limits": asdict(lim), "graphs": graphs, "validation": report,
+            "tensorrt_compat": {"source": "export/tensorrt_onnx_ops.json", "findings": compat},
+            "tools": tool_versions(),
+            "source_model": str(Path(model_dir).expanduser().resolve()), "opset": opset,
+        }
+        del model, specs
+        gc.collect()  # free the PyTorch weights before TensorRT builds (Jetson shares CPU/GPU memory)
+        if tensorrt:
+            with stages.stage("build TensorRT engines"):
+                manifest["tensorrt"] = build_all(tmp, cfg, lim, precision)
+        with stages.stage("hash files, write manifest.json"):
+            write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def trt_profiles(cfg, lim: Limits) -> dict:
+    from export.tensorrt_build import trunk_profiles, vision_profiles
+
+    t, v = cfg.text, cfg.vision
+    return {
+        "trunk": trunk_profiles(t.hidden_size, t.num_key_value_heads, t.head_dim, t.num_hidden_layers - 1,
+                                lim.max_prompt, lim.max_context),
+        "vision": vision_profiles(v.patch_dim, v.spatial_merge_size, lim.max_vision_patches, lim.max_frame_patches),
+    }
+
+
+def build_all(root: Path, cfg, lim: Limits, precision: str) -> dict:
+    from export.tensorrt_build import build_engine, import_tensorrt
+
+    trt = import_tensorrt()
+    built = {"version": trt.__version__, "engines": {}}
+    for graph, profiles in trt_profiles(cfg, lim).items():
+        build_engine(root / f"{graph}.onnx", root / f"{graph}.plan", profiles, root / "timing.cache")
+        built["engines"][graph] = {"file": f"{graph}.plan", "profiles": [p.name for p in profiles]}
+    return built
+
+
+__all__ = ["Limits", "export_model", "UserError"]

@@ -1,0 +1,114 @@
+"""ONNX Runtime against the PyTorch modules on fixed inputs; one table, one error listing every failure.
+
+Cases: the trunk at the prefill shape (P = 0, S > 1), the decode shape (S = 1, P > 0) and P = 0 with
+S = 1; the vision encoder at grids other than the export example (so dynamic axes are exercised).
+An output passes when max|onnx - torch| <= atol + rtol * max|torch| (tolerances per precision).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.manifest import ExportError
+from models.qwen2_5_vl.vision import vision_indices
+
+TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (1e-1, 2e-2)}  # (atol, rtol)
+
+
+@dataclass
+class Row:
+    graph: str
+    case: str
+    output: str
+    max_abs_diff: float
+    tolerance: float
+    ok: bool
+
+
+def trunk_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    t = model.cfg.text
+    g = torch.Generator().manual_seed(seed)
+    scale = float(model.decoder.embed_tokens.weight.float().std())
+    cases = []
+    for label, s, p in (("prefill P=0 S=7", 7, 0), ("decode S=1 P=9", 1, 9), ("P=0 S=1", 1, 0)):
+        embeds = torch.randn(1, s, t.hidden_size, generator=g) * scale
+        pos = (torch.arange(s) + p).view(1, 1, s).expand(3, 1, s).contiguous()
+        past = [torch.randn(1, p, t.num_key_value_heads, t.head_dim, generator=g)
+                for _ in range(2 * model.trunk.num_layers)]
+        cases.append((label, (embeds.to(dtype), pos, *(x.to(dtype) for x in past))))
+    return cases
+
+
+def vision_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    v = model.cfg.vision
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for grid in ((1, 4, 6), (3, 8, 8)):
+        n = grid[0] * grid[1] * grid[2]
+        pv = torch.randn(n, v.patch_dim, generator=g).to(dtype)
+        cases.append((f"grid {grid}", (pv, *vision_indices(grid, v).as_dict().values())))
+    return cases
+
+
+def ort_session(path: Path, device: str = "cpu"):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def compare(graph: str, path: Path, module, cases, names: list[str], precision: str) -> list[Row]:
+    atol, rtol = TOLERANCE[precision]
+    sess = ort_session(path)
+    out_names = [o.name for o in sess.get_outputs()]
+    rows = []
+    for label, args in cases:
+        with torch.no_grad():
+            want = module(*args)
+        want = want if isinstance(want, tuple) else (want,)
+        feed = {n: a.detach().cpu().float().numpy() if a.dtype == torch.bfloat16 else a.detach().cpu().numpy()
+                for n, a in zip(names, args)}
+        got = sess.run(None, feed)
+        for name, g, w in zip(out_names, got, want):
+            w = w.detach().float().cpu().numpy()
+            g = np.asarray(g, dtype=np.float32)
+            diff = float(np.abs(g - w).max()) if w.size else 0.0
+            tol = atol + rtol * (float(np.abs(w).max()) if w.size else 0.0)
+            rows.append(Row(graph, label, name, diff, tol, bool(diff <= tol and np.isfinite(g).all())))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = [f"{'graph':<7} {'case':<18} {'output':<10} {'max abs diff':>13} {'tolerance':>11}  result"]
+    for r in rows:
+        lines.append(f"{r.graph:<7} {r.case:<18} {r.output:<10} {r.max_abs_diff:>13.3e} {r.tolerance:>11.3e}  "
+                     f"{'ok' if r.ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def validate_export(model, out_dir: Path, precision: str, trunk_names: list[str], vision_names: list[str]) -> dict:
+    """Run every case; returns the report stored in the manifest, raises listing every failing output."""
+    if precision == "bf16":
+        return {"status": "skipped", "reason": "ONNX Runtime has no CPU kernels for bf16 graphs; "
+                "validate a bf16 export on the TensorRT engine or export fp16/fp32 to validate here",
+                "rows": []}
+    dtype = next(model.parameters()).dtype
+    rows = compare("trunk", out_dir / "trunk.onnx", model.trunk, trunk_cases(model, dtype), trunk_names, precision)
+    rows += compare("vision", out_dir / "vision.onnx", model.visual, vision_cases(model, dtype), vision_names,
+                    precision)
+    failing = [r for r in rows if not r.ok]
+    report = {"status": "passed" if not failing else "failed", "tolerance": dict(zip(("atol", "rtol"),
+              TOLERANCE[precision])), "rows": [asdict(r) for r in rows], "table": table(rows)}
+    if failing:
+        listed = "; ".join(f"{r.graph}/{r.case}/{r.output}: {r.max_abs_diff:.3e} > {r.tolerance:.3e}"
+                           for r in failing)
+        raise ExportError(f"validation failed for {len(failing)} output(s): {listed}")
+    return report
