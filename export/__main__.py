@@ -65,21 +65,10 @@ def print_trtexec(root: Path, data: dict) -> None:
     from export.tensorrt_build import trtexec_command
     from models.qwen2_5_vl import Config
 
-    cfg = Config.from_dict(_raw_config(data["config"]))
+    cfg = Config.from_stored(data["config"])
     for graph, profiles in trt_profiles(cfg, Limits(**data["limits"])).items():
         print(trtexec_command(str(root / f"{graph}.onnx"), str(root / f"{graph}.plan"), profiles,
                               data["precision"], str(root / "timing.cache")))
-
-
-def _raw_config(c: dict) -> dict:
-    """The manifest stores the parsed config; rebuild a config.json-shaped dict from it."""
-    text, vision = dict(c["text"]), dict(c["vision"])
-    text.pop("head_dim", None)
-    flat = dict(text, rope_scaling={"mrope_section": text.pop("mrope_section")}, vision_config=vision,
-                image_token_id=c["image_token_id"], video_token_id=c["video_token_id"],
-                vision_start_token_id=c["vision_start_token_id"], vision_end_token_id=c["vision_end_token_id"],
-                eos_token_id=c["eos_token_ids"], model_type=c["model_type"])
-    return flat
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,3 +36,11 @@ def tiny(checkpoints):
 @pytest.fixture(params=sorted(CONFIGS))
 def any_checkpoint(request, checkpoints):
     return checkpoints[request.param]
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tiny, tmp_path_factory):
+    """The tiny checkpoint exported once (fp32) for every test that needs an export directory."""
+    from export.exporter import export_model
+
+    return export_model(tiny, tmp_path_factory.mktemp("engine") / "fp32", quiet=True)

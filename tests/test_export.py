@@ -22,9 +22,9 @@ from models.qwen2_5_vl.spec import trunk_io_names
 from models.qwen2_5_vl.vision import VISION_INPUTS
 
 
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    return export_model(tiny, tmp_path_factory.mktemp("exp") / "fp32", quiet=True)
+@pytest.fixture
+def exported(engine_dir):
+    return engine_dir
 
 
 def test_graph_io_matches_the_contract(exported, tiny):
@@ -163,7 +163,6 @@ def test_tensorrt_engines_build(exported, tmp_path):
     trt = pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    from export.__main__ import _raw_config
     from export.exporter import Limits, build_all
     from models.qwen2_5_vl import Config
 
@@ -171,6 +170,6 @@ def test_tensorrt_engines_build(exported, tmp_path):
     shutil.copytree(exported, d)
     data = read_manifest(d)
 
-    built = build_all(d, Config.from_dict(_raw_config(data["config"])), Limits(**data["limits"]), "fp32")
+    built = build_all(d, Config.from_stored(data["config"]), Limits(**data["limits"]), "fp32")
     assert built["version"] == trt.__version__
     assert (d / "trunk.plan").stat().st_size > 0 and (d / "vision.plan").stat().st_size > 0

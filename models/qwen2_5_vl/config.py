@@ -93,6 +93,13 @@ class Qwen25VLConfig:
         return asdict(self)
 
     @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> Qwen25VLConfig:
+        """Inverse of ``to_dict`` (the form an export's manifest stores)."""
+        text = {k: v for k, v in d["text"].items() if k != "head_dim"}
+        rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
+        return cls(text=TextConfig(**text), vision=VisionConfig(**d["vision"]), **rest)
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Qwen25VLConfig:
         try:
             return _parse(raw)

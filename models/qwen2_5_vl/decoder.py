@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.qwen2_5_vl.config import TextConfig
-from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary
+from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary, upcast
 
 
 class MRoPE(nn.Module):
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         allowed = torch.arange(t, device=x.device).unsqueeze(0) <= (
             torch.arange(s, device=x.device).unsqueeze(1) + p
         )
-        scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+        scores = upcast(scores).masked_fill(~allowed, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(x.dtype)
         out = torch.matmul(probs, vg)  # [B, kv, groups, S, head_dim]
         out = out.permute(0, 3, 1, 2, 4).reshape(b, s, self.heads * self.head_dim)
@@ -194,8 +194,12 @@ class Head(nn.Module):
         position_ids: torch.Tensor,  # [3, B, S]
         past_key: torch.Tensor,  # [B, P, kv_heads, head_dim]
         past_value: torch.Tensor,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns logits [B, S, vocab] and this layer's new key and value entries."""
+        """Returns logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``: a long prefill then never
+        materializes S x vocab logits) and this layer's new key and value entries."""
         cos, sin = self.rotary(position_ids, hidden.dtype)
         x, k, v = self.layer(hidden, cos, sin, past_key, past_value)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x)), k, v

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models.qwen2_5_vl.config import VISION_NORM_EPS, VISION_ROPE_THETA, VisionConfig
-from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary
+from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary, upcast
 
 VISION_INPUTS = ("pixel_values", "rotary_pos", "window_index", "reverse_index", "window_segments")
 VISION_OUTPUTS = ("embeds",)
@@ -80,11 +80,11 @@ class VisionAttention(nn.Module):
         # x [T, L, C] with L = h*w patches of one frame; cos/sin [T, L, 1, head_dim] fp32
         t, length, c = x.shape
         q, k, v = self.qkv(x).view(t, length, 3, self.heads, self.head_dim).unbind(2)
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype).transpose(1, 2)  # [T, heads, L, head_dim]
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype).transpose(1, 2)
+        q = apply_rotary(upcast(q), cos, sin).to(x.dtype).transpose(1, 2)  # [T, heads, L, head_dim]
+        k = apply_rotary(upcast(k), cos, sin).to(x.dtype).transpose(1, 2)
         v = v.transpose(1, 2)
         scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5)
-        scores = scores.float()
+        scores = upcast(scores)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(x.dtype)

@@ -1,0 +1,71 @@
+"""V-Reason settings: one dataclass, its defaults (see README for which come from the paper), and the
+command-line options generated from it (``--vreason-<field>``, ``--lite-ratio``, ``--lite-score``)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+
+LITE_SCORES = ("mean_value_norm",)
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class VReasonConfig:
+    beta: float = 0.9  # EMA factor of the entropy [paper: an EMA; value: choice]
+    every: int = 2  # update every k-th generated token [paper: k = 2 shown]
+    steps: int = 1  # optimizer steps per update [paper: "a few"; value: choice]
+    optimizer: str = "adam"  # [choice]
+    lr: float = 1e-3  # [choice]
+    adam_beta1: float = 0.9  # [choice]
+    adam_beta2: float = 0.999  # [choice]
+    adam_eps: float = 1e-8  # [choice]
+    lite_ratio: float = 0.5  # fraction of video tokens Lite drops [paper: 50%]
+    lite_score: str = "mean_value_norm"  # value L2 norm, mean over layers and heads [choice]
+
+    def __post_init__(self) -> None:
+        from models.errors import InputError
+
+        if not 0 <= self.beta < 1:
+            raise InputError(f"vreason beta must be in [0, 1), got {self.beta}")
+        if self.every < 1 or self.steps < 0:
+            raise InputError(f"vreason every must be >= 1 and steps >= 0 (got every={self.every}, steps={self.steps})")
+        if self.lr < 0:
+            raise InputError(f"vreason lr must be >= 0, got {self.lr}")
+        if not 0 <= self.lite_ratio < 1:
+            raise InputError(f"lite ratio must be in [0, 1), got {self.lite_ratio}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"vreason optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.lite_score not in LITE_SCORES:
+            raise InputError(f"lite score must be one of {', '.join(LITE_SCORES)}, got {self.lite_score!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+HELP = {
+    "beta": "EMA factor of the per-token entropy", "every": "update the controller every k-th token",
+    "steps": "optimizer steps per update", "optimizer": "optimizer of Delta V", "lr": "learning rate of Delta V",
+    "adam_beta1": "Adam beta1", "adam_beta2": "Adam beta2", "adam_eps": "Adam epsilon",
+    "lite_ratio": "fraction of video tokens vreason-lite drops after prefill",
+    "lite_score": "how vreason-lite scores video tokens",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + (name if name.startswith("lite_") else "vreason_" + name).replace("_", "-")
+
+
+def add_cli_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("V-Reason controller (methods vreason and vreason-lite)")
+    for f in fields(VReasonConfig):
+        choices = {"optimizer": OPTIMIZERS, "lite_score": LITE_SCORES}.get(f.name)
+        g.add_argument(_flag(f.name), dest=f"ctl_{f.name}", type=type(f.default), default=None, choices=choices,
+                       metavar=None if choices else f.name.split("_")[-1].upper(),
+                       help=f"{HELP[f.name]} (default {f.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> VReasonConfig:
+    given = {f.name: getattr(args, f"ctl_{f.name}") for f in fields(VReasonConfig)
+             if getattr(args, f"ctl_{f.name}", None) is not None}
+    return VReasonConfig(**given)

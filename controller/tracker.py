@@ -1,0 +1,32 @@
+"""Entropy traces of one answer: per-token entropy H_k, its EMA E_k, the running peak P_k of the EMA.
+
+E_k = beta * E_{k-1} + (1 - beta) * H_k with E_0 = H_0; P_k = max(E_0..E_k). The switch sign
+alpha = -1 if E < P else +1 (before the EMA peaks: explore; after: exploit).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EntropyTracker:
+    beta: float = 0.9
+    entropy: list[float] = field(default_factory=list)
+    ema: list[float] = field(default_factory=list)
+    alpha: list[float] = field(default_factory=list)
+    peak: float = -math.inf
+
+    def preview(self, h: float) -> tuple[float, float, float]:
+        """(E, P, alpha) the tracker would have if the current token's entropy were ``h``; no state change."""
+        e = h if not self.ema else self.beta * self.ema[-1] + (1 - self.beta) * h
+        p = max(self.peak, e)
+        return e, p, (-1.0 if e < p else 1.0)
+
+    def record(self, h: float, alpha: float) -> None:
+        e, p, _ = self.preview(h)
+        self.entropy.append(h)
+        self.ema.append(e)
+        self.alpha.append(alpha)
+        self.peak = p

@@ -1,0 +1,128 @@
+"""The V-Reason controller, driven between engine calls (the exact per-step procedure of VREASON.md).
+
+State per request: Delta V [n_video, kv_heads, head_dim] in fp32 on the head's device (zero at start),
+its optimizer, the entropy tracker. The head's value-cache rows at video positions hold
+V' = (V + dV) / ||V + dV|| * ||V|| (norms over head_dim, per position and head), recomputed from the
+original rows V after every optimizer step and written into the cache in place; keys, text rows,
+generated rows and the trunk's layers are never touched. Gradients flow only through the head for the
+current token: the trunk's output is a detached input, and the graph is freed after each backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from controller.config import VReasonConfig
+from controller.lite import lite_keep
+from controller.tracker import EntropyTracker
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(_upcast(logits), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def switching_loss(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * KL(p || U) = alpha * (log|V| - H(p)): alpha = +1 raises entropy, -1 lowers it."""
+    return alpha * (math.log(logits.shape[-1]) - entropy(logits))
+
+
+def inject(values: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Norm-preserving injection over head_dim: (V + dV) / ||V + dV|| * ||V||, computed in fp32."""
+    v = _upcast(values)
+    moved = v + delta
+    scale = v.norm(dim=-1, keepdim=True) / moved.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return moved * scale
+
+
+class VReason:
+    """A ``runtime.generate.Steering``: knows torch tensors and a head callable, not the backend."""
+
+    def __init__(self, cfg: VReasonConfig, state, lite: bool = False) -> None:
+        self.cfg = cfg
+        self.lite = lite
+        self.tracker = EntropyTracker(cfg.beta)
+        self.skipped_updates = 0
+        self.rows: torch.Tensor | None = None  # cache indices of the (kept) video tokens
+        self.original: torch.Tensor | None = None  # [n, kv, hd] their unmodulated values
+        self.delta: torch.Tensor | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self._grad_values: torch.Tensor | None = None
+        self.pruned: torch.Tensor | None = None
+
+    def config_dict(self) -> dict:
+        return dict(self.cfg.to_dict(), lite=self.lite)
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+
+    def after_prefill(self, state) -> None:
+        cache = state.cache
+        rows = state.video_index
+        if self.lite and rows.numel():
+            keep, self.pruned, rows = lite_keep(cache.values, cache.length, rows, self.cfg.lite_ratio)
+            cache.keep(keep)
+        self.rows = rows
+        layer = state.head_layer
+        self.original = cache.values[layer][0].index_select(0, rows).clone()  # [n, kv, hd]
+        self.delta = torch.zeros(self.original.shape, dtype=torch.float32, device=self.original.device,
+                                 requires_grad=True)
+        if self.cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam([self.delta], lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+                                        eps=self.cfg.adam_eps)
+        else:
+            self.opt = torch.optim.SGD([self.delta], lr=self.cfg.lr)
+
+    def head_values(self, state, values: torch.Tensor) -> torch.Tensor:
+        """During an update, the cached values with the video rows as a differentiable function of dV."""
+        if self._grad_values is None:
+            return values
+        return values.index_copy(1, self.rows, self._grad_values.unsqueeze(0).to(values.dtype))
+
+    def step(self, state, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
+        k = state.step
+        scheduled = k % self.cfg.every == 0 and self.cfg.steps > 0 and self.rows is not None and self.rows.numel() > 0
+        if not scheduled:
+            self.tracker.record(float(entropy(logits)), 0.0)
+            return logits, 0.0
+        _, _, alpha = self.tracker.preview(float(entropy(logits)))
+        for _ in range(self.cfg.steps):
+            self._update(state, alpha, recompute)
+        with torch.no_grad():
+            logits = recompute(state)
+        self.tracker.record(float(entropy(logits)), alpha)
+        return logits, alpha
+
+    # -- one optimizer step ----------------------------------------------------------------------------------
+
+    def _update(self, state, alpha: float, recompute) -> None:
+        last_good = self.delta.detach().clone()
+        with torch.enable_grad():
+            self._grad_values = inject(self.original, self.delta)
+            try:
+                loss = switching_loss(recompute(state), alpha)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+            finally:
+                self._grad_values = None
+        grad = self.delta.grad
+        if not torch.isfinite(loss) or grad is None or not bool(torch.isfinite(grad).all()):
+            self.skipped_updates += 1
+            return  # keep the last good dV; this optimizer step is not taken
+        self.opt.step()
+        if not bool(torch.isfinite(self.delta).all()):
+            with torch.no_grad():
+                self.delta.copy_(last_good)
+            self.skipped_updates += 1
+        self.write_cache(state)
+
+    @torch.no_grad()
+    def write_cache(self, state) -> None:
+        """Put the modulated rows into the head's value cache, in place."""
+        values = state.cache.values[state.head_layer]
+        values[0].index_copy_(0, self.rows, inject(self.original, self.delta).to(values.dtype))

@@ -1,0 +1,70 @@
+"""ONNX Runtime backend: IO binding straight into the torch-owned cache buffers (CPU, or CUDA with
+onnxruntime-gpu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.backends.bindings import trunk_bindings, vision_bindings
+from runtime.cache import KVCache
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+       torch.bool: np.bool_}
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, engine_dir: Path, dtype: torch.dtype, device: str = "cpu", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        if dtype == torch.bfloat16:
+            from models.errors import UserError
+            raise UserError("the ort backend cannot run bf16 exports (no bf16 kernels); export fp16 or fp32, "
+                            "or use the trt backend")
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                from models.errors import UserError
+                raise UserError("device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu)")
+            providers.insert(0, "CUDAExecutionProvider")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vision = ort.InferenceSession(str(engine_dir / "vision.onnx"), opts, providers=providers)
+        self.trunk_session = ort.InferenceSession(str(engine_dir / "trunk.onnx"), opts, providers=providers)
+        self.num_layers = (len(self.trunk_session.get_inputs()) - 2) // 2
+        self._hidden = torch.empty(0)
+
+    def _bind(self, session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        io = session.io_binding()
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        idx = self.device.index or 0
+        for name, t in inputs.items():
+            io.bind_input(name, kind, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        for name, t in outputs.items():
+            io.bind_output(name, kind, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        session.run_with_iobinding(io)
+
+    def hidden_buffer(self, s: int, hidden_size: int) -> torch.Tensor:
+        if self._hidden.numel() < s * hidden_size or self._hidden.dtype != self.dtype:
+            self._hidden = torch.empty(s * hidden_size, dtype=self.dtype, device=self.device)
+        return self._hidden[: s * hidden_size].view(1, s, hidden_size)
+
+    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        hidden = self.hidden_buffer(embeds.shape[1], embeds.shape[2])
+        inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
+        self._bind(self.trunk_session, inputs, outputs)
+        return hidden
+
+    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:
+        embeds = torch.empty(tokens, hidden_size, dtype=self.dtype, device=self.device)
+        ins, outs = vision_bindings({k: v.contiguous() for k, v in inputs.items()}, embeds)
+        self._bind(self.vision, ins, outs)
+        return embeds

@@ -1,0 +1,35 @@
+"""PyTorch reference backend: the trunk and vision encoder run as the models' PyTorch modules.
+
+It needs the original checkpoint (the export holds the trunk only as ONNX/TensorRT); by default the one
+the manifest records as the export's source.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.cache import KVCache
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, dtype: torch.dtype, device: str = "cpu") -> None:
+        self.model = model
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_layers = model.trunk.num_layers
+
+    @torch.no_grad()
+    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        past = [t for i in range(self.num_layers) for t in cache.past(i)]
+        hidden, *new = self.model.trunk(embeds, positions, *past)
+        for i in range(self.num_layers):
+            k, v = cache.slot(i, embeds.shape[1])
+            k.copy_(new[2 * i])
+            v.copy_(new[2 * i + 1])
+        return hidden
+
+    @torch.no_grad()
+    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:
+        return self.model.visual(*inputs.values())

@@ -1,0 +1,111 @@
+"""TensorRT backend (TensorRT 10 API): PyTorch allocates every buffer and owns the CUDA stream.
+
+Shapes and addresses are set only when they change; every call that reports failure is checked and the
+message names the tensor and the value. Not runnable on the CPU machines this project is tested on: its
+GPU test skips without tensorrt and CUDA, while the binding plan and profile choice it relies on are the
+ones the ONNX Runtime path exercises (``runtime.backends.bindings``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.errors import UserError
+from runtime.backends.bindings import select_profile, trunk_bindings, vision_bindings
+from runtime.cache import KVCache
+
+
+class TrtError(UserError):
+    """TensorRT refused an engine, a shape or an address."""
+
+
+class _Engine:
+    def __init__(self, trt, runtime, path: Path) -> None:
+        self.path = path
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise TrtError(f"TensorRT could not deserialize {path} (built with another TensorRT version or GPU? "
+                           "rebuild it on this device)")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise TrtError(f"TensorRT could not create an execution context for {path.name}")
+        self.trt = trt
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.profile = 0
+
+    def dtype_check(self, name: str, t: torch.Tensor) -> None:
+        want = self.engine.get_tensor_dtype(name)
+        got = {torch.float32: self.trt.float32, torch.float16: self.trt.float16, torch.bfloat16: self.trt.bfloat16,
+               torch.int64: self.trt.int64, torch.int32: self.trt.int32, torch.bool: self.trt.bool}.get(t.dtype)
+        if got != want:
+            raise TrtError(f"{self.path.name}: tensor {name} is {t.dtype} but the engine expects {want}")
+
+    def use_profile(self, index: int, stream: int) -> None:
+        if index != self.profile:
+            if not self.context.set_optimization_profile_async(index, stream):
+                raise TrtError(f"{self.path.name}: TensorRT refused optimization profile {index}")
+            self.profile = index
+            self.shapes.clear()
+            self.addresses.clear()
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], stream: int) -> None:
+        for name, t in inputs.items():
+            shape = tuple(t.shape)
+            if self.shapes.get(name) != shape:
+                self.dtype_check(name, t)
+                if not self.context.set_input_shape(name, shape):
+                    raise TrtError(f"{self.path.name}: TensorRT refused shape {list(shape)} for input {name} "
+                                   f"(profile {self.profile})")
+                self.shapes[name] = shape
+        for name, t in (*inputs.items(), *outputs.items()):
+            ptr = t.data_ptr()
+            if self.addresses.get(name) != ptr:
+                if not self.context.set_tensor_address(name, ptr):
+                    raise TrtError(f"{self.path.name}: TensorRT refused the address of tensor {name}")
+                self.addresses[name] = ptr
+        for name, t in outputs.items():
+            want = tuple(self.context.get_tensor_shape(name))
+            if want != tuple(t.shape):
+                raise TrtError(f"{self.path.name}: output {name} has shape {list(want)}, buffer {list(t.shape)}")
+        if not self.context.execute_async_v3(stream):
+            raise TrtError(f"{self.path.name}: TensorRT execution failed")
+
+
+class TrtBackend:
+    name = "trt"
+
+    def __init__(self, engine_dir: Path, dtype: torch.dtype, device: str = "cuda") -> None:
+        import tensorrt as trt
+
+        self.device = torch.device(device if device.startswith("cuda") else "cuda")
+        self.dtype = dtype
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        if self.runtime is None:
+            raise TrtError("TensorRT could not create a runtime")
+        self.vision = _Engine(trt, self.runtime, engine_dir / "vision.plan")
+        self.trunk_engine = _Engine(trt, self.runtime, engine_dir / "trunk.plan")
+        names = [self.trunk_engine.engine.get_tensor_name(i) for i in range(self.trunk_engine.engine.num_io_tensors)]
+        self.num_layers = sum(1 for n in names if n.startswith("past_key."))
+        self._hidden = torch.empty(0, device=self.device)
+        self.stream = torch.cuda.current_stream(self.device)
+
+    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        s, h = embeds.shape[1], embeds.shape[2]
+        if self._hidden.numel() < s * h or self._hidden.dtype != self.dtype:
+            self._hidden = torch.empty(s * h, dtype=self.dtype, device=self.device)
+        hidden = self._hidden[: s * h].view(1, s, h)
+        inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
+        handle = self.stream.cuda_stream
+        self.trunk_engine.use_profile(select_profile(s, cache.length), handle)
+        self.trunk_engine.run(inputs, outputs, handle)
+        return hidden
+
+    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:
+        embeds = torch.empty(tokens, hidden_size, dtype=self.dtype, device=self.device)
+        ins, outs = vision_bindings({k: v.to(self.device).contiguous() for k, v in inputs.items()}, embeds)
+        self.vision.run(ins, outs, self.stream.cuda_stream)
+        return embeds

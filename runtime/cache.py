@@ -1,0 +1,54 @@
+"""The KV cache: one preallocated token-major buffer per layer and kind, sized once per request.
+
+Buffers are [1, capacity, kv_heads, head_dim]. A step's new entries are one contiguous block at offset
+``length``, so backends write them straight into place (ORT IO binding, TensorRT tensor addresses) and
+nothing is copied or reallocated while an answer is generated. The cache length is independent of the
+rotary position (Lite pruning shortens the cache; positions continue from the original sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]  # per layer [1, capacity, kv_heads, head_dim]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> KVCache:
+        shape = (1, capacity, kv_heads, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)])
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def layers(self) -> int:
+        return len(self.keys)
+
+    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [1, length, kv, hd] of what is cached (no copy)."""
+        return self.keys[layer][:, : self.length], self.values[layer][:, : self.length]
+
+    def slot(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [1, n, kv, hd] where the next n entries go (no copy)."""
+        end = self.length + n
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
+        return self.keys[layer][:, self.length : end], self.values[layer][:, self.length : end]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Compact every layer in place to the cached positions ``index`` (sorted, unique): used by Lite."""
+        n = int(index.numel())
+        for buf in (*self.keys, *self.values):
+            kept = buf[:, : self.length].index_select(1, index)
+            buf[:, :n].copy_(kept)
+        self.length = n

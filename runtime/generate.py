@@ -1,0 +1,142 @@
+"""The decode loop: prefill, then one token at a time over the preallocated cache.
+
+The trunk runs on the backend, the head (last layer + LM head) in PyTorch on the same device. Entropy is
+computed where the logits live; the only host sync per token is the sampled id. A ``Steering`` object
+(the V-Reason controller) can modulate the head's value cache, prune after prefill and replace a step's
+logits; with none, this is the base method.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from runtime.cache import KVCache
+from runtime.sampling import SamplingParams, entropy, sample
+
+
+@dataclass
+class DecodeState:
+    """What a step knows; the controller reads and updates it."""
+
+    head: torch.nn.Module
+    cache: KVCache
+    video_index: torch.Tensor  # cache indices of visual tokens (before any pruning)
+    hidden: torch.Tensor | None = None  # [1, 1, H] trunk output of the current query token
+    positions: torch.Tensor | None = None  # [3, 1, 1] its rotary position
+    step: int = 0
+
+    @property
+    def head_layer(self) -> int:
+        return self.cache.layers - 1
+
+
+class Steering(Protocol):
+    def head_values(self, state: DecodeState, values: torch.Tensor) -> torch.Tensor:
+        """The last layer's past values [1, P, kv, hd] as the head should see them."""
+
+    def after_prefill(self, state: DecodeState) -> None:
+        """Called once after prefill (Lite pruning goes here)."""
+
+    def step(self, state: DecodeState, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
+        """Possibly update, then return the logits to sample from and alpha (0: no update)."""
+
+
+@dataclass
+class Timings:
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        tps = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+        return {"vision_s": self.vision_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "decode_tokens_per_s": tps}
+
+
+@dataclass
+class Token:
+    id: int
+    entropy: torch.Tensor  # 0-dim, on the logits' device: read it after the loop, not per token
+    alpha: float = 0.0
+
+
+@dataclass
+class Loop:
+    backend: object
+    head: torch.nn.Module
+    steering: Steering | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    def head_step(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor,
+                  write: bool = True) -> torch.Tensor:
+        """Last layer + LM head for ``hidden`` [1,S,H]; appends this layer's new entries unless ``write`` is off
+        (a recompute of a token already cached). Returns the last position's logits [V]."""
+        cache, layer = state.cache, state.head_layer
+        length = cache.length if write else cache.length - hidden.shape[1]
+        keys = cache.keys[layer][:, :length]
+        values = cache.values[layer][:, :length]
+        if self.steering is not None:
+            values = self.steering.head_values(state, values)
+        logits, k, v = self.head(hidden, positions, keys, values, last_only=True)
+        if write:
+            nk, nv = cache.slot(layer, hidden.shape[1])
+            nk.copy_(k.detach())
+            nv.copy_(v.detach())
+        return logits[0, -1]
+
+    def run(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor, next_position: int,
+            max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token]:
+        """Prefill ``embeds`` [1,S,H] at ``positions`` [3,1,S], then generate; yields one Token per step."""
+        dev = embeds.device
+        gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None else None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hidden = self.backend.trunk(embeds, positions, state.cache)
+            self.head_step(state, hidden, positions)  # fills the last layer's cache
+            state.cache.length += embeds.shape[1]
+            state.hidden, state.positions = hidden[:, -1:].clone(), positions[:, :, -1:].clone()
+            # the first token's logits computed exactly as a controller recompute computes them (one query
+            # over the cache), so that a no-op update leaves every logit bit-identical
+            logits = self._recompute(state)
+        if self.steering is not None:
+            self.steering.after_prefill(state)
+        _sync(dev)
+        self.timings.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            for k in range(max_new_tokens):
+                state.step = k
+                alpha = 0.0
+                if self.steering is not None:
+                    logits, alpha = self.steering.step(state, logits, self._recompute)
+                h = entropy(logits)
+                token = int(sample(logits, params, gen))  # the one host sync per token
+                self.timings.decode_tokens = k + 1
+                yield Token(token, h, alpha)
+                if token in stop_ids or k + 1 == max_new_tokens:
+                    break
+                with torch.no_grad():
+                    pos = torch.full((3, 1, 1), next_position + k, dtype=torch.long, device=dev)
+                    emb = self.head.embed(torch.tensor([[token]], device=dev))
+                    hidden = self.backend.trunk(emb, pos, state.cache)
+                    logits = self.head_step(state, hidden, pos)
+                state.cache.length += 1
+                state.hidden, state.positions = hidden.clone(), pos
+        finally:
+            _sync(dev)
+            self.timings.decode_s = time.perf_counter() - t0
+
+    def _recompute(self, state: DecodeState) -> torch.Tensor:
+        """The current token's logits again (after the controller changed the head's values)."""
+        return self.head_step(state, state.hidden, state.positions, write=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,74 @@
+"""A request's visual inputs and prompt: decoded frames -> pixel patches, index tensors, token ids, positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import InputError
+from models.preprocess import VisionSettings, check_frame, process_image, process_video
+from models.qwen2_5_vl.positions import VisualSpan, mrope_positions
+from models.qwen2_5_vl.vision import vision_indices
+from models.video import read_frames_dir, read_image, read_video
+
+
+@dataclass
+class Visual:
+    span: VisualSpan
+    pixel_values: torch.Tensor  # [N, patch_dim]
+    indices: dict[str, torch.Tensor]
+    tokens: int  # merged tokens = pad tokens in the prompt
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    positions: torch.Tensor  # [3, S]
+    next_position: int
+    visuals: list[Visual]
+    video_token_index: torch.Tensor  # cache indices of video (and image) tokens
+
+
+def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = None, frames=None,
+                image=None, fps: float = 2.0, max_frames: int | None = None) -> Visual | None:
+    """Exactly one of video (file), frames (folder or list of RGB arrays) or image (file or RGB array)."""
+    given = [x is not None for x in (video, frames, image)]
+    if sum(given) > 1:
+        raise InputError("give one visual input: a video, frames or an image")
+    v = cfg.vision
+    if video is not None:
+        decoded, sample_fps = read_video(video, settings, max_frames)
+        pv, grid = process_video(decoded, settings)
+        span = VisualSpan("video", grid, v.temporal_patch_size / sample_fps)
+    elif frames is not None:
+        if isinstance(frames, (str, Path)):
+            frames = read_frames_dir(frames)
+        frames = [check_frame(f, f"frame {i}") for i, f in enumerate(frames)]
+        if not frames:
+            raise InputError("the frame list is empty")
+        if max_frames and len(frames) > max_frames:
+            raise InputError(f"{len(frames)} frames given, this export takes at most {max_frames}; sample fewer")
+        if fps <= 0:
+            raise InputError(f"fps must be > 0, got {fps}")
+        pv, grid = process_video(frames, settings)
+        span = VisualSpan("video", grid, v.temporal_patch_size / fps)
+    elif image is not None:
+        arr = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+        pv, grid = process_image(arr, settings)
+        span = VisualSpan("image", grid)
+    else:
+        return None
+    idx = vision_indices(grid, v).as_dict()
+    tokens = grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
+    return Visual(span, torch.from_numpy(pv), idx, tokens)
+
+
+def build_prompt(cfg, token_ids: list[int], visuals: list[Visual]) -> Prompt:
+    positions, nxt = mrope_positions(token_ids, [v.span for v in visuals], cfg.image_token_id, cfg.video_token_id,
+                                     cfg.vision.spatial_merge_size, cfg.vision.tokens_per_second)
+    ids = torch.tensor(token_ids)
+    index = torch.nonzero((ids == cfg.video_token_id) | (ids == cfg.image_token_id)).view(-1)
+    return Prompt(token_ids, positions, nxt, visuals, index)

@@ -1,0 +1,260 @@
+"""The Python API for video analytics apps.
+
+    reasoner = Reasoner.load("engines/q7")
+    result = reasoner.ask(frames=[rgb0, rgb1, ...], question="What happens?", method="vreason")
+
+One Reasoner serves many requests without reloading. Requests are serialized by a lock: two threads may
+share one Reasoner, and their requests run one after the other.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from export.manifest import check_export, read_manifest
+from models.checkpoint import resolve_dtype
+from models.errors import InputError, UserError
+from models.preprocess import VisionSettings
+from models.prompt import Tokenizer, load_chat_template, prompt_ids
+from models.qwen2_5_vl import Config
+from models.qwen2_5_vl.model import load_head
+from runtime.answer import extract_answer
+from runtime.backends import resolve
+from runtime.cache import KVCache
+from runtime.generate import DecodeState, Loop
+from runtime.inputs import Prompt, Visual, build_prompt, visual_from
+from runtime.sampling import SamplingParams
+
+METHODS = ("base", "vreason", "vreason-lite")
+
+
+@dataclass
+class Result:
+    text: str
+    answer: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    entropy: list[float]
+    ema: list[float]
+    alpha: list[float]
+    timings: dict
+    peak_memory_bytes: int
+    backend: str
+    method: str
+    config: dict = field(default_factory=dict)
+    skipped_updates: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Reasoner:
+    def __init__(self, engine_dir: Path, manifest: dict, backend, head, tokenizer: Tokenizer, chat_template: str,
+                 settings: VisionSettings, backend_reason: str) -> None:
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.cfg = Config.from_stored(manifest["config"])
+        self.backend = backend
+        self.backend_reason = backend_reason
+        self.head = head
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.settings = settings
+        self.limits = manifest["limits"]
+        self.device = backend.device
+        self.dtype = backend.dtype
+        self._lock = threading.Lock()
+        self.stop_ids = set(self.cfg.eos_token_ids)
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            if (i := tokenizer.token_id(tok)) is not None:
+                self.stop_ids.add(i)
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None,
+             model_dir: str | Path | None = None, verify: bool = True) -> Reasoner:
+        """Open an export directory. ``verify`` checks every file's hash first (``python -m export --check``)."""
+        d = Path(engine_dir).expanduser()
+        manifest = check_export(d) if verify else read_manifest(d)
+        name, reason = resolve(backend, d)
+        dtype = resolve_dtype(manifest["precision"])
+        device = device or ("cuda" if name == "trt" else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {device} requested but no CUDA GPU is visible to PyTorch")
+        cfg = Config.from_stored(manifest["config"])
+        if name == "torch":
+            from models import load_model
+            from runtime.backends.torch_ref import TorchBackend
+
+            src = Path(model_dir or manifest.get("source_model") or "")
+            if not (src / "config.json").is_file():
+                raise UserError("the torch backend runs the original checkpoint; pass its directory "
+                                f"(--model DIR); the export's source {src} is not available")
+            model = load_model(src, dtype=dtype, device=device)
+            impl, head = TorchBackend(model, dtype, device), model.head
+        else:
+            if name == "trt":
+                from runtime.backends.trt import TrtBackend
+                impl = TrtBackend(d, dtype, device)
+            else:
+                from runtime.backends.ort import OrtBackend
+                impl = OrtBackend(d, dtype, device)
+            head = load_head(cfg, d / "head.safetensors", dtype, device)
+        return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason)
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    def prepare(self, *, question: str, video=None, frames=None, image=None, fps: float = 2.0,
+                template: str = "reasoning", options: list[str] | None = None,
+                max_new_tokens: int = 512) -> Prompt:
+        """Decode and preprocess the visual input, build the prompt and check it fits; no model compute."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        visual = visual_from(self.cfg, self.settings, video=video, frames=frames, image=image, fps=fps,
+                             max_frames=self.limits.get("max_frames"))
+        visuals = [visual] if visual else []
+        for v in visuals:
+            n = v.pixel_values.shape[0]
+            if n > self.limits["max_vision_patches"]:
+                raise InputError(f"the visual input has {n} patches, this export takes at most "
+                                 f"{self.limits['max_vision_patches']}; use fewer frames or re-export with "
+                                 "a larger --max-vision-patches")
+        ids = prompt_ids(self.tokenizer, self.chat_template, question, [(v.span.kind, v.tokens) for v in visuals],
+                         template, options)
+        total = len(ids) + max_new_tokens
+        if len(ids) > self.limits["max_prompt"] or total > self.limits["max_context"]:
+            raise InputError(f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{total}, over this export's limits (prompt {self.limits['max_prompt']}, context "
+                             f"{self.limits['max_context']}); use fewer frames, a shorter question, fewer new "
+                             "tokens, or re-export with a larger --max-context")
+        return build_prompt(self.cfg, ids, visuals)
+
+    def _embed(self, prompt: Prompt) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        ids = torch.tensor([prompt.ids], device=self.device)
+        with torch.no_grad():
+            embeds = self.head.embed(ids)
+            if prompt.visuals:
+                feats = [self._encode(v) for v in prompt.visuals]
+                pad = (ids[0] == self.cfg.video_token_id) | (ids[0] == self.cfg.image_token_id)
+                embeds[0, pad] = torch.cat(feats).to(embeds.dtype)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return embeds, time.perf_counter() - t0
+
+    def _encode(self, v: Visual) -> torch.Tensor:
+        inputs = {"pixel_values": v.pixel_values.to(self.device, self.dtype),
+                  **{k: t.to(self.device) for k, t in v.indices.items()}}
+        return self.backend.encode_vision(inputs, v.tokens, self.cfg.text.hidden_size)
+
+    def stream(self, *, question: str, method: str = "base", max_new_tokens: int = 512, template: str = "reasoning",
+               sampling: SamplingParams | None = None, stop: list[str] | None = None, controller=None,
+               **visual) -> Stream:
+        """Like ``ask`` but iterable: yields text pieces as tokens come; ``.result`` once exhausted."""
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        prompt = self.prepare(question=question, template=template, max_new_tokens=max_new_tokens, **visual)
+        return Stream(self, prompt, method, max_new_tokens, sampling, stop or [], controller)
+
+    def ask(self, **kwargs) -> Result:
+        """Answer one question about a video (file or frames) or an image; see ``stream`` for the arguments."""
+        s = self.stream(**kwargs)
+        for _ in s:
+            pass
+        return s.result
+
+    def steering_for(self, method: str, controller, state: DecodeState):
+        if method == "base":
+            return None
+        from controller import VReason, VReasonConfig
+
+        cfg = controller if isinstance(controller, VReasonConfig) else VReasonConfig(**(controller or {}))
+        return VReason(cfg, state, lite=(method == "vreason-lite"))
+
+
+class Stream:
+    """Iterating runs the request (holding the Reasoner's lock) and yields decoded text pieces."""
+
+    def __init__(self, reasoner: Reasoner, prompt: Prompt, method: str, max_new_tokens: int,
+                 sampling: SamplingParams, stop: list[str], controller) -> None:
+        self.r, self.prompt, self.method = reasoner, prompt, method
+        self.max_new_tokens, self.sampling, self.stop, self.controller = max_new_tokens, sampling, stop, controller
+        self.result: Result | None = None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop after the current token; the result holds what was generated so far."""
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        r = self.r
+        with r._lock:
+            if r.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(r.device)
+            embeds, vision_s = r._embed(self.prompt)
+            t, cap = r.cfg.text, len(self.prompt.ids) + self.max_new_tokens
+            cache = KVCache.allocate(t.num_hidden_layers, cap, t.num_key_value_heads, t.head_dim, r.dtype, r.device)
+            state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device))
+            steering = r.steering_for(self.method, self.controller, state)
+            loop = Loop(r.backend, r.head, steering)
+            loop.timings.vision_s = vision_s
+            positions = self.prompt.positions.unsqueeze(1).to(r.device)
+            ids: list[int] = []
+            ents: list[torch.Tensor] = []
+            alphas: list[float] = []
+            text, emitted = "", 0
+            try:
+                for tok in loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens,
+                                    self.sampling, r.stop_ids):
+                    ids.append(tok.id)
+                    ents.append(tok.entropy)
+                    alphas.append(tok.alpha)
+                    text = r.tokenizer.decode(ids)
+                    hit = next((s for s in self.stop if s in text), None)
+                    if hit is not None:
+                        text = text[: text.index(hit)]
+                    safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # hold back a partial character
+                    if safe > emitted:
+                        yield text[emitted:safe]
+                        emitted = safe
+                    if hit is not None or self._cancel.is_set():
+                        break
+                if emitted < len(text):
+                    yield text[emitted:]
+            finally:
+                self.result = self._result(loop, steering, ids, ents, alphas, text)
+                del cache, state, steering, loop, embeds
+
+    def _result(self, loop, steering, ids, ents, alphas, text) -> Result:
+        r = self.r
+        entropy = torch.stack(ents).float().cpu().tolist() if ents else []
+        tracker = getattr(steering, "tracker", None)
+        if tracker is None or len(tracker.ema) != len(entropy):
+            from controller.tracker import EntropyTracker
+            tracker = EntropyTracker()
+            for h, a in zip(entropy, alphas):
+                tracker.record(h, a)
+        return Result(
+            text=text, answer=extract_answer(text), prompt_token_ids=list(self.prompt.ids), token_ids=ids,
+            entropy=entropy, ema=list(tracker.ema), alpha=list(alphas), timings=loop.timings.as_dict(),
+            peak_memory_bytes=peak_memory(r.device), backend=r.backend.name, method=self.method,
+            config=steering.config_dict() if steering is not None else {},
+            skipped_updates=getattr(steering, "skipped_updates", 0),
+        )
+
+
+def peak_memory(device: torch.device) -> int:
+    """CUDA: peak bytes allocated by PyTorch during the request. CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -1,0 +1,98 @@
+"""The TensorRT backend's own logic, without TensorRT: profile choice, binding plan, set-only-on-change,
+every refusal turned into an error naming the tensor. The real engine test runs only with tensorrt + CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.backends.bindings import select_profile, trunk_bindings
+from runtime.backends.trt import TrtError, _Engine
+from runtime.cache import KVCache
+
+
+def test_profile_selection():
+    assert select_profile(7, 0) == 0  # prefill
+    assert select_profile(1, 0) == 0  # one-token prompt
+    assert select_profile(1, 9) == 1  # decode
+    with pytest.raises(ValueError, match="no trunk profile"):
+        select_profile(3, 9)
+
+
+def test_binding_plan_points_into_the_cache():
+    cache = KVCache.allocate(3, 16, 2, 4, torch.float32, "cpu")
+    cache.length = 5
+    embeds, pos, hidden = torch.zeros(1, 2, 8), torch.zeros(3, 1, 2, dtype=torch.long), torch.zeros(1, 2, 8)
+    ins, outs = trunk_bindings(2, embeds, pos, cache, hidden)
+    assert list(ins) == ["inputs_embeds", "position_ids", "past_key.0", "past_value.0", "past_key.1", "past_value.1"]
+    assert list(outs) == ["hidden", "key.0", "value.0", "key.1", "value.1"]
+    assert ins["past_key.1"].shape == (1, 5, 2, 4) and ins["past_key.1"].data_ptr() == cache.keys[1].data_ptr()
+    row = cache.keys[0][0, 0].numel() * cache.keys[0].element_size()
+    assert outs["value.1"].shape == (1, 2, 2, 4)
+    assert outs["value.1"].data_ptr() == cache.values[1].data_ptr() + 5 * row
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.length = 15
+        trunk_bindings(2, embeds, pos, cache, hidden)
+
+
+class FakeContext:
+    """Stands in for IExecutionContext to check our call discipline (no inference happens)."""
+
+    def __init__(self, refuse: str | None = None):
+        self.calls, self.refuse = [], refuse
+
+    def set_input_shape(self, name, shape):
+        self.calls.append(("shape", name))
+        return name != self.refuse
+
+    def set_tensor_address(self, name, ptr):
+        self.calls.append(("address", name))
+        return name != self.refuse
+
+    def get_tensor_shape(self, name):
+        return (1, 2, 8)
+
+    def execute_async_v3(self, stream):
+        self.calls.append(("execute", None))
+        return True
+
+
+def fake_engine(refuse=None) -> _Engine:
+    e = _Engine.__new__(_Engine)
+    e.path = type("P", (), {"name": "trunk.plan"})()
+    e.context, e.shapes, e.addresses, e.profile = FakeContext(refuse), {}, {}, 0
+    e.dtype_check = lambda name, t: None
+    return e
+
+
+def test_shapes_and_addresses_are_set_only_when_they_change():
+    e = fake_engine()
+    x, out = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
+    e.run({"inputs_embeds": x}, {"hidden": out}, 0)
+    first = list(e.context.calls)
+    e.context.calls.clear()
+    e.run({"inputs_embeds": x}, {"hidden": out}, 0)
+    assert ("shape", "inputs_embeds") in first and ("address", "hidden") in first
+    assert e.context.calls == [("execute", None)]
+
+
+@pytest.mark.parametrize("refused", ["inputs_embeds", "hidden"])
+def test_a_refusal_names_the_tensor(refused):
+    e = fake_engine(refuse=refused)
+    with pytest.raises(TrtError, match=refused):
+        e.run({"inputs_embeds": torch.zeros(1, 2, 8)}, {"hidden": torch.zeros(1, 2, 8)}, 0)
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_matches_ort(tiny, tmp_path):
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from export.exporter import export_model
+    from runtime.reasoner import Reasoner
+
+    engine = export_model(tiny, tmp_path / "trt", tensorrt=True, quiet=True)
+    a = Reasoner.load(engine, backend="trt").ask(question="Which shape moves left?", max_new_tokens=8)
+    b = Reasoner.load(engine, backend="ort").ask(question="Which shape moves left?", max_new_tokens=8)
+    assert a.token_ids == b.token_ids
+    assert max(abs(x - y) for x, y in zip(a.entropy, b.entropy)) <= 1e-3
