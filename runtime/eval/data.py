@@ -1,0 +1,60 @@
+"""Evaluation files: a JSON list or JSONL of samples (problem, options, solution, path, problem_type,
+data_type). Paths are resolved under --video-root and may not escape it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.errors import InputError
+
+REQUIRED = ("problem", "solution", "path", "problem_type", "data_type")
+
+
+@dataclass
+class Sample:
+    dataset: str
+    id: str
+    problem: str
+    problem_type: str
+    data_type: str
+    path: str
+    solution: str
+    options: list[str] = field(default_factory=list)
+
+
+def load_samples(path: str | Path, dataset: str | None = None) -> list[Sample]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"evaluation file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"evaluation file {p} is not UTF-8") from None
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise InputError(f"evaluation file {p} is neither a JSON list nor JSONL ({e})") from None
+    name = dataset or p.stem
+    out = []
+    for i, row in enumerate(rows):
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise InputError(f"{p}: sample {i} lacks {', '.join(missing)}")
+        out.append(Sample(dataset=name, id=str(row.get("problem_id", i)), problem=row["problem"],
+                          problem_type=row["problem_type"], data_type=row["data_type"], path=row["path"],
+                          solution=row["solution"], options=list(row.get("options") or [])))
+    return out
+
+
+def resolve_media(root: str | Path, relative: str) -> Path:
+    """``relative`` under ``root``; a path that would leave the root (.., absolute, symlink) is refused."""
+    base = Path(root).expanduser().resolve()
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise InputError(f"sample path {relative!r} leaves --video-root {base}; refused")
+    return target
