@@ -53,7 +53,6 @@ class VReason:
         self.original: torch.Tensor | None = None  # [n, kv, hd] their unmodulated values
         self.delta: torch.Tensor | None = None
         self.opt: torch.optim.Optimizer | None = None
-        self._grad_values: torch.Tensor | None = None
         self.pruned: torch.Tensor | None = None
 
     def config_dict(self) -> dict:
@@ -79,20 +78,27 @@ class VReason:
             self.opt = torch.optim.SGD([self.delta], lr=self.cfg.lr)
 
     def head_values(self, state, values: torch.Tensor) -> torch.Tensor:
-        """During an update, the cached values with the video rows as a differentiable function of dV."""
-        if self._grad_values is None:
+        """With autograd on (an update's forward), the cached values with the video rows as a differentiable
+        function of dV; otherwise the cache as it is (it already holds the injected rows)."""
+        if self.delta is None or not torch.is_grad_enabled():
             return values
-        return values.index_copy(1, self.rows, self._grad_values.unsqueeze(0).to(values.dtype))
+        rows = inject(self.original, self.delta)
+        return values.index_copy(1, self.rows, rows.unsqueeze(0).to(values.dtype))
+
+    def needs_graph(self, step: int) -> bool:
+        return self.delta is not None and self._scheduled(step)
+
+    def _scheduled(self, step: int) -> bool:
+        return step % self.cfg.every == 0 and self.cfg.steps > 0 and self.rows is not None and self.rows.numel() > 0
 
     def step(self, state, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
-        k = state.step
-        scheduled = k % self.cfg.every == 0 and self.cfg.steps > 0 and self.rows is not None and self.rows.numel() > 0
-        if not scheduled:
+        if not self._scheduled(state.step):
             self.tracker.record(float(entropy(logits)), 0.0)
             return logits, 0.0
-        _, _, alpha = self.tracker.preview(float(entropy(logits)))
-        for _ in range(self.cfg.steps):
-            self._update(state, alpha, recompute)
+        _, _, alpha = self.tracker.preview(float(entropy(logits.detach())))
+        for i in range(self.cfg.steps):
+            # the first step reuses this token's own forward when it was computed with autograd on
+            self._update(state, alpha, recompute, logits if i == 0 and logits.requires_grad else None)
         with torch.no_grad():
             logits = recompute(state)
         self.tracker.record(float(entropy(logits)), alpha)
@@ -100,16 +106,14 @@ class VReason:
 
     # -- one optimizer step ----------------------------------------------------------------------------------
 
-    def _update(self, state, alpha: float, recompute) -> None:
+    def _update(self, state, alpha: float, recompute, logits: torch.Tensor | None = None) -> None:
         last_good = self.delta.detach().clone()
         with torch.enable_grad():
-            self._grad_values = inject(self.original, self.delta)
-            try:
-                loss = switching_loss(recompute(state), alpha)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-            finally:
-                self._grad_values = None
+            if logits is None:
+                logits = recompute(state)
+            loss = switching_loss(logits, alpha)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         grad = self.delta.grad
         if not torch.isfinite(loss) or grad is None or not bool(torch.isfinite(grad).all()):
             self.skipped_updates += 1

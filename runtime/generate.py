@@ -45,6 +45,9 @@ class Steering(Protocol):
     def step(self, state: DecodeState, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
         """Possibly update, then return the logits to sample from and alpha (0: no update)."""
 
+    def needs_graph(self, step: int) -> bool:
+        """Whether step ``step``'s logits should be computed with autograd on (its update reuses them)."""
+
 
 @dataclass
 class Timings:
@@ -125,6 +128,10 @@ class Loop:
                     pos = torch.full((3, 1, 1), next_position + k, dtype=torch.long, device=dev)
                     emb = self.head.embed(torch.tensor([[token]], device=dev))
                     hidden = self.backend.trunk(emb, pos, state.cache)
+                # an update at the next step backpropagates through this very forward of the head (one
+                # head pass saved per update); the trunk's output stays outside the graph
+                graph = self.steering is not None and self.steering.needs_graph(k + 1)
+                with torch.enable_grad() if graph else torch.no_grad():
                     logits = self.head_step(state, hidden, pos)
                 state.cache.length += 1
                 state.hidden, state.positions = hidden.clone(), pos

@@ -107,6 +107,8 @@ class Reasoner:
                 from runtime.backends.ort import OrtBackend
                 impl = OrtBackend(d, dtype, device)
             head = load_head(cfg, d / "head.safetensors", dtype, device)
+        if torch.device(device).type == "cpu":
+            head.prefer_column_major_lm_head()
         return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason)
 
     # -- requests -----------------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class Recorder:
     def after_prefill(self, state):
         pass
 
+    def needs_graph(self, step):
+        return False
+
     def step(self, state, logits, recompute):
         self.logits.append(logits.detach().clone())
         self.key_ptrs.append([k.data_ptr() for k in state.cache.keys])

@@ -1,0 +1,288 @@
+"""python -m runtime.bench: speed and memory of each backend against transformers' own generate, side by
+side in one run on the same checkpoint and inputs, with the decode roofline and V-Reason's cost.
+
+Each measurement is repeated after warm-up; medians are reported. The roofline is the weight (and KV)
+bytes a decode step must read, over the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.errors import UserError
+
+WORKLOAD = "Which direction does the red circle move?"
+
+
+def read_bandwidth(bytes_: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of reading a large fp32 tensor (torch's own threads), median of ``repeats``."""
+    x = torch.ones(bytes_ // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return bytes_ / statistics.median(times)
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the VmHWM high-water mark
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def weight_bytes_per_token(engine: Path, reasoner) -> int:
+    """Trunk weights + the head's last layer, norm and LM head: what every decode step reads."""
+    import onnx
+
+    m = onnx.load(str(engine / "trunk.onnx"), load_external_data=False)
+    trunk = sum(f.stat().st_size for f in engine.glob("trunk.onnx.data"))
+    trunk += sum(len(t.raw_data) for t in m.graph.initializer if t.raw_data)
+    head = reasoner.head
+    layer = sum(p.numel() * p.element_size() for p in head.layer.parameters())
+    lm = head.lm_head.weight
+    return trunk + layer + head.norm.weight.numel() * head.norm.weight.element_size() + lm.numel() * lm.element_size()
+
+
+class TimedSteering:
+    """Wraps a V-Reason controller to time its update steps (alpha != 0)."""
+
+    def __init__(self, inner):
+        self.inner, self.update_times = inner, []
+        self.tracker = inner.tracker
+
+    def head_values(self, state, values):
+        return self.inner.head_values(state, values)
+
+    def after_prefill(self, state):
+        self.inner.after_prefill(state)
+
+    def needs_graph(self, step):
+        return self.inner.needs_graph(step)
+
+    def step(self, state, logits, recompute):
+        t = time.perf_counter()
+        out = self.inner.step(state, logits, recompute)
+        if out[1] != 0:
+            _sync(state.cache.keys[0].device)
+            self.update_times.append(time.perf_counter() - t)
+        return out
+
+
+def run_once(r, prompt, new_tokens: int, method: str = "base") -> dict:
+    from runtime.cache import KVCache
+    from runtime.generate import DecodeState, Loop
+    from runtime.sampling import SamplingParams
+
+    reset_peak_rss()
+    if r.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(r.device)
+    t0 = time.perf_counter()
+    embeds, vision_s = r._embed(prompt)
+    t = r.cfg.text
+    cache = KVCache.allocate(t.num_hidden_layers, len(prompt.ids) + new_tokens, t.num_key_value_heads, t.head_dim,
+                             r.dtype, r.device)
+    state = DecodeState(r.head, cache, prompt.video_token_index.to(r.device))
+    steering = r.steering_for(method, None, state)
+    timed = TimedSteering(steering) if steering is not None else None
+    loop = Loop(r.backend, r.head, timed)
+    first = None
+    for i, _ in enumerate(loop.run(state, embeds, prompt.positions.unsqueeze(1).to(r.device), prompt.next_position,
+                                   new_tokens, SamplingParams(), set())):
+        if i == 0:
+            first = time.perf_counter() - t0
+    tm = loop.timings
+    peak = int(torch.cuda.max_memory_allocated(r.device)) if r.device.type == "cuda" else peak_rss()
+    return {"vision_s": vision_s, "prefill_s": tm.prefill_s, "ttft_s": first,
+            "decode_s_per_token": tm.decode_s / max(tm.decode_tokens - 1, 1), "peak_memory_bytes": peak,
+            "update_s": statistics.median(timed.update_times) if timed and timed.update_times else None}
+
+
+def head_pass_seconds(r, prompt_len: int, repeats: int = 20) -> float:
+    """Median time of one head forward for one token over a cache of ``prompt_len`` entries."""
+    t = r.cfg.text
+    h = torch.randn(1, 1, t.hidden_size, dtype=r.dtype, device=r.device)
+    pos = torch.full((3, 1, 1), prompt_len, dtype=torch.long, device=r.device)
+    k = torch.randn(1, prompt_len, t.num_key_value_heads, t.head_dim, dtype=r.dtype, device=r.device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            r.head(h, pos, k, k, last_only=True)
+            _sync(r.device)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    vals = [x[key] for x in runs if x[key] is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def ratio(a: list[dict], b: list[dict], key: str) -> float:
+    return median_of(a, key) / median_of(b, key)
+
+
+def bench_transformers(src: Path, prompt, new_tokens: int, repeats: int, dtype: torch.dtype) -> dict:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype, attn_implementation="eager").eval()
+    ids = torch.tensor([prompt.ids])
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if prompt.visuals:
+        v = prompt.visuals[0]
+        kw |= {"pixel_values_videos": v.pixel_values.to(dtype), "video_grid_thw": torch.tensor([v.span.grid_thw]),
+               "second_per_grid_ts": torch.tensor([v.span.seconds_per_grid]),
+               "mm_token_type_ids": 2 * (ids == model.config.video_token_id).int()}
+
+    def gen(n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0
+
+    gen(2)  # warm-up
+    reset_peak_rss()
+    ttft = statistics.median([gen(1) for _ in range(repeats)])
+    total = statistics.median([gen(new_tokens) for _ in range(repeats)])
+    return {"ttft_s": ttft, "prefill_s": ttft, "decode_s_per_token": (total - ttft) / (new_tokens - 1),
+            "peak_memory_bytes": peak_rss(), "vision_s": None}
+
+
+def run(args) -> dict:
+    from models.samples import sample_video
+    from runtime.backends import tensorrt_usable
+    from runtime.reasoner import Reasoner
+
+    engine = Path(args.engine)
+    backends = args.backend or (["trt"] if tensorrt_usable(engine)[0] else []) + ["ort"]
+    work = Path(args.work)
+    video = sample_video(work / "bench-clip.mp4", "circle", "red", "right", seconds=args.seconds, size=(224, 224))
+    results: dict[str, dict] = {}
+    reasoners = {}
+    bandwidth = read_bandwidth()
+    for name in backends:
+        r = Reasoner.load(engine, backend=name)
+        reasoners[name] = r
+        prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=args.new_tokens)
+        for _ in range(args.warmup):
+            run_once(r, prompt, args.new_tokens)
+        runs = [run_once(r, prompt, args.new_tokens) for _ in range(args.repeats)]
+        results[name] = {k: median_of(runs, k) for k in ("vision_s", "prefill_s", "ttft_s", "decode_s_per_token",
+                                                          "peak_memory_bytes")}
+        results[name]["prompt_tokens"] = len(prompt.ids)
+        print(f"measured {name}", file=sys.stderr)
+    default = backends[0]
+    r = reasoners[default]
+    prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=args.new_tokens)
+    if args.transformers:
+        src = Path(r.manifest.get("source_model", ""))
+        if not (src / "config.json").is_file():
+            raise UserError(f"the transformers baseline needs the source checkpoint {src}; pass --no-transformers")
+        results["transformers"] = bench_transformers(src, prompt, args.new_tokens, args.repeats, r.dtype)
+        results["transformers"]["prompt_tokens"] = len(prompt.ids)
+        print("measured transformers", file=sys.stderr)
+    vr_runs = [run_once(r, prompt, args.new_tokens, "vreason") for _ in range(args.repeats)]
+    base_runs = [run_once(r, prompt, args.new_tokens, "base") for _ in range(args.repeats)]
+    head_s = head_pass_seconds(r, len(prompt.ids) + args.new_tokens // 2)
+    per_token_bytes = weight_bytes_per_token(engine, r)
+    roofline = bandwidth / per_token_bytes
+    decode = {k: 1.0 / v["decode_s_per_token"] for k, v in results.items()}
+    report = {
+        "machine": {"torch_threads": torch.get_num_threads(), "read_bandwidth_gb_s": bandwidth / 1e9,
+                    "device": str(r.device)},
+        "engine": str(engine), "precision": r.manifest["precision"], "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "backends": results,
+        "decode_tokens_per_s": decode,
+        "prefill_tokens_per_s": {k: v["prompt_tokens"] / v["prefill_s"] for k, v in results.items()},
+        "ttft_s": {k: v["ttft_s"] for k, v in results.items()},
+        "vision_s": {k: v["vision_s"] for k, v in results.items() if v["vision_s"] is not None},
+        "peak_memory_bytes": {k: v["peak_memory_bytes"] for k, v in results.items()},
+        "weight_bytes_per_token": per_token_bytes, "decode_roofline_tokens_per_s": roofline,
+        "decode_roofline_fraction": {k: decode[k] / roofline for k in results},
+        "speedup_over_transformers": {k: decode[k] / decode["transformers"] for k in results} if args.transformers
+        else {},
+        "vreason_backend": default,
+        "vreason_token_time_ratio": ratio(vr_runs, base_runs, "decode_s_per_token"),
+        "vreason_peak_memory_ratio": ratio(vr_runs, base_runs, "peak_memory_bytes"),
+        "head_pass_s": head_s,
+        "vreason_update_s": median_of(vr_runs, "update_s"),
+        "vreason_update_cost_head_passes": median_of(vr_runs, "update_s") / head_s,
+    }
+    return report
+
+
+def table(rep: dict) -> str:
+    rows = ["| backend | vision (s) | prefill tok/s | decode tok/s | TTFT (s) | peak memory (MB) | roofline | "
+            "vs transformers |", "|---|---|---|---|---|---|---|---|"]
+    for k in rep["backends"]:
+        vis = rep["vision_s"].get(k)
+        rows.append(f"| {k} | {'-' if vis is None else f'{vis:.3f}'} | {rep['prefill_tokens_per_s'][k]:.1f} | "
+                    f"{rep['decode_tokens_per_s'][k]:.2f} | {rep['ttft_s'][k]:.3f} | "
+                    f"{rep['peak_memory_bytes'][k] / 1e6:.0f} | {100 * rep['decode_roofline_fraction'][k]:.0f}% | "
+                    f"{rep['speedup_over_transformers'].get(k, float('nan')):.2f}x |")
+    rows.append("")
+    rows.append(f"read bandwidth {rep['machine']['read_bandwidth_gb_s']:.1f} GB/s, "
+                f"{rep['weight_bytes_per_token'] / 1e9:.2f} GB read per decode step -> roofline "
+                f"{rep['decode_roofline_tokens_per_s']:.2f} tokens/s")
+    rows.append(f"V-Reason on {rep['vreason_backend']}: per-token time x{rep['vreason_token_time_ratio']:.2f}, "
+                f"peak memory x{rep['vreason_peak_memory_ratio']:.3f}, one update = "
+                f"{rep['vreason_update_cost_head_passes']:.2f} head passes "
+                f"({1e3 * rep['vreason_update_s']:.1f} ms; head pass {1e3 * rep['head_pass_s']:.1f} ms)")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", required=True)
+    ap.add_argument("--backend", nargs="+", choices=("trt", "ort", "torch"),
+                    help="backends to measure (default: trt if usable, and ort)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of the benchmark clip")
+    ap.add_argument("--no-transformers", dest="transformers", action="store_false",
+                    help="skip the transformers generate baseline")
+    ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        rep = run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(rep, indent=2) if args.json else table(rep))
+    return 0
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
