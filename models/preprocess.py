@@ -100,6 +100,14 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        # very elongated inputs: the short side is clamped up to one factor, so the reference rule can
+        # overshoot max_pixels; trim the long side to stay within the budget (a deliberate deviation that
+        # applies only where the reference would exceed it)
+        if h_bar >= w_bar:
+            h_bar = max(factor, max_pixels // w_bar // factor * factor)
+        else:
+            w_bar = max(factor, max_pixels // h_bar // factor * factor)
     return h_bar, w_bar
 
 

@@ -57,9 +57,17 @@ def render(chat_template: str, messages: list[dict], add_generation_prompt: bool
     def raise_exception(message):
         raise CheckpointError(f"the checkpoint's chat template refused the prompt: {message}")
 
+    from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    try:
+        return env.from_string(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    except SecurityError as e:
+        raise CheckpointError(f"the chat template tried something the sandbox forbids ({e}); refusing it") from None
+    except TemplateError as e:
+        raise CheckpointError(f"the chat template is not valid Jinja ({e})") from None
 
 
 def messages_for(question: str, visual_kinds: list[str], template: str, options: list[str] | None = None) -> list[dict]:

@@ -33,11 +33,22 @@ class Prompt:
 
 
 def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = None, frames=None,
-                image=None, fps: float = 2.0, max_frames: int | None = None) -> Visual | None:
-    """Exactly one of video (file), frames (folder or list of RGB arrays) or image (file or RGB array)."""
+                image=None, fps: float = 2.0, max_frames: int | None = None, color_order: str = "rgb") -> Visual | None:
+    """Exactly one of video (file), frames (folder or list of arrays) or image (file or array).
+
+    Arrays from the caller are uint8 [H, W, 3] in ``color_order``: "rgb" (default) or "bgr" (as OpenCV
+    decodes); files are decoded here and need no flag.
+    """
     given = [x is not None for x in (video, frames, image)]
     if sum(given) > 1:
         raise InputError("give one visual input: a video, frames or an image")
+    if color_order not in ("rgb", "bgr"):
+        raise InputError(f"color_order must be 'rgb' or 'bgr', got {color_order!r}")
+
+    def to_rgb(a, what):
+        a = check_frame(a, what)
+        return np.ascontiguousarray(a[:, :, ::-1]) if color_order == "bgr" else a
+
     v = cfg.vision
     if video is not None:
         decoded, sample_fps = read_video(video, settings, max_frames)
@@ -46,7 +57,8 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
     elif frames is not None:
         if isinstance(frames, (str, Path)):
             frames = read_frames_dir(frames)
-        frames = [check_frame(f, f"frame {i}") for i, f in enumerate(frames)]
+        else:
+            frames = [to_rgb(f, f"frame {i}") for i, f in enumerate(frames)]
         if not frames:
             raise InputError("the frame list is empty")
         if max_frames and len(frames) > max_frames:
@@ -56,7 +68,7 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
         pv, grid = process_video(frames, settings)
         span = VisualSpan("video", grid, v.temporal_patch_size / fps)
     elif image is not None:
-        arr = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+        arr = read_image(image) if isinstance(image, (str, Path)) else to_rgb(np.asarray(image), "image")
         pv, grid = process_image(arr, settings)
         span = VisualSpan("image", grid)
     else:

@@ -13,6 +13,7 @@ import resource
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,12 +116,14 @@ class Reasoner:
 
     def prepare(self, *, question: str, video=None, frames=None, image=None, fps: float = 2.0,
                 template: str = "reasoning", options: list[str] | None = None,
-                max_new_tokens: int = 512) -> Prompt:
+                max_new_tokens: int = 512, color_order: str = "rgb") -> Prompt:
         """Decode and preprocess the visual input, build the prompt and check it fits; no model compute."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(question, str):
+            raise InputError(f"the question must be a string, got {type(question).__name__}")
         visual = visual_from(self.cfg, self.settings, video=video, frames=frames, image=image, fps=fps,
-                             max_frames=self.limits.get("max_frames"))
+                             max_frames=self.limits.get("max_frames"), color_order=color_order)
         visuals = [visual] if visual else []
         for v in visuals:
             n = v.pixel_values.shape[0]
@@ -174,6 +177,19 @@ class Reasoner:
             pass
         return s.result
 
+    def _note_active(self, gen) -> None:
+        self._active = (weakref.ref(gen), threading.get_ident())
+
+    def _close_abandoned(self) -> None:
+        """A stream this thread started and left unfinished still holds the lock: cancel it, so that the
+        next request neither deadlocks nor waits for garbage collection."""
+        active = getattr(self, "_active", None)
+        if active is None:
+            return
+        gen, thread = active[0](), active[1]
+        if gen is not None and thread == threading.get_ident() and not gen.gi_running:
+            gen.close()  # runs the stream's cleanup and releases the lock; a no-op for a finished one
+
     def steering_for(self, method: str, controller, state: DecodeState):
         if method == "base":
             return None
@@ -198,6 +214,12 @@ class Stream:
         self._cancel.set()
 
     def __iter__(self) -> Iterator[str]:
+        self.r._close_abandoned()
+        gen = self._run()
+        self.r._note_active(gen)
+        return gen
+
+    def _run(self) -> Iterator[str]:
         r = self.r
         with r._lock:
             if r.device.type == "cuda":
