@@ -156,17 +156,31 @@ def bench_transformers(src: Path, prompt, new_tokens: int, repeats: int, dtype: 
                "second_per_grid_ts": torch.tensor([v.span.seconds_per_grid]),
                "mm_token_type_ids": 2 * (ids == model.config.video_token_id).int()}
 
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        """Timestamps each call: the first comes right after prefill, then one per decode step."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
     def gen(n):
+        clock = Clock()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return time.perf_counter() - t0
+            model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           logits_processor=LogitsProcessorList([clock]))
+        return clock.times[0] - t0, (clock.times[-1] - clock.times[0]) / max(len(clock.times) - 1, 1)
 
     gen(2)  # warm-up
     reset_peak_rss()
-    ttft = statistics.median([gen(1) for _ in range(repeats)])
-    total = statistics.median([gen(new_tokens) for _ in range(repeats)])
-    return {"ttft_s": ttft, "prefill_s": ttft, "decode_s_per_token": (total - ttft) / (new_tokens - 1),
+    runs = [gen(new_tokens) for _ in range(repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    return {"ttft_s": ttft, "prefill_s": ttft, "decode_s_per_token": statistics.median(r[1] for r in runs),
             "peak_memory_bytes": peak_rss(), "vision_s": None}
 
 
