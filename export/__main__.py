@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from models.errors import UserError
+from models.errors import UserError, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,17 +72,7 @@ def print_trtexec(root: Path, data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    return run_cli(run, parser().parse_args(argv), interrupted="interrupted: nothing was written")
 
 
 if __name__ == "__main__":

@@ -17,3 +17,20 @@ class CheckpointError(UserError):
 
 class InputError(UserError):
     """A video, image, frame list or question cannot be used as given."""
+
+
+def run_cli(fn, args, interrupted: str = "interrupted") -> int:
+    """Run a CLI's typed function: a UserError becomes one ``error: ...`` line on stderr and exit code 1
+    (``args.debug`` re-raises it with its traceback); Ctrl-C prints ``interrupted`` and exits 130."""
+    import sys
+
+    try:
+        return fn(args)
+    except UserError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from models.errors import UserError
+from models.errors import UserError, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,17 +101,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(run, parser().parse_args(argv))
 
 
 if __name__ == "__main__":

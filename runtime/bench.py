@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from models.errors import UserError
+from models.errors import UserError, run_cli
 
 WORKLOAD = "Which direction does the red circle move?"
 
@@ -281,16 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
-    try:
+    def go(args) -> int:
         rep = run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(rep, indent=2) if args.json else table(rep))
-    return 0
+        print(json.dumps(rep, indent=2) if args.json else table(rep))
+        return 0
+
+    return run_cli(go, ap.parse_args(argv))
 
 
 def _sync(device) -> None:

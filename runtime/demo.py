@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from models.errors import UserError
+from models.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,28 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=("base", "vreason", "vreason-lite"), default="vreason")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    try:
-        from export.exporter import export_model
-        from models.samples import sample_video
-        from models.tiny import make_checkpoint
-        from runtime.__main__ import main as runtime_main
+    return run_cli(lambda a: demo(a, Path(a.out)), args)
 
-        ckpt = out / "tiny-checkpoint"
-        if not (ckpt / "config.json").is_file():
-            print(f"building the tiny checkpoint in {ckpt}", file=sys.stderr)
-            make_checkpoint(ckpt)
-        video = sample_video(out / "circle-right.mp4", "circle", "red", "right", seconds=3)
-        engine = out / "tiny-engine"
-        if not (engine / "manifest.json").is_file():
-            export_model(ckpt, engine, force=True)
-        return runtime_main(["--engine", str(engine), "--video", str(video), "--question",
-                             "Which direction does the red circle move?", "--method", args.method,
-                             "--max-new-tokens", str(args.max_new_tokens), "--stream",
-                             "--plot", str(out / "entropy.png")])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+def demo(args, out: Path) -> int:
+    from export.exporter import export_model
+    from models.samples import sample_video
+    from models.tiny import make_checkpoint
+    from runtime.__main__ import main as runtime_main
+
+    ckpt = out / "tiny-checkpoint"
+    if not (ckpt / "config.json").is_file():
+        print(f"building the tiny checkpoint in {ckpt}", file=sys.stderr)
+        make_checkpoint(ckpt)
+    video = sample_video(out / "circle-right.mp4", "circle", "red", "right", seconds=3)
+    engine = out / "tiny-engine"
+    if not (engine / "manifest.json").is_file():
+        export_model(ckpt, engine, force=True)
+    return runtime_main(["--engine", str(engine), "--video", str(video), "--question",
+                         "Which direction does the red circle move?", "--method", args.method,
+                         "--max-new-tokens", str(args.max_new_tokens), "--stream",
+                         "--plot", str(out / "entropy.png")])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,15 @@ import torch
 from runtime.cache import KVCache
 
 
+def hidden_view(buffer: torch.Tensor, s: int, hidden: int, dtype: torch.dtype,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, [1, s, hidden] view of it) for the trunk's ``hidden`` output; a new buffer only when the
+    old one is too small (prefill once, then every decode step reuses it)."""
+    if buffer.numel() < s * hidden or buffer.dtype != dtype:
+        buffer = torch.empty(s * hidden, dtype=dtype, device=device)
+    return buffer, buffer[: s * hidden].view(1, s, hidden)
+
+
 def trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                    hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     s = embeds.shape[1]

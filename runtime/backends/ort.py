@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.backends.bindings import trunk_bindings, vision_bindings
+from runtime.backends.bindings import hidden_view, trunk_bindings, vision_bindings
 from runtime.cache import KVCache
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
@@ -52,13 +52,8 @@ class OrtBackend:
             io.bind_output(name, kind, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         session.run_with_iobinding(io)
 
-    def hidden_buffer(self, s: int, hidden_size: int) -> torch.Tensor:
-        if self._hidden.numel() < s * hidden_size or self._hidden.dtype != self.dtype:
-            self._hidden = torch.empty(s * hidden_size, dtype=self.dtype, device=self.device)
-        return self._hidden[: s * hidden_size].view(1, s, hidden_size)
-
     def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        hidden = self.hidden_buffer(embeds.shape[1], embeds.shape[2])
+        self._hidden, hidden = hidden_view(self._hidden, embeds.shape[1], embeds.shape[2], self.dtype, self.device)
         inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
         self._bind(self.trunk_session, inputs, outputs)
         return hidden

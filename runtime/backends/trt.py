@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from models.errors import UserError
-from runtime.backends.bindings import select_profile, trunk_bindings, vision_bindings
+from runtime.backends.bindings import hidden_view, select_profile, trunk_bindings, vision_bindings
 from runtime.cache import KVCache
 
 
@@ -94,10 +94,8 @@ class TrtBackend:
         self.stream = torch.cuda.current_stream(self.device)
 
     def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        s, h = embeds.shape[1], embeds.shape[2]
-        if self._hidden.numel() < s * h or self._hidden.dtype != self.dtype:
-            self._hidden = torch.empty(s * h, dtype=self.dtype, device=self.device)
-        hidden = self._hidden[: s * h].view(1, s, h)
+        s = embeds.shape[1]
+        self._hidden, hidden = hidden_view(self._hidden, s, embeds.shape[2], self.dtype, self.device)
         inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
         handle = self.stream.cuda_stream
         self.trunk_engine.use_profile(select_profile(s, cache.length), handle)

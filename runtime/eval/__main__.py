@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from models.errors import UserError
+from models.errors import UserError, run_cli
 from runtime.eval.data import Sample, load_samples, resolve_media
 from runtime.eval.metrics import score
 from runtime.eval.report import markdown, write_reports
@@ -97,15 +97,11 @@ def evaluate_one(reasoner, s: Sample, root: Path, method: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
+    def go(args) -> int:
         run(args)
         return 0
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+    return run_cli(go, parser().parse_args(argv))
 
 
 if __name__ == "__main__":
