@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream", action="store_true", help="print tokens as they come")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the result")
     ap.add_argument("--plot", metavar="PNG", help="write the entropy trace of the answer")
-    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the export")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip hashing the export's files (presence, sizes and graph I/O are still checked)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     from controller.config import add_cli_arguments
     add_cli_arguments(ap)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import check_export, read_manifest
+from export.manifest import check_export
 from models.checkpoint import resolve_dtype
 from models.errors import InputError, UserError
 from models.preprocess import VisionSettings
@@ -81,9 +81,11 @@ class Reasoner:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None,
              model_dir: str | Path | None = None, verify: bool = True) -> Reasoner:
-        """Open an export directory. ``verify`` checks every file's hash first (``python -m export --check``)."""
+        """Open an export directory, checked as ``python -m export --check`` does: manifest, files present
+        with their recorded sizes, graph I/O, and (``verify``, the default) every file's sha256, which
+        takes a while for a multi-GB export; ``verify=False`` skips only the hashing."""
         d = Path(engine_dir).expanduser()
-        manifest = check_export(d) if verify else read_manifest(d)
+        manifest = check_export(d, verify_hashes=verify)
         name, reason = resolve(backend, d)
         dtype = resolve_dtype(manifest["precision"])
         device = device or ("cuda" if name == "trt" else "cpu")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from export.exporter import export_model
-from export.manifest import ExportError
+from export.manifest import ExportError, write_manifest
 from models import CheckpointError, InputError, UserError, load_model
 from models.samples import render_frames, sample_video, write_video
 from runtime.__main__ import main as runtime_main
@@ -205,8 +205,9 @@ def test_chat_template_cannot_escape_its_sandbox(engine_dir, tmp_path):
     d = tmp_path / "engine"
     shutil.copytree(engine_dir, d)
     (d / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    write_manifest(d, json.loads((d / "manifest.json").read_text()))  # a consistent, hostile export
     with pytest.raises(CheckpointError, match="sandbox"):
-        Reasoner.load(d, verify=False).ask(question=Q, max_new_tokens=2)
+        Reasoner.load(d).ask(question=Q, max_new_tokens=2)
 
 
 # -- faults ------------------------------------------------------------------------------------------------
