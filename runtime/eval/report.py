@@ -81,11 +81,15 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1])
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for method, s in summary.items():
-        ax.scatter(s["avg_tokens"], 100 * s["overall"], s=60)
-        ax.annotate(method, (s["avg_tokens"], 100 * s["overall"]), textcoords="offset points", xytext=(6, 4))
+    markers = "osD^v"
+    for i, (method, s) in enumerate(summary.items()):  # markers and a legend: methods may coincide
+        ax.scatter(s["avg_tokens"], 100 * s["overall"], s=80 - 15 * i, marker=markers[i % len(markers)],
+                   label=f"{method}: {100 * s['overall']:.1f}%, {s['avg_tokens']:.0f} tokens", alpha=0.8)
     ax.set_xlabel("average output tokens")
     ax.set_ylabel("mean score (%)")
+    ax.set_ylim(-3, 103)
+    if summary:
+        ax.legend(fontsize=8)
     ax.set_title("Accuracy against output length")
     ax.grid(alpha=0.3)
     fig.tight_layout()
