@@ -1,10 +1,13 @@
-"""Sampling and entropy: pure functions of the logits, computed where the logits live."""
+"""Sampling: a pure function of the logits, computed where they live. ``entropy`` is the controller's, so
+the traces of every method use one definition."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from controller.vreason import entropy  # noqa: F401  (one definition: the controller's)
 
 
 @dataclass
@@ -26,13 +29,6 @@ class SamplingParams:
             raise InputError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats of softmax(logits) over the last axis (full vocabulary, temperature 1)."""
-    z = logits.float()
-    logp = torch.log_softmax(z, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
