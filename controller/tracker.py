@@ -30,3 +30,33 @@ class EntropyTracker:
         self.ema.append(e)
         self.alpha.append(alpha)
         self.peak = p
+
+
+class DeviceTracker:
+    """The tracker's running state (E, P, started) as 0-dim float64 tensors on the logits' device, so that
+    alpha is decided there and an update needs no host sync (a CUDA graph can replay it). The arithmetic is
+    the host tracker's, in the same precision and order, so both decide the same alpha; the traces
+    themselves are rebuilt on the host from H and alpha at the end of an answer."""
+
+    def __init__(self, beta: float, device) -> None:
+        import torch
+
+        self.beta = beta
+        self.ema = torch.zeros((), dtype=torch.float64, device=device)
+        self.peak = torch.full((), -math.inf, dtype=torch.float64, device=device)
+        self.started = torch.zeros((), dtype=torch.bool, device=device)
+
+    def preview(self, h):
+        """(E, P, alpha) tensors for the current token's entropy ``h`` (a 0-dim tensor); no state change."""
+        import torch
+
+        h = h.double()
+        e = torch.where(self.started, self.beta * self.ema + (1 - self.beta) * h, h)
+        p = torch.maximum(self.peak, e)
+        return e, p, 1.0 - 2.0 * (e < p).double()
+
+    def record(self, h) -> None:
+        e, p, _ = self.preview(h)
+        self.ema.copy_(e)
+        self.peak.copy_(p)
+        self.started.fill_(True)

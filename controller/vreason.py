@@ -16,7 +16,7 @@ import torch
 
 from controller.config import VReasonConfig
 from controller.lite import lite_keep
-from controller.tracker import EntropyTracker
+from controller.tracker import DeviceTracker, EntropyTracker
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,14 @@ class VReason:
         self.delta: torch.Tensor | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.pruned: torch.Tensor | None = None
+        self.on_device: DeviceTracker | None = None  # set by ``start_on_device`` (static decode)
+        self._skipped_on_device: torch.Tensor | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Updates skipped for non-finite loss, gradient or step (both decode paths)."""
+        extra = int(self._skipped_on_device) if self._skipped_on_device is not None else 0
+        return self.skipped_updates + extra
 
     def config_dict(self) -> dict:
         return dict(self.cfg.to_dict(), lite=self.lite)
@@ -71,9 +79,12 @@ class VReason:
         self.original = cache.values[layer][0].index_select(0, rows).clone()  # [n, kv, hd]
         self.delta = torch.zeros(self.original.shape, dtype=torch.float32, device=self.original.device,
                                  requires_grad=True)
+        self._make_optimizer(capturable=False)
+
+    def _make_optimizer(self, capturable: bool) -> None:
         if self.cfg.optimizer == "adam":
             self.opt = torch.optim.Adam([self.delta], lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
-                                        eps=self.cfg.adam_eps)
+                                        eps=self.cfg.adam_eps, capturable=capturable)
         else:
             self.opt = torch.optim.SGD([self.delta], lr=self.cfg.lr)
 
@@ -124,6 +135,89 @@ class VReason:
                 self.delta.copy_(last_good)
             self.skipped_updates += 1
         self.write_cache(state)
+
+    # -- the same procedure with no host sync (static decode; replayable as a CUDA graph) ----------------------
+
+    def start_on_device(self) -> None:
+        """Switch to deciding alpha and guarding steps on the device (after ``after_prefill``). On CUDA the
+        optimizer becomes capturable (its step count lives on the GPU)."""
+        dev = self.delta.device
+        self.on_device = DeviceTracker(self.cfg.beta, dev)
+        self._skipped_on_device = torch.zeros((), dtype=torch.long, device=dev)
+        self._make_optimizer(capturable=dev.type == "cuda")
+        if isinstance(self.opt, torch.optim.Adam):
+            # Adam's state made up front, as its first step would make it, so that the guarded step can save and
+            # restore it from the very first update and a captured graph sees fixed tensors
+            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            step = torch.zeros((), dtype=scalar, device=dev if dev.type == "cuda" else "cpu")
+            self.opt.state[self.delta] = {"step": step, "exp_avg": torch.zeros_like(self.delta),
+                                          "exp_avg_sq": torch.zeros_like(self.delta)}
+
+    def reuse_for(self, other: VReason) -> None:
+        """Take over ``other``'s request (same settings and shapes, after its ``after_prefill``) into this
+        controller's tensors, in place, so that graphs captured on them replay for the new request."""
+        with torch.no_grad():
+            self.rows.copy_(other.rows)
+            self.original.copy_(other.original)
+            self.delta.zero_()
+            self.delta.grad = None if self.delta.grad is None else self.delta.grad.zero_()
+            for t in self.opt.state.get(self.delta, {}).values():
+                if torch.is_tensor(t):
+                    t.zero_()
+            self.on_device.ema.zero_()
+            self.on_device.peak.fill_(-math.inf)
+            self.on_device.started.fill_(False)
+            self._skipped_on_device.zero_()
+        self.tracker = EntropyTracker(self.cfg.beta)
+        self.skipped_updates = 0
+        self.pruned = other.pruned
+
+    def scheduled(self, step: int) -> bool:
+        return self._scheduled(step)
+
+    def record_on_device(self, h: torch.Tensor) -> None:
+        """A step without an update: the entropy of the logits sampled from."""
+        self.on_device.record(h)
+
+    def update_on_device(self, state, forward, before: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One scheduled update for the current token, as ``step`` does it, with alpha decided on the device.
+        ``forward()`` is the head for the current token (logits [V], differentiable in dV when grad is on);
+        ``before``: the token's pre-update logits where they were not computed by ``forward`` (the first token's
+        come from the unpruned prefill). Returns (logits to sample from, their entropy, alpha) on the device."""
+        alpha = None if before is None else self.on_device.preview(entropy(before))[2]
+        for _ in range(self.cfg.steps):
+            with torch.enable_grad():
+                logits = forward()
+                if alpha is None:
+                    alpha = self.on_device.preview(entropy(logits.detach()))[2]
+                h = entropy(logits)
+                loss = alpha.to(h.dtype) * (math.log(logits.shape[-1]) - h)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+            self._guarded_step(loss)
+            self.write_cache(state)
+        with torch.no_grad():
+            logits = forward()
+        h = entropy(logits)
+        self.on_device.record(h)
+        return logits, h, alpha
+
+    def _guarded_step(self, loss: torch.Tensor) -> None:
+        """``opt.step()`` kept only where finite, decided on the device: a non-finite loss or gradient leaves
+        dV and the optimizer state as they were; a non-finite result restores dV (as ``_update`` does)."""
+        state = [t for t in self.opt.state.get(self.delta, {}).values() if torch.is_tensor(t)]
+        grad = self.delta.grad
+        good_in = torch.isfinite(loss) & torch.isfinite(grad).all()
+        saved = [t.clone() for t in state]
+        last = self.delta.detach().clone()
+        self.opt.step()
+        with torch.no_grad():
+            good = good_in & torch.isfinite(self.delta).all()
+            for t, s in zip(state, saved):
+                t.copy_(torch.where(good_in, t, s))
+            self.delta.copy_(torch.where(good, self.delta, last))
+            self._skipped_on_device.add_((~good).long())
 
     @torch.no_grad()
     def write_cache(self, state) -> None:

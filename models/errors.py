@@ -19,6 +19,10 @@ class InputError(UserError):
     """A video, image, frame list or question cannot be used as given."""
 
 
+class ResourceError(UserError):
+    """A request does not fit the device's memory; what it allocated has been released."""
+
+
 def run_cli(fn, args, interrupted: str = "interrupted") -> int:
     """Run a CLI's typed function: a UserError becomes one ``error: ...`` line on stderr and exit code 1
     (``args.debug`` re-raises it with its traceback); Ctrl-C prints ``interrupted`` and exits 130."""

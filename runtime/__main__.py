@@ -41,6 +41,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream", action="store_true", help="print tokens as they come")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the result")
     ap.add_argument("--plot", metavar="PNG", help="write the entropy trace of the answer")
+    ap.add_argument("--decode", choices=("auto", "static", "dynamic"), default="auto",
+                    help="static: fixed-shape decode steps (torch backend; CUDA graphs on GPU); dynamic: the cache "
+                    "grows per token (every backend); auto: static for --backend torch on CUDA (default auto)")
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="with static decode on CUDA, run each step eagerly instead of replaying a CUDA graph")
+    ap.add_argument("--compile", action="store_true",
+                    help="with static decode on CUDA, torch.compile the trunk step (slow first request)")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip hashing the export's files (presence, sizes and graph I/O are still checked)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -68,7 +75,8 @@ def run(args) -> int:
 
     question = read_question(args)
     r = Reasoner.load(args.engine, backend=args.backend, device=args.device, model_dir=args.model,
-                      verify=not args.no_verify)
+                      verify=not args.no_verify, decode=args.decode,
+                      cuda_graphs=False if args.no_cuda_graphs else None, compile=args.compile)
     if args.max_frames:
         r.settings.max_frames = args.max_frames
     if args.video:
@@ -78,7 +86,7 @@ def run(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     stream = r.stream(question=question, method=args.method, max_new_tokens=args.max_new_tokens,
                       template=args.template, sampling=sampling, stop=args.stop,
-                      controller=config_from_args(args), **visual)
+                      controller=config_from_args(args), chunk=1 if args.stream else 8, **visual)
     if not args.json:  # after the input was read and checked, so that an input error stays one line
         print(f"backend: {r.backend.name} ({r.backend_reason})", file=sys.stderr)
     for piece in stream:

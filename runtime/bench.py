@@ -269,7 +269,16 @@ def table(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", required=True)
+    ap.add_argument("--engine", help="export directory to measure (or --synthetic)")
+    ap.add_argument("--synthetic", metavar="NAME",
+                    help="measure a random-weight model of a shipped config instead of an export: qwen2.5-vl-7b, "
+                    "qwen2.5-vl-3b or small (static vs dynamic decode, V-Reason, transformers; see runtime.synthetic)")
+    ap.add_argument("--device", default="cuda", help="with --synthetic: cuda or cpu (default cuda)")
+    ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                    help="with --synthetic: weight precision (default bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--prompt-tokens", type=int, default=1200, help="with --synthetic: prompt length (default 1200)")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --synthetic: also measure the static step under torch.compile")
     ap.add_argument("--backend", nargs="+", choices=("trt", "ort", "torch"),
                     help="backends to measure (default: trt if usable, and ort)")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -282,6 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--debug", action="store_true")
     def go(args) -> int:
+        if args.synthetic:
+            from runtime.synthetic import run_synthetic, synthetic_table
+
+            if args.new_tokens < 2 or args.prompt_tokens < 32 or args.repeats < 1:
+                raise UserError("--new-tokens must be >= 2, --prompt-tokens >= 32 and --repeats >= 1")
+            rep = run_synthetic(args)
+            print(json.dumps(rep, indent=2) if args.json else synthetic_table(rep))
+            return 0
+        if not args.engine:
+            raise UserError("pass --engine DIR (an export) or --synthetic NAME")
         rep = run(args)
         print(json.dumps(rep, indent=2) if args.json else table(rep))
         return 0

@@ -93,24 +93,31 @@ class Loop:
             nv.copy_(v.detach())
         return logits[0, -1]
 
-    def run(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor, next_position: int,
-            max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token]:
-        """Prefill ``embeds`` [1,S,H] at ``positions`` [3,1,S], then generate; yields one Token per step."""
-        dev = embeds.device
-        gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None else None
+    def prefill(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Trunk and head over the prompt (fills every layer's cache), the first answer token's logits [V],
+        then the steering's after-prefill hook (Lite pruning: the first logits come from the unpruned
+        prefill). Leaves the last prompt token as the current query in ``state``."""
         t0 = time.perf_counter()
         with torch.no_grad():
             hidden = self.backend.trunk(embeds, positions, state.cache)
             self.head_step(state, hidden, positions)  # fills the last layer's cache
             state.cache.length += embeds.shape[1]
             state.hidden, state.positions = hidden[:, -1:].clone(), positions[:, :, -1:].clone()
-            # the first token's logits computed exactly as a controller recompute computes them (one query
-            # over the cache), so that a no-op update leaves every logit bit-identical
+            # computed exactly as a controller recompute computes them (one query over the cache), so that a
+            # no-op update leaves every logit bit-identical
             logits = self._recompute(state)
         if self.steering is not None:
             self.steering.after_prefill(state)
-        _sync(dev)
+        _sync(embeds.device)
         self.timings.prefill_s = time.perf_counter() - t0
+        return logits
+
+    def run(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor, next_position: int,
+            max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token]:
+        """Prefill ``embeds`` [1,S,H] at ``positions`` [3,1,S], then generate; yields one Token per step."""
+        dev = embeds.device
+        gen = generator(params, dev)
+        logits = self.prefill(state, embeds, positions)
         t0 = time.perf_counter()
         try:
             for k in range(max_new_tokens):
@@ -142,6 +149,10 @@ class Loop:
     def _recompute(self, state: DecodeState) -> torch.Tensor:
         """The current token's logits again (after the controller changed the head's values)."""
         return self.head_step(state, state.hidden, state.positions, write=False)
+
+
+def generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    return torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
 
 
 def _sync(device: torch.device) -> None:

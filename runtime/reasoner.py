@@ -22,7 +22,7 @@ import torch
 
 from export.manifest import check_export
 from models.checkpoint import resolve_dtype
-from models.errors import InputError, UserError
+from models.errors import InputError, ResourceError, UserError
 from models.preprocess import VisionSettings
 from models.prompt import Tokenizer, load_chat_template, prompt_ids
 from models.qwen2_5_vl import Config
@@ -35,6 +35,7 @@ from runtime.inputs import Prompt, Visual, build_prompt, visual_from
 from runtime.sampling import SamplingParams
 
 METHODS = ("base", "vreason", "vreason-lite")
+DECODE = ("auto", "static", "dynamic")
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Result:
 
 class Reasoner:
     def __init__(self, engine_dir: Path, manifest: dict, backend, head, tokenizer: Tokenizer, chat_template: str,
-                 settings: VisionSettings, backend_reason: str) -> None:
+                 settings: VisionSettings, backend_reason: str, decode: str = "dynamic", cuda_graphs: bool = False,
+                 compile: bool = False) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.cfg = Config.from_stored(manifest["config"])
@@ -72,6 +74,8 @@ class Reasoner:
         self.limits = manifest["limits"]
         self.device = backend.device
         self.dtype = backend.dtype
+        self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
+        self._sessions: dict = {}  # static decode: the last request's cache, buffers and captured graphs
         self._lock = threading.Lock()
         self.stop_ids = set(self.cfg.eos_token_ids)
         for tok in ("<|im_end|>", "<|endoftext|>"):
@@ -80,13 +84,24 @@ class Reasoner:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None,
-             model_dir: str | Path | None = None, verify: bool = True) -> Reasoner:
+             model_dir: str | Path | None = None, verify: bool = True, decode: str = "auto",
+             cuda_graphs: bool | None = None, compile: bool = False) -> Reasoner:
         """Open an export directory, checked as ``python -m export --check`` does: manifest, files present
         with their recorded sizes, graph I/O, and (``verify``, the default) every file's sha256, which
-        takes a while for a multi-GB export; ``verify=False`` skips only the hashing."""
+        takes a while for a multi-GB export; ``verify=False`` skips only the hashing.
+
+        ``decode``: ``static`` (fixed-shape steps, see ``runtime.static``; torch backend only), ``dynamic``
+        (the cache grows per token: every backend), ``auto`` (static for the torch backend on CUDA, else
+        dynamic). ``cuda_graphs`` (default: on for static decode on CUDA) replays each step as a CUDA graph;
+        ``compile`` adds torch.compile of the trunk step (CUDA; tens of seconds on first use per shape)."""
+        if decode not in DECODE:
+            raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         d = Path(engine_dir).expanduser()
         manifest = check_export(d, verify_hashes=verify)
         name, reason = resolve(backend, d)
+        if decode == "static" and name != "torch":
+            raise UserError(f"--decode static runs the trunk as PyTorch modules: use --backend torch (got {name}); "
+                            "the ONNX and TensorRT trunks decode with the dynamic contract")
         dtype = resolve_dtype(manifest["precision"])
         device = device or ("cuda" if name == "trt" else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -110,9 +125,15 @@ class Reasoner:
                 from runtime.backends.ort import OrtBackend
                 impl = OrtBackend(d, dtype, device)
             head = load_head(cfg, d / "head.safetensors", dtype, device)
-        if torch.device(device).type == "cpu":
+        on_cuda = torch.device(device).type == "cuda"
+        if not on_cuda:
             head.prefer_column_major_lm_head()
-        return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason)
+        static = decode == "static" or (decode == "auto" and name == "torch" and on_cuda)
+        if static and on_cuda:
+            fuse_projections(impl.model)
+        graphs = static and on_cuda and (cuda_graphs is None or cuda_graphs)
+        return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason,
+                   decode="static" if static else "dynamic", cuda_graphs=graphs, compile=compile and static and on_cuda)
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -163,18 +184,19 @@ class Reasoner:
 
     def stream(self, *, question: str, method: str = "base", max_new_tokens: int = 512, template: str = "reasoning",
                sampling: SamplingParams | None = None, stop: list[str] | None = None, controller=None,
-               **visual) -> Stream:
-        """Like ``ask`` but iterable: yields text pieces as tokens come; ``.result`` once exhausted."""
+               chunk: int = 1, **visual) -> Stream:
+        """Like ``ask`` but iterable: yields text pieces as tokens come; ``.result`` once exhausted. ``chunk``:
+        with static decode, how many tokens are decoded between host reads of the ids (1: each as it comes)."""
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         sampling = sampling or SamplingParams()
         sampling.validate()
         prompt = self.prepare(question=question, template=template, max_new_tokens=max_new_tokens, **visual)
-        return Stream(self, prompt, method, max_new_tokens, sampling, stop or [], controller)
+        return Stream(self, prompt, method, max_new_tokens, sampling, stop or [], controller, chunk)
 
     def ask(self, **kwargs) -> Result:
         """Answer one question about a video (file or frames) or an image; see ``stream`` for the arguments."""
-        s = self.stream(**kwargs)
+        s = self.stream(**{"chunk": 8, **kwargs})
         for _ in s:
             pass
         return s.result
@@ -192,6 +214,35 @@ class Reasoner:
         if gen is not None and thread == threading.get_ident() and not gen.gi_running:
             gen.close()  # runs the stream's cleanup and releases the lock; a no-op for a finished one
 
+    def loop(self, steering=None, chunk: int = 8) -> Loop:
+        """The decode loop this Reasoner runs (static or dynamic, see ``load``)."""
+        if self.decode == "static":
+            from runtime.static import StaticLoop
+
+            return StaticLoop(self.backend, self.head, steering, cuda_graphs=self.cuda_graphs, chunk=chunk,
+                              compile=self.compile, sessions=self._sessions)
+        return Loop(self.backend, self.head, steering)
+
+    def cache_for(self, capacity: int) -> KVCache:
+        """A KV cache for ``capacity`` entries. Static decode rounds the capacity up to a multiple of 256 and
+        keeps the last cache (with the buffers and CUDA graphs captured on it) for the next request of the same
+        size; a request of another size releases it first."""
+        t = self.cfg.text
+        if self.decode == "static":
+            capacity = -(-capacity // 256) * 256
+            held = self._sessions.get("cache")
+            if held is not None and held.capacity == capacity:
+                held.length = 0
+                return held
+            self._sessions.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        cache = KVCache.allocate(t.num_hidden_layers, capacity, t.num_key_value_heads, t.head_dim, self.dtype,
+                                 self.device)
+        if self.decode == "static":
+            self._sessions["cache"] = cache
+        return cache
+
     def steering_for(self, method: str, controller, state: DecodeState):
         if method == "base":
             return None
@@ -205,8 +256,8 @@ class Stream:
     """Iterating runs the request (holding the Reasoner's lock) and yields decoded text pieces."""
 
     def __init__(self, reasoner: Reasoner, prompt: Prompt, method: str, max_new_tokens: int,
-                 sampling: SamplingParams, stop: list[str], controller) -> None:
-        self.r, self.prompt, self.method = reasoner, prompt, method
+                 sampling: SamplingParams, stop: list[str], controller, chunk: int = 1) -> None:
+        self.r, self.prompt, self.method, self.chunk = reasoner, prompt, method, chunk
         self.max_new_tokens, self.sampling, self.stop, self.controller = max_new_tokens, sampling, stop, controller
         self.result: Result | None = None
         self._cancel = threading.Event()
@@ -224,49 +275,67 @@ class Stream:
     def _run(self) -> Iterator[str]:
         r = self.r
         with r._lock:
-            if r.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(r.device)
-            embeds, vision_s = r._embed(self.prompt)
-            t, cap = r.cfg.text, len(self.prompt.ids) + self.max_new_tokens
-            cache = KVCache.allocate(t.num_hidden_layers, cap, t.num_key_value_heads, t.head_dim, r.dtype, r.device)
-            state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device))
-            steering = r.steering_for(self.method, self.controller, state)
-            loop = Loop(r.backend, r.head, steering)
-            loop.timings.vision_s = vision_s
-            positions = self.prompt.positions.unsqueeze(1).to(r.device)
-            ids: list[int] = []
-            ents: list[torch.Tensor] = []
-            alphas: list[float] = []
-            text, emitted = "", 0
+            failed = False
             try:
-                for tok in loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens,
-                                    self.sampling, r.stop_ids):
-                    ids.append(tok.id)
-                    ents.append(tok.entropy)
-                    alphas.append(tok.alpha)
-                    text = r.tokenizer.decode(ids)
-                    hit = next((s for s in self.stop if s in text), None)
-                    if hit is not None:
-                        text = text[: text.index(hit)]
-                    safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # hold back a partial character
-                    if safe > emitted:
-                        yield text[emitted:safe]
-                        emitted = safe
-                    if hit is not None or self._cancel.is_set():
-                        break
-                if emitted < len(text):
-                    yield text[emitted:]
-            finally:
-                self.result = self._result(loop, steering, ids, ents, alphas, text)
-                del cache, state, steering, loop, embeds
+                yield from self._generate()
+            except torch.OutOfMemoryError:
+                failed = True  # raised below, once this frame no longer holds the request's tensors
+            if failed:
+                r._sessions.clear()
+                if r.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                p = self.prompt
+                raise ResourceError(
+                    f"out of {r.device.type} memory for this request (prompt {len(p.ids)} tokens, "
+                    f"max_new_tokens {self.max_new_tokens}, {r.manifest['precision']} weights); use fewer frames, "
+                    "fewer new tokens, or an export in lower precision; nothing of the request is kept")
+
+    def _generate(self) -> Iterator[str]:
+        r = self.r
+        if r.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(r.device)
+        embeds, vision_s = r._embed(self.prompt)
+        cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
+        state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device))
+        steering = r.steering_for(self.method, self.controller, state)
+        loop = r.loop(steering, chunk=self.chunk)
+        loop.timings.vision_s = vision_s
+        positions = self.prompt.positions.unsqueeze(1).to(r.device)
+        ids: list[int] = []
+        ents: list[torch.Tensor] = []
+        alphas: list[float] = []
+        text, emitted = "", 0
+        try:
+            for tok in loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens,
+                                self.sampling, r.stop_ids):
+                ids.append(tok.id)
+                ents.append(tok.entropy)
+                alphas.append(tok.alpha)
+                text = r.tokenizer.decode(ids)
+                hit = next((s for s in self.stop if s in text), None)
+                if hit is not None:
+                    text = text[: text.index(hit)]
+                safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # hold back a partial character
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+                if hit is not None or self._cancel.is_set():
+                    break
+            if emitted < len(text):
+                yield text[emitted:]
+        finally:
+            self.result = self._result(loop, loop.steering, ids, ents, alphas, text)
+            del cache, state, steering, loop, embeds
 
     def _result(self, loop, steering, ids, ents, alphas, text) -> Result:
         r = self.r
         entropy = torch.stack(ents).float().cpu().tolist() if ents else []
+        if alphas and torch.is_tensor(alphas[0]):  # static decode: read once, at the end
+            alphas = torch.stack(alphas).cpu().tolist()
         tracker = getattr(steering, "tracker", None)
         if tracker is None or len(tracker.ema) != len(entropy):
             from controller.tracker import EntropyTracker
-            tracker = EntropyTracker()
+            tracker = EntropyTracker(steering.cfg.beta if steering is not None else 0.9)
             for h, a in zip(entropy, alphas):
                 tracker.record(h, a)
         return Result(
@@ -274,8 +343,14 @@ class Stream:
             entropy=entropy, ema=list(tracker.ema), alpha=list(alphas), timings=loop.timings.as_dict(),
             peak_memory_bytes=peak_memory(r.device), backend=r.backend.name, method=self.method,
             config=steering.config_dict() if steering is not None else {},
-            skipped_updates=getattr(steering, "skipped_updates", 0),
+            skipped_updates=getattr(steering, "skipped", 0),
         )
+
+
+def fuse_projections(model) -> None:
+    """Concatenate q/k/v and gate/up weights of every decoder layer (fewer, larger GEMVs per token)."""
+    for layer in model.decoder.layers:
+        layer.fuse_projections()
 
 
 def peak_memory(device: torch.device) -> int:

@@ -45,6 +45,58 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by ``fuse_projections`` (runtime weight layout)
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v by one linear over their concatenated weights (one GEMV instead of three per token;
+        same values, and the separate weights are released)."""
+        if self.qkv_proj is not None:
+            return
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        fused = nn.Linear(self.q_proj.in_features, sum(p.out_features for p in parts), bias=True, device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B,S,heads,hd] and k [B,S,kv,hd] with rotary applied, v [B,S,kv,hd]."""
+        b, s, _ = x.shape
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(
+                [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(q.view(b, s, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(b, s, self.kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(b, s, self.kv_heads, self.head_dim)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               allowed: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention of q [B,S,heads,hd] over keys/values [B,T,kv,hd] (the cache is not
+        repeated per group); ``allowed`` [S,T] (or broadcastable) marks the visible entries."""
+        b, s = q.shape[:2]
+        groups = self.heads // self.kv_heads
+        qg = q.view(b, s, self.kv_heads, groups, self.head_dim).permute(0, 2, 3, 1, 4)  # [B, kv, groups, S, hd]
+        kg = keys.permute(0, 2, 3, 1).unsqueeze(2)  # [B, kv, 1, head_dim, T]
+        vg = values.permute(0, 2, 1, 3).unsqueeze(2)  # [B, kv, 1, T, head_dim]
+        scores = torch.matmul(qg, kg) * (self.head_dim**-0.5)  # [B, kv, groups, S, T]
+        scores = upcast(scores).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, vg)  # [B, kv, groups, S, head_dim]
+        return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(b, s, self.heads * self.head_dim))
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, index: torch.Tensor, allowed: torch.Tensor, values=None) -> torch.Tensor:
+        """Static-shape decode of one token x [1,1,hidden]: its key and value are written into the
+        fixed-capacity caches [1,C,kv,hd] at the device index ``index`` [1], and it attends over the whole
+        buffer with ``allowed`` [C] (entries <= index). No shape depends on the cache length. ``values``
+        maps the value cache to what attention reads (the controller's differentiable video rows)."""
+        q, k, v = self.project(x, cos, sin)
+        with torch.no_grad():
+            key_cache.index_copy_(1, index, k.detach())
+            value_cache.index_copy_(1, index, v.detach())
+        return self.attend(q, key_cache, value_cache if values is None else values(value_cache), allowed)
 
     def forward(
         self,
@@ -54,29 +106,17 @@ class Attention(nn.Module):
         past_key: torch.Tensor,  # [B, P, kv_heads, head_dim]
         past_value: torch.Tensor,  # [B, P, kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, s, _ = x.shape
-        groups = self.heads // self.kv_heads
-        q = apply_rotary(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        s = x.shape[1]
+        q, k, v = self.project(x, cos, sin)
         keys = torch.cat((past_key, k), dim=1)  # [B, T, kv_heads, head_dim], T = P + S
         values = torch.cat((past_value, v), dim=1)
         p = past_key.shape[1]
         t = keys.shape[1]
-        # grouped-query attention without repeating the cache: [B, kv, groups, S, head_dim]
-        qg = q.view(b, s, self.kv_heads, groups, self.head_dim).permute(0, 2, 3, 1, 4)
-        kg = keys.permute(0, 2, 3, 1).unsqueeze(2)  # [B, kv, 1, head_dim, T]
-        vg = values.permute(0, 2, 1, 3).unsqueeze(2)  # [B, kv, 1, T, head_dim]
-        scores = torch.matmul(qg, kg) * (self.head_dim**-0.5)  # [B, kv, groups, S, T]
         # causal mask from P and S inside the graph: query j sits at cache index P + j
         allowed = torch.arange(t, device=x.device).unsqueeze(0) <= (
             torch.arange(s, device=x.device).unsqueeze(1) + p
         )
-        scores = upcast(scores).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, vg)  # [B, kv, groups, S, head_dim]
-        out = out.permute(0, 3, 1, 2, 4).reshape(b, s, self.heads * self.head_dim)
-        return self.o_proj(out), k, v
+        return self.attend(q, keys, values, allowed), k, v
 
 
 class DecoderLayer(nn.Module):
@@ -92,6 +132,20 @@ class DecoderLayer(nn.Module):
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
+
+    def step(self, x, cos, sin, key_cache, value_cache, index, allowed, values=None):
+        """Static-shape decode of one token (see ``Attention.step``)."""
+        x = x + self.self_attn.step(self.input_layernorm(x), cos, sin, key_cache, value_cache, index, allowed, values)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def fuse_projections(self) -> None:
+        self.self_attn.fuse_projections()
+        self.mlp.fuse_projections()
+
+
+def static_mask(capacity: int, index: torch.Tensor) -> torch.Tensor:
+    """[capacity] bool: the cache entries a query at cache index ``index`` [1] (a device tensor) sees."""
+    return torch.arange(capacity, device=index.device) <= index
 
 
 class Decoder(nn.Module):
@@ -147,6 +201,16 @@ class Trunk(nn.Module):
             new += [k, v]
         return (x, *new)
 
+    def step(self, x: torch.Tensor, position_ids: torch.Tensor, keys: list[torch.Tensor],
+             values: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Static-shape decode of one token x [1,1,H] at position_ids [3,1,1]: every layer writes its new
+        entries into its fixed-capacity cache at ``index`` [1] in place; returns hidden [1,1,H]."""
+        cos, sin = self.rotary(position_ids, x.dtype)
+        allowed = static_mask(keys[0].shape[1], index)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, cos, sin, keys[i], values[i], index, allowed)
+        return x
+
 
 class Head(nn.Module):
     """Token embedding, the last decoder layer, final norm and LM head; differentiable in PyTorch.
@@ -188,6 +252,15 @@ class Head(nn.Module):
         self.lm_head.weight = moved
         if self.tied:
             self.embed_tokens.weight = moved
+
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, index: torch.Tensor, values=None) -> torch.Tensor:
+        """Static-shape head for one token: hidden [1,1,H] -> logits [V]; writes the last layer's entries at
+        ``index`` [1]. ``values`` maps the value cache to what attention reads (see ``Attention.step``)."""
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        allowed = static_mask(key_cache.shape[1], index)
+        x = self.layer.step(hidden, cos, sin, key_cache, value_cache, index, allowed, values)
+        return self.lm_head(self.norm(x))[0, -1]
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The head's tensors to save (the LM head is omitted when tied to the embedding)."""

@@ -54,8 +54,25 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
+        self.gate_up_proj: nn.Linear | None = None  # set by ``fuse_projections`` (runtime weight layout)
+
+    def fuse_projections(self) -> None:
+        """One linear over the concatenated gate and up weights (one GEMV per token instead of two; same
+        values; the separate weights are released)."""
+        if self.gate_up_proj is not None:
+            return
+        fused = nn.Linear(self.gate_proj.in_features, 2 * self.gate_proj.out_features,
+                          bias=self.gate_proj.bias is not None, device="meta")
+        fused.weight = nn.Parameter(torch.cat([self.gate_proj.weight, self.up_proj.weight]), requires_grad=False)
+        if self.gate_proj.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([self.gate_proj.bias, self.up_proj.bias]), requires_grad=False)
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

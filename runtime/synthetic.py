@@ -1,0 +1,382 @@
+"""python -m runtime.bench --synthetic NAME: decode speed at a real model's shape with random weights.
+
+No checkpoint files: the decoder of a shipped configuration (``models/configs/NAME.json``: the published
+Qwen2.5-VL-7B and -3B configs, or ``small`` for CPU runs) is built with random weights directly in device
+memory, and a prompt of ``--prompt-tokens`` tokens (about 85% of them one video's tokens, with their M-RoPE
+positions; their embeddings random, no vision encoder) is decoded for ``--new-tokens`` tokens, greedy.
+Measured side by side in one run: the dynamic loop (the cache grows per token, eager), the static loop
+(fixed shapes; on CUDA each step replayed as a CUDA graph), optionally the static loop with torch.compile,
+V-Reason and V-Reason Lite on the static loop, and transformers' eager ``generate`` on a random model of the
+same shape. Speed only: random weights say nothing about answers.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from models.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "models" / "configs"
+
+
+def synthetic_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.json"))
+
+
+def load_config(name: str):
+    from models.qwen2_5_vl.config import Qwen25VLConfig
+
+    path = CONFIGS / f"{name}.json"
+    if not path.is_file():
+        raise UserError(f"unknown synthetic model {name!r}; choose one of {', '.join(synthetic_names())}")
+    raw = json.loads(path.read_text())
+    return Qwen25VLConfig.from_dict(raw), raw
+
+
+def random_decoder(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """The decoder with random weights made in place on ``device`` (std 0.02 linears, unit norms)."""
+    from models.qwen2_5_vl.decoder import Decoder, Head, MRoPE, Trunk
+
+    with torch.device("meta"):
+        dec = Decoder(cfg.text)
+    dec = dec.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    dec.rotary.inv_freq = MRoPE(cfg.text).inv_freq.to(device)
+    if cfg.text.tie_word_embeddings:
+        dec.lm_head.weight = dec.embed_tokens.weight
+    dec.eval().requires_grad_(False)
+    return SimpleNamespace(decoder=dec, trunk=Trunk(dec), head=Head(dec))
+
+
+def synthetic_prompt(cfg, prompt_tokens: int, device: torch.device, seed: int = 0):
+    """(ids [S], positions [3,1,S], video cache indices, next rotary position): text, one video, text."""
+    from models.qwen2_5_vl.positions import VisualSpan, mrope_positions
+
+    m = cfg.vision.spatial_merge_size
+    side = max(1, int((0.85 * prompt_tokens / 4) ** 0.5))  # 4 temporal patches of side x side merged tokens
+    grid = (4, side * m, side * m)
+    n_video = 4 * side * side
+    before = 16
+    after = max(1, prompt_tokens - n_video - before - 2)
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, min(cfg.text.vocab_size, 150000), (before + after,), generator=g).tolist()
+    ids = text[:before] + [cfg.vision_start_token_id] + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id] \
+        + text[before:]
+    ids_t = torch.tensor(ids)
+    pos, next_pos = mrope_positions(ids_t, [VisualSpan("video", grid, 1.0)], cfg.image_token_id, cfg.video_token_id,
+                                    m, cfg.vision.tokens_per_second)
+    video = torch.nonzero(ids_t == cfg.video_token_id).view(-1)
+    return ids_t.to(device), pos.unsqueeze(1).to(device), video.to(device), int(next_pos)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 31, repeats: int = 10) -> float:
+    """Bytes/s moved by a device-to-device copy (bytes read + bytes written), median of ``repeats``."""
+    a = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * a.numel() * a.element_size() / statistics.median(times)
+
+
+def decode_bytes(model) -> int:
+    """Weights a decode step reads: every decoder layer, the final norm and the LM head (not the embedding)."""
+    d = model.decoder
+    n = sum(p.numel() * p.element_size() for p in d.layers.parameters())
+    norm, lm = d.norm.weight, d.lm_head.weight
+    return n + norm.numel() * norm.element_size() + lm.numel() * lm.element_size()
+
+
+class Runner:
+    """One model, one prompt; runs a decode loop the way ``Reasoner`` does and times it."""
+
+    def __init__(self, model, cfg, dtype, device, prompt, new_tokens: int):
+        from runtime.backends.torch_ref import TorchBackend
+
+        self.model, self.cfg, self.dtype, self.device = model, cfg, dtype, device
+        self.backend = TorchBackend(model, dtype, str(device))
+        self.ids, self.positions, self.video, self.next_position = prompt
+        self.new_tokens = new_tokens
+        self.sessions: dict = {}
+        self.caches: dict = {}
+
+    def run(self, kind: str, method: str = "base", graphs: bool = True, compile: bool = False,
+            controller=None) -> dict:
+        from controller import VReason, VReasonConfig
+        from runtime.bench import peak_rss, reset_peak_rss
+        from runtime.cache import KVCache
+        from runtime.generate import DecodeState, Loop
+        from runtime.sampling import SamplingParams
+        from runtime.static import StaticLoop
+
+        t = self.cfg.text
+        cap = -(-(len(self.ids) + self.new_tokens) // 256) * 256
+        if kind == "static":
+            cache = self.caches.get(cap)  # kept across runs, as a Reasoner keeps it across requests
+            if cache is None:
+                cache = self.caches[cap] = KVCache.allocate(t.num_hidden_layers, cap, t.num_key_value_heads,
+                                                            t.head_dim, self.dtype, self.device)
+            cache.length = 0
+        else:
+            cache = KVCache.allocate(t.num_hidden_layers, cap, t.num_key_value_heads, t.head_dim, self.dtype,
+                                     self.device)
+        head = self.model.head
+        state = DecodeState(head, cache, self.video)
+        lite = method == "vreason-lite"
+        steering = None if method == "base" else VReason(controller or VReasonConfig(), state, lite=lite)
+        if kind == "static":
+            loop = StaticLoop(self.backend, head, steering, cuda_graphs=graphs and self.device.type == "cuda",
+                              chunk=self.new_tokens, compile=compile,
+                              sessions=self.sessions.setdefault((graphs, compile), {}))
+        else:
+            loop = Loop(self.backend, head, steering)
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()
+        with torch.no_grad():
+            embeds = head.embed(self.ids.view(1, -1)).clone()
+            g = torch.Generator(device=self.device).manual_seed(1)
+            embeds[0, self.video] = (0.02 * torch.randn(len(self.video), t.hidden_size, generator=g,
+                                                        device=self.device)).to(self.dtype)
+        toks = list(loop.run(state, embeds, self.positions, self.next_position, self.new_tokens, SamplingParams(),
+                             set()))
+        ids = [tok.id for tok in toks]
+        tm = loop.timings
+        peak = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else peak_rss()
+        return {"prefill_s": tm.prefill_s, "decode_s_per_token": tm.decode_s / max(tm.decode_tokens - 1, 1),
+                "peak_memory_bytes": peak, "capture_s": getattr(loop, "capture_s", 0.0), "tokens": ids,
+                "alpha": [float(t.alpha) for t in toks], "skipped": getattr(loop.steering, "skipped", 0)}
+
+
+def head_pass_seconds(runner: Runner, repeats: int = 20) -> float:
+    """One head forward (last layer over the cache + LM head) for one token, median; a CUDA graph on CUDA."""
+    t = runner.cfg.text
+    dev, dt = runner.device, runner.dtype
+    cap = len(runner.ids) + runner.new_tokens
+    h = torch.randn(1, 1, t.hidden_size, dtype=dt, device=dev)
+    pos = torch.zeros((3, 1, 1), dtype=torch.long, device=dev)
+    kc = torch.randn(1, cap, t.num_key_value_heads, t.head_dim, dtype=dt, device=dev)
+    vc = kc.clone()
+    idx = torch.tensor([cap - 1], device=dev)
+    head = runner.model.head
+
+    def body():
+        with torch.no_grad():
+            head.step(h, pos, kc, vc, idx)
+
+    body()
+    if dev.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        body = graph.replay
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        body()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def transformers_decode(raw_config: dict, dtype, device, ids: torch.Tensor, new_tokens: int, repeats: int,
+                        visual_ids: tuple[int, ...]) -> dict:
+    """transformers' eager generate on a random model of the same shape (text tokens of the same length)."""
+    from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the other model, not counted
+    conf = Qwen2_5_VLConfig.from_dict(raw_config)
+    conf._attn_implementation = "eager"
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(conf, dtype=dtype).eval()
+    text_ids = ids.clone()
+    text_ids[torch.isin(text_ids, torch.tensor(visual_ids, device=text_ids.device))] = 100  # text, same length
+    kw = {"input_ids": text_ids.view(1, -1), "attention_mask": torch.ones_like(text_ids.view(1, -1))}
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            _sync(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    def gen(n):
+        clock = Clock()
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           logits_processor=LogitsProcessorList([clock]))
+        return clock.times[0] - t0, (clock.times[-1] - clock.times[0]) / max(len(clock.times) - 1, 1)
+
+    gen(2)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = [gen(new_tokens) for _ in range(repeats)]
+    peak = int(torch.cuda.max_memory_allocated(device)) - held if device.type == "cuda" else 0
+    return {"prefill_s": statistics.median(r[0] for r in runs),
+            "decode_s_per_token": statistics.median(r[1] for r in runs), "peak_memory_bytes": peak, "capture_s": 0.0}
+
+
+def run_synthetic(args) -> dict:
+    from models.checkpoint import resolve_dtype
+    from runtime.reasoner import fuse_projections
+
+    cfg, raw = load_config(args.synthetic)
+    device = parse_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = random_decoder(cfg, dtype, device)
+    if device.type == "cuda":
+        fuse_projections(model)
+    build_s = time.perf_counter() - t0
+    prompt = synthetic_prompt(cfg, args.prompt_tokens, device)
+    runner = Runner(model, cfg, dtype, device, prompt, args.new_tokens)
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else _cpu_read_bandwidth()
+    rows: dict[str, list[dict]] = {}
+
+    first_capture: dict[str, float] = {}
+
+    def measure(label, *a, **kw):
+        warm = [runner.run(*a, **kw) for _ in range(args.warmup)]
+        rows[label] = [runner.run(*a, **kw) for _ in range(args.repeats)]
+        first_capture[label] = (warm or rows[label])[0]["capture_s"]
+        print(f"measured {label}", file=sys.stderr)
+
+    measure("dynamic", "dynamic")
+    measure("static", "static")
+    compile_s = None
+    if args.compile:
+        t0 = time.perf_counter()
+        runner.run("static", compile=True)
+        compile_s = time.perf_counter() - t0
+        measure("static+compile", "static", compile=True)
+    best = "static+compile" if args.compile else "static"
+    compiled = args.compile
+    measure("vreason", "static", "vreason", compile=compiled)
+    measure("vreason-lite", "static", "vreason-lite", compile=compiled)
+    identical = {k: rows[k][0]["tokens"] == rows["dynamic"][0]["tokens"] for k in rows if k.startswith("static")}
+    head_s = head_pass_seconds(runner)
+    if args.transformers:
+        visual_ids = (cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+        rows["transformers"] = [transformers_decode(raw, dtype, device, prompt[0], args.new_tokens, args.repeats,
+                                                    visual_ids)]
+        print("measured transformers", file=sys.stderr)
+    per_token = decode_bytes(model)
+    roofline = bandwidth / per_token
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_s", "decode_s_per_token",
+                                                               "peak_memory_bytes", "capture_s")}
+           for k, v in rows.items()}
+    decode = {k: 1.0 / v["decode_s_per_token"] for k, v in med.items()}
+    base_t = med[best]["decode_s_per_token"]
+    every = 2
+    update_s = (med["vreason"]["decode_s_per_token"] - base_t) * every
+    return {
+        "synthetic": args.synthetic, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__, "prompt_tokens": len(prompt[0]), "video_tokens": len(prompt[2]),
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "build_s": build_s,
+        "bandwidth_gb_s": bandwidth / 1e9, "bandwidth_kind": "copy (read + write)" if device.type == "cuda" else "read",
+        "weight_bytes_per_token": per_token, "decode_roofline_tokens_per_s": roofline,
+        "decode_tokens_per_s": decode,
+        "prefill_tokens_per_s": {k: len(prompt[0]) / v["prefill_s"] for k, v in med.items()},
+        "decode_roofline_fraction": {k: v / roofline for k, v in decode.items()},
+        "speedup_over_transformers": {k: v / decode["transformers"] for k, v in decode.items()}
+        if "transformers" in decode else {},
+        "peak_memory_bytes": {k: v["peak_memory_bytes"] for k, v in med.items()},
+        "capture_s_per_request": {k: v["capture_s"] for k, v in med.items()},
+        "first_request_capture_s": first_capture,
+        "compile_s": compile_s,
+        "vreason_base": best,
+        "vreason_token_time_ratio": med["vreason"]["decode_s_per_token"] / base_t,
+        "vreason_lite_token_time_ratio": med["vreason-lite"]["decode_s_per_token"] / base_t,
+        "vreason_peak_memory_ratio": _ratio(med["vreason"]["peak_memory_bytes"], med[best]["peak_memory_bytes"]),
+        "vreason_lite_peak_memory_ratio": _ratio(med["vreason-lite"]["peak_memory_bytes"],
+                                                 med[best]["peak_memory_bytes"]),
+        "head_pass_s": head_s, "vreason_update_s": update_s, "vreason_update_cost_head_passes": update_s / head_s,
+        "tokens_identical_to_dynamic": identical,
+    }
+
+
+def synthetic_table(rep: dict) -> str:
+    lines = [f"synthetic {rep['synthetic']} ({rep['dtype']}, random weights) on {rep['device']}, torch {rep['torch']}: "
+             f"prompt {rep['prompt_tokens']} tokens ({rep['video_tokens']} video), {rep['new_tokens']} new tokens, "
+             f"median of {rep['repeats']}", "",
+             "| path | decode tok/s | ms/token | roofline | vs transformers | prefill tok/s | peak memory (GB) |",
+             "|---|---|---|---|---|---|---|"]
+    for k, tps in rep["decode_tokens_per_s"].items():
+        lines.append(f"| {k} | {tps:.1f} | {1e3 / tps:.2f} | {100 * rep['decode_roofline_fraction'][k]:.0f}% | "
+                     f"{rep['speedup_over_transformers'].get(k, float('nan')):.2f}x | "
+                     f"{rep['prefill_tokens_per_s'][k]:.0f} | {rep['peak_memory_bytes'][k] / 1e9:.2f} |")
+    lines += ["", f"bandwidth {rep['bandwidth_gb_s']:.0f} GB/s ({rep['bandwidth_kind']}), "
+              f"{rep['weight_bytes_per_token'] / 1e9:.2f} GB of weights per decode step -> roofline "
+              f"{rep['decode_roofline_tokens_per_s']:.1f} tokens/s",
+              f"V-Reason on {rep['vreason_base']}: per-token time x{rep['vreason_token_time_ratio']:.3f}, Lite "
+              f"x{rep['vreason_lite_token_time_ratio']:.3f}; peak memory x{rep['vreason_peak_memory_ratio']:.3f} "
+              f"(Lite x{rep['vreason_lite_peak_memory_ratio']:.3f}); one update = "
+              f"{rep['vreason_update_cost_head_passes']:.2f} head passes (head pass {1e3 * rep['head_pass_s']:.2f} ms)",
+              f"static tokens identical to dynamic: {rep['tokens_identical_to_dynamic']}; graph capture (first "
+              "request only; later requests of the same shape replay): "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in rep["first_request_capture_s"].items())]
+    if rep["compile_s"] is not None:
+        lines.append(f"torch.compile, first request: {rep['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} requested but no CUDA GPU is visible to PyTorch")
+    return dev
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _cpu_read_bandwidth() -> float:
+    from runtime.bench import read_bandwidth
+
+    return read_bandwidth(1 << 28)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
