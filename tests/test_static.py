@@ -69,6 +69,16 @@ def test_reasoner_static_matches_dynamic_and_reuses_buffers(both, frames, method
     assert sta._sessions["cache"].capacity % 256 == 0
 
 
+@pytest.mark.parametrize("method", ["base", "vreason"])
+def test_sampled_tokens_match_for_a_seed(both, frames, method):
+    from runtime.sampling import SamplingParams
+
+    kw = dict(question=QUESTION, frames=frames, fps=2.0, method=method, max_new_tokens=16)
+    a = both[0].ask(sampling=SamplingParams(temperature=1.0, top_k=50, seed=3), **kw)
+    b = both[1].ask(sampling=SamplingParams(temperature=1.0, top_k=50, seed=3), **kw)
+    assert a.token_ids == b.token_ids
+
+
 def test_stream_and_chunks_give_the_same_answer(both, frames):
     _, sta = both
     kw = dict(question=QUESTION, frames=frames, fps=2.0, max_new_tokens=20)
