@@ -13,7 +13,7 @@ from typing import Any
 
 from models.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the trunk takes cache_length (static-shape decode over a fixed-capacity cache)
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format_version", "model_type", "config", "precision", "limits", "graphs", "files",
                  "validation", "tensorrt_compat", "tools")

@@ -26,9 +26,12 @@ class Profile:
 
 def trunk_profiles(hidden: int, kv_heads: int, head_dim: int, layers: int, max_prompt: int,
                    max_context: int) -> list[Profile]:
-    """prefill: S in [1, max_prompt], P = 0; decode: S = 1, P in [0, max_context - 1]."""
+    """prefill: S in [1, max_prompt], P = 0; decode: S = 1, P in [1, max_context] (dynamic decode passes the
+    filled cache; static decode the whole fixed-capacity cache, one shape for a whole answer, so TensorRT
+    plans once and the step can be captured in a CUDA graph)."""
     def make(name, s, p):
-        shapes = {"inputs_embeds": tuple((1, x, hidden) for x in s), "position_ids": tuple((3, 1, x) for x in s)}
+        shapes = {"inputs_embeds": tuple((1, x, hidden) for x in s), "position_ids": tuple((3, 1, x) for x in s),
+                  "cache_length": ((1,), (1,), (1,))}
         for i in range(layers):
             for kind in ("past_key", "past_value"):
                 shapes[f"{kind}.{i}"] = tuple((1, x, kv_heads, head_dim) for x in p)
@@ -36,7 +39,7 @@ def trunk_profiles(hidden: int, kv_heads: int, head_dim: int, layers: int, max_p
 
     opt_prompt = min(max_prompt, 1024)
     return [make("prefill", (1, opt_prompt, max_prompt), (0, 0, 0)),
-            make("decode", (1, 1, 1), (0, min(max_context - 1, 2048), max_context - 1))]
+            make("decode", (1, 1, 1), (1, min(max_context, 2048), max_context))]
 
 
 def vision_profiles(patch_dim: int, merge: int, max_patches: int, max_frame_patches: int) -> list[Profile]:

@@ -1,7 +1,8 @@
 """ONNX Runtime against the PyTorch modules on fixed inputs; one table, one error listing every failure.
 
-Cases: the trunk at the prefill shape (P = 0, S > 1), the decode shape (S = 1, P > 0) and P = 0 with
-S = 1; the vision encoder at grids other than the export example (so dynamic axes are exercised).
+Cases: the trunk at the prefill shape (P = 0, S > 1), the decode shape (S = 1, P > 0), P = 0 with S = 1,
+and a static decode step (a fixed-capacity past, partly filled: cache_length < P); the vision encoder
+at grids other than the export example (so dynamic axes are exercised).
 An output passes when max|onnx - torch| <= atol + rtol * max|torch| (tolerances per precision).
 """
 
@@ -34,12 +35,15 @@ def trunk_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Tens
     g = torch.Generator().manual_seed(seed)
     scale = float(model.decoder.embed_tokens.weight.float().std())
     cases = []
-    for label, s, p in (("prefill P=0 S=7", 7, 0), ("decode S=1 P=9", 1, 9), ("P=0 S=1", 1, 0)):
+    # (label, S, P, cache_length): the last case is a static decode step, a fixed-capacity past of which
+    # only the first entries are filled (the rest random: they must not matter)
+    for label, s, p, n in (("prefill P=0 S=7", 7, 0, 0), ("decode S=1 P=9", 1, 9, 9), ("P=0 S=1", 1, 0, 0),
+                           ("static S=1 P=12 L=9", 1, 12, 9)):
         embeds = torch.randn(1, s, t.hidden_size, generator=g) * scale
-        pos = (torch.arange(s) + p).view(1, 1, s).expand(3, 1, s).contiguous()
+        pos = (torch.arange(s) + n).view(1, 1, s).expand(3, 1, s).contiguous()
         past = [torch.randn(1, p, t.num_key_value_heads, t.head_dim, generator=g)
                 for _ in range(2 * model.trunk.num_layers)]
-        cases.append((label, (embeds.to(dtype), pos, *(x.to(dtype) for x in past))))
+        cases.append((label, (embeds.to(dtype), pos, torch.tensor([n]), *(x.to(dtype) for x in past))))
     return cases
 
 
@@ -87,9 +91,9 @@ def compare(graph: str, path: Path, module, cases, names: list[str], precision: 
 
 
 def table(rows: list[Row]) -> str:
-    lines = [f"{'graph':<7} {'case':<18} {'output':<10} {'max abs diff':>13} {'tolerance':>11}  result"]
+    lines = [f"{'graph':<7} {'case':<20} {'output':<10} {'max abs diff':>13} {'tolerance':>11}  result"]
     for r in rows:
-        lines.append(f"{r.graph:<7} {r.case:<18} {r.output:<10} {r.max_abs_diff:>13.3e} {r.tolerance:>11.3e}  "
+        lines.append(f"{r.graph:<7} {r.case:<20} {r.output:<10} {r.max_abs_diff:>13.3e} {r.tolerance:>11.3e}  "
                      f"{'ok' if r.ok else 'FAIL'}")
     return "\n".join(lines)
 
@@ -101,7 +105,10 @@ def validate_export(model, out_dir: Path, precision: str, trunk_names: list[str]
                 "validate a bf16 export on the TensorRT engine or export fp16/fp32 to validate here",
                 "rows": []}
     dtype = next(model.parameters()).dtype
-    rows = compare("trunk", out_dir / "trunk.onnx", model.trunk, trunk_cases(model, dtype), trunk_names, precision)
+    from models.qwen2_5_vl.spec import TrunkGraph
+
+    rows = compare("trunk", out_dir / "trunk.onnx", TrunkGraph(model.trunk), trunk_cases(model, dtype), trunk_names,
+                   precision)
     rows += compare("vision", out_dir / "vision.onnx", model.visual, vision_cases(model, dtype), vision_names,
                     precision)
     failing = [r for r in rows if not r.ok]

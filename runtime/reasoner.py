@@ -90,18 +90,16 @@ class Reasoner:
         with their recorded sizes, graph I/O, and (``verify``, the default) every file's sha256, which
         takes a while for a multi-GB export; ``verify=False`` skips only the hashing.
 
-        ``decode``: ``static`` (fixed-shape steps, see ``runtime.static``; torch backend only), ``dynamic``
-        (the cache grows per token: every backend), ``auto`` (static for the torch backend on CUDA, else
-        dynamic). ``cuda_graphs`` (default: on for static decode on CUDA) replays each step as a CUDA graph;
-        ``compile`` adds torch.compile of the trunk step (CUDA; tens of seconds on first use per shape)."""
+        ``decode``: ``static`` (fixed-shape steps over the whole cache, see ``runtime.static``), ``dynamic``
+        (the cache grows per token), ``auto`` (static on CUDA, dynamic on CPU, where ONNX Runtime measured
+        faster with the growing cache). ``cuda_graphs`` (default: on for static decode on CUDA) replays each
+        step as a CUDA graph; ``compile`` adds torch.compile of the trunk step (torch backend on CUDA; tens of
+        seconds on first use per shape)."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         d = Path(engine_dir).expanduser()
         manifest = check_export(d, verify_hashes=verify)
         name, reason = resolve(backend, d)
-        if decode == "static" and name != "torch":
-            raise UserError(f"--decode static runs the trunk as PyTorch modules: use --backend torch (got {name}); "
-                            "the ONNX and TensorRT trunks decode with the dynamic contract")
         dtype = resolve_dtype(manifest["precision"])
         device = device or ("cuda" if name == "trt" else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -128,8 +126,8 @@ class Reasoner:
         on_cuda = torch.device(device).type == "cuda"
         if not on_cuda:
             head.prefer_column_major_lm_head()
-        static = decode == "static" or (decode == "auto" and name == "torch" and on_cuda)
-        if static and on_cuda:
+        static = decode == "static" or (decode == "auto" and on_cuda)
+        if static and on_cuda and name == "torch":
             fuse_projections(impl.model)
         graphs = static and on_cuda and (cuda_graphs is None or cuda_graphs)
         return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason,
@@ -229,7 +227,8 @@ class Reasoner:
         size; a request of another size releases it first."""
         t = self.cfg.text
         if self.decode == "static":
-            capacity = -(-capacity // 256) * 256
+            # a multiple of 256, within the export's context (the TensorRT decode profile's largest past)
+            capacity = max(capacity, min(-(-capacity // 256) * 256, self.limits["max_context"]))
             held = self._sessions.get("cache")
             if held is not None and held.capacity == capacity:
                 held.length = 0

@@ -14,8 +14,10 @@ captured once as a CUDA graph and replayed for the rest of the answer:
 Non-greedy sampling runs eagerly after the replay (one small kernel chain). The first answer token is
 always eager (its query is the last prompt token, computed by the prefill).
 
-Prefill stays dynamic (one call per request). The trunk runs as PyTorch modules: this path serves the
-``torch`` backend; the ONNX/TensorRT trunks keep the dynamic contract (see README).
+Prefill stays dynamic (one call per request). The trunk step is the backend's ``trunk_step``: the PyTorch
+modules (``Trunk.step``: entries written in place), or the exported trunk graph called with the whole
+fixed-capacity cache as its past and ``cache_length`` = the device index (ONNX Runtime, TensorRT: new
+entries land in staging buffers and are copied into the cache at that index on the device).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ class StaticLoop(Loop):
         t0 = time.perf_counter()
         greedy = params.temperature <= 0
         key = (id(state.cache), max_new_tokens, greedy, self.compile, _steering_key(self.steering))
-        held = self.sessions.get("static") if self.sessions is not None else None
+        # a backend whose captured work may not outlive the next prefill (TensorRT switches its optimization
+        # profile for prefill) captures again for every answer
+        keep = self.sessions is not None and getattr(self.backend, "graphs_outlive_prefill", True)
+        held = self.sessions.get("static") if keep else None
         if held is not None and held[0] == key:
             # same shapes as the last request: its buffers, captured graphs and controller tensors, refilled
             _, steps, graphs = held
@@ -61,7 +66,7 @@ class StaticLoop(Loop):
                 self.steering.start_on_device()
             steps = _Steps(self, state, first, next_position, max_new_tokens, greedy)
             graphs = _Graphs(self.warmup) if self.cuda_graphs and dev.type == "cuda" else None
-            if self.sessions is not None:
+            if keep:
                 self.sessions["static"] = (key, steps, graphs)
         steer = self.steering
         capture_before = graphs.capture_s if graphs is not None else 0.0
@@ -99,10 +104,10 @@ class _Steps:
                  greedy: bool) -> None:
         cache, dev = state.cache, first.device
         self.state, self.head, self.steer, self.greedy = state, loop.head, loop.steering, greedy
-        self.trunk = loop.backend.model.trunk
-        self.trunk_step = _compiled(self.trunk.step) if loop.compile and dev.type == "cuda" else self.trunk.step
+        self.backend, self.cache = loop.backend, cache
+        if loop.compile and dev.type == "cuda" and hasattr(loop.backend, "compile_step"):
+            loop.backend.compile_step()
         layer = state.head_layer
-        self.trunk_keys, self.trunk_values = cache.keys[:layer], cache.values[:layer]
         self.head_keys, self.head_values = cache.keys[layer], cache.values[layer]
         self.index = torch.zeros(1, dtype=torch.long, device=dev)  # cache index of the current query token
         self.qpos = torch.zeros((3, 1, 1), dtype=torch.long, device=dev)  # its rotary position
@@ -135,8 +140,7 @@ class _Steps:
         self.npos.add_(1)
         self.qpos.copy_(self.npos)
         with torch.no_grad():
-            self.hidden.copy_(self.trunk_step(self.head.embed(self.token), self.qpos, self.trunk_keys,
-                                              self.trunk_values, self.index))
+            self.hidden.copy_(self.backend.trunk_step(self.head.embed(self.token), self.qpos, self.cache, self.index))
 
     def forward(self) -> torch.Tensor:
         """The head for the current query (differentiable in dV when grad is on): logits [V]."""
@@ -215,14 +219,3 @@ def _steering_key(steer) -> tuple:
         return ()
     return (type(steer).__name__, tuple(sorted(steer.config_dict().items())), tuple(steer.delta.shape),
             str(steer.delta.device))
-
-
-_COMPILED: dict[int, object] = {}
-
-
-def _compiled(fn):
-    """torch.compile of a bound step, once per function object (inductor caches per shape)."""
-    key = id(fn.__self__)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False)
-    return _COMPILED[key]

@@ -18,7 +18,7 @@ from export.trt_compat import check_graph
 from export.validate import compare, trunk_cases, vision_cases
 from models import load_model
 from models.qwen2_5_vl.model import load_head
-from models.qwen2_5_vl.spec import trunk_io_names
+from models.qwen2_5_vl.spec import TrunkGraph, trunk_io_names
 from models.qwen2_5_vl.vision import VISION_INPUTS
 
 
@@ -37,6 +37,7 @@ def test_graph_io_matches_the_contract(exported, tiny):
     dims = {n: [d.dim_param or d.dim_value for d in tt.shape.dim] for n, tt in got_in.items()}
     assert dims["inputs_embeds"] == ["batch", "seq", t.hidden_size]
     assert dims["position_ids"] == [3, "batch", "seq"]
+    assert dims["cache_length"] == [1] and got_in["cache_length"].elem_type == TensorProto.INT64
     assert dims["past_key.0"] == ["batch", "past", t.num_key_value_heads, t.head_dim]
     assert got_in["position_ids"].elem_type == TensorProto.INT64
     assert got_in["inputs_embeds"].elem_type == TensorProto.FLOAT
@@ -50,11 +51,11 @@ def test_graph_io_matches_the_contract(exported, tiny):
 def test_onnx_runtime_matches_pytorch(exported, tiny):
     model = load_model(tiny)
     ins, _ = trunk_io_names(model.trunk.num_layers)
-    rows = compare("trunk", exported / "trunk.onnx", model.trunk, trunk_cases(model, torch.float32, seed=5),
+    rows = compare("trunk", exported / "trunk.onnx", TrunkGraph(model.trunk), trunk_cases(model, torch.float32, seed=5),
                    ins, "fp32")
     rows += compare("vision", exported / "vision.onnx", model.visual, vision_cases(model, torch.float32, seed=5),
                     list(VISION_INPUTS), "fp32")
-    assert {r.case for r in rows} >= {"prefill P=0 S=7", "decode S=1 P=9", "P=0 S=1"}
+    assert {r.case for r in rows} >= {"prefill P=0 S=7", "decode S=1 P=9", "P=0 S=1", "static S=1 P=12 L=9"}
     assert all(r.ok and r.max_abs_diff <= 1e-4 for r in rows), [r for r in rows if not r.ok]
     report = read_manifest(exported)["validation"]
     assert report["status"] == "passed" and len(report["rows"]) == len(rows)
@@ -153,7 +154,9 @@ def test_tensorrt_profiles_cover_prefill_and_decode():
     assert lo == (1, 1, 64) and hi == (1, 100, 64)
     assert prefill.shapes["past_key.1"] == ((1, 0, 2, 16),) * 3
     assert decode.shapes["inputs_embeds"] == ((1, 1, 64),) * 3
-    assert decode.shapes["past_value.0"][0] == (1, 0, 2, 16) and decode.shapes["past_value.0"][2] == (1, 199, 2, 16)
+    # decode: one token over a past of 1..max_context entries (the filled cache, or the whole static one)
+    assert decode.shapes["past_value.0"][0] == (1, 1, 2, 16) and decode.shapes["past_value.0"][2] == (1, 200, 2, 16)
+    assert prefill.shapes["cache_length"] == decode.shapes["cache_length"] == ((1,),) * 3
     (vis,) = vision_profiles(1176, 2, max_patches=1024, max_frame_patches=64)
     assert vis.shapes["window_index"][2] == (256,) and vis.shapes["pixel_values"][2] == (1024, 1176)
 

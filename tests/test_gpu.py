@@ -49,3 +49,18 @@ def test_bf16_runs_finite(tiny, method):
     out = r.run("static", method, graphs=True, controller=STRONG)
     assert len(out["tokens"]) == 24 and out["skipped"] == 0
     assert all(math.isfinite(float(a)) for a in out["alpha"])
+
+
+@pytest.mark.parametrize("method", ["base", "vreason-lite"])
+def test_reasoner_on_cuda_static_equals_dynamic(engine_dir, method):
+    from models.samples import render_frames
+    from runtime.reasoner import Reasoner
+
+    frames = [f[:, :, ::-1].copy() for f in render_frames("square", "blue", "left", frames=4, size=(96, 128))]
+    kw = dict(question="Which shape moves left?", frames=frames, fps=2.0, method=method, max_new_tokens=16,
+              controller={"lr": 0.5, "every": 1})
+    sta = Reasoner.load(engine_dir, backend="torch", device="cuda")  # auto: static, CUDA graphs, fused
+    dyn = Reasoner.load(engine_dir, backend="torch", device="cuda", decode="dynamic")
+    assert sta.decode == "static" and sta.cuda_graphs
+    a, b, c = sta.ask(**kw), sta.ask(**kw), dyn.ask(**kw)
+    assert a.token_ids == b.token_ids == c.token_ids and a.alpha == b.alpha == c.alpha

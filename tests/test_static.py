@@ -113,11 +113,23 @@ def test_non_finite_update_is_skipped_on_device(both, frames, monkeypatch):
     assert all(torch.isfinite(torch.tensor(res.entropy)))
 
 
-def test_static_decode_needs_the_torch_backend(engine_dir):
-    with pytest.raises(UserError, match="--backend torch"):
-        Reasoner.load(engine_dir, backend="ort", decode="static")
+def test_unknown_decode_mode_is_refused(engine_dir):
     with pytest.raises(UserError, match="decode mode"):
         Reasoner.load(engine_dir, backend="torch", decode="fast")
+
+
+@pytest.mark.parametrize("method", ["base", "vreason", "vreason-lite"])
+def test_static_graph_contract_on_onnx_runtime(engine_dir, frames, method):
+    """The exported trunk called with the whole fixed-capacity cache and cache_length (static) answers as the
+    growing-cache calls (dynamic) do."""
+    dyn = Reasoner.load(engine_dir, backend="ort", decode="dynamic")
+    sta = Reasoner.load(engine_dir, backend="ort", decode="static")
+    assert sta.decode == "static" and dyn.decode == "dynamic"
+    for fr in (frames, [f[::-1].copy() for f in frames]):
+        kw = dict(question=QUESTION, frames=fr, fps=2.0, method=method, max_new_tokens=12, controller=STRONG)
+        a, b = dyn.ask(**kw), sta.ask(**kw)
+        assert a.token_ids == b.token_ids and a.alpha == b.alpha
+        assert max(abs(x - y) for x, y in zip(a.entropy, b.entropy)) <= 1e-4
 
 
 @pytest.mark.parametrize("decode", ["dynamic", "static"])

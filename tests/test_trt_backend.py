@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.backends.bindings import select_profile, trunk_bindings
+from runtime.backends.bindings import (
+    scatter_staging,
+    select_profile,
+    staging_buffers,
+    static_trunk_bindings,
+    trunk_bindings,
+)
 from runtime.backends.trt import TrtError, _Engine
 from runtime.cache import KVCache
 
@@ -24,7 +30,9 @@ def test_binding_plan_points_into_the_cache():
     cache.length = 5
     embeds, pos, hidden = torch.zeros(1, 2, 8), torch.zeros(3, 1, 2, dtype=torch.long), torch.zeros(1, 2, 8)
     ins, outs = trunk_bindings(2, embeds, pos, cache, hidden)
-    assert list(ins) == ["inputs_embeds", "position_ids", "past_key.0", "past_value.0", "past_key.1", "past_value.1"]
+    assert list(ins) == ["inputs_embeds", "position_ids", "cache_length", "past_key.0", "past_value.0", "past_key.1",
+                         "past_value.1"]
+    assert ins["cache_length"].tolist() == [5] and ins["cache_length"].dtype == torch.int64
     assert list(outs) == ["hidden", "key.0", "value.0", "key.1", "value.1"]
     assert ins["past_key.1"].shape == (1, 5, 2, 4) and ins["past_key.1"].data_ptr() == cache.keys[1].data_ptr()
     row = cache.keys[0][0, 0].numel() * cache.keys[0].element_size()
@@ -33,6 +41,30 @@ def test_binding_plan_points_into_the_cache():
     with pytest.raises(RuntimeError, match="overflow"):
         cache.length = 15
         trunk_bindings(2, embeds, pos, cache, hidden)
+
+
+def test_static_binding_plan_keeps_every_address():
+    cache = KVCache.allocate(3, 16, 2, 4, torch.float32, "cpu")
+    index = torch.tensor([5])
+    embeds, pos, hidden = torch.zeros(1, 1, 8), torch.zeros(3, 1, 1, dtype=torch.long), torch.zeros(1, 1, 8)
+    staging = staging_buffers([], 2, cache)
+    assert staging_buffers(staging, 2, cache) is staging  # kept while they fit
+    plans = []
+    for step in range(3):
+        index.fill_(5 + step)
+        plans.append(static_trunk_bindings(2, embeds, pos, index, cache, hidden, staging))
+    ptrs = [{n: t.data_ptr() for n, t in (*i.items(), *o.items())} for i, o in plans]
+    assert ptrs[0] == ptrs[1] == ptrs[2]  # same addresses and shapes every step: one TensorRT plan, capturable
+    ins, outs = plans[0]
+    assert ins["past_key.1"].shape == (1, 16, 2, 4) and ins["cache_length"] is index
+    assert outs["key.0"].shape == (1, 1, 2, 4)
+    for t in staging:
+        t.fill_(3.0)
+    scatter_staging(2, cache, index, staging)
+    assert bool((cache.values[1][0, 7] == 3).all()) and int((cache.values[1] != 0).sum()) == 8
+    assert int((cache.keys[2] != 0).sum()) == 0  # the head's layer is not the trunk's to write
+    with pytest.raises(ValueError, match="one token"):
+        static_trunk_bindings(2, torch.zeros(1, 2, 8), pos, index, cache, hidden, staging)
 
 
 class FakeContext:

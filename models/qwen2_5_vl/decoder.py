@@ -105,18 +105,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         past_key: torch.Tensor,  # [B, P, kv_heads, head_dim]
         past_value: torch.Tensor,  # [B, P, kv_heads, head_dim]
+        cache_length: torch.Tensor | None = None,  # [1] int64: past entries at or after it are ignored
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = x.shape[1]
         q, k, v = self.project(x, cos, sin)
         keys = torch.cat((past_key, k), dim=1)  # [B, T, kv_heads, head_dim], T = P + S
         values = torch.cat((past_value, v), dim=1)
-        p = past_key.shape[1]
-        t = keys.shape[1]
-        # causal mask from P and S inside the graph: query j sits at cache index P + j
-        allowed = torch.arange(t, device=x.device).unsqueeze(0) <= (
-            torch.arange(s, device=x.device).unsqueeze(1) + p
-        )
-        return self.attend(q, keys, values, allowed), k, v
+        return self.attend(q, keys, values, causal_mask(s, past_key.shape[1], x.device, cache_length)), k, v
 
 
 class DecoderLayer(nn.Module):
@@ -127,8 +122,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, past_key, past_value):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_key, past_value)
+    def forward(self, x, cos, sin, past_key, past_value, cache_length=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_key, past_value, cache_length)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -141,6 +136,19 @@ class DecoderLayer(nn.Module):
     def fuse_projections(self) -> None:
         self.self_attn.fuse_projections()
         self.mlp.fuse_projections()
+
+
+def causal_mask(s: int, p: int, device, cache_length: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, P + S] bool, built inside the graph from P and S: new token i (at cache index P + i) sees the past
+    entries below ``cache_length`` (all P when None) and the new tokens up to itself. With cache_length = P
+    this is the plain causal mask; with a fixed-capacity past (P = capacity) it hides the unfilled rest."""
+    j = torch.arange(p + s, device=device).unsqueeze(0)  # [1, T]
+    i = torch.arange(s, device=device).unsqueeze(1)  # [S, 1]
+    causal = j <= i + p
+    if cache_length is None:
+        return causal
+    past = j < p
+    return (past & (j < cache_length)) | (causal & ~past)
 
 
 def static_mask(capacity: int, index: torch.Tensor) -> torch.Tensor:
@@ -179,8 +187,10 @@ class Decoder(nn.Module):
 class Trunk(nn.Module):
     """Layers 0..L-2 with explicit cache I/O; the module exported to ONNX / TensorRT.
 
-    forward(inputs_embeds [B,S,H], position_ids [3,B,S], past_key.0, past_value.0, ...) ->
+    forward(inputs_embeds [B,S,H], position_ids [3,B,S], past_key.0, past_value.0, ..., cache_length=None) ->
         (hidden [B,S,H], key.0, value.0, ...) with new cache entries only, [B,S,kv_heads,head_dim].
+    ``cache_length`` [1] (the graph input of that name): how many leading past entries are valid; the
+    rest are masked, so decode can pass the whole fixed-capacity cache (static shapes).
     """
 
     def __init__(self, decoder: Decoder) -> None:
@@ -192,12 +202,13 @@ class Trunk(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor,
+                cache_length: torch.Tensor | None = None):
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         new: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1])
+            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], cache_length)
             new += [k, v]
         return (x, *new)
 

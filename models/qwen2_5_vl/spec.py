@@ -7,9 +7,13 @@ trunk.onnx
 |----------------------------|--------------------------------|-------------|
 | inputs_embeds              | [B, S, hidden]                 | model dtype |
 | position_ids               | [3, B, S]                      | int64       |
+| cache_length               | [1]                            | int64       |
 | past_key.i, past_value.i   | [B, P, kv_heads, head_dim]     | model dtype |
 | hidden (out)               | [B, S, hidden]                 | model dtype |
 | key.i, value.i (out)       | [B, S, kv_heads, head_dim]     | model dtype |
+``cache_length``: how many leading past entries are valid (the rest are masked). Dynamic decode passes the
+filled cache (P = cache_length, growing per token); static decode passes the whole fixed-capacity cache
+(P = capacity, the same shape every token) and its fill level, and writes the new entries at that index.
 
 vision.onnx
 | name            | shape                   | dtype       |
@@ -37,7 +41,7 @@ def trunk_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """(input names, output names) of the trunk graph with ``num_layers`` layers (decoder layers - 1)."""
     past = [n for i in range(num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
     new = [n for i in range(num_layers) for n in (f"key.{i}", f"value.{i}")]
-    return ["inputs_embeds", "position_ids", *past], ["hidden", *new]
+    return ["inputs_embeds", "position_ids", "cache_length", *past], ["hidden", *new]
 
 
 @dataclass
@@ -51,6 +55,17 @@ class GraphSpec:
     int_inputs: tuple[str, ...] = ()
 
 
+class TrunkGraph(nn.Module):
+    """The trunk with the graph's argument order (``cache_length`` before the past tensors)."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, inputs_embeds, position_ids, cache_length, *past):
+        return self.trunk(inputs_embeds, position_ids, *past, cache_length=cache_length)
+
+
 def trunk_spec(model, dtype: torch.dtype, device="cpu", seq: int = 3, past: int = 2) -> GraphSpec:
     t = model.cfg.text
     n = model.trunk.num_layers
@@ -59,15 +74,17 @@ def trunk_spec(model, dtype: torch.dtype, device="cpu", seq: int = 3, past: int 
     example = (
         torch.randn(1, seq, t.hidden_size, dtype=dtype, device=device),
         (torch.arange(seq, device=device) + past).view(1, 1, seq).expand(3, 1, seq).contiguous(),
+        torch.tensor([past], device=device),
         *(torch.randn(cache, dtype=dtype, device=device) for _ in range(2 * n)),
     )
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {1: "batch", 2: "seq"},
             "hidden": {0: "batch", 1: "seq"}}
-    for name in inputs[2:]:
+    for name in inputs[3:]:
         axes[name] = {0: "batch", 1: "past"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 1: "seq"}
-    return GraphSpec("trunk", model.trunk, example, inputs, outputs, axes, int_inputs=("position_ids",))
+    return GraphSpec("trunk", TrunkGraph(model.trunk), example, inputs, outputs, axes,
+                     int_inputs=("position_ids", "cache_length"))
 
 
 def vision_spec(model, dtype: torch.dtype, device="cpu", grid=(2, 8, 12)) -> GraphSpec:

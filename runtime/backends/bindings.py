@@ -1,8 +1,14 @@
 """Which buffer goes to which graph tensor: one plan shared by the ONNX Runtime and TensorRT backends.
 
-For a trunk call with S new tokens on a cache holding P entries:
-  inputs  inputs_embeds [1,S,H], position_ids [3,1,S], past_key.i / past_value.i = cache[:, :P] views
+Dynamic (prefill, and decode where the cache grows), S new tokens on a cache holding P entries:
+  inputs  inputs_embeds [1,S,H], position_ids [3,1,S], cache_length [1] = P,
+          past_key.i / past_value.i = cache[:, :P] views
   outputs hidden [1,S,H] (caller's buffer), key.i / value.i = cache[:, P:P+S] views (written in place)
+Static decode (one token, every shape and address the same at every step):
+  inputs  inputs_embeds [1,1,H], position_ids [3,1,1], cache_length [1] = the device index where the
+          token's entries go, past_key.i / past_value.i = the whole cache buffers [1,C,kv,hd]
+  outputs hidden [1,1,H], key.i / value.i = staging buffers [1,1,kv,hd], copied into the cache at the
+          index on the device afterwards (an engine's output may not alias its input)
 All tensors are contiguous views of preallocated torch buffers, so a backend passes data pointers only.
 """
 
@@ -27,13 +33,49 @@ def trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tenso
     s = embeds.shape[1]
     if hidden.shape[:2] != (1, s):
         raise ValueError(f"hidden buffer {list(hidden.shape)} does not fit {s} tokens")
-    inputs = {"inputs_embeds": embeds, "position_ids": positions}
+    inputs = {"inputs_embeds": embeds, "position_ids": positions,
+              "cache_length": torch.tensor([cache.length], dtype=torch.long, device=embeds.device)}
     outputs = {"hidden": hidden}
     for i in range(num_layers):
         pk, pv = cache.past(i)
         nk, nv = cache.slot(i, s)
         inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = pk, pv
         outputs[f"key.{i}"], outputs[f"value.{i}"] = nk, nv
+    return _checked(inputs, outputs)
+
+
+def static_trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
+                          cache: KVCache, hidden: torch.Tensor, staging: list[torch.Tensor]
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bindings of a static decode step; ``staging`` holds 2 * num_layers buffers [1,1,kv,hd]."""
+    if embeds.shape[1] != 1 or hidden.shape[:2] != (1, 1):
+        raise ValueError("a static decode step takes exactly one token")
+    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": index}
+    outputs = {"hidden": hidden}
+    for i in range(num_layers):
+        inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = cache.keys[i], cache.values[i]
+        outputs[f"key.{i}"], outputs[f"value.{i}"] = staging[2 * i], staging[2 * i + 1]
+    return _checked(inputs, outputs)
+
+
+def staging_buffers(held: list[torch.Tensor], num_layers: int, cache: KVCache) -> list[torch.Tensor]:
+    """2 * num_layers buffers [1,1,kv,hd] for a static step's new entries, kept while they fit the cache."""
+    k = cache.keys[0]
+    shape = (1, 1, *k.shape[2:])
+    if len(held) == 2 * num_layers and held[0].shape == shape and held[0].dtype == k.dtype \
+            and held[0].device == k.device:
+        return held
+    return [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2 * num_layers)]
+
+
+def scatter_staging(num_layers: int, cache: KVCache, index: torch.Tensor, staging: list[torch.Tensor]) -> None:
+    """Write a static step's new entries into the cache at the device index (no host sync)."""
+    for i in range(num_layers):
+        cache.keys[i].index_copy_(1, index, staging[2 * i])
+        cache.values[i].index_copy_(1, index, staging[2 * i + 1])
+
+
+def _checked(inputs: dict, outputs: dict) -> tuple[dict, dict]:
     for name, t in (*inputs.items(), *outputs.items()):
         if not t.is_contiguous():
             raise ValueError(f"tensor {name} is not contiguous; cannot bind it by address")
@@ -48,7 +90,8 @@ def vision_bindings(inputs: dict[str, torch.Tensor], embeds: torch.Tensor) -> tu
 
 
 def select_profile(seq: int, past: int) -> int:
-    """TensorRT trunk profile: 0 = prefill (P = 0, S >= 1), 1 = decode (S = 1, P >= 1)."""
+    """TensorRT trunk profile: 0 = prefill (P = 0, S >= 1), 1 = decode (S = 1, P >= 1: the filled cache when
+    dynamic, the whole fixed-capacity cache when static)."""
     if past == 0:
         return 0
     if seq == 1:

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.backends.bindings import hidden_view, trunk_bindings, vision_bindings
+from runtime.backends.bindings import (
+    hidden_view,
+    scatter_staging,
+    staging_buffers,
+    static_trunk_bindings,
+    trunk_bindings,
+    vision_bindings,
+)
 from runtime.cache import KVCache
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
@@ -42,8 +49,9 @@ class OrtBackend:
         self.dtype = dtype
         self.vision = ort.InferenceSession(str(engine_dir / "vision.onnx"), opts, providers=providers)
         self.trunk_session = ort.InferenceSession(str(engine_dir / "trunk.onnx"), opts, providers=providers)
-        self.num_layers = (len(self.trunk_session.get_inputs()) - 2) // 2
+        self.num_layers = (len(self.trunk_session.get_inputs()) - 3) // 2
         self._hidden = torch.empty(0)
+        self._staging: list[torch.Tensor] = []
 
     def _bind(self, session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         io = session.io_binding()
@@ -59,6 +67,17 @@ class OrtBackend:
         self._hidden, hidden = hidden_view(self._hidden, embeds.shape[1], embeds.shape[2], self.dtype, self.device)
         inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
         self._bind(self.trunk_session, inputs, outputs)
+        return hidden
+
+    def trunk_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   index: torch.Tensor) -> torch.Tensor:
+        """Static decode of one token over the whole fixed-capacity cache (see ``bindings``)."""
+        self._hidden, hidden = hidden_view(self._hidden, 1, embeds.shape[2], self.dtype, self.device)
+        self._staging = staging_buffers(self._staging, self.num_layers, cache)
+        inputs, outputs = static_trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), index,
+                                                cache, hidden, self._staging)
+        self._bind(self.trunk_session, inputs, outputs)
+        scatter_staging(self.num_layers, cache, index, self._staging)
         return hidden
 
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:

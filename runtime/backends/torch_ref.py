@@ -19,6 +19,21 @@ class TorchBackend:
         self.dtype = dtype
         self.device = torch.device(device)
         self.num_layers = model.trunk.num_layers
+        self._step = model.trunk.step
+        self.compiled = False
+
+    def compile_step(self) -> None:
+        """torch.compile the static decode step (inductor; compiled on first use, per shape)."""
+        if not self.compiled:
+            self._step = torch.compile(self.model.trunk.step, dynamic=False)
+            self.compiled = True
+
+    @torch.no_grad()
+    def trunk_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   index: torch.Tensor) -> torch.Tensor:
+        """Static decode of one token (``Trunk.step``): entries written at the device index ``index``."""
+        n = self.num_layers
+        return self._step(embeds, positions, cache.keys[:n], cache.values[:n], index)
 
     @torch.no_grad()
     def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

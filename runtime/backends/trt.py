@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from models.errors import UserError
-from runtime.backends.bindings import hidden_view, select_profile, trunk_bindings, vision_bindings
+from runtime.backends.bindings import (
+    hidden_view,
+    scatter_staging,
+    select_profile,
+    staging_buffers,
+    static_trunk_bindings,
+    trunk_bindings,
+    vision_bindings,
+)
 from runtime.cache import KVCache
 
 
@@ -76,6 +84,10 @@ class _Engine:
 
 class TrtBackend:
     name = "trt"
+    # prefill switches the context to another optimization profile between answers; whether a CUDA graph
+    # captured under the decode profile stays valid after that is not verified here, so static decode
+    # captures its graphs again for every answer on this backend
+    graphs_outlive_prefill = False
 
     def __init__(self, engine_dir: Path, dtype: torch.dtype, device: str = "cuda") -> None:
         import tensorrt as trt
@@ -91,19 +103,39 @@ class TrtBackend:
         names = [self.trunk_engine.engine.get_tensor_name(i) for i in range(self.trunk_engine.engine.num_io_tensors)]
         self.num_layers = sum(1 for n in names if n.startswith("past_key."))
         self._hidden = torch.empty(0, device=self.device)
-        self.stream = torch.cuda.current_stream(self.device)
+        self._staging: list[torch.Tensor] = []
+
+    @staticmethod
+    def _stream() -> int:
+        # the current stream at call time: inside CUDA-graph capture that is the capture stream
+        return torch.cuda.current_stream().cuda_stream
 
     def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         s = embeds.shape[1]
         self._hidden, hidden = hidden_view(self._hidden, s, embeds.shape[2], self.dtype, self.device)
         inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
-        handle = self.stream.cuda_stream
+        handle = self._stream()
         self.trunk_engine.use_profile(select_profile(s, cache.length), handle)
         self.trunk_engine.run(inputs, outputs, handle)
+        return hidden
+
+    def trunk_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   index: torch.Tensor) -> torch.Tensor:
+        """Static decode of one token: the decode profile at one fixed shape (P = the cache's capacity), the
+        same addresses every step, so TensorRT plans once and the call can be captured in a CUDA graph
+        (after one eager call, which the static loop's warm-up makes)."""
+        self._hidden, hidden = hidden_view(self._hidden, 1, embeds.shape[2], self.dtype, self.device)
+        self._staging = staging_buffers(self._staging, self.num_layers, cache)
+        inputs, outputs = static_trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), index,
+                                                cache, hidden, self._staging)
+        handle = self._stream()
+        self.trunk_engine.use_profile(select_profile(1, cache.capacity), handle)
+        self.trunk_engine.run(inputs, outputs, handle)
+        scatter_staging(self.num_layers, cache, index, self._staging)
         return hidden
 
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:
         embeds = torch.empty(tokens, hidden_size, dtype=self.dtype, device=self.device)
         ins, outs = vision_bindings({k: v.to(self.device).contiguous() for k, v in inputs.items()}, embeds)
-        self.vision.run(ins, outs, self.stream.cuda_stream)
+        self.vision.run(ins, outs, self._stream())
         return embeds
