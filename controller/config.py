@@ -24,16 +24,17 @@ class VReasonConfig:
     lite_score: str = "mean_value_norm"  # value L2 norm, mean over layers and heads [choice]
 
     def __post_init__(self) -> None:
+        from models.checks import check_number
         from models.errors import InputError
 
-        if not 0 <= self.beta < 1:
-            raise InputError(f"vreason beta must be in [0, 1), got {self.beta}")
-        if self.every < 1 or self.steps < 0:
-            raise InputError(f"vreason every must be >= 1 and steps >= 0 (got every={self.every}, steps={self.steps})")
-        if self.lr < 0:
-            raise InputError(f"vreason lr must be >= 0, got {self.lr}")
-        if not 0 <= self.lite_ratio < 1:
-            raise InputError(f"lite ratio must be in [0, 1), got {self.lite_ratio}")
+        check_number("vreason beta", self.beta, lo=0, hi=1, hi_open=True)
+        self.every = check_number("vreason every", self.every, lo=1, integer=True)
+        self.steps = check_number("vreason steps", self.steps, lo=0, integer=True)
+        check_number("vreason lr", self.lr, lo=0)
+        check_number("vreason adam_beta1", self.adam_beta1, lo=0, hi=1, hi_open=True)
+        check_number("vreason adam_beta2", self.adam_beta2, lo=0, hi=1, hi_open=True)
+        check_number("vreason adam_eps", self.adam_eps, lo=0, lo_open=True)
+        check_number("lite ratio", self.lite_ratio, lo=0, hi=1, hi_open=True)
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"vreason optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lite_score not in LITE_SCORES:

@@ -40,6 +40,16 @@ class Limits:
     max_vision_patches: int = 0  # 0: derived from max_frames and the processor's pixel bounds
     max_frame_patches: int = 0
 
+    def __post_init__(self) -> None:
+        from models.checks import check_number
+
+        self.max_context = check_number("--max-context", self.max_context, lo=2, integer=True)
+        self.max_prompt = check_number("--max-prompt", self.max_prompt, lo=1, hi=self.max_context - 1, integer=True)
+        self.max_frames = check_number("--max-frames", self.max_frames, lo=1, integer=True)
+        self.max_vision_patches = check_number("--max-vision-patches (0: derived)", self.max_vision_patches, lo=0,
+                                               integer=True)
+        self.max_frame_patches = check_number("max_frame_patches", self.max_frame_patches, lo=0, integer=True)
+
 
 class Stages:
     """One line per stage on stderr with its duration: the progress of a long export."""
@@ -118,6 +128,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
         with stages.stage("write head.safetensors and tokenizer files"):
             from safetensors.torch import save_file
             save_file({k: v.contiguous().cpu() for k, v in model.head.weights().items()}, str(tmp / "head.safetensors"))
+            (tmp / "head.safetensors").chmod(0o644)  # readable like the rest of the export (a service account)
             for name in CARRIED_FILES:
                 if (Path(model_dir) / name).is_file():
                     shutil.copy2(Path(model_dir) / name, tmp / name)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from models import checks
 from models.errors import UserError, run_cli
 
 WORKLOAD = "Which direction does the red circle move?"
@@ -268,39 +269,46 @@ def table(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=checks.description(__doc__),
+                                 formatter_class=checks.HelpFormatter)
     ap.add_argument("--engine", help="export directory to measure (or --synthetic)")
     ap.add_argument("--synthetic", metavar="NAME",
                     help="measure a random-weight model of a shipped config instead of an export: qwen2.5-vl-7b, "
                     "qwen2.5-vl-3b or small (static vs dynamic decode, V-Reason, transformers; see runtime.synthetic)")
-    ap.add_argument("--device", default="cuda", help="with --synthetic: cuda or cpu (default cuda)")
+    ap.add_argument("--device", default="cuda", help="with --synthetic: cuda, cuda:N or cpu")
     ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
-                    help="with --synthetic: weight precision (default bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--prompt-tokens", type=int, default=1200, help="with --synthetic: prompt length (default 1200)")
+                    help="with --synthetic: weight precision (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--prompt-tokens", type=int, default=1200, help="with --synthetic: prompt length")
     ap.add_argument("--compile", action="store_true",
                     help="with --synthetic: also measure the static step under torch.compile")
     ap.add_argument("--backend", nargs="+", choices=("trt", "ort", "torch"),
                     help="backends to measure (default: trt if usable, and ort)")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per measured request")
+    ap.add_argument("--repeats", type=int, default=3, help="measured requests per row (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each row")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of the benchmark clip")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false",
                     help="skip the transformers generate baseline")
     ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    ap.add_argument("--debug", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     def go(args) -> int:
+        checks.check_number("--new-tokens", args.new_tokens, lo=2, integer=True)
+        checks.check_number("--repeats", args.repeats, lo=1, integer=True)
+        checks.check_number("--warmup", args.warmup, lo=0, integer=True)
+        checks.check_number("--seconds", args.seconds, lo=0.5, hi=600)
         if args.synthetic:
             from runtime.synthetic import run_synthetic, synthetic_table
 
-            if args.new_tokens < 2 or args.prompt_tokens < 32 or args.repeats < 1:
-                raise UserError("--new-tokens must be >= 2, --prompt-tokens >= 32 and --repeats >= 1")
+            checks.check_number("--prompt-tokens", args.prompt_tokens, lo=32, integer=True)
+            args.device = checks.check_device(args.device)
             rep = run_synthetic(args)
             print(json.dumps(rep, indent=2) if args.json else synthetic_table(rep))
             return 0
         if not args.engine:
             raise UserError("pass --engine DIR (an export) or --synthetic NAME")
+        checks.input_dir(args.engine, "--engine")
+        checks.writable_dir(args.work, "--work")
         rep = run(args)
         print(json.dumps(rep, indent=2) if args.json else table(rep))
         return 0

@@ -12,14 +12,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from models import checks
 from models.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="work/demo", help="working directory (default work/demo)")
-    ap.add_argument("--method", choices=("base", "vreason", "vreason-lite"), default="vreason")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap = argparse.ArgumentParser(prog="python -m runtime.demo", description=checks.description(__doc__),
+                                 formatter_class=checks.HelpFormatter)
+    ap.add_argument("--out", default="work/demo", help="working folder, relative to the current folder")
+    ap.add_argument("--method", choices=("base", "vreason", "vreason-lite"), default="vreason",
+                    help="decoding method")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     return run_cli(lambda a: demo(a, Path(a.out)), args)
 
@@ -30,17 +34,31 @@ def demo(args, out: Path) -> int:
     from models.tiny import make_checkpoint
     from runtime.__main__ import main as runtime_main
 
+    checks.check_number("--max-new-tokens", args.max_new_tokens, lo=1, integer=True)
+    checks.writable_dir(out, "--out")
+    checks.plotting_available("the demo's entropy plot")
+    out = out.resolve()
+    print(f"working folder: {out}", file=sys.stderr)
     ckpt = out / "tiny-checkpoint"
-    if not (ckpt / "config.json").is_file():
+    if (ckpt / "config.json").is_file():
+        print(f"reusing the tiny checkpoint in {ckpt}", file=sys.stderr)
+    else:
         print(f"building the tiny checkpoint in {ckpt}", file=sys.stderr)
         make_checkpoint(ckpt)
     video = sample_video(out / "circle-right.mp4", "circle", "red", "right", seconds=3)
     engine = out / "tiny-engine"
-    if not (engine / "manifest.json").is_file():
+    if (engine / "manifest.json").is_file():
+        print(f"reusing the export in {engine} (delete it to export again)", file=sys.stderr)
+    else:
         export_model(ckpt, engine, force=True)
+    # a V-Reason at the paper's default settings barely moves a random tiny model; these visibly steer it
+    steer = ["--vreason-lr", "0.5", "--vreason-every", "1"] if args.method != "base" else []
+    if steer:
+        print("V-Reason with lr 0.5 and an update every token: at the paper's defaults (lr 1e-3, every 2) a random "
+              "tiny model's tokens do not change", file=sys.stderr)
     return runtime_main(["--engine", str(engine), "--video", str(video), "--question",
                          "Which direction does the red circle move?", "--method", args.method,
-                         "--max-new-tokens", str(args.max_new_tokens), "--stream",
+                         "--max-new-tokens", str(args.max_new_tokens), "--stream", *steer,
                          "--plot", str(out / "entropy.png")])
 
 

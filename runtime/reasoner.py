@@ -15,13 +15,14 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from export.manifest import check_export
 from models.checkpoint import resolve_dtype
+from models.checks import check_device, check_number
 from models.errors import InputError, ResourceError, UserError
 from models.preprocess import VisionSettings
 from models.prompt import Tokenizer, load_chat_template, prompt_ids
@@ -101,9 +102,7 @@ class Reasoner:
         manifest = check_export(d, verify_hashes=verify)
         name, reason = resolve(backend, d)
         dtype = resolve_dtype(manifest["precision"])
-        device = device or ("cuda" if name == "trt" else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"device {device} requested but no CUDA GPU is visible to PyTorch")
+        device = check_device(device or ("cuda" if name == "trt" else "cpu"), "device")
         cfg = Config.from_stored(manifest["config"])
         if name == "torch":
             from models import load_model
@@ -111,8 +110,9 @@ class Reasoner:
 
             src = Path(model_dir or manifest.get("source_model") or "")
             if not (src / "config.json").is_file():
-                raise UserError("the torch backend runs the original checkpoint; pass its directory "
-                                f"(--model DIR); the export's source {src} is not available")
+                whose = f"--model {src}" if model_dir else f"the export's source checkpoint {src}"
+                raise UserError(f"the torch backend runs the original checkpoint, and {whose} has no config.json; "
+                                "pass the checkpoint directory with --model DIR")
             model = load_model(src, dtype=dtype, device=device)
             impl, head = TorchBackend(model, dtype, device), model.head
         else:
@@ -135,16 +135,23 @@ class Reasoner:
 
     # -- requests -----------------------------------------------------------------------------------------
 
-    def prepare(self, *, question: str, video=None, frames=None, image=None, fps: float = 2.0,
-                template: str = "reasoning", options: list[str] | None = None,
+    def prepare(self, *, question: str, video=None, frames=None, image=None, fps: float | None = None,
+                max_frames: int | None = None, template: str = "reasoning", options: list[str] | None = None,
                 max_new_tokens: int = 512, color_order: str = "rgb") -> Prompt:
-        """Decode and preprocess the visual input, build the prompt and check it fits; no model compute."""
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        """Decode and preprocess the visual input, build the prompt and check it fits; no model compute.
+
+        ``fps``: the rate a video file is sampled at (default: the checkpoint's processor setting) and the
+        rate caller frames are taken at (default 2.0). ``max_frames``: sample at most this many video frames
+        (default and ceiling: the export's limit)."""
+        max_new_tokens = check_number("max_new_tokens", max_new_tokens, lo=1, integer=True)
+        check_number("fps", fps, lo=0, lo_open=True, hi=1000, optional=True)
+        limit = self.limits.get("max_frames")
+        max_frames = check_number("max_frames", max_frames, lo=1, hi=limit, integer=True, optional=True) or limit
         if not isinstance(question, str):
             raise InputError(f"the question must be a string, got {type(question).__name__}")
-        visual = visual_from(self.cfg, self.settings, video=video, frames=frames, image=image, fps=fps,
-                             max_frames=self.limits.get("max_frames"), color_order=color_order)
+        settings = self.settings if fps is None else replace(self.settings, fps=fps)
+        visual = visual_from(self.cfg, settings, video=video, frames=frames, image=image,
+                             fps=2.0 if fps is None else fps, max_frames=max_frames, color_order=color_order)
         visuals = [visual] if visual else []
         for v in visuals:
             n = v.pixel_values.shape[0]

@@ -3,7 +3,7 @@ the traces of every method use one definition."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -19,16 +19,36 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        from models.errors import InputError
+        from models.checks import check_number
 
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise InputError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        check_number("temperature", self.temperature, lo=0)
+        self.top_k = check_number("top_k", self.top_k, lo=0, integer=True)
+        check_number("top_p", self.top_p, lo=0, hi=1, lo_open=True)
+        check_number("min_p", self.min_p, lo=0, hi=1, hi_open=True)
+        self.seed = check_number("seed", self.seed, lo=0, integer=True, optional=True)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+HELP = {"temperature": "sampling temperature; 0 = greedy", "top_k": "sample from the k most likely tokens (0: off)",
+        "top_p": "nucleus sampling mass (1.0: off)", "min_p": "drop tokens below min_p x the top probability",
+        "seed": "seed for sampling (temperature > 0)"}
+
+
+def add_cli_arguments(ap) -> None:
+    """--temperature, --top-k, --top-p, --min-p, --seed, generated from SamplingParams (its defaults)."""
+    g = ap.add_argument_group("sampling")
+    for f in fields(SamplingParams):
+        kind = int if f.name in ("top_k", "seed") else float
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f"sampling_{f.name}", type=kind, default=f.default,
+                       metavar={"temperature": "T", "top_k": "K", "seed": "N"}.get(f.name, "P"), help=HELP[f.name])
+
+
+def params_from_args(args) -> SamplingParams:
+    p = SamplingParams(**{f.name: getattr(args, f"sampling_{f.name}") for f in fields(SamplingParams)})
+    p.validate()
+    return p
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -352,15 +352,9 @@ def synthetic_table(rep: dict) -> str:
 
 
 def parse_device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported; use cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but no CUDA GPU is visible to PyTorch")
-    return dev
+    from models.checks import check_device
+
+    return torch.device(check_device(name))
 
 
 def _device_name(device: torch.device) -> str:

@@ -75,19 +75,97 @@ def test_sample_set_end_to_end_and_resume(engine_dir, tmp_path, capsys):
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 14 * 2
     rec = json.loads(lines[0])
-    for key in ("dataset", "id", "method", "answer", "tokens", "metric", "score", "ema", "latency_s", "error"):
+    for key in ("dataset", "id", "method", "answer", "tokens", "metric", "score", "ema", "latency_s", "error",
+                "file_sha"):
         assert key in rec
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"base", "vreason"}
-    assert set(summary["base"]["datasets"]["shapes"]) == {"acc", "mra", "exact"}
-    assert summary["base"]["errors"] == 0 and summary["base"]["avg_tokens"] > 0
-    assert "| Method |" in (out / "results.md").read_text()
+    methods = summary["methods"]
+    assert set(methods) == {"base", "vreason"}
+    assert set(methods["base"]["datasets"]["shapes"]) == {"acc"}  # video-r1: Acc for every non-regression type
+    assert methods["base"]["errors"] == 0 and methods["base"]["avg_tokens"] > 0
+    assert summary["settings"]["protocol"] == "video-r1" and summary["settings"]["controller"]["lr"] == 1e-3
+    md = (out / "results.md").read_text()
+    assert "| Method |" in md and "protocol video-r1" in md and "lr 0.001" in md
     assert (out / "entropy_curves.png").stat().st_size > 0 and (out / "accuracy_vs_tokens.png").stat().st_size > 0
     # a rerun skips what is finished; adding a method runs only that method
+    capsys.readouterr()
     assert eval_main(args + ["vreason-lite"]) == 0
     lines2 = (out / "samples.jsonl").read_text().splitlines()
     assert lines2[: len(lines)] == lines and len(lines2) == 14 * 3
-    assert "42 to run" not in capsys.readouterr().err
+    assert "14 to run, 28 done earlier" in capsys.readouterr().err
+    # the report shows only what this run asked for
+    assert eval_main(args[:-2] + ["base"]) == 0
+    assert set(json.loads((out / "summary.json").read_text())["methods"]) == {"base"}
+
+
+def test_changed_settings_never_mix_with_earlier_results(engine_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["--engine", str(engine_dir), "--sample", "--out", str(out), "--max-new-tokens", "4", "--method", "base",
+            "--limit", "2"]
+    assert eval_main(args) == 0
+    before = (out / "samples.jsonl").read_text()
+    for changed, name in ((["--max-new-tokens", "5"], "max_new_tokens"), (["--vreason-lr", "0.5"], "controller"),
+                          (["--temperature", "0.7", "--seed", "1"], "sampling"),
+                          (["--protocol", "lenient"], "protocol"), (["--max-frames", "2"], "max_frames")):
+        capsys.readouterr()
+        assert eval_main(args + changed) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "other settings" in err[0] and name in err[0] and "--overwrite" in err[0]
+        assert (out / "samples.jsonl").read_text() == before
+    assert eval_main(args + ["--max-new-tokens", "5", "--overwrite"]) == 0
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and json.loads((out / "run.json").read_text())["max_new_tokens"] == 5
+
+
+def test_a_failed_eval_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert eval_main(["--engine", str(tmp_path), "--sample", "--out", str(out)]) == 1
+    assert not out.exists()
+
+
+def test_video_r1_prompt_is_the_protocols():
+    from runtime.eval.protocol import video_r1_prompt
+
+    p = video_r1_prompt("Which way?", "multiple choice", ["A. left", "B. right"])
+    assert p.startswith("Which way?Options:\nA. left\nB. right\n\nPlease think about this question as if")
+    assert p.endswith("Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> "
+                      "</answer> tags.")
+    assert video_r1_prompt("How far?", "regression", []).startswith("How far?\nPlease think")
+
+
+@pytest.mark.parametrize("ptype,output,solution,want", [
+    # multiple choice: exact letter after stripping; no tags -> the whole output
+    ("multiple choice", "<think>x</think><answer> B </answer>", "<answer>B</answer>", 1.0),
+    ("multiple choice", "<answer>B.</answer>", "<answer>B</answer>", 0.0),
+    ("multiple choice", "B", "<answer>B</answer>", 1.0),
+    ("multiple choice", "The answer is B", "<answer>B</answer>", 0.0),
+    ("multiple choice", "<answer>A</answer><answer>B</answer>", "<answer>B</answer>", 0.0),  # the first tag
+    # numerical: same decimal-ness, equal at 2 decimals
+    ("numerical", "<answer>3</answer>", "<answer>3</answer>", 1.0),
+    ("numerical", "<answer>3.0</answer>", "<answer>3</answer>", 0.0),
+    ("numerical", "<answer>2.504</answer>", "<answer>2.5</answer>", 1.0),
+    ("numerical", "<answer>2.51</answer>", "<answer>2.5</answer>", 0.0),
+    ("numerical", "<answer>1,000</answer>", "<answer>1000.0</answer>", 1.0),
+    ("numerical", "<answer>three</answer>", "<answer>3</answer>", 0.0),
+    # regression: MRA, strict <
+    ("regression", "<answer>4.32</answer>", "<answer>4</answer>", 0.9),
+    ("regression", "<answer>5</answer>", "<answer>4</answer>", 0.5),
+    ("regression", "<answer>6</answer>", "<answer>4</answer>", 0.0),  # rel 0.5 is not < 0.5
+    ("regression", "<answer>0</answer>", "<answer>0</answer>", 1.0),  # zero ground truth: the 1e-8 guard
+    ("regression", "<answer>0.1</answer>", "<answer>0</answer>", 0.0),
+    # OCR: 1 - word error rate; free-form: mean ROUGE-1/2/L F
+    ("OCR", "<answer>stop here now</answer>", "<answer>stop here now</answer>", 1.0),
+    ("OCR", "<answer>stop there now</answer>", "<answer>stop here now</answer>", 2 / 3),
+    ("OCR", "<answer>a b c d e f</answer>", "<answer>x</answer>", 0.0),
+    ("free-form", "<answer>the red ball</answer>", "<answer>the red ball</answer>", 1.0),
+    ("free-form", "<answer>a red balls</answer>", "<answer>the red ball</answer>", (2 / 3 + 0.5 + 2 / 3) / 3),
+])
+def test_video_r1_scoring_rules(ptype, output, solution, want):
+    from runtime.eval.protocol import video_r1_score
+
+    metric, value = video_r1_score(ptype, output, solution)
+    assert metric == ("mra" if ptype == "regression" else "acc")
+    assert value == pytest.approx(want)
 
 
 def test_a_bad_sample_is_recorded_and_the_run_goes_on(engine_dir, tmp_path):

@@ -179,7 +179,7 @@ def test_synthetic_bench_errors_are_one_line(capsys):
     assert bench_main(["--synthetic", "qwen9", "--device", "cpu"]) == 1
     assert "unknown synthetic model" in capsys.readouterr().err
     assert bench_main(["--synthetic", "small", "--device", "gpu"]) == 1
-    assert "unknown device" in capsys.readouterr().err
+    assert "is not a device" in capsys.readouterr().err
 
 
 def _image(tmp_path):

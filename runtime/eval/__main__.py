@@ -1,96 +1,200 @@
 """python -m runtime.eval: accuracy, output tokens and latency of base / V-Reason / V-Reason (Lite) on
-evaluation files of the Video-R1 family (or the bundled sample set with --sample)."""
+evaluation files of the Video-R1 family (or the bundled sample set with --sample), with the prompts and
+scoring of Video-R1's evaluation (--protocol video-r1, the default) or this project's lenient scoring.
+
+Results go to --out: samples.jsonl (one record per sample and method, written as it finishes), run.json
+(the settings the records were made with), summary.json, results.md and plots. A rerun with the same
+settings skips what is finished; a run with other settings (engine, backend, protocol, template,
+max_new_tokens, frames, sampling, controller) into the same --out is refused, naming what differs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from models import checks
 from models.errors import UserError, run_cli
+from runtime.eval import protocol as proto
 from runtime.eval.data import Sample, load_samples, resolve_media
-from runtime.eval.metrics import score
 from runtime.eval.report import markdown, write_reports
 
 METHODS = ("base", "vreason", "vreason-lite")
+RESULT_FILES = ("samples.jsonl", "run.json", "summary.json", "results.md", "entropy_curves.png",
+                "accuracy_vs_tokens.png")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runtime.eval", description=__doc__.splitlines()[0])
+    from controller.config import add_cli_arguments
+    from runtime.sampling import add_cli_arguments as add_sampling_arguments
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.eval", description=checks.description(__doc__),
+                                 formatter_class=checks.HelpFormatter)
     ap.add_argument("--engine", required=True, help="export directory")
     ap.add_argument("--data", nargs="+", default=[], help="evaluation files (JSON list or JSONL); one dataset each")
     ap.add_argument("--sample", action="store_true", help="write and evaluate the bundled sample set (offline)")
     ap.add_argument("--video-root", help="folder the samples' paths are relative to (default: each file's folder)")
-    ap.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     ap.add_argument("--out", required=True, help="results folder (samples.jsonl, summary.json, results.md, plots)")
-    ap.add_argument("--limit", type=int, default=0, help="first N samples of each file")
-    ap.add_argument("--max-frames", type=int, default=None, help="frames per video (the paper used 16-32)")
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"))
-    ap.add_argument("--template", default="reasoning", choices=("reasoning", "plain"))
-    ap.add_argument("--debug", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="delete the results already in --out (made with other settings) and start again")
+    ap.add_argument("--protocol", choices=proto.PROTOCOLS, default="video-r1",
+                    help="video-r1: Video-R1's evaluation prompts and scoring, per problem type; lenient: this "
+                    "project's --template prompt, option text accepted, MRA for numerical answers")
+    ap.add_argument("--template", default="reasoning", choices=("reasoning", "plain"),
+                    help="prompt template of the lenient protocol (video-r1 brings its own prompt)")
+    ap.add_argument("--limit", type=int, default=0, help="first N samples of each file (0: all)")
+    ap.add_argument("--max-frames", type=int, default=None,
+                    help="frames per video (the paper used 16-32; default and ceiling: the export's --max-frames)")
+    ap.add_argument("--fps", type=float, default=None,
+                    help="video sampling rate (default: the checkpoint's processor setting)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024,
+                    help="answer length limit; 1024 as in Video-R1's evaluation (python -m runtime defaults to 512)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"),
+                    help="auto: trt when tensorrt and a GPU are usable, else ort")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_sampling_arguments(ap)
+    add_cli_arguments(ap)
     return ap
 
 
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def settings_of(args, reasoner, controller, sampling) -> dict:
+    """Everything besides the method and the sample that changes an answer or its score."""
+    return {
+        "engine_manifest_sha256": hashlib.sha256((reasoner.engine_dir / "manifest.json").read_bytes()).hexdigest(),
+        "backend": reasoner.backend.name, "decode": reasoner.decode, "protocol": args.protocol,
+        "template": None if args.protocol == "video-r1" else args.template,
+        "max_new_tokens": args.max_new_tokens, "max_frames": args.max_frames, "fps": args.fps,
+        "sampling": sampling.to_dict(), "controller": controller.to_dict(),
+    }
+
+
+def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        return
+    before = json.loads(run_file.read_text())
+    diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+    if not diff:
+        return
+    if overwrite:
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+        return
+    shown = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(settings.get(k))}" for k in diff)
+    raise UserError(f"{out} holds results made with other settings ({shown}); use another --out, or --overwrite "
+                    "to delete them")
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
 def run(args) -> dict:
+    from controller.config import config_from_args
+    from runtime.sampling import params_from_args
+
+    # every input and output checked, every setting validated, before anything is loaded or computed
+    checks.input_dir(args.engine, "--engine")
+    files = [checks.input_file(f, "--data") for f in args.data]
+    if not files and not args.sample:
+        raise UserError("give --data FILE [FILE ...] or --sample")
+    if args.video_root:
+        checks.input_dir(args.video_root, "--video-root")
+    out = checks.writable_dir(args.out, "--out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    checks.check_number("--limit", args.limit, lo=0, integer=True)
+    checks.check_number("--max-new-tokens", args.max_new_tokens, lo=1, integer=True)
+    checks.check_number("--max-frames", args.max_frames, lo=1, integer=True, optional=True)
+    checks.check_number("--fps", args.fps, lo=0, lo_open=True, hi=1000, optional=True)
+    controller, sampling = config_from_args(args), params_from_args(args)
+    created = not out.exists()
+    try:
+        return _run(args, out, files, controller, sampling)
+    except BaseException:
+        if created and out.is_dir() and not (out / "samples.jsonl").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a failed eval leaves no empty --out behind
+        raise
+
+
+def _run(args, out: Path, files: list[Path], controller, sampling) -> dict:
     from tqdm import tqdm
 
     from runtime.reasoner import Reasoner
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = [Path(f) for f in args.data]
     if args.sample:
         from runtime.eval.samples import write_sample_set
         files.append(write_sample_set(out / "sample-set"))
-    if not files:
-        raise UserError("give --data FILE [FILE ...] or --sample")
-    samples: list[tuple[Sample, Path]] = []
+    samples: list[tuple[Sample, Path, str]] = []
     for f in files:
         rows = load_samples(f)
         root = Path(args.video_root) if args.video_root else f.parent
-        samples += [(s, root) for s in (rows[: args.limit] if args.limit else rows)]
+        sha = file_sha(f)
+        samples += [(s, root, sha) for s in (rows[: args.limit] if args.limit else rows)]
+    proto.check(args.protocol, {s.problem_type for s, _, _ in samples})
+    plots = True
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plots = False
+        print("note: matplotlib is not installed: no plots will be drawn (pip install matplotlib)", file=sys.stderr)
     reasoner = Reasoner.load(args.engine, backend=args.backend)
-    if args.max_frames:
-        reasoner.settings.max_frames = args.max_frames
+    settings = settings_of(args, reasoner, controller, sampling)
+    check_settings(out, settings, args.overwrite)
+    (out / "run.json").write_text(json.dumps(settings, indent=2))
     log = out / "samples.jsonl"
-    done = set()
-    records = []
-    if log.is_file():  # resume: finished (dataset, id, method) are skipped
-        for line in log.read_text().splitlines():
+    wanted = {(s.dataset, sha, s.id, m) for s, _, sha in samples for m in args.method}
+    done: dict[tuple, dict] = {}
+    if log.is_file():  # resume: records of the same settings (run.json) for these files are kept
+        for line in log.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 r = json.loads(line)
-                done.add((r["dataset"], r["id"], r["method"]))
-                records.append(r)
-    todo = [(s, root, m) for s, root in samples for m in args.method if (s.dataset, s.id, m) not in done]
-    print(f"{len(samples)} samples x {len(args.method)} methods; {len(todo)} to run, {len(done)} done earlier "
-          f"(backend {reasoner.backend.name})", file=sys.stderr)
+                done[(r["dataset"], r.get("file_sha"), r["id"], r["method"])] = r
+    todo = [(s, root, sha, m) for s, root, sha in samples for m in args.method
+            if (s.dataset, sha, s.id, m) not in done]
+    print(f"{len(samples)} samples x {len(args.method)} methods; {len(todo)} to run, "
+          f"{len(wanted) - len(todo)} done earlier (backend {reasoner.backend.name}, protocol {args.protocol})",
+          file=sys.stderr)
     with open(log, "a", encoding="utf-8") as fh:
-        for sample, root, method in tqdm(todo, desc="eval", unit="answer", file=sys.stderr):
-            rec = evaluate_one(reasoner, sample, root, method, args)
+        for sample, root, sha, method in tqdm(todo, desc="eval", unit="answer", file=sys.stderr):
+            rec = evaluate_one(reasoner, sample, root, method, args, controller, sampling)
+            rec["file_sha"] = sha
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
-            records.append(rec)
-    summary = write_reports(records, out)
-    print(markdown(summary))
+            done[(sample.dataset, sha, sample.id, method)] = rec
+    records = [done[k] for k in sorted(wanted, key=str) if k in done]  # only what this run asked for
+    summary = write_reports(records, out, settings, plots=plots)
+    print(markdown(summary, settings))
     return summary
 
 
-def evaluate_one(reasoner, s: Sample, root: Path, method: str, args) -> dict:
+def evaluate_one(reasoner, s: Sample, root: Path, method: str, args, controller, sampling) -> dict:
     rec = {"dataset": s.dataset, "id": s.id, "method": method, "problem_type": s.problem_type}
     t0 = time.perf_counter()
     try:
         media = resolve_media(root, s.path)
         visual = {"video": media} if s.data_type == "video" else {"image": media}
-        res = reasoner.ask(question=s.problem, method=method, max_new_tokens=args.max_new_tokens,
-                           template=args.template, options=s.options or None, **visual)
-        metric, value = score(s.problem_type, res.answer, s.solution, s.options)
+        question, options, template = proto.prompt(args.protocol, s.problem, s.problem_type, s.options)
+        res = reasoner.ask(question=question, method=method, max_new_tokens=args.max_new_tokens,
+                           template=template or args.template, options=options, sampling=sampling,
+                           controller=controller, fps=args.fps, max_frames=args.max_frames, **visual)
+        metric, value = proto.score(args.protocol, s.problem_type, res.text, res.answer, s.solution, s.options)
         rec |= {"answer": res.answer, "text": res.text, "tokens": len(res.token_ids), "metric": metric,
                 "score": value, "ema": res.ema, "latency_s": time.perf_counter() - t0, "error": None}
     except UserError as e:  # a bad sample is recorded, scored 0, and the run goes on
-        metric, _ = score(s.problem_type, "", s.solution, s.options)
+        metric, _ = proto.score(args.protocol, s.problem_type, "", "", s.solution, s.options)
         rec |= {"answer": "", "text": "", "tokens": 0, "metric": metric, "score": 0.0, "ema": [],
                 "latency_s": time.perf_counter() - t0, "error": str(e)}
     return rec

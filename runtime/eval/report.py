@@ -32,8 +32,9 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def markdown(summary: dict) -> str:
-    """Rows = methods, columns = (dataset, metric) in percent, then average tokens and latency."""
+def markdown(summary: dict, settings: dict | None = None) -> str:
+    """Rows = methods, columns = (dataset, metric) in percent, then average tokens and latency; the
+    settings the numbers were made with below the table."""
     cols = sorted({(d, m) for s in summary.values() for d, ms in s["datasets"].items() for m in ms})
     names = {"acc": "Acc", "mra": "MRA", "exact": "EM"}
     head = ["Method", *[f"{d} {names.get(m, m)}" for d, m in cols], "avg tokens", "latency (s)", "errors"]
@@ -42,6 +43,14 @@ def markdown(summary: dict) -> str:
         cells = [f"{100 * s['datasets'].get(d, {}).get(m, float('nan')):.1f}" for d, m in cols]
         lines.append("| " + " | ".join([method, *cells, f"{s['avg_tokens']:.0f}", f"{s['avg_latency_s']:.2f}",
                                         str(s["errors"])]) + " |")
+    if settings:
+        lines += ["", f"protocol {settings['protocol']}"
+                  + (f" (template {settings['template']})" if settings.get("template") else "")
+                  + f", backend {settings['backend']}, max_new_tokens {settings['max_new_tokens']}, "
+                  f"max_frames {settings['max_frames'] or 'export limit'}, fps {settings['fps'] or 'checkpoint'}",
+                  "sampling: " + ", ".join(f"{k} {v}" for k, v in settings["sampling"].items()),
+                  "V-Reason controller (vreason, vreason-lite): "
+                  + ", ".join(f"{k} {v}" for k, v in settings["controller"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -99,9 +108,10 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write_reports(records: list[dict], out: Path) -> dict:
+def write_reports(records: list[dict], out: Path, settings: dict | None = None, plots: bool = True) -> dict:
     summary = summarize(records)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown(summary))
-    write_plots(records, summary, out)
+    (out / "summary.json").write_text(json.dumps({"settings": settings, "methods": summary}, indent=2))
+    (out / "results.md").write_text(markdown(summary, settings))
+    if plots:
+        write_plots(records, summary, out)
     return summary
