@@ -158,10 +158,14 @@ def rename_weights(out: Path, layout: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.tiny", description=__doc__.splitlines()[0])
+    from models.checks import HelpFormatter, description
+
+    ap = argparse.ArgumentParser(prog="python -m models.tiny", description=description(__doc__),
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--out", required=True, help="directory to write the checkpoint to")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                    help="tiny: seconds to build, for tests; bench: a Qwen2.5-0.5B-sized decoder, for benchmarks")
     ap.add_argument("--layout", choices=("transformers", "original"), default="transformers",
                     help="config/weight naming: transformers-5 save (default) or the original release's")
     args = ap.parse_args(argv)
