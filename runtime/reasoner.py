@@ -86,7 +86,7 @@ class Reasoner:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None,
              model_dir: str | Path | None = None, verify: bool = True, decode: str = "auto",
-             cuda_graphs: bool | None = None, compile: bool = False) -> Reasoner:
+             cuda_graphs: bool | None = None, compile: bool = False, threads: int | None = None) -> Reasoner:
         """Open an export directory, checked as ``python -m export --check`` does: manifest, files present
         with their recorded sizes, graph I/O, and (``verify``, the default) every file's sha256, which
         takes a while for a multi-GB export; ``verify=False`` skips only the hashing.
@@ -95,9 +95,15 @@ class Reasoner:
         (the cache grows per token), ``auto`` (static on CUDA, dynamic on CPU, where ONNX Runtime measured
         faster with the growing cache). ``cuda_graphs`` (default: on for static decode on CUDA) replays each
         step as a CUDA graph; ``compile`` adds torch.compile of the trunk step (torch backend on CUDA; tens of
-        seconds on first use per shape)."""
+        seconds on first use per shape). ``threads``: CPU threads for ONNX Runtime and PyTorch (default: all
+        cores; an evaluation replica sharing a machine takes its share)."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
+        if threads is not None:
+            torch.set_num_threads(check_number("threads", threads, lo=1, integer=True))
+            import cv2
+
+            cv2.setNumThreads(threads)  # video decoding and resizing too
         d = Path(engine_dir).expanduser()
         manifest = check_export(d, verify_hashes=verify)
         name, reason = resolve(backend, d)
@@ -121,7 +127,7 @@ class Reasoner:
                 impl = TrtBackend(d, dtype, device)
             else:
                 from runtime.backends.ort import OrtBackend
-                impl = OrtBackend(d, dtype, device)
+                impl = OrtBackend(d, dtype, device, threads=threads or 0)
             head = load_head(cfg, d / "head.safetensors", dtype, device)
         on_cuda = torch.device(device).type == "cuda"
         if not on_cuda:

@@ -58,6 +58,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"),
                     help="auto: trt when tensorrt and a GPU are usable, else ort")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    g = ap.add_argument_group("scale-out on Ray (optional: pip install ray)")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on a Ray cluster: a local one when no address is given, 'auto' for the cluster this "
+                   "machine belongs to, or ray://HOST:PORT")
+    g.add_argument("--replicas", type=int, default=2, help="with --ray: Reasoner replicas (one per GPU, or per "
+                   "--cpus-per-replica cores)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="with --ray: CPU cores each replica takes (its ONNX Runtime and PyTorch threads)")
+    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica takes")
+    g.add_argument("--max-retries", type=int, default=2,
+                   help="with --ray: tries again of a sample whose replica died, before it is recorded as failed")
     add_sampling_arguments(ap)
     add_cli_arguments(ap)
     return ap
@@ -67,11 +78,12 @@ def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def settings_of(args, reasoner, controller, sampling) -> dict:
+def settings_of(args, backend: str, decode: str, controller, sampling) -> dict:
     """Everything besides the method and the sample that changes an answer or its score."""
+    manifest = Path(args.engine).expanduser() / "manifest.json"
     return {
-        "engine_manifest_sha256": hashlib.sha256((reasoner.engine_dir / "manifest.json").read_bytes()).hexdigest(),
-        "backend": reasoner.backend.name, "decode": reasoner.decode, "protocol": args.protocol,
+        "engine_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "backend": backend, "decode": decode, "protocol": args.protocol,
         "template": None if args.protocol == "video-r1" else args.template,
         "max_new_tokens": args.max_new_tokens, "max_frames": args.max_frames, "fps": args.fps,
         "sampling": sampling.to_dict(), "controller": controller.to_dict(),
@@ -118,6 +130,13 @@ def run(args) -> dict:
     checks.check_number("--max-new-tokens", args.max_new_tokens, lo=1, integer=True)
     checks.check_number("--max-frames", args.max_frames, lo=1, integer=True, optional=True)
     checks.check_number("--fps", args.fps, lo=0, lo_open=True, hi=1000, optional=True)
+    if args.ray:
+        checks.check_number("--replicas", args.replicas, lo=1, integer=True)
+        checks.check_number("--cpus-per-replica", args.cpus_per_replica, lo=0, lo_open=True)
+        checks.check_number("--gpus-per-replica", args.gpus_per_replica, lo=0)
+        checks.check_number("--max-retries", args.max_retries, lo=0, integer=True)
+        from runtime.eval.distributed import import_ray
+        import_ray()
     controller, sampling = config_from_args(args), params_from_args(args)
     created = not out.exists()
     try:
@@ -129,8 +148,6 @@ def run(args) -> dict:
 
 
 def _run(args, out: Path, files: list[Path], controller, sampling) -> dict:
-    from tqdm import tqdm
-
     from runtime.reasoner import Reasoner
 
     out.mkdir(parents=True, exist_ok=True)
@@ -150,8 +167,26 @@ def _run(args, out: Path, files: list[Path], controller, sampling) -> dict:
     except ImportError:
         plots = False
         print("note: matplotlib is not installed: no plots will be drawn (pip install matplotlib)", file=sys.stderr)
-    reasoner = Reasoner.load(args.engine, backend=args.backend)
-    settings = settings_of(args, reasoner, controller, sampling)
+    pool = reasoner = None
+    if args.ray:  # the replicas load the engine; the driver holds none
+        from runtime.eval.distributed import open_pool
+
+        pool = open_pool(args)
+        backend, decode = pool.info
+    else:
+        reasoner = Reasoner.load(args.engine, backend=args.backend)
+        backend, decode = reasoner.backend.name, reasoner.decode
+    try:
+        return _evaluate(args, out, samples, controller, sampling, settings_of(args, backend, decode, controller,
+                                                                                sampling), reasoner, pool, plots)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _evaluate(args, out, samples, controller, sampling, settings, reasoner, pool, plots) -> dict:
+    from tqdm import tqdm
+
     check_settings(out, settings, args.overwrite)
     (out / "run.json").write_text(json.dumps(settings, indent=2))
     log = out / "samples.jsonl"
@@ -165,15 +200,31 @@ def _run(args, out: Path, files: list[Path], controller, sampling) -> dict:
     todo = [(s, root, sha, m) for s, root, sha in samples for m in args.method
             if (s.dataset, sha, s.id, m) not in done]
     print(f"{len(samples)} samples x {len(args.method)} methods; {len(todo)} to run, "
-          f"{len(wanted) - len(todo)} done earlier (backend {reasoner.backend.name}, protocol {args.protocol})",
+          f"{len(wanted) - len(todo)} done earlier (backend {settings['backend']}, protocol {args.protocol}"
+          + (f", {pool.n} Ray replicas" if pool else "") + ")",
           file=sys.stderr)
-    with open(log, "a", encoding="utf-8") as fh:
-        for sample, root, sha, method in tqdm(todo, desc="eval", unit="answer", file=sys.stderr):
-            rec = evaluate_one(reasoner, sample, root, method, args, controller, sampling)
+    with open(log, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="eval", unit="answer",
+                                                       file=sys.stderr) as progress:
+        def record(item, rec) -> None:  # the driver alone writes results, whichever process made them
+            sample, _, sha, method = item
             rec["file_sha"] = sha
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             done[(sample.dataset, sha, sample.id, method)] = rec
+
+        if pool is not None:
+            from runtime.eval.distributed import run_distributed
+
+            facts = run_distributed(pool, args, todo, controller, sampling, record,
+                                    lambda item, why: failed(item[0], item[3], args.protocol, why), progress)
+            if facts["samples"]:
+                print(f"ray: {facts['replicas']} replicas, {facts['samples_per_s']:.2f} samples/s, driver round trip "
+                      f"{100 * facts['overhead_fraction']:.1f}% over a sample's own time", file=sys.stderr)
+        else:
+            for item in todo:
+                sample, root, _, method = item
+                record(item, evaluate_one(reasoner, sample, root, method, args, controller, sampling))
+                progress.update(1)
     records = [done[k] for k in sorted(wanted, key=str) if k in done]  # only what this run asked for
     summary = write_reports(records, out, settings, plots=plots)
     print(markdown(summary, settings))
@@ -194,10 +245,15 @@ def evaluate_one(reasoner, s: Sample, root: Path, method: str, args, controller,
         rec |= {"answer": res.answer, "text": res.text, "tokens": len(res.token_ids), "metric": metric,
                 "score": value, "ema": res.ema, "latency_s": time.perf_counter() - t0, "error": None}
     except UserError as e:  # a bad sample is recorded, scored 0, and the run goes on
-        metric, _ = proto.score(args.protocol, s.problem_type, "", "", s.solution, s.options)
-        rec |= {"answer": "", "text": "", "tokens": 0, "metric": metric, "score": 0.0, "ema": [],
-                "latency_s": time.perf_counter() - t0, "error": str(e)}
+        rec = failed(s, method, args.protocol, str(e), time.perf_counter() - t0)
     return rec
+
+
+def failed(s: Sample, method: str, protocol: str, why: str, seconds: float = 0.0) -> dict:
+    """The record of a sample that could not be answered: scored 0, with the reason."""
+    metric, _ = proto.score(protocol, s.problem_type, "", "", s.solution, s.options)
+    return {"dataset": s.dataset, "id": s.id, "method": method, "problem_type": s.problem_type, "answer": "",
+            "text": "", "tokens": 0, "metric": metric, "score": 0.0, "ema": [], "latency_s": seconds, "error": why}
 
 
 def main(argv: list[str] | None = None) -> int:
