@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
                     help="answer length limit; 1024 as in Video-R1's evaluation (python -m runtime defaults to 512)")
     ap.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"),
                     help="auto: trt when tensorrt and a GPU are usable, else ort")
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise); with --ray, "
+                    "the replicas' device")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     g = ap.add_argument_group("scale-out on Ray (optional: pip install ray)")
     g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -83,7 +85,7 @@ def settings_of(args, backend: str, decode: str, controller, sampling) -> dict:
     manifest = Path(args.engine).expanduser() / "manifest.json"
     return {
         "engine_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-        "backend": backend, "decode": decode, "protocol": args.protocol,
+        "backend": backend, "device": args.device, "decode": decode, "protocol": args.protocol,
         "template": None if args.protocol == "video-r1" else args.template,
         "max_new_tokens": args.max_new_tokens, "max_frames": args.max_frames, "fps": args.fps,
         "sampling": sampling.to_dict(), "controller": controller.to_dict(),
@@ -130,6 +132,10 @@ def run(args) -> dict:
     checks.check_number("--max-new-tokens", args.max_new_tokens, lo=1, integer=True)
     checks.check_number("--max-frames", args.max_frames, lo=1, integer=True, optional=True)
     checks.check_number("--fps", args.fps, lo=0, lo_open=True, hi=1000, optional=True)
+    if args.device is not None and not args.ray:
+        checks.check_device(args.device)
+    elif args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device!r} is not a device; use cpu or cuda (cuda:N for another GPU)")
     if args.ray:
         checks.check_number("--replicas", args.replicas, lo=1, integer=True)
         checks.check_number("--cpus-per-replica", args.cpus_per_replica, lo=0, lo_open=True)
@@ -174,7 +180,7 @@ def _run(args, out: Path, files: list[Path], controller, sampling) -> dict:
         pool = open_pool(args)
         backend, decode = pool.info
     else:
-        reasoner = Reasoner.load(args.engine, backend=args.backend)
+        reasoner = Reasoner.load(args.engine, backend=args.backend, device=args.device)
         backend, decode = reasoner.backend.name, reasoner.decode
     try:
         return _evaluate(args, out, samples, controller, sampling, settings_of(args, backend, decode, controller,

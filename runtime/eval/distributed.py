@@ -38,10 +38,10 @@ def import_ray():
 class Replica:
     """The actor's class (wrapped with ``ray.remote`` by ``RayPool``): one Reasoner, loaded once."""
 
-    def __init__(self, engine: str, backend: str, threads: int, kill_at: int | None = None) -> None:
+    def __init__(self, engine: str, backend: str, device: str | None, threads: int, kill_at: int | None = None) -> None:
         from runtime.reasoner import Reasoner
 
-        self.reasoner = Reasoner.load(engine, backend=backend, threads=threads)
+        self.reasoner = Reasoner.load(engine, backend=backend, device=device, threads=threads)
         self.kill_at, self.done = kill_at, 0
 
     def ready(self) -> tuple[str, str]:
@@ -60,7 +60,7 @@ class Replica:
 
 class RayPool:
     def __init__(self, address: str, replicas: int, cpus: float, gpus: float, engine: str, backend: str,
-                 max_retries: int = 2) -> None:
+                 device: str | None = None, max_retries: int = 2) -> None:
         self.ray = ray = import_ray()
         self.started = not ray.is_initialized()
         if self.started:
@@ -71,7 +71,7 @@ class RayPool:
                 raise UserError(f"--ray {address}: could not start or reach a Ray cluster ({e})") from None
         self.n, self.max_retries = replicas, max_retries
         self.actor = ray.remote(Replica).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
-        self.spec = (engine, backend, max(1, int(cpus)))
+        self.spec = (engine, backend, device, max(1, int(cpus)))
         self.replicas = [self._spawn(i, first=True) for i in range(replicas)]
         self.round_trips: list[tuple[float, float]] = []  # (driver seconds, replica seconds) per sample
         try:
@@ -140,7 +140,7 @@ def _first_line(e: BaseException) -> str:
 def open_pool(args) -> RayPool:
     """Start (or join) the cluster and ``args.replicas`` replicas, each with the engine loaded."""
     return RayPool(args.ray, args.replicas, args.cpus_per_replica, args.gpus_per_replica,
-                   str(Path(args.engine).expanduser().resolve()), args.backend, args.max_retries)
+                   str(Path(args.engine).expanduser().resolve()), args.backend, args.device, args.max_retries)
 
 
 def run_distributed(pool: RayPool, args, todo: list[tuple], controller, sampling, on_record, failed_record,
