@@ -46,6 +46,12 @@ class DeviceTracker:
         self.peak = torch.full((), -math.inf, dtype=torch.float64, device=device)
         self.started = torch.zeros((), dtype=torch.bool, device=device)
 
+    def reset(self) -> None:
+        """Back to no token seen, in place (captured graphs keep reading these tensors)."""
+        self.ema.zero_()
+        self.peak.fill_(-math.inf)
+        self.started.fill_(False)
+
     def preview(self, h):
         """(E, P, alpha) tensors for the current token's entropy ``h`` (a 0-dim tensor); no state change."""
         import torch

@@ -97,13 +97,13 @@ class VReason:
         return values.index_copy(1, self.rows, rows.unsqueeze(0).to(values.dtype))
 
     def needs_graph(self, step: int) -> bool:
-        return self.delta is not None and self._scheduled(step)
+        return self.delta is not None and self.scheduled(step)
 
-    def _scheduled(self, step: int) -> bool:
+    def scheduled(self, step: int) -> bool:
         return step % self.cfg.every == 0 and self.cfg.steps > 0 and self.rows is not None and self.rows.numel() > 0
 
     def step(self, state, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
-        if not self._scheduled(state.step):
+        if not self.scheduled(state.step):
             self.tracker.record(float(entropy(logits)), 0.0)
             return logits, 0.0
         _, _, alpha = self.tracker.preview(float(entropy(logits.detach())))
@@ -164,16 +164,11 @@ class VReason:
             for t in self.opt.state.get(self.delta, {}).values():
                 if torch.is_tensor(t):
                     t.zero_()
-            self.on_device.ema.zero_()
-            self.on_device.peak.fill_(-math.inf)
-            self.on_device.started.fill_(False)
+            self.on_device.reset()
             self._skipped_on_device.zero_()
         self.tracker = EntropyTracker(self.cfg.beta)
         self.skipped_updates = 0
         self.pruned = other.pruned
-
-    def scheduled(self, step: int) -> bool:
-        return self._scheduled(step)
 
     def record_on_device(self, h: torch.Tensor) -> None:
         """A step without an update: the entropy of the logits sampled from."""

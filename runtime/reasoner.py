@@ -240,8 +240,10 @@ class Reasoner:
         size; a request of another size releases it first."""
         t = self.cfg.text
         if self.decode == "static":
-            # a multiple of 256, within the export's context (the TensorRT decode profile's largest past)
-            capacity = max(capacity, min(-(-capacity // 256) * 256, self.limits["max_context"]))
+            from runtime.static import static_capacity
+
+            # within the export's context: the TensorRT decode profile's largest past
+            capacity = static_capacity(capacity, self.limits["max_context"])
             held = self._sessions.get("cache")
             if held is not None and held.capacity == capacity:
                 held.length = 0

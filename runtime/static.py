@@ -212,6 +212,13 @@ class _Graphs:
         graph.replay()
 
 
+def static_capacity(needed: int, limit: int | None = None) -> int:
+    """Cache capacity for static decode: ``needed`` rounded up to a multiple of 256 (so that requests of
+    similar size share one cache and its captured graphs), but not past ``limit`` (the export's context)."""
+    rounded = -(-needed // 256) * 256
+    return max(needed, min(rounded, limit)) if limit is not None else rounded
+
+
 def _steering_key(steer) -> tuple:
     """What a captured update depends on besides the cache: the controller's settings (captured as constants)
     and the shapes of its tensors."""

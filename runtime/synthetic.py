@@ -125,10 +125,10 @@ class Runner:
         from runtime.cache import KVCache
         from runtime.generate import DecodeState, Loop
         from runtime.sampling import SamplingParams
-        from runtime.static import StaticLoop
+        from runtime.static import StaticLoop, static_capacity
 
         t = self.cfg.text
-        cap = -(-(len(self.ids) + self.new_tokens) // 256) * 256
+        cap = static_capacity(len(self.ids) + self.new_tokens)
         if kind == "static":
             cache = self.caches.get(cap)  # kept across runs, as a Reasoner keeps it across requests
             if cache is None:
@@ -251,7 +251,7 @@ def run_synthetic(args) -> dict:
     from runtime.reasoner import fuse_projections
 
     cfg, raw = load_config(args.synthetic)
-    device = parse_device(args.device)
+    device = torch.device(args.device)  # checked by the CLI (models.checks.check_device)
     dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -349,12 +349,6 @@ def synthetic_table(rep: dict) -> str:
     if rep["compile_s"] is not None:
         lines.append(f"torch.compile, first request: {rep['compile_s']:.1f} s")
     return "\n".join(lines)
-
-
-def parse_device(name: str) -> torch.device:
-    from models.checks import check_device
-
-    return torch.device(check_device(name))
 
 
 def _device_name(device: torch.device) -> str:
