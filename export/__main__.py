@@ -20,6 +20,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--check", metavar="DIR", help="verify an existing export directory and exit")
     ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                     help="weights and activations of the graphs")
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="weight-only quantization of the decoder's linears (trunk graph and head) and embedding")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="weights per scale along each linear's input (default 128, or the largest power of two "
+                         "dividing every layer when 128 does not)")
+    ap.add_argument("--quant-method", choices=("rtn",), default="rtn",
+                    help="rtn: round to nearest, symmetric, one scale per block (what TensorRT's INT4 weight-only "
+                         "path takes); see export/quantize.py for the methods measured and left out")
+    ap.add_argument("--estimate", action="store_true",
+                    help="print export size and weight bytes per token for each --quantize choice from --model's "
+                         "config alone (a checkpoint directory or a config.json); reads no weights")
     ap.add_argument("--max-context", type=int, default=8192, help="prompt + generated tokens")
     ap.add_argument("--max-prompt", type=int, default=6144, help="longest prefill, tokens")
     ap.add_argument("--max-frames", type=int, default=32, help="video frames per request")
@@ -49,9 +60,16 @@ def run(args: argparse.Namespace) -> int:
         if args.print_trtexec:
             print_trtexec(Path(args.check), data)
         return 0
+    if args.estimate:
+        from export.estimate import estimate_table
+        if not args.model:
+            raise UserError("--estimate needs --model (a checkpoint directory or its config.json)")
+        print(estimate_table(args.model, args.precision, args.block_size))
+        return 0
     if not args.model or not args.out:
         raise UserError("pass --model DIR and --out DIR (or --check DIR)")
     from export.exporter import Limits, export_model
+    from export.quantize import Quantization
 
     checks.input_dir(args.model, "--model")
     checks.writable_dir(Path(args.out).expanduser().parent, "--out", of=Path(args.out))
@@ -60,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_context=args.max_context, max_prompt=args.max_prompt, max_frames=args.max_frames,
                     max_vision_patches=args.max_vision_patches)
     out = export_model(args.model, args.out, args.precision, limits, args.opset, device, args.force,
-                       not args.no_validate, args.tensorrt, args.quiet)
+                       not args.no_validate, args.tensorrt, args.quiet,
+                       Quantization(args.quantize, args.block_size, args.quant_method))
     if not args.quiet:
         print(f"exported {args.model} -> {out}")
     if args.print_trtexec:

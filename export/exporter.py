@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from export.calibration import table as calibration_table
 from export.manifest import ExportError, graph_io, write_manifest
 from export.onnx_graphs import export_graph, name_dynamic_dims
+from export.quantize import Quantization, load_trunk_weights, quantize_head, quantize_trunk, trunk_weights
 from export.trt_compat import check_graph
-from models.checkpoint import resolve_dtype
+from models.checkpoint import read_config, resolve_dtype
 from models.errors import UserError
 from models.preprocess import VisionSettings
 from models.registry import family_for
@@ -96,8 +98,9 @@ def derive_limits(limits: Limits, settings: VisionSettings, patch: int, merge: i
 
 def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", limits: Limits | None = None,
                  opset: int = 18, device: str = "cpu", force: bool = False, validate: bool = True,
-                 tensorrt: bool = False, quiet: bool = False) -> Path:
-    """Export a checkpoint; returns the export directory. Raises UserError subclasses for user mistakes."""
+                 tensorrt: bool = False, quiet: bool = False, quantization: Quantization | None = None) -> Path:
+    """Export a checkpoint; returns the export directory. Raises UserError subclasses for user mistakes.
+    ``quantization``: weight-only int8/int4 of the decoder's linears (trunk graph and head) and the embedding."""
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -105,10 +108,13 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
         raise ExportError(f"--opset {opset}: TensorRT 10.3 (JetPack 6) parses ONNX opsets up to 20")
     family = family_for(model_dir)  # fails early on a wrong directory or architecture
     dtype = resolve_dtype(precision)
+    quant = (quantization or Quantization()).resolve(family.Config.from_dict(read_config(model_dir)).text, precision,
+                                                     tensorrt)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    stages = Stages(6 + int(validate) + int(tensorrt), quiet)  # load, 2 graphs, head, compat, manifest
+    # load, 2 graphs, head, compat, manifest (+ quantize, validate, quantization error, TensorRT)
+    stages = Stages(6 + int(quant.enabled) * (1 + int(validate)) + int(validate) + int(tensorrt), quiet)
     try:
         with stages.stage(f"load {model_dir} ({precision}, {device})"):
             model = family.load_model(model_dir, dtype=dtype, device=device)
@@ -116,6 +122,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
         settings = VisionSettings.from_dir(model_dir)
         lim = derive_limits(limits or Limits(), settings, cfg.vision.patch_size, cfg.vision.spatial_merge_size)
         specs = family.export_spec(model, dtype, device)
+        import onnx
+
         graphs = {}
         for spec in specs:
             with stages.stage(f"export {spec.name}.onnx"):
@@ -123,11 +131,17 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 path = tmp / f"{spec.name}.onnx"
                 export_graph(spec, path, opset, external_data=size > EXTERNAL_DATA_BYTES)
                 name_dynamic_dims(path, spec)
-                import onnx
                 graphs[spec.name] = graph_io(onnx.load(str(path), load_external_data=False))
+        if quant.enabled:
+            with stages.stage(f"quantize trunk.onnx ({quant.scheme} {quant.method}, block {quant.block_size})"):
+                trunk_size = sum(p.numel() * p.element_size() for p in model.trunk.parameters())
+                quant_summary = quantize_trunk(tmp / "trunk.onnx", model.trunk, quant,
+                                               external_data=trunk_size // (32 // quant.bits) > EXTERNAL_DATA_BYTES)
+                graphs["trunk"] = graph_io(onnx.load(str(tmp / "trunk.onnx"), load_external_data=False))
         with stages.stage("write head.safetensors and tokenizer files"):
             from safetensors.torch import save_file
-            save_file({k: v.contiguous().cpu() for k, v in model.head.weights().items()}, str(tmp / "head.safetensors"))
+            head_tensors = quantize_head(model.head, quant) if quant.enabled else model.head.weights()
+            save_file({k: v.contiguous().cpu() for k, v in head_tensors.items()}, str(tmp / "head.safetensors"))
             (tmp / "head.safetensors").chmod(0o644)  # readable like the rest of the export (a service account)
             for name in CARRIED_FILES:
                 if (Path(model_dir) / name).is_file():
@@ -135,17 +149,32 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
         with stages.stage("TensorRT compatibility check"):
             compat = {s.name: [str(f) for f in check_graph(tmp / f"{s.name}.onnx")] for s in specs}
             bad = {g: f for g, f in compat.items() if f}
+            if not quant.tensorrt:  # known and chosen: the trunk is ONNX Runtime's MatMulNBits
+                bad.pop("trunk", None)
+                if not quiet:
+                    print(f"note: --quantize {quant.scheme} writes the trunk as MatMulNBits, for ONNX Runtime only "
+                          "(TensorRT cannot build it)", file=sys.stderr)
             if bad:
                 msg = "; ".join(f"{g}: {', '.join(f[:5])}" for g, f in bad.items())
                 if tensorrt:
                     raise ExportError(f"the graphs use what TensorRT cannot parse: {msg}")
                 print(f"warning: TensorRT would reject these graphs: {msg}", file=sys.stderr)
         report = {"status": "not run", "reason": "--no-validate", "rows": []}
+        qerror = None
+        if quant.enabled and validate:
+            with stages.stage("quantization error on calibration prompts (sample videos)"):
+                qerror = measure_quantization_error(model, model_dir, tmp, precision, quant)
+                if not quiet:
+                    print(calibration_table(qerror), file=sys.stderr)
+        if quant.enabled:  # parity: PyTorch on the very same weights, against the graph at float accuracy
+            load_trunk_weights(model.trunk, trunk_weights(tmp / "trunk.onnx"), quant.block_size, int8_activations=False)
         if validate:
             with stages.stage("validate ONNX Runtime against PyTorch"):
                 from export.validate import validate_export
                 names = {s.name: s.input_names for s in specs}
                 report = validate_export(model, tmp, precision, names["trunk"], names["vision"])
+                if qerror is not None:
+                    report["quantization_error"] = qerror
                 if not quiet and report.get("table"):
                     print(report["table"], file=sys.stderr)
                 elif not quiet:
@@ -154,6 +183,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
             "model_type": cfg.model_type, "config": cfg.to_dict(), "precision": precision,
             "limits": asdict(lim), "graphs": graphs, "validation": report,
             "tensorrt_compat": {"source": "export/tensorrt_onnx_ops.json", "findings": compat},
+            "quantization": {**quant.describe(), **({"trunk": quant_summary} if quant.enabled else {})},
             "tools": tool_versions(),
             "source_model": str(Path(model_dir).expanduser().resolve()), "opset": opset,
         }
@@ -171,6 +201,16 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def measure_quantization_error(model, model_dir, root: Path, precision: str, quant: Quantization) -> dict:
+    """The quantized model as the runtime runs it (trunk graph, quantized head) against the unquantized one."""
+    from export.calibration import calibration_prompts, quantization_error
+    from export.validate import ort_session
+    from models.qwen2_5_vl.model import load_head
+
+    head = load_head(model.cfg, root / "head.safetensors", precision, "cpu", quant.describe())
+    return quantization_error(model, head, ort_session(root / "trunk.onnx"), calibration_prompts(model_dir, model.cfg))
 
 
 def trt_profiles(cfg, lim: Limits) -> dict:

@@ -13,10 +13,12 @@ from typing import Any
 
 from models.errors import UserError
 
-FORMAT_VERSION = 2  # 2: the trunk takes cache_length (static-shape decode over a fixed-capacity cache)
+# 2: the trunk takes cache_length (static-shape decode over a fixed-capacity cache)
+# 3: weight-only quantized exports (``quantization`` entry; quantized trunk graph and head.safetensors)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format_version", "model_type", "config", "precision", "limits", "graphs", "files",
-                 "validation", "tensorrt_compat", "tools")
+                 "validation", "tensorrt_compat", "quantization", "tools")
 GRAPHS = ("vision", "trunk")
 
 
@@ -63,6 +65,15 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if missing:
         raise ExportError(f"{f} lacks the fields {', '.join(missing)}; re-export it")
     return data
+
+
+def weight_format(data: dict[str, Any]) -> dict[str, Any]:
+    """How an export stores its weights: the precision and the quantization scheme (a Result's config shows it)."""
+    q = data.get("quantization", {})
+    out = {"precision": data["precision"], "quantize": q.get("scheme", "none")}
+    if out["quantize"] != "none":
+        out.update(method=q["method"], block_size=q["block_size"], trunk_form=q["trunk_form"])
+    return out
 
 
 def check_export(root: str | Path, verify_hashes: bool = True) -> dict[str, Any]:

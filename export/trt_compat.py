@@ -15,7 +15,7 @@ from pathlib import Path
 _TABLE = Path(__file__).with_name("tensorrt_onnx_ops.json")
 # ONNX element type name -> the name the TensorRT support matrix uses
 _TYPE_NAMES = {"FLOAT": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16", "INT32": "INT32", "INT64": "INT64",
-               "INT8": "INT8", "UINT8": "UINT8", "BOOL": "BOOL"}
+               "INT8": "INT8", "UINT8": "UINT8", "BOOL": "BOOL", "INT4": "INT4"}
 
 
 @dataclass
@@ -39,7 +39,12 @@ def check_graph(path: str | Path) -> list[Finding]:
     table = load_table()
     model = onnx.load(str(path), load_external_data=False)
     findings: list[Finding] = []
+    blocked = table["blocked_quantization"]
+    uses_blocked = any(n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)
+                       for n in model.graph.node)
     for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and uses_blocked and imp.version <= blocked["opset"]:
+            continue  # opset 21 for blocked weight quantization only (see the table's note)
         if imp.domain in ("", "ai.onnx") and imp.version > table["max_opset"]:
             findings.append(Finding("<model>", "opset", f"opset {imp.version} > {table['max_opset']} "
                                     f"(TensorRT {table['tensorrt_min_version']} parses up to {table['max_opset']})"))
@@ -60,12 +65,31 @@ def check_graph(path: str | Path) -> list[Finding]:
         if supported is None:
             findings.append(Finding(label, node.op_type, "operator not supported by TensorRT's ONNX parser"))
             continue
+        if node.op_type == "DequantizeLinear":
+            findings += _dequantize_findings(label, node, types, model, blocked)
         data_in = next((x for x in node.input if x), None)
         t = types.get(data_in) if data_in else None
         if t is not None and t in _TYPE_NAMES and _TYPE_NAMES[t] not in supported:
             findings.append(Finding(label, node.op_type, f"input {data_in!r} has type {t}; "
                                     f"TensorRT supports {', '.join(supported)} here"))
     return findings
+
+
+def _dequantize_findings(label: str, node, types: dict[str, str], model, blocked: dict) -> list[Finding]:
+    """Weight-only dequantization as TensorRT builds it: INT8/INT4 weights, symmetric (zero point absent or 0)."""
+    from onnx import numpy_helper
+
+    out = []
+    t = types.get(node.input[0])
+    if t is not None and t not in blocked["types"]:
+        out.append(Finding(label, node.op_type,
+                           f"quantized type {t}; TensorRT dequantizes {', '.join(blocked['types'])}"))
+    if len(node.input) > 2 and node.input[2]:
+        zp = next((i for i in model.graph.initializer if i.name == node.input[2]), None)
+        if zp is None or numpy_helper.to_array(zp).astype("float32").any():
+            out.append(Finding(label, node.op_type, "non-zero zero point: TensorRT's dequantize layer takes symmetric "
+                                                    "weights only"))
+    return out
 
 
 def _tensor_types(model) -> dict[str, str]:

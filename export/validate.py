@@ -58,20 +58,44 @@ def vision_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Ten
     return cases
 
 
-def ort_session(path: Path, device: str = "cpu"):
+def ort_session(path: Path, device: str = "cpu", exact: bool = False):
+    """A session over an exported graph with the runtime's settings (quantized matmuls at its accuracy level,
+    int8 activations), or ``exact``: quantized matmuls in float (accuracy level 0), so that a quantized graph
+    can be compared with PyTorch running the same dequantized weights within float tolerance. (Against the
+    runtime's int8 activations no such bound holds through a deep trunk: an activation on a rounding boundary
+    lands on the neighbouring step under a 1e-7 difference, and the flips cascade through the layers.)"""
     import onnxruntime as ort
+
+    from export.quantize import ACCURACY_LEVEL
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0" if exact else str(ACCURACY_LEVEL))
     providers = ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    if not exact:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = [a for n in model.graph.node if n.op_type == "MatMulNBits"
+             for a in n.attribute if a.name == "accuracy_level"]
+    if not nodes:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    for a in nodes:
+        a.i = 0
+    copy = path.with_name(f".{path.stem}.exact.onnx")  # beside the original, so that its external data resolves
+    try:
+        onnx.save(model, str(copy))
+        return ort.InferenceSession(str(copy), opts, providers=providers)
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 def compare(graph: str, path: Path, module, cases, names: list[str], precision: str) -> list[Row]:
     atol, rtol = TOLERANCE[precision]
-    sess = ort_session(path)
+    sess = ort_session(path, exact=True)
     out_names = [o.name for o in sess.get_outputs()]
     rows = []
     for label, args in cases:

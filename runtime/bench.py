@@ -53,16 +53,34 @@ def peak_rss() -> int:
 
 
 def weight_bytes_per_token(engine: Path, reasoner) -> int:
-    """Trunk weights + the head's last layer, norm and LM head: what every decode step reads."""
+    """Trunk weights + the head's last layer, norm and LM head: what every decode step reads (quantized
+    weights as stored: codes plus scales; the embedding's one row is left out)."""
     import onnx
 
     m = onnx.load(str(engine / "trunk.onnx"), load_external_data=False)
     trunk = sum(f.stat().st_size for f in engine.glob("trunk.onnx.data"))
     trunk += sum(len(t.raw_data) for t in m.graph.initializer if t.raw_data)
-    head = reasoner.head
-    layer = sum(p.numel() * p.element_size() for p in head.layer.parameters())
-    lm = head.lm_head.weight
-    return trunk + layer + head.norm.weight.numel() * head.norm.weight.element_size() + lm.numel() * lm.element_size()
+    return trunk + head_bytes_per_token(reasoner.head)
+
+
+def head_bytes_per_token(head) -> int:
+    from models.quantized import QuantLinear
+
+    def size(*ts):
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    total = 0
+    for mod in [head.layer, head.norm, head.lm_head]:
+        for sub in mod.modules():
+            if isinstance(sub, QuantLinear):  # the forward copy (the transposed one is read by V-Reason updates)
+                total += size(sub.codes, sub.scales, sub.zero_points, sub.bias)
+            elif not list(sub.children()):
+                total += size(*sub.parameters(recurse=False))
+    return total
+
+
+def export_bytes(engine: Path) -> int:
+    return sum(f.stat().st_size for f in engine.iterdir() if f.is_file())
 
 
 class TimedSteering:
@@ -227,7 +245,8 @@ def run(args) -> dict:
     report = {
         "machine": {"torch_threads": torch.get_num_threads(), "read_bandwidth_gb_s": bandwidth / 1e9,
                     "device": str(r.device)},
-        "engine": str(engine), "precision": r.manifest["precision"], "new_tokens": args.new_tokens,
+        "engine": str(engine), "precision": r.manifest["precision"], "weights": r.weights,
+        "export_bytes": export_bytes(engine), "new_tokens": args.new_tokens,
         "repeats": args.repeats, "backends": results,
         "decode_tokens_per_s": decode,
         "prefill_tokens_per_s": {k: v["prompt_tokens"] / v["prefill_s"] for k, v in results.items()},
@@ -268,10 +287,86 @@ def table(rep: dict) -> str:
     return "\n".join(rows)
 
 
+def label(rep: dict) -> str:
+    w = rep["weights"]
+    return w["precision"] if w["quantize"] == "none" else f"{w['quantize']} ({w['precision']} activations)"
+
+
+def run_many(args) -> dict:
+    """Several exports side by side: each measured in its own process (so that peak memory is its own), the
+    transformers baseline with the first, then onnxruntime-genai's fp32 and int4 models when installed."""
+    import subprocess
+
+    common = ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+              "--seconds", str(args.seconds), "--work", args.work, "--json"]
+    if args.backend:
+        common += ["--backend", *args.backend]
+
+    def child(argv: list[str], what: str) -> dict:
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"measuring {what} failed: {tail}")
+        print(f"measured {what}", file=sys.stderr)
+        return json.loads(done.stdout)
+
+    runs = {}
+    for i, engine in enumerate(args.engine):
+        extra = [] if i == 0 and args.transformers else ["--no-transformers"]
+        rep = child(["-m", "runtime.bench", "--engine", engine, *common, *extra], engine)
+        runs[label(rep)] = rep
+    first = next(iter(runs.values()))
+    prompt = next(iter(first["backends"].values()))["prompt_tokens"]
+    peer = {}
+    if args.peer:
+        for precision in ("fp32", "int4"):
+            peer[precision] = child(["-m", "runtime.peer", "--engine", args.engine[0], "--precision", precision,
+                                     "--prompt-tokens", str(prompt), "--new-tokens", str(args.new_tokens),
+                                     "--repeats", str(args.repeats), "--work", str(Path(args.work) / "peer"),
+                                     "--json"], f"onnxruntime-genai {precision}")
+    return {"runs": runs, "peer": peer, "transformers": first["backends"].get("transformers")}
+
+
+def table_many(rep: dict) -> str:
+    rows = ["| weights | backend | export size (MB) | weights/token (MB) | prefill tok/s | decode tok/s | "
+            "peak memory (MB) | roofline | vs transformers |", "|---|---|---|---|---|---|---|---|---|"]
+    tf = rep["transformers"]
+    tf_decode = 1 / tf["decode_s_per_token"] if tf else float("nan")
+    for name, r in rep["runs"].items():
+        for b, v in r["backends"].items():
+            if b == "transformers":
+                continue
+            d = r["decode_tokens_per_s"][b]
+            rows.append(f"| {name} | {b} | {r['export_bytes'] / 1e6:.0f} | {r['weight_bytes_per_token'] / 1e6:.0f} | "
+                        f"{r['prefill_tokens_per_s'][b]:.0f} | {d:.1f} | {v['peak_memory_bytes'] / 1e6:.0f} | "
+                        f"{100 * r['decode_roofline_fraction'][b]:.0f}% | {d / tf_decode:.2f}x |")
+    for p, v in rep["peer"].items():
+        d = 1 / v["decode_s_per_token"]
+        rows.append(f"| {p} | onnxruntime-genai | {v['export_bytes'] / 1e6:.0f} | - | "
+                    f"{v['prompt_tokens'] / v['ttft_s']:.0f} | {d:.1f} | {v['peak_memory_bytes'] / 1e6:.0f} | - | "
+                    f"{d / tf_decode:.2f}x |")
+    if tf:
+        rows.append(f"| fp32 | transformers eager | - | - | - | {tf_decode:.1f} | "
+                    f"{tf['peak_memory_bytes'] / 1e6:.0f} | - | 1.00x |")
+    rows.append("")
+    for name, r in rep["runs"].items():
+        rows.append(f"V-Reason on {name} ({r['vreason_backend']}): "
+                    f"per-token time x{r['vreason_token_time_ratio']:.2f}, "
+                    f"peak memory x{r['vreason_peak_memory_ratio']:.3f}, one update = "
+                    f"{r['vreason_update_cost_head_passes']:.2f} head passes ({1e3 * r['vreason_update_s']:.1f} ms; "
+                    f"head pass {1e3 * r['head_pass_s']:.1f} ms)")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=checks.description(__doc__),
                                  formatter_class=checks.HelpFormatter)
-    ap.add_argument("--engine", help="export directory to measure (or --synthetic)")
+    ap.add_argument("--engine", nargs="+",
+                    help="export directory to measure (or --synthetic); several (e.g. fp32, int8 and int4 exports of "
+                         "one checkpoint) are measured side by side, each in its own process")
+    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                    help="with several --engine: also measure onnxruntime-genai's fp32 and int4 CPU models of the "
+                         "same decoder shape (default: when onnxruntime-genai is installed)")
     ap.add_argument("--synthetic", metavar="NAME",
                     help="measure a random-weight model of a shipped config instead of an export: qwen2.5-vl-7b, "
                     "qwen2.5-vl-3b or small (static vs dynamic decode, V-Reason, transformers; see runtime.synthetic)")
@@ -307,8 +402,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.engine:
             raise UserError("pass --engine DIR (an export) or --synthetic NAME")
-        checks.input_dir(args.engine, "--engine")
+        for e in args.engine:
+            checks.input_dir(e, "--engine")
         checks.writable_dir(args.work, "--work")
+        if len(args.engine) > 1:
+            if args.peer is None:
+                import importlib.util
+                args.peer = importlib.util.find_spec("onnxruntime_genai") is not None
+            rep = run_many(args)
+            print(json.dumps(rep, indent=2) if args.json else table_many(rep))
+            return 0
+        args.engine = args.engine[0]
         rep = run(args)
         print(json.dumps(rep, indent=2) if args.json else table(rep))
         return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import check_export
+from export.manifest import check_export, weight_format
 from models.checkpoint import resolve_dtype
 from models.checks import check_device, check_number
 from models.errors import InputError, ResourceError, UserError
@@ -73,6 +73,7 @@ class Reasoner:
         self.chat_template = chat_template
         self.settings = settings
         self.limits = manifest["limits"]
+        self.weights = weight_format(manifest)
         self.device = backend.device
         self.dtype = backend.dtype
         self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
@@ -106,7 +107,13 @@ class Reasoner:
             cv2.setNumThreads(threads)  # video decoding and resizing too
         d = Path(engine_dir).expanduser()
         manifest = check_export(d, verify_hashes=verify)
+        q = manifest["quantization"]
+        if backend == "trt" and not q.get("tensorrt", True):
+            raise UserError(f"this export's trunk is quantized {q['scheme']} as MatMulNBits, which TensorRT cannot "
+                            "run; use --backend ort or torch, or re-export with --quantize int4")
         name, reason = resolve(backend, d)
+        if name == "trt" and not q.get("tensorrt", True):  # auto: TensorRT is here but cannot run this trunk
+            name, reason = "ort", "ONNX Runtime: the trunk is MatMulNBits, which TensorRT cannot run"
         dtype = resolve_dtype(manifest["precision"])
         device = check_device(device or ("cuda" if name == "trt" else "cpu"), "device")
         cfg = Config.from_stored(manifest["config"])
@@ -120,7 +127,13 @@ class Reasoner:
                 raise UserError(f"the torch backend runs the original checkpoint, and {whose} has no config.json; "
                                 "pass the checkpoint directory with --model DIR")
             model = load_model(src, dtype=dtype, device=device)
-            impl, head = TorchBackend(model, dtype, device), model.head
+            head = model.head
+            if quantized(manifest):  # the same quantized math as the graphs: dequantized trunk, quantized head
+                from export.quantize import load_trunk_weights, trunk_weights
+
+                load_trunk_weights(model.trunk, trunk_weights(d / "trunk.onnx"), manifest["quantization"]["block_size"])
+                head = load_head(cfg, d / "head.safetensors", dtype, device, manifest["quantization"])
+            impl = TorchBackend(model, dtype, device)
         else:
             if name == "trt":
                 from runtime.backends.trt import TrtBackend
@@ -128,12 +141,12 @@ class Reasoner:
             else:
                 from runtime.backends.ort import OrtBackend
                 impl = OrtBackend(d, dtype, device, threads=threads or 0)
-            head = load_head(cfg, d / "head.safetensors", dtype, device)
+            head = load_head(cfg, d / "head.safetensors", dtype, device, manifest["quantization"])
         on_cuda = torch.device(device).type == "cuda"
-        if not on_cuda:
+        if not on_cuda and isinstance(head.lm_head, torch.nn.Linear):
             head.prefer_column_major_lm_head()
         static = decode == "static" or (decode == "auto" and on_cuda)
-        if static and on_cuda and name == "torch":
+        if static and on_cuda and name == "torch" and not quantized(manifest):  # (hooks sit on the unfused linears)
             fuse_projections(impl.model)
         graphs = static and on_cuda and (cuda_graphs is None or cuda_graphs)
         return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason,
@@ -356,9 +369,13 @@ class Stream:
             text=text, answer=extract_answer(text), prompt_token_ids=list(self.prompt.ids), token_ids=ids,
             entropy=entropy, ema=list(tracker.ema), alpha=list(alphas), timings=loop.timings.as_dict(),
             peak_memory_bytes=peak_memory(r.device), backend=r.backend.name, method=self.method,
-            config=steering.config_dict() if steering is not None else {},
+            config={**(steering.config_dict() if steering is not None else {}), "weights": r.weights},
             skipped_updates=getattr(steering, "skipped", 0),
         )
+
+
+def quantized(manifest: dict) -> bool:
+    return manifest["quantization"].get("scheme", "none") != "none"
 
 
 def fuse_projections(model) -> None:

@@ -14,6 +14,10 @@ from torch import nn
 from models.qwen2_5_vl.config import TextConfig
 from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary, upcast
 
+# every linear of a decoder layer, by module path (what weight-only quantization quantizes)
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
 
 class MRoPE(nn.Module):
     """Multimodal rotary embedding: each frequency band follows one of the (t, h, w) position axes."""

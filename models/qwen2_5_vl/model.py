@@ -15,7 +15,7 @@ from torch import nn
 from models.checkpoint import iter_tensors, read_config, resolve_dtype
 from models.errors import CheckpointError
 from models.qwen2_5_vl.config import Qwen25VLConfig
-from models.qwen2_5_vl.decoder import Decoder, Head, MRoPE, Trunk
+from models.qwen2_5_vl.decoder import LINEARS, Decoder, Head, MRoPE, Trunk
 from models.qwen2_5_vl.positions import VisualSpan, mrope_positions
 from models.qwen2_5_vl.vision import VisionEncoder, vision_indices
 
@@ -118,9 +118,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", device: str 
     return model.eval().requires_grad_(False)
 
 
+HEAD_LINEARS = (*(f"layer.{lin}" for lin in LINEARS), "lm_head")  # what a quantized export quantizes in the head
+
+
 def load_head(cfg: Qwen25VLConfig, path: str | Path, dtype: str | torch.dtype = "fp32",
-              device: str | torch.device = "cpu") -> Head:
-    """The standalone head from an export's head.safetensors (the only PyTorch copy of those weights)."""
+              device: str | torch.device = "cpu", quantization: dict | None = None) -> Head:
+    """The standalone head from an export's head.safetensors (the only PyTorch copy of these weights).
+    ``quantization``: the manifest's entry; a quantized export's head holds quantized linears and embedding."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -130,13 +134,22 @@ def load_head(cfg: Qwen25VLConfig, path: str | Path, dtype: str | torch.dtype = 
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-export") from None
-    state = {k: v.to(resolve_dtype(dtype)) for k, v in state.items()}
+    torch_dtype = resolve_dtype(dtype)
+    quantized = bool(quantization and quantization.get("scheme", "none") != "none")
+    if quantized:
+        from models.quantized import install_quantized
+
+        state = install_quantized(head, state, HEAD_LINEARS, quantization["bits"], quantization["block_size"],
+                                  torch_dtype, device)
+        head.tied = False  # the LM head and the embedding are stored (and quantized) separately
+    state = {k: v.to(torch_dtype) for k, v in state.items()}
     if head.tied:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
-    missing = sorted(set(head.state_dict()) - {k for k, v in state.items() if v is not None})
+    expected = {k for k, v in head.state_dict(keep_vars=True).items() if v is not None and v.device.type == "meta"}
+    missing = sorted(expected - {k for k, v in state.items() if v is not None})
     if missing:
         raise CheckpointError(f"{path} lacks the head weights {', '.join(missing)}; re-export")
-    head.load_state_dict(state, strict=True, assign=True)
+    head.load_state_dict(state, strict=not quantized, assign=True)
     if head.tied:
         head.lm_head.weight = head.embed_tokens.weight
     head.rotary.inv_freq = MRoPE(cfg.text).inv_freq.to(device)

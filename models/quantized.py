@@ -1,0 +1,222 @@
+"""Weight-only quantized layers of the PyTorch head: linears in ONNX Runtime's MatMulNBits layout, and an
+embedding table stored int8 per row.
+
+MatMulNBits layout (ONNX Runtime's contrib operator, also what its quantizer writes): a weight W [N, K]
+(N outputs, K inputs) is cut along K into blocks of ``block_size``; ``codes`` uint8 [N, blocks, block_size *
+bits / 8] (4 bits: two values per byte, the first in the low nibble), ``scales`` [N, blocks] (or flat),
+``zero_points`` absent (symmetric: 8 for 4 bits, 128 for 8 bits), uint8 (4 bits: packed two per byte along
+the blocks) or float (HQQ). W[n, k] = (code - zero_point) * scale of k's block.
+
+On CPU a ``QuantLinear`` runs ONNX Runtime's MatMulNBits kernel (packed weights read as they are; measured on
+the bench shape's 151936 x 896 LM head, 2 cores: int4 2.1 ms, int8 5.1 ms, fp32 PyTorch 21 ms), and its
+backward (V-Reason's d(logits)/d(values) needs input gradients only, the weights are frozen) runs the same
+kernel over a second copy of W^T quantized along N: the gradient is that of a weight equal to W up to the
+quantization noise, not bit-exactly the forward's (PyTorch's own low-bit CPU kernels measured slower than
+fp32 here: int8 57 ms, int4 122 ms; dequantizing in the backward: 288 ms). Elsewhere (CUDA, fp16) the layer
+holds a dequantized copy in the compute dtype: correct, without the memory saving.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+IR_VERSION = 10  # ONNX IR of the graphs built here: what ONNX Runtime 1.18 and later read (opset 21 needs 10)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [N, blocks, blob] -> int16 [N, blocks * block_size] of the stored (unsigned) codes."""
+    c = codes.to(torch.int16)
+    if bits == 8:
+        return c.reshape(c.shape[0], -1)
+    return torch.stack((c & 0xF, c >> 4), dim=-1).reshape(c.shape[0], -1)
+
+
+def zero_point_values(zero_points: torch.Tensor | None, bits: int, n: int, blocks: int,
+                      device=None) -> torch.Tensor:
+    """[N, blocks] zero points as float (the symmetric default when absent)."""
+    if zero_points is None:
+        return torch.full((n, blocks), float(1 << (bits - 1)), device=device)
+    if zero_points.dtype.is_floating_point:
+        return zero_points.float().reshape(n, blocks)
+    z = zero_points.to(torch.int16).reshape(n, -1)
+    if bits == 4:
+        z = torch.stack((z & 0xF, z >> 4), dim=-1).reshape(n, -1)
+    return z[:, :blocks].float()
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int,
+               block_size: int, k: int) -> torch.Tensor:
+    """The float32 weight [N, K] a MatMulNBits weight stands for."""
+    n = codes.shape[0]
+    q = unpack_codes(codes, bits).float()
+    blocks = q.shape[1] // block_size
+    s = scales.float().reshape(n, blocks)
+    z = zero_point_values(zero_points, bits, n, blocks, codes.device)
+    w = (q.view(n, blocks, block_size) - z.unsqueeze(-1)) * s.unsqueeze(-1)
+    return w.reshape(n, -1)[:, :k].contiguous()
+
+
+def fake_quantize_activations(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """What ONNX Runtime's MatMulNBits does to its input at accuracy level 4: each block of ``block_size``
+    along the last axis rounded to int8 with its own scale (max |x| / 127). With dequantized weights this
+    reproduces the kernel's result to float rounding (measured: 1e-6 of the output's scale, where float
+    activations differ by 1e-2); the torch backend runs it to compute what the ort backend computes."""
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1] // block_size, block_size)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))  # computed and multiplied as the kernel does
+    return (torch.round(xb * inverse) * (amax / 127)).reshape(shape)
+
+
+def _nbits_session(codes, scales, zero_points, bits: int, block_size: int, k: int, n: int, accuracy_level: int):
+    """An ONNX Runtime session computing x [M, K] @ W^T for one MatMulNBits weight; the weight arrays are
+    handed over without a copy (the caller keeps them alive)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = ["x", "codes", "scales"] + (["zero_points"] if zero_points is not None else [])
+    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block_size, accuracy_level=accuracy_level)
+    arrays = {"codes": codes, "scales": scales, **({"zero_points": zero_points} if zero_points is not None else {})}
+    # the graph names its weights as initializers; the session then uses the caller's buffers for them
+    # (``add_initializer``), the serialized copies here being dropped once the session exists
+    graph = helper.make_graph(
+        [node], "matmul_nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(a.numpy(), name) for name, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=IR_VERSION)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    values = {name: ort.OrtValue.ortvalue_from_numpy(a.numpy()) for name, a in arrays.items()}
+    for name, v in values.items():
+        opts.add_initializer(name, v)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess, values
+
+
+class _NBitsMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._run("forward", x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.layer._run("backward", grad), None
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored weight-only quantized (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, block_size: int,
+                 tensors: dict[str, torch.Tensor], backward_block_size: int | None = None,
+                 accuracy_level: int = 4) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.block_size = in_features, out_features, bits, block_size
+        self.backward_block_size = backward_block_size
+        self.accuracy_level = accuracy_level
+        for name in ("codes", "scales", "zero_points", "bwd_codes", "bwd_scales", "bwd_zero_points"):
+            t = tensors.get(name)
+            self.register_buffer(name, t.contiguous() if t is not None else None)
+        self.bias = nn.Parameter(tensors["bias"], requires_grad=False) if tensors.get("bias") is not None else None
+        self._sessions: dict = {}
+        self._dense: torch.Tensor | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [out, in] the stored codes stand for."""
+        return dequantize(self.codes, self.scales, self.zero_points, self.bits, self.block_size, self.in_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers() if t is not None)
+
+    def _session(self, which: str):
+        if which not in self._sessions:
+            if which == "forward":
+                args = (self.codes, self.scales, self.zero_points, self.bits, self.block_size, self.in_features,
+                        self.out_features)
+            else:
+                args = (self.bwd_codes, self.bwd_scales, self.bwd_zero_points, self.bits, self.backward_block_size,
+                        self.out_features, self.in_features)
+            self._sessions[which] = _nbits_session(*args, self.accuracy_level)
+        return self._sessions[which][0]
+
+    def _run(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        if which == "backward" and self.bwd_codes is None:
+            return x @ self.dequantized().to(x.dtype)  # an export without the transposed copy: slow, exact
+        shape = x.shape
+        flat = x.detach().reshape(-1, shape[-1]).contiguous().numpy()
+        y = torch.from_numpy(self._session(which).run(None, {"x": flat})[0])
+        return y.view(*shape[:-1], y.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            y = _NBitsMatmul.apply(x, self)
+        else:  # the kernel's math in PyTorch: a dequantized copy, int8-rounded activations
+            if self._dense is None or self._dense.device != x.device or self._dense.dtype != x.dtype:
+                self._dense = self.dequantized().to(x.device, x.dtype)
+            if self.in_features % self.block_size == 0:
+                x = fake_quantize_activations(x, self.block_size)
+            y = nn.functional.linear(x, self._dense)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block={self.block_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table stored int8 per row: row = codes[row] * scale[row] (one row read per token)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"codes": codes, "scales": scales}
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scales[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+
+def numpy_of(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def backward_block(n: int, block_size: int) -> int:
+    """Block size of a linear's transposed copy (its blocks run along the outputs, N)."""
+    return next((b for b in (block_size, 64, 32, 16) if n % b == 0), block_size)
+
+
+def install_quantized(module: nn.Module, state: dict[str, torch.Tensor], linears: list[str], bits: int,
+                      block_size: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Replace ``module``'s linears named in ``linears`` and its ``embed_tokens`` by quantized ones built from a
+    quantized export's ``state``; returns the rest of the state (norms and other float tensors)."""
+    rest = dict(state)
+    for name in linears:
+        lin = module.get_submodule(name)
+        parts = {k: rest.pop(f"{name}.{k}") for k in ("codes", "scales", "zero_points", "bwd_codes", "bwd_scales",
+                                                      "bwd_zero_points", "bias") if f"{name}.{k}" in rest}
+        if "codes" not in parts:
+            from models.errors import CheckpointError
+            raise CheckpointError(f"the quantized head lacks {name}.codes; re-export")
+        if parts.get("bias") is not None:
+            parts["bias"] = parts["bias"].to(device, dtype)
+        module.set_submodule(name, QuantLinear(lin.in_features, lin.out_features, bits, block_size, parts,
+                                               backward_block(lin.out_features, block_size)))
+    if "embed_tokens.codes" in rest:
+        module.embed_tokens = QuantEmbedding(rest.pop("embed_tokens.codes").to(device),
+                                             rest.pop("embed_tokens.scales").to(device, dtype))
+    return rest

@@ -1,0 +1,124 @@
+"""The CPU peer a user would pick instead: onnxruntime-genai's model builder (fp32 and int4 CPU models) on a
+text-only Qwen2 checkpoint of an export's decoder shape with random weights (only speed is compared).
+
+``python -m runtime.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
+one model: prefill of ``--prompt-tokens`` random ids, then ``--new-tokens`` greedy tokens; medians of
+``--repeats``. Runs in its own process (``runtime.bench`` starts it) so that its peak memory is its own.
+Needs the optional ``onnxruntime-genai`` package (``pip install -e .[peer]``) and its builder's ``onnx_ir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from models import checks
+from models.errors import UserError, run_cli
+
+
+def qwen2_config(text: dict) -> dict:
+    """A transformers Qwen2 config with the export decoder's shape."""
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": text["hidden_size"],
+            "intermediate_size": text["intermediate_size"], "num_hidden_layers": text["num_hidden_layers"],
+            "num_attention_heads": text["num_attention_heads"], "num_key_value_heads": text["num_key_value_heads"],
+            "vocab_size": text["vocab_size"], "rms_norm_eps": text["rms_norm_eps"], "rope_theta": text["rope_theta"],
+            "tie_word_embeddings": text["tie_word_embeddings"], "max_position_embeddings": 32768,
+            "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1}
+
+
+def build(text: dict, precision: str, work: Path) -> Path:
+    """The builder's model directory for this shape and precision (built once, then reused)."""
+    cfg = qwen2_config(text)
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    src, out = work / f"qwen2-{key}", work / f"qwen2-{key}-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    if not (src / "config.json").is_file():
+        import torch
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in cfg.items() if k != "architectures"}))
+        model.save_pretrained(src)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
+           "-e", "cpu", "-c", str(work / "cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not (out / "genai_config.json").is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"onnxruntime-genai's builder failed for {precision}: {tail[0]}")
+    return out
+
+
+def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from runtime.bench import peak_rss, reset_peak_rss
+
+    model = og.Model(str(model_dir))
+    ids = np.random.default_rng(0).integers(10, vocab - 10, prompt_tokens).tolist()
+
+    def once() -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_tokens + new_tokens, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)  # prefill
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        n = 1
+        while n < new_tokens and not gen.is_done():
+            gen.generate_next_token()
+            n += 1
+        return t1 - t0, (time.perf_counter() - t1) / max(n - 1, 1)
+
+    once()  # warm-up
+    reset_peak_rss()
+    runs = [once() for _ in range(repeats)]
+    files = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".onnx", ".data"))
+    return {"ttft_s": statistics.median(r[0] for r in runs),
+            "decode_s_per_token": statistics.median(r[1] for r in runs), "prompt_tokens": prompt_tokens,
+            "peak_memory_bytes": peak_rss(), "export_bytes": files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.peer", description=checks.description(__doc__),
+                                 formatter_class=checks.HelpFormatter)
+    ap.add_argument("--engine", required=True, help="export directory whose decoder shape is copied")
+    ap.add_argument("--precision", choices=("fp32", "int4"), default="int4", help="the builder's precision")
+    ap.add_argument("--prompt-tokens", type=int, default=285, help="prefill length")
+    ap.add_argument("--new-tokens", type=int, default=32, help="generated tokens per measured request")
+    ap.add_argument("--repeats", type=int, default=3, help="measured requests (the median is reported)")
+    ap.add_argument("--work", default="work/peer", help="where the checkpoint and built models are kept")
+    ap.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def go(args) -> int:
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            raise UserError("runtime.peer needs onnxruntime-genai: pip install -e .[peer]") from None
+        from export.manifest import read_manifest
+
+        text = read_manifest(checks.input_dir(args.engine, "--engine"))["config"]["text"]
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        rep = measure(build(text, args.precision, work), args.prompt_tokens, args.new_tokens, args.repeats,
+                      text["vocab_size"])
+        rep["precision"] = args.precision
+        print(json.dumps(rep) if args.json else
+              f"onnxruntime-genai {args.precision}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
+              f"TTFT {rep['ttft_s']:.3f} s, peak memory {rep['peak_memory_bytes'] / 1e6:.0f} MB")
+        return 0
+
+    return run_cli(go, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
