@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from export.quantize import DEFAULT_BLOCK, LINEARS, Quantization
+from export.quantize import DEFAULT_BLOCK, Quantization
 from models.checkpoint import read_config
 from models.errors import UserError
 from models.quantized import backward_block
+from models.qwen2_5_vl.decoder import LINEARS
 
 # Jetson Orin modules: memory shared by CPU and GPU (GB), and its bandwidth (GB/s), from NVIDIA's module data
 JETSONS = (("Orin Nano 8GB", 8, 68.0), ("Orin NX 16GB", 16, 102.4), ("AGX Orin 32GB", 32, 204.8),

@@ -21,7 +21,14 @@ import torch
 from export.calibration import table as calibration_table
 from export.manifest import ExportError, graph_io, write_manifest
 from export.onnx_graphs import export_graph, name_dynamic_dims
-from export.quantize import Quantization, load_trunk_weights, quantize_head, quantize_trunk, trunk_weights
+from export.quantize import (
+    Quantization,
+    executed_ops,
+    load_trunk_weights,
+    quantize_head,
+    quantize_trunk,
+    trunk_weights,
+)
 from export.trt_compat import check_graph
 from models.checkpoint import read_config, resolve_dtype
 from models.errors import UserError
@@ -138,6 +145,9 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 quant_summary = quantize_trunk(tmp / "trunk.onnx", model.trunk, quant,
                                                external_data=trunk_size // (32 // quant.bits) > EXTERNAL_DATA_BYTES)
                 graphs["trunk"] = graph_io(onnx.load(str(tmp / "trunk.onnx"), load_external_data=False))
+                ran = executed_ops(tmp / "trunk.onnx", model.trunk.num_layers, cfg.text)
+                quant_summary["onnxruntime_ran"] = {op: ran.get(op, 0) for op in ("MatMulNBits", "DequantizeLinear",
+                                                                                   "MatMul")}
         with stages.stage("write head.safetensors and tokenizer files"):
             from safetensors.torch import save_file
             head_tensors = quantize_head(model.head, quant) if quant.enabled else model.head.weights()

@@ -3,10 +3,11 @@ linears (the same quantizer, one weight at a time, kept in MatMulNBits layout fo
 embedding table (int8 per row). The vision encoder stays in the export precision.
 
 Forms of the trunk graph, chosen per scheme and recorded in the manifest:
-- int4 + rtn: standard QDQ, DequantizeLinear(int4, symmetric, blocked along K, opset 21) + MatMul. ONNX
-  Runtime fuses the pair into its MatMulNBits kernel at load (``python -m export --profile-ort`` shows the
-  fused node running); TensorRT 10 builds blocked INT4 DequantizeLinear as weight-only INT4 (symmetric only:
-  its dequantize layer rejects zero points), which is why rtn int4 is symmetric.
+- int4: standard QDQ, DequantizeLinear(int4, symmetric, blocked along K, opset 21) + MatMul. ONNX Runtime
+  fuses the pair into its MatMulNBits kernel at load (its profiler, run at export, records which kernels
+  ran: the manifest's ``quantization.trunk.onnxruntime_ran``); TensorRT 10 builds blocked INT4
+  DequantizeLinear as weight-only INT4 (symmetric only: its dequantize layer rejects zero points), which is
+  why int4 is symmetric. Not verified against TensorRT here (no TensorRT on these machines).
 - int8: MatMulNBits (ONNX Runtime contrib op; the quantizer has no QDQ form for 8 bits): ONNX Runtime only;
   TensorRT cannot parse it.
 
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 
 from models.errors import UserError
-from models.qwen2_5_vl.decoder import LINEARS
 from models.qwen2_5_vl.model import HEAD_LINEARS
 
 SCHEMES = ("none", "int8", "int4")
@@ -173,17 +173,23 @@ def _fingerprint(a: np.ndarray) -> tuple:
     return (a.shape, flat[: 64].tobytes(), flat[-64:].tobytes())
 
 
+def trunk_linears(trunk) -> dict[str, torch.nn.Linear]:
+    """Every linear of the trunk's layers by module path (``layers.<i>.self_attn.qkv_proj`` when fused)."""
+    return {f"layers.{i}.{name}": mod for i, layer in enumerate(trunk.layers)
+            for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
 def name_trunk_weights(model_proto, trunk) -> dict[str, str]:
     """Rename the MatMul weight initializers of the exported trunk after the PyTorch linears they hold
     (``layers.<i>.<linear>``; the exporter's names are arbitrary), matched by value. Returns the node names
     of those MatMuls, keyed by the new weight name."""
     from onnx import numpy_helper
 
-    want: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
-    for i, layer in enumerate(trunk.layers):
-        for lin in LINEARS:
-            w = layer.get_submodule(lin).weight.detach().float().cpu().t().contiguous().numpy()
-            want.setdefault(_fingerprint(w), []).append((f"layers.{i}.{lin}", w))
+    linears = trunk_linears(trunk)
+    want: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for name, lin in linears.items():
+        w = lin.weight.detach().float().cpu().t().contiguous().numpy()
+        want.setdefault(_fingerprint(w), []).append((name, w))
     inits = {i.name: i for i in model_proto.graph.initializer}
     renamed: dict[str, str] = {}
     nodes: dict[str, str] = {}
@@ -202,7 +208,7 @@ def name_trunk_weights(model_proto, trunk) -> dict[str, str]:
                 node.input[1] = renamed.get(node.input[1], node.input[1])
                 nodes[name] = node.name
                 break
-    missing = sorted({f"layers.{i}.{lin}" for i in range(len(trunk.layers)) for lin in LINEARS} - set(nodes))
+    missing = sorted(set(linears) - set(nodes))
     if missing:
         raise QuantizationError(f"the exported trunk graph has no MatMul holding {', '.join(missing[:3])}"
                                 f"{' ...' if len(missing) > 3 else ''}; cannot quantize it")
@@ -269,6 +275,9 @@ def load_trunk_weights(trunk, weights: dict[str, torch.Tensor], block_size: int,
     parity check)."""
     from models.quantized import fake_quantize_activations
 
+    if any(name.endswith(("qkv_proj", "gate_up_proj")) for name in weights):
+        for layer in trunk.layers:  # the graph's layout: q/k/v and gate/up fused (see the spec)
+            layer.fuse_projections()
     for name, w in weights.items():
         lin = trunk.get_submodule(name.removesuffix(".weight"))
         with torch.no_grad():
@@ -308,3 +317,34 @@ def quantize_head(head, q: Quantization, progress=None) -> dict[str, torch.Tenso
         if key not in skip:
             out[key] = t.detach().cpu()
     return out
+
+
+def executed_ops(path: Path, num_layers: int, text_cfg) -> dict[str, int]:
+    """Operator types ONNX Runtime's profiler records running for one decode step of the trunk graph with the
+    runtime's settings: shows whether blocked DequantizeLinear + MatMul were fused into MatMulNBits (packed
+    weights read directly) or run as written (weights dequantized every step)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ACCURACY_LEVEL))
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "trunk")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        past = np.zeros((1, 3, text_cfg.num_key_value_heads, text_cfg.head_dim), np.float32)
+        feed = {"inputs_embeds": np.zeros((1, 1, text_cfg.hidden_size), np.float32),
+                "position_ids": np.full((3, 1, 1), 3, np.int64), "cache_length": np.array([3], np.int64)}
+        for i in range(num_layers):
+            feed[f"past_key.{i}"] = feed[f"past_value.{i}"] = past
+        sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    counts: dict[str, int] = {}
+    for e in events:
+        op = e.get("args", {}).get("op_name")
+        if e.get("cat") == "Node" and op and e.get("name", "").endswith("_kernel_time"):
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))

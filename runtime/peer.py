@@ -58,10 +58,16 @@ def build(text: dict, precision: str, work: Path) -> Path:
 def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int) -> dict:
     import numpy as np
     import onnxruntime_genai as og
+    import torch
 
     from runtime.bench import peak_rss, reset_peak_rss
 
-    model = og.Model(str(model_dir))
+    config = og.Config(str(model_dir))
+    # the same CPU threads as this project's runtime uses; left to itself onnxruntime-genai sized its pool past
+    # this container's cores (measured on the bench shape, 2 cores: int4 16 tokens/s by default, 37 with 2)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": torch.get_num_threads()}}}}))
+    model = og.Model(config)
     ids = np.random.default_rng(0).integers(10, vocab - 10, prompt_tokens).tolist()
 
     def once() -> tuple[float, float]:
