@@ -33,7 +33,9 @@ from models.qwen2_5_vl.model import HEAD_LINEARS
 SCHEMES = ("none", "int8", "int4")
 METHODS = ("rtn",)
 DEFAULT_BLOCK = 128  # what ONNX Runtime's quantizer, onnxruntime-genai's builder and ModelOpt's INT4 AWQ default to
-ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations inside the kernel (int8 weights: 180 ms -> 1 ms per 7B MLP matmul)
+# MatMulNBits: activations rounded to int8 per block inside the kernel (measured, one 4096 x 3584 matmul on
+# 2 cores: int4 0.66 -> 0.27 ms, int8 61 -> 0.55 ms)
+ACCURACY_LEVEL = 4
 
 
 class QuantizationError(UserError):
