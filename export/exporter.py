@@ -145,7 +145,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 quant_summary = quantize_trunk(tmp / "trunk.onnx", model.trunk, quant,
                                                external_data=trunk_size // (32 // quant.bits) > EXTERNAL_DATA_BYTES)
                 graphs["trunk"] = graph_io(onnx.load(str(tmp / "trunk.onnx"), load_external_data=False))
-                ran = executed_ops(tmp / "trunk.onnx", model.trunk.num_layers, cfg.text)
+                ran = executed_ops(tmp / "trunk.onnx", model.trunk.num_layers, cfg.text, precision)
                 quant_summary["onnxruntime_ran"] = {op: ran.get(op, 0) for op in ("MatMulNBits", "DequantizeLinear",
                                                                                    "MatMul")}
         with stages.stage("write head.safetensors and tokenizer files"):
@@ -176,7 +176,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 qerror = measure_quantization_error(model, model_dir, tmp, precision, quant)
                 if not quiet:
                     print(calibration_table(qerror), file=sys.stderr)
-        if quant.enabled:  # parity: PyTorch on the very same weights, against the graph at float accuracy
+        if quant.enabled and validate:  # parity: PyTorch on the very same weights, the graph at float accuracy
             load_trunk_weights(model.trunk, trunk_weights(tmp / "trunk.onnx"), quant.block_size, int8_activations=False)
         if validate:
             with stages.stage("validate ONNX Runtime against PyTorch"):

@@ -321,7 +321,7 @@ def quantize_head(head, q: Quantization, progress=None) -> dict[str, torch.Tenso
     return out
 
 
-def executed_ops(path: Path, num_layers: int, text_cfg) -> dict[str, int]:
+def executed_ops(path: Path, num_layers: int, text_cfg, precision: str = "fp32") -> dict[str, int]:
     """Operator types ONNX Runtime's profiler records running for one decode step of the trunk graph with the
     runtime's settings: shows whether blocked DequantizeLinear + MatMul were fused into MatMulNBits (packed
     weights read directly) or run as written (weights dequantized every step)."""
@@ -337,8 +337,9 @@ def executed_ops(path: Path, num_layers: int, text_cfg) -> dict[str, int]:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "trunk")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        past = np.zeros((1, 3, text_cfg.num_key_value_heads, text_cfg.head_dim), np.float32)
-        feed = {"inputs_embeds": np.zeros((1, 1, text_cfg.hidden_size), np.float32),
+        dt = np.float16 if precision == "fp16" else np.float32
+        past = np.zeros((1, 3, text_cfg.num_key_value_heads, text_cfg.head_dim), dt)
+        feed = {"inputs_embeds": np.zeros((1, 1, text_cfg.hidden_size), dt),
                 "position_ids": np.full((3, 1, 1), 3, np.int64), "cache_length": np.array([3], np.int64)}
         for i in range(num_layers):
             feed[f"past_key.{i}"] = feed[f"past_value.{i}"] = past
