@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("runtime.peer needs onnxruntime-genai: pip install -e .[peer]") from None
         from export.manifest import read_manifest
 
+        checks.check_number("--prompt-tokens", args.prompt_tokens, lo=1, integer=True)
+        checks.check_number("--new-tokens", args.new_tokens, lo=2, integer=True)
+        checks.check_number("--repeats", args.repeats, lo=1, integer=True)
         text = read_manifest(checks.input_dir(args.engine, "--engine"))["config"]["text"]
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,8 @@ class Reasoner:
         if not on_cuda and isinstance(head.lm_head, torch.nn.Linear):
             head.prefer_column_major_lm_head()
         static = decode == "static" or (decode == "auto" and on_cuda)
-        if static and on_cuda and name == "torch" and not quantized(manifest):  # (hooks sit on the unfused linears)
+        # (a quantized export's trunk was fused when its weights were loaded, and its head is the export's)
+        if static and on_cuda and name == "torch" and not quantized(manifest):
             fuse_projections(impl.model)
         graphs = static and on_cuda and (cuda_graphs is None or cuda_graphs)
         return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason,
