@@ -141,9 +141,9 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 graphs[spec.name] = graph_io(onnx.load(str(path), load_external_data=False))
         if quant.enabled:
             with stages.stage(f"quantize trunk.onnx ({quant.scheme} {quant.method}, block {quant.block_size})"):
-                trunk_size = sum(p.numel() * p.element_size() for p in model.trunk.parameters())
+                packed = sum(p.numel() for p in model.trunk.parameters()) * quant.bits // 8  # codes alone
                 quant_summary = quantize_trunk(tmp / "trunk.onnx", model.trunk, quant,
-                                               external_data=trunk_size // (32 // quant.bits) > EXTERNAL_DATA_BYTES)
+                                               external_data=packed > EXTERNAL_DATA_BYTES)
                 graphs["trunk"] = graph_io(onnx.load(str(tmp / "trunk.onnx"), load_external_data=False))
                 ran = executed_ops(tmp / "trunk.onnx", model.trunk.num_layers, cfg.text, precision)
                 quant_summary["onnxruntime_ran"] = {op: ran.get(op, 0) for op in ("MatMulNBits", "DequantizeLinear",

@@ -328,15 +328,10 @@ def executed_ops(path: Path, num_layers: int, text_cfg, precision: str = "fp32")
     import json
     import tempfile
 
-    import onnxruntime as ort
+    from export.validate import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ACCURACY_LEVEL))
     with tempfile.TemporaryDirectory() as tmp:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "trunk")
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(path, profile_prefix=str(Path(tmp) / "trunk"))
         dt = np.float16 if precision == "fp16" else np.float32
         past = np.zeros((1, 3, text_cfg.num_key_value_heads, text_cfg.head_dim), dt)
         feed = {"inputs_embeds": np.zeros((1, 1, text_cfg.hidden_size), dt),

@@ -58,7 +58,7 @@ def vision_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Ten
     return cases
 
 
-def ort_session(path: Path, device: str = "cpu", exact: bool = False):
+def ort_session(path: Path, device: str = "cpu", exact: bool = False, profile_prefix: str | None = None):
     """A session over an exported graph with the runtime's settings (quantized matmuls at its accuracy level,
     int8 activations), or ``exact``: quantized matmuls in float (accuracy level 0), so that a quantized graph
     can be compared with PyTorch running the same dequantized weights within float tolerance. (Against the
@@ -71,6 +71,9 @@ def ort_session(path: Path, device: str = "cpu", exact: bool = False):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0" if exact else str(ACCURACY_LEVEL))
+    if profile_prefix:  # ONNX Runtime's profiler: which kernels ran (see ``export.quantize.executed_ops``)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     providers = ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")

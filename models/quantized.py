@@ -18,7 +18,6 @@ holds a dequantized copy in the compute dtype: correct, without the memory savin
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -132,9 +131,6 @@ class QuantLinear(nn.Module):
         """The float32 weight [out, in] the stored codes stand for."""
         return dequantize(self.codes, self.scales, self.zero_points, self.bits, self.block_size, self.in_features)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers() if t is not None)
-
     def _session(self, which: str):
         if which not in self._sessions:
             if which == "forward":
@@ -189,10 +185,6 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
-
-
-def numpy_of(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().contiguous().numpy()
 
 
 def backward_block(n: int, block_size: int) -> int:
