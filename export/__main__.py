@@ -91,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
 def print_trtexec(root: Path, data: dict) -> None:
     from export.exporter import Limits, trt_profiles
     from export.tensorrt_build import trtexec_command
-    from models.qwen2_5_vl import Config
+    from models.registry import family
 
-    cfg = Config.from_stored(data["config"])
+    cfg = family(data["model_type"]).Config.from_stored(data["config"])
     for graph, profiles in trt_profiles(cfg, Limits(**data["limits"])).items():
         print(trtexec_command(str(root / f"{graph}.onnx"), str(root / f"{graph}.plan"), profiles,
                               data["precision"], str(root / "timing.cache")))

@@ -38,8 +38,7 @@ def calibration_prompts(model_dir: str | Path, cfg, count: int = len(SAMPLES)) -
         for i, (shape, color, direction) in enumerate(SAMPLES[:count]):
             video = sample_video(Path(tmp) / f"{i}.mp4", shape, color, direction, seed=i)
             visual = visual_from(cfg, settings, video=video, max_frames=8)
-            ids = prompt_ids(tok, template, QUESTION.format(color=color, shape=shape),
-                             [(visual.span.kind, visual.tokens)])
+            ids = prompt_ids(tok, template, QUESTION.format(color=color, shape=shape), [visual.prompt_entry(cfg)])
             p = build_prompt(cfg, ids, [visual])
             out.append(CalibrationPrompt(torch.tensor(ids), p.positions, visual.pixel_values, visual.span.grid_thw,
                                          visual.span))
@@ -56,11 +55,13 @@ def quantization_error(model, head, trunk_session, prompts: list[CalibrationProm
         for p in prompts:
             visuals = [(p.span, p.pixel_values.to(dev, dtype))]
             pos = p.positions.unsqueeze(1)
-            ref = model.decoder(model.embed_prompt(p.ids.to(dev), visuals), pos.to(dev))[0].double().cpu()
-            embeds = head.embed(p.ids.view(1, -1)).to(dtype)
+            ref = model(p.ids.to(dev), visuals)[0].double().cpu()
+            model_embeds, deepstack = model.prompt_inputs(p.ids.to(dev), visuals)
+            embeds = head.embed(p.ids.view(1, -1)).to(dtype)  # the text rows as the runtime embeds them
             is_pad = (p.ids == cfg.image_token_id) | (p.ids == cfg.video_token_id)
-            embeds[0, is_pad] = model.encode_visual(p.pixel_values.to(dev, dtype), p.grid).to("cpu", dtype)
-            hidden = run_prefill(trunk_session, embeds, pos, model.trunk.num_layers, cfg.text)
+            embeds[0, is_pad] = model_embeds[0, is_pad.to(dev)].to("cpu", dtype)
+            hidden = run_prefill(trunk_session, embeds, pos, model.trunk.num_layers, cfg.text,
+                                 None if deepstack is None else deepstack.cpu())
             empty = torch.zeros(1, 0, cfg.text.num_key_value_heads, cfg.text.head_dim, dtype=dtype)
             logits = head(hidden.to(dtype), pos, empty, empty)[0][0].double()
             lr, lq = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)
@@ -73,14 +74,21 @@ def quantization_error(model, head, trunk_session, prompts: list[CalibrationProm
             "mean_kl": float(torch.cat(kls).mean()), "max_abs_entropy_diff": dh}
 
 
-def run_prefill(session, embeds: torch.Tensor, positions: torch.Tensor, num_layers: int, text_cfg) -> torch.Tensor:
-    """hidden [1, S, H] of the trunk graph for a prefill from an empty cache."""
+def run_prefill(session, embeds: torch.Tensor, positions: torch.Tensor, num_layers: int, text_cfg,
+                deepstack: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [1, S, H] of the trunk graph for a prefill from an empty cache (with the DeepStack features of a
+    family that has them)."""
+    from export.validate import with_zero_inputs
+
     dt = np.float16 if embeds.dtype == torch.float16 else np.float32
     feed = {"inputs_embeds": embeds.float().numpy().astype(dt), "position_ids": positions.numpy(),
             "cache_length": np.zeros(1, np.int64)}
+    if deepstack is not None:
+        feed["deepstack_embeds"] = deepstack.float().numpy().astype(dt)
     empty = np.zeros((1, 0, text_cfg.num_key_value_heads, text_cfg.head_dim), dt)
     for i in range(num_layers):
         feed[f"past_key.{i}"] = feed[f"past_value.{i}"] = empty
+    feed = with_zero_inputs(session, feed, seq=embeds.shape[1], dtype=dt)
     return torch.from_numpy(session.run(["hidden"], feed)[0].astype(np.float32))
 
 

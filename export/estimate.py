@@ -21,7 +21,6 @@ from export.quantize import DEFAULT_BLOCK, Quantization
 from models.checkpoint import read_config
 from models.errors import UserError
 from models.quantized import backward_block
-from models.qwen2_5_vl.decoder import LINEARS
 
 # Jetson Orin modules: memory shared by CPU and GPU (GB), and its bandwidth (GB/s), from NVIDIA's module data
 JETSONS = (("Orin Nano 8GB", 8, 68.0), ("Orin NX 16GB", 16, 102.4), ("AGX Orin 32GB", 32, 204.8),
@@ -53,13 +52,17 @@ def _quantized_bytes(n: int, k: int, bits: int, block: int, scale_bytes: int) ->
 
 
 def estimate(raw_config: dict, precision: str = "fp32", block_size: int = 0) -> list[Estimate]:
-    from models.qwen2_5_vl import Config
-    from models.qwen2_5_vl.model import Qwen25VL
+    from models.registry import SUPPORTED, family
 
-    cfg = Config.from_dict(raw_config)
+    mt = raw_config.get("model_type")
+    if mt not in SUPPORTED:
+        raise UserError(f"the config's model_type {mt!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}")
+    fam = family(mt)
+    LINEARS = fam.LINEARS  # noqa: N806 (the family's constant)
+    cfg = fam.Config.from_dict(raw_config)
     t = cfg.text
     with torch.device("meta"):
-        model = Qwen25VL(cfg)
+        model = fam.Model(cfg)
     eb = PRECISION_BYTES[precision]
     last = t.num_hidden_layers - 1
     linear_names = {f"decoder.layers.{i}.{lin}.weight" for i in range(t.num_hidden_layers) for lin in LINEARS}

@@ -217,20 +217,25 @@ def measure_quantization_error(model, model_dir, root: Path, precision: str, qua
     """The quantized model as the runtime runs it (trunk graph, quantized head) against the unquantized one."""
     from export.calibration import calibration_prompts, quantization_error
     from export.validate import ort_session
-    from models.qwen2_5_vl.model import load_head
+    from models.registry import family
 
+    load_head = family(model.cfg.model_type).load_head
     head = load_head(model.cfg, root / "head.safetensors", precision, "cpu", quant.describe())
     return quantization_error(model, head, ort_session(root / "trunk.onnx"), calibration_prompts(model_dir, model.cfg))
 
 
 def trt_profiles(cfg, lim: Limits) -> dict:
-    from export.tensorrt_build import trunk_profiles, vision_profiles
+    from export.tensorrt_build import Profile, trunk_profiles, vision_profiles
+    from models.registry import family
 
     t, v = cfg.text, cfg.vision
+    shapes = getattr(family(cfg.model_type), "trt_vision_shapes", None)  # a vision graph of another contract
+    vision = [Profile("vision", shapes(cfg, lim.max_vision_patches, lim.max_frame_patches))] if shapes else \
+        vision_profiles(v.patch_dim, v.spatial_merge_size, lim.max_vision_patches, lim.max_frame_patches)
     return {
         "trunk": trunk_profiles(t.hidden_size, t.num_key_value_heads, t.head_dim, t.num_hidden_layers - 1,
-                                lim.max_prompt, lim.max_context),
-        "vision": vision_profiles(v.patch_dim, v.spatial_merge_size, lim.max_vision_patches, lim.max_frame_patches),
+                                lim.max_prompt, lim.max_context, getattr(t, "deepstack_layers", 0)),
+        "vision": vision,
     }
 
 

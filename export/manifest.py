@@ -124,14 +124,11 @@ def check_export(root: str | Path, verify_hashes: bool = True) -> dict[str, Any]
 
 
 def _contract(data: dict[str, Any], graph: str) -> tuple[list[str], list[str]] | None:
-    from models.qwen2_5_vl.spec import trunk_io_names
-    from models.qwen2_5_vl.vision import VISION_INPUTS, VISION_OUTPUTS
+    from models.registry import SUPPORTED, family
 
-    if data["model_type"] != "qwen2_5_vl":
+    if data["model_type"] not in SUPPORTED:
         return None
-    if graph == "vision":
-        return list(VISION_INPUTS), list(VISION_OUTPUTS)
-    return trunk_io_names(int(data["config"]["text"]["num_hidden_layers"]) - 1)
+    return family(data["model_type"]).graph_contract(data["config"], graph)
 
 
 def graph_io(model) -> dict[str, list[dict[str, Any]]]:

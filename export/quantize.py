@@ -328,7 +328,7 @@ def executed_ops(path: Path, num_layers: int, text_cfg, precision: str = "fp32")
     import json
     import tempfile
 
-    from export.validate import ort_session
+    from export.validate import ort_session, with_zero_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         sess = ort_session(path, profile_prefix=str(Path(tmp) / "trunk"))
@@ -338,7 +338,7 @@ def executed_ops(path: Path, num_layers: int, text_cfg, precision: str = "fp32")
                 "position_ids": np.full((3, 1, 1), 3, np.int64), "cache_length": np.array([3], np.int64)}
         for i in range(num_layers):
             feed[f"past_key.{i}"] = feed[f"past_value.{i}"] = past
-        sess.run(None, feed)
+        sess.run(None, with_zero_inputs(sess, feed, seq=1, dtype=dt))
         events = json.loads(Path(sess.end_profiling()).read_text())
     counts: dict[str, int] = {}
     for e in events:

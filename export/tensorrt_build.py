@@ -25,13 +25,16 @@ class Profile:
 
 
 def trunk_profiles(hidden: int, kv_heads: int, head_dim: int, layers: int, max_prompt: int,
-                   max_context: int) -> list[Profile]:
+                   max_context: int, deepstack_layers: int = 0) -> list[Profile]:
     """prefill: S in [1, max_prompt], P = 0; decode: S = 1, P in [1, max_context] (dynamic decode passes the
     filled cache; static decode the whole fixed-capacity cache, one shape for a whole answer, so TensorRT
-    plans once and the step can be captured in a CUDA graph)."""
+    plans once and the step can be captured in a CUDA graph). ``deepstack_layers`` K > 0: the trunk also
+    takes deepstack_embeds [K, 1, S, hidden]."""
     def make(name, s, p):
         shapes = {"inputs_embeds": tuple((1, x, hidden) for x in s), "position_ids": tuple((3, 1, x) for x in s),
                   "cache_length": ((1,), (1,), (1,))}
+        if deepstack_layers:
+            shapes["deepstack_embeds"] = tuple((deepstack_layers, 1, x, hidden) for x in s)
         for i in range(layers):
             for kind in ("past_key", "past_value"):
                 shapes[f"{kind}.{i}"] = tuple((1, x, kv_heads, head_dim) for x in p)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from export.manifest import ExportError
-from models.qwen2_5_vl.vision import vision_indices
+from models.registry import family
 
 TOLERANCE = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (1e-1, 2e-2)}  # (atol, rtol)
 
@@ -41,9 +41,14 @@ def trunk_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Tens
                            ("static S=1 P=12 L=9", 1, 12, 9)):
         embeds = torch.randn(1, s, t.hidden_size, generator=g) * scale
         pos = (torch.arange(s) + n).view(1, 1, s).expand(3, 1, s).contiguous()
+        # DeepStack features (families that have them): nonzero at the prefill's first tokens, zero elsewhere
+        levels = getattr(t, "deepstack_layers", 0)
+        deepstack = torch.randn(levels, 1, s, t.hidden_size, generator=g) * scale
+        deepstack[:, :, s // 2 + 1:] = 0
+        extra = (deepstack.to(dtype),) if levels else ()
         past = [torch.randn(1, p, t.num_key_value_heads, t.head_dim, generator=g)
                 for _ in range(2 * model.trunk.num_layers)]
-        cases.append((label, (embeds.to(dtype), pos, torch.tensor([n]), *(x.to(dtype) for x in past))))
+        cases.append((label, (embeds.to(dtype), pos, torch.tensor([n]), *extra, *(x.to(dtype) for x in past))))
     return cases
 
 
@@ -54,8 +59,19 @@ def vision_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Ten
     for grid in ((1, 4, 6), (3, 8, 8)):
         n = grid[0] * grid[1] * grid[2]
         pv = torch.randn(n, v.patch_dim, generator=g).to(dtype)
-        cases.append((f"grid {grid}", (pv, *vision_indices(grid, v).as_dict().values())))
+        cases.append((f"grid {grid}", (pv, *family(model.cfg.model_type).vision_inputs(grid, v).values())))
     return cases
+
+
+def with_zero_inputs(session, feed: dict, seq: int, dtype) -> dict:
+    """``feed`` plus zeros for every graph input it lacks (a trunk's DeepStack features on a call without
+    visual tokens); dynamic dims: batch 1, seq ``seq``."""
+    out = dict(feed)
+    for i in session.get_inputs():
+        if i.name not in out:
+            shape = [d if isinstance(d, int) else (seq if d == "seq" else 1) for d in i.shape]
+            out[i.name] = np.zeros(shape, dtype)
+    return out
 
 
 def ort_session(path: Path, device: str = "cpu", exact: bool = False, profile_prefix: str | None = None):
@@ -132,9 +148,9 @@ def validate_export(model, out_dir: Path, precision: str, trunk_names: list[str]
                 "validate a bf16 export on the TensorRT engine or export fp16/fp32 to validate here",
                 "rows": []}
     dtype = next(model.parameters()).dtype
-    from models.qwen2_5_vl.spec import TrunkGraph
+    graph = family(model.cfg.model_type).TrunkGraph
 
-    rows = compare("trunk", out_dir / "trunk.onnx", TrunkGraph(model.trunk), trunk_cases(model, dtype), trunk_names,
+    rows = compare("trunk", out_dir / "trunk.onnx", graph(model.trunk), trunk_cases(model, dtype), trunk_names,
                    precision)
     rows += compare("vision", out_dir / "vision.onnx", model.visual, vision_cases(model, dtype), vision_names,
                     precision)

@@ -44,6 +44,9 @@ class VisionSettings:
     video_min_pixels: int = 128 * 28 * 28
     video_max_pixels: int = 768 * 28 * 28
     video_total_pixels: int = 24576 * 28 * 28
+    # whose video rules apply: "qwen2_5_vl" (per-frame bounds, a total budget) or "qwen3_vl" (its video
+    # processor: video_min/max_pixels bound frames x height x width); set from video_preprocessor_config.json
+    video_rule: str = "qwen2_5_vl"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -67,6 +70,8 @@ class VisionSettings:
                 if key in raw:
                     setattr(s, key, int(raw[key]))
             if is_video:
+                if raw.get("video_processor_type") == "Qwen3VLVideoProcessor":
+                    s.video_rule = "qwen3_vl"
                 if lo is not None:
                     s.video_min_pixels = int(lo)
                 if hi is not None:
@@ -151,6 +156,11 @@ def process_image(image: np.ndarray, s: VisionSettings) -> tuple[np.ndarray, tup
 
 def video_frame_size(height: int, width: int, n_frames: int, s: VisionSettings) -> tuple[int, int]:
     """Per-frame target size for a video: per-frame bounds and the total-pixel budget over all frames."""
+    if s.video_rule == "qwen3_vl":
+        from models.qwen3_vl.preprocess import frame_size
+
+        return frame_size(n_frames, height, width, s.factor, s.temporal_patch_size, s.video_min_pixels,
+                          s.video_max_pixels)
     max_pixels = max(min(s.video_max_pixels, s.video_total_pixels / max(n_frames, 1) * s.temporal_patch_size),
                      int(s.video_min_pixels * 1.05))
     return smart_resize(height, width, s.factor, s.video_min_pixels, int(max_pixels))
@@ -172,6 +182,11 @@ def sample_indices(total_frames: int, video_fps: float, s: VisionSettings,
                    max_frames: int | None = None) -> np.ndarray:
     """Which frames to decode: ``fps`` per second within [min_frames, max_frames], a multiple of the
     temporal patch size, spread evenly from the first to the last frame (original release's rule)."""
+    if s.video_rule == "qwen3_vl":
+        from models.qwen3_vl import preprocess
+
+        return preprocess.sample_indices(total_frames, video_fps, s.fps, s.min_frames,
+                                         min(s.max_frames, max_frames or s.max_frames))
     if total_frames < 1:
         raise InputError("the video has no frames")
     f = s.temporal_patch_size
@@ -182,3 +197,12 @@ def sample_indices(total_frames: int, video_fps: float, s: VisionSettings,
     n = min(max(n, lo), hi, total_frames)
     n = max(1, math.floor(n / f) * f) if n >= f else max(1, int(n))
     return np.round(np.linspace(0, total_frames - 1, n)).astype(np.int64)
+
+
+def patch_timestamps(frame_times: list[float], temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal patch: the mean of its first and last frame's time (the last frame repeated to
+    fill the final patch, as the patches themselves are)."""
+    times = list(frame_times)
+    if pad := -len(times) % temporal_patch_size:
+        times += [times[-1]] * pad
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]

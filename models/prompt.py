@@ -76,14 +76,31 @@ def messages_for(question: str, visual_kinds: list[str], template: str, options:
     return [{"role": "user", "content": content}]
 
 
-def expand_pads(text: str, counts: list[tuple[str, int]]) -> str:
-    """Replace each visual's single pad token with as many pads as it has merged tokens, in order."""
+def expand_pads(text: str, counts: list[tuple]) -> str:
+    """Replace each visual's single pad token with as many pads as it has merged tokens, in order.
+
+    An entry is (kind, tokens) or, for a family whose video prompts carry timestamps, ("video", tokens,
+    seconds per temporal patch): then the template's ``<|vision_start|><|video_pad|><|vision_end|>`` becomes, for
+    each temporal patch, ``<t seconds><|vision_start|>`` + its pads + ``<|vision_end|>`` (t with one decimal),
+    as Qwen3-VL's processor writes it."""
     out, rest = [], text
-    for kind, n in counts:
+    for kind, n, *times in counts:
         pad = PAD[kind]
         i = rest.find(pad)
         if i < 0:
             raise CheckpointError(f"the chat template produced no {pad} for a {kind} input")
+        if times and times[0]:
+            stamps = times[0]
+            if n % len(stamps):
+                raise ValueError(f"{n} video tokens do not split into {len(stamps)} frames")
+            framed = VISION_START + pad + VISION_END
+            j = rest.find(framed)
+            start = j if j >= 0 and j + len(VISION_START) == i else i
+            per = n // len(stamps)
+            out.append(rest[:start] + "".join(f"<{t:.1f} seconds>{VISION_START}{pad * per}{VISION_END}"
+                                              for t in stamps))
+            rest = rest[start + (len(framed) if start != i else len(pad)):]
+            continue
         out.append(rest[:i] + pad * n)
         rest = rest[i + len(pad):]
     return "".join(out) + rest
@@ -113,8 +130,9 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
 
-def prompt_ids(tokenizer: Tokenizer, chat_template: str, question: str, visuals: list[tuple[str, int]],
+def prompt_ids(tokenizer: Tokenizer, chat_template: str, question: str, visuals: list[tuple],
                template: str = "reasoning", options: list[str] | None = None) -> list[int]:
-    """Token ids of one user turn plus the assistant prefix; ``visuals`` is [(kind, merged tokens)] in order."""
-    text = render(chat_template, messages_for(question, [k for k, _ in visuals], template, options))
+    """Token ids of one user turn plus the assistant prefix; ``visuals`` is [(kind, merged tokens)] in order
+    (with a third item, the timestamps of a video's temporal patches, where the family writes them)."""
+    text = render(chat_template, messages_for(question, [v[0] for v in visuals], template, options))
     return tokenizer.encode(expand_pads(text, visuals))

@@ -1,9 +1,9 @@
-"""Random Qwen2.5-VL checkpoints for tests, demos and benchmarks (nothing is downloaded).
+"""Random checkpoints of the supported families for tests, demos and benchmarks (nothing is downloaded).
 
-``python -m models.tiny --out DIR [--seed N] [--size tiny|bench] [--layout transformers|original]``
-writes what a real checkpoint carries: config.json, model.safetensors, tokenizer.json with the chat
-template and special tokens, preprocessor and generation configs. transformers'
-``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and ``AutoTokenizer`` load it offline.
+``python -m models.tiny --out DIR [--family qwen2_5_vl|qwen3_vl] [--seed N] [--size tiny|bench]
+[--layout transformers|original]`` writes what a real checkpoint carries: config.json, model.safetensors,
+tokenizer.json with the chat template and special tokens, preprocessor and generation configs. transformers'
+``from_pretrained`` of the family's model class and ``AutoTokenizer`` load it offline.
 """
 
 from __future__ import annotations
@@ -64,11 +64,21 @@ def build_tokenizer(vocab_size: int = 320):
     return tok
 
 
+# family -> module whose ``make_checkpoint(out, size, seed, layout, text_overrides, vision_overrides)`` writes one
+FAMILIES = {"qwen2_5_vl": "models.tiny", "qwen3_vl": "models.qwen3_vl.tiny"}
+
+
 def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: str = "transformers",
-                    text_overrides: dict | None = None, vision_overrides: dict | None = None) -> Path:
-    """Write a random checkpoint to ``out`` and return its path."""
+                    text_overrides: dict | None = None, vision_overrides: dict | None = None,
+                    family: str = "qwen2_5_vl") -> Path:
+    """Write a random checkpoint of ``family`` to ``out`` and return its path."""
+    if family != "qwen2_5_vl":
+        import importlib
+
+        return importlib.import_module(FAMILIES[family]).make_checkpoint(out, size, seed, layout, text_overrides,
+                                                                          vision_overrides)
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     spec = SIZES[size]
     out = Path(out)
@@ -89,26 +99,12 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: 
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # give norms and biases non-trivial values so the tests exercise them
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in model.named_parameters():
-            if name.endswith("lm_head.weight") and spec["tie"]:
-                continue
-            p.add_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim == 1 else 0.02))
-        if not spec["tie"]:  # sharper next-token distributions than a 0.02-std head gives: varied entropy
-            model.lm_head.weight.mul_(spec["logit_scale"])
+    randomize(model, seed, spec["tie"], spec["logit_scale"])
     model.save_pretrained(out, safe_serialization=True)
     rename_weights(out, layout)
     if layout == "original":
         to_original_layout(out)
-
-    template = (Path(__file__).parent / "chat_template.jinja").read_text()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                     additional_special_tokens=SPECIAL_TOKENS[1:])
-    hf_tok.chat_template = template
-    hf_tok.save_pretrained(out)
-    if not (out / "chat_template.jinja").exists():
-        (out / "chat_template.jinja").write_text(template)
+    write_tokenizer(out, tok, Path(__file__).parent / "chat_template.jinja")
     pre = {
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
@@ -126,6 +122,34 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: 
            "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
+
+
+def randomize(model, seed: int, tie: bool, logit_scale: float) -> None:
+    """Give norms and biases non-trivial values so that the tests exercise them; an untied LM head is scaled up
+    (sharper next-token distributions than a 0.02-std head gives: varied entropy)."""
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if name.endswith("lm_head.weight") and tie:
+                continue
+            p.add_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim == 1 else 0.02))
+        if not tie:
+            model.lm_head.weight.mul_(logit_scale)
+
+
+def write_tokenizer(out: Path, tok, template_path: Path) -> None:
+    """tokenizer.json and tokenizer_config.json (transformers' fast tokenizer) with the chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    template = template_path.read_text()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                     additional_special_tokens=SPECIAL_TOKENS[1:])
+    hf_tok.chat_template = template
+    hf_tok.save_pretrained(out)
+    if not (out / "chat_template.jinja").exists():
+        (out / "chat_template.jinja").write_text(template)
 
 
 def to_original_layout(out: Path) -> None:
@@ -163,14 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.tiny", description=description(__doc__),
                                  formatter_class=HelpFormatter)
     ap.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_5_vl", help="model family to write")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
-                    help="tiny: seconds to build, for tests; bench: a Qwen2.5-0.5B-sized decoder, for benchmarks")
+                    help="tiny: seconds to build, for tests; bench: a 0.5B-sized decoder of the family, for benchmarks")
     ap.add_argument("--layout", choices=("transformers", "original"), default="transformers",
                     help="config/weight naming: transformers-5 save (default) or the original release's")
     args = ap.parse_args(argv)
-    path = make_checkpoint(args.out, args.size, args.seed, args.layout)
-    print(f"wrote {args.size} checkpoint to {path}")
+    path = make_checkpoint(args.out, args.size, args.seed, args.layout, family=args.family)
+    print(f"wrote {args.size} {args.family} checkpoint to {path}")
     return 0
 
 

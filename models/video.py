@@ -58,7 +58,15 @@ def read_frames_dir(path: str | Path) -> list[np.ndarray]:
 
 
 def read_video(path: str | Path, s: VisionSettings, max_frames: int | None = None) -> tuple[list[np.ndarray], float]:
-    """Sampled RGB frames of a video file and the rate they were sampled at (frames per second).
+    """Sampled RGB frames of a video file and the rate they were sampled at (frames per second)."""
+    frames, sample_fps, _ = read_video_timed(path, s, max_frames)
+    return frames, sample_fps
+
+
+def read_video_timed(path: str | Path, s: VisionSettings,
+                     max_frames: int | None = None) -> tuple[list[np.ndarray], float, list[float]]:
+    """Sampled RGB frames of a video file, the rate they were sampled at (frames per second) and each frame's
+    time in the video (seconds).
 
     Frames are decoded in order and only the sampled ones are converted and kept, so a long video is
     never held in memory whole.
@@ -96,6 +104,7 @@ def read_video(path: str | Path, s: VisionSettings, max_frames: int | None = Non
         raise InputError(f"video {p} could not be decoded (no frame read); the file may be truncated or not a video")
     # repeated indices (very short videos) are kept as repeats, as the sampling asked for
     by_index = dict(zip(sorted(set(wanted.tolist()))[: len(keep)], keep))
-    frames = [by_index[j] for j in wanted.tolist() if j in by_index]
+    taken = [j for j in wanted.tolist() if j in by_index]
+    frames = [by_index[j] for j in taken]
     sample_fps = len(frames) / total * fps
-    return frames, sample_fps
+    return frames, sample_fps, [j / fps for j in taken]

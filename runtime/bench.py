@@ -117,11 +117,11 @@ def run_once(r, prompt, new_tokens: int, method: str = "base") -> dict:
     if r.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(r.device)
     t0 = time.perf_counter()
-    embeds, vision_s = r._embed(prompt)
+    embeds, deepstack, vision_s = r._prefill_inputs(prompt)
     t = r.cfg.text
     cache = KVCache.allocate(t.num_hidden_layers, len(prompt.ids) + new_tokens, t.num_key_value_heads, t.head_dim,
                              r.dtype, r.device)
-    state = DecodeState(r.head, cache, prompt.video_token_index.to(r.device))
+    state = DecodeState(r.head, cache, prompt.video_token_index.to(r.device), deepstack=deepstack)
     steering = r.steering_for(method, None, state)
     timed = TimedSteering(steering) if steering is not None else None
     loop = Loop(r.backend, r.head, timed)
@@ -164,16 +164,22 @@ def ratio(a: list[dict], b: list[dict], key: str) -> float:
 
 
 def bench_transformers(src: Path, prompt, new_tokens: int, repeats: int, dtype: torch.dtype) -> dict:
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=dtype, attn_implementation="eager").eval()
+    from models.checkpoint import read_config
+    from runtime.synthetic import TRANSFORMERS_CLASSES
+
+    model_type = read_config(src)["model_type"]
+    model_class = getattr(transformers, TRANSFORMERS_CLASSES[model_type][1])
+    model = model_class.from_pretrained(src, dtype=dtype, attn_implementation="eager").eval()
     ids = torch.tensor([prompt.ids])
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if prompt.visuals:
         v = prompt.visuals[0]
         kw |= {"pixel_values_videos": v.pixel_values.to(dtype), "video_grid_thw": torch.tensor([v.span.grid_thw]),
-               "second_per_grid_ts": torch.tensor([v.span.seconds_per_grid]),
                "mm_token_type_ids": 2 * (ids == model.config.video_token_id).int()}
+        if model_type == "qwen2_5_vl":  # time in its position ids (Qwen3-VL: in the prompt's timestamps)
+            kw["second_per_grid_ts"] = torch.tensor([v.span.seconds_per_grid])
 
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -245,7 +251,8 @@ def run(args) -> dict:
     report = {
         "machine": {"torch_threads": torch.get_num_threads(), "read_bandwidth_gb_s": bandwidth / 1e9,
                     "device": str(r.device)},
-        "engine": str(engine), "precision": r.manifest["precision"], "weights": r.weights,
+        "engine": str(engine), "model_type": r.manifest["model_type"], "precision": r.manifest["precision"],
+        "weights": r.weights,
         "export_bytes": export_bytes(engine), "new_tokens": args.new_tokens,
         "repeats": args.repeats, "backends": results,
         "decode_tokens_per_s": decode,
@@ -310,11 +317,15 @@ def run_many(args) -> dict:
         print(f"measured {what}", file=sys.stderr)
         return json.loads(done.stdout)
 
-    runs = {}
+    reps = []
     for i, engine in enumerate(args.engine):
         extra = [] if i == 0 and args.transformers else ["--no-transformers"]
-        rep = child(["-m", "runtime.bench", "--engine", engine, *common, *extra], engine)
-        runs[label(rep)] = rep
+        reps.append(child(["-m", "runtime.bench", "--engine", engine, *common, *extra], engine))
+    families = len({r["model_type"] for r in reps}) > 1  # exports of several families: say which is which
+    runs = {}
+    for rep in reps:
+        name = f"{rep['model_type']} {label(rep)}" if families else label(rep)
+        runs[name if name not in runs else f"{name} ({rep['engine']})"] = rep
     first = next(iter(runs.values()))
     prompt = next(iter(first["backends"].values()))["prompt_tokens"]
     peer = {}
@@ -325,6 +336,11 @@ def run_many(args) -> dict:
                                      "--repeats", str(args.repeats), "--work", str(Path(args.work) / "peer"),
                                      "--json"], f"onnxruntime-genai {precision}")
     return {"runs": runs, "peer": peer, "transformers": first["backends"].get("transformers")}
+
+
+def vs(decode: float, baseline: float) -> str:
+    """A speed ratio cell; "-" without a baseline (--no-transformers)."""
+    return "-" if baseline != baseline else f"{decode / baseline:.2f}x"
 
 
 def table_many(rep: dict) -> str:
@@ -339,12 +355,12 @@ def table_many(rep: dict) -> str:
             d = r["decode_tokens_per_s"][b]
             rows.append(f"| {name} | {b} | {r['export_bytes'] / 1e6:.0f} | {r['weight_bytes_per_token'] / 1e6:.0f} | "
                         f"{r['prefill_tokens_per_s'][b]:.0f} | {d:.1f} | {v['peak_memory_bytes'] / 1e6:.0f} | "
-                        f"{100 * r['decode_roofline_fraction'][b]:.0f}% | {d / tf_decode:.2f}x |")
+                        f"{100 * r['decode_roofline_fraction'][b]:.0f}% | {vs(d, tf_decode)} |")
     for p, v in rep["peer"].items():
         d = 1 / v["decode_s_per_token"]
         rows.append(f"| {p} | onnxruntime-genai | {v['export_bytes'] / 1e6:.0f} | - | "
                     f"{v['prompt_tokens'] / v['ttft_s']:.0f} | {d:.1f} | {v['peak_memory_bytes'] / 1e6:.0f} | - | "
-                    f"{d / tf_decode:.2f}x |")
+                    f"{vs(d, tf_decode)} |")
     if tf:
         rows.append(f"| fp32 | transformers eager | - | - | - | {tf_decode:.1f} | "
                     f"{tf['peak_memory_bytes'] / 1e6:.0f} | - | 1.00x |")
@@ -369,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                          "same decoder shape (default: when onnxruntime-genai is installed)")
     ap.add_argument("--synthetic", metavar="NAME",
                     help="measure a random-weight model of a shipped config instead of an export: qwen2.5-vl-7b, "
-                    "qwen2.5-vl-3b or small (static vs dynamic decode, V-Reason, transformers; see runtime.synthetic)")
+                    "qwen2.5-vl-3b, qwen3-vl-8b, qwen3-vl-4b, qwen3-vl-2b, or small / qwen3-vl-small on CPU (static vs "
+                    "dynamic decode, V-Reason, transformers; see runtime.synthetic)")
     ap.add_argument("--device", default="cuda", help="with --synthetic: cuda, cuda:N or cpu")
     ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                     help="with --synthetic: weight precision (default: bf16 on CUDA, fp32 on CPU)")

@@ -29,6 +29,7 @@ class DecodeState:
     hidden: torch.Tensor | None = None  # [1, 1, H] trunk output of the current query token
     positions: torch.Tensor | None = None  # [3, 1, 1] its rotary position
     step: int = 0
+    deepstack: torch.Tensor | None = None  # prefill's DeepStack features [K, 1, S, H] (families that have them)
 
     @property
     def head_layer(self) -> int:
@@ -99,7 +100,9 @@ class Loop:
         prefill). Leaves the last prompt token as the current query in ``state``."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            hidden = self.backend.trunk(embeds, positions, state.cache)
+            extra = {} if state.deepstack is None else {"deepstack": state.deepstack}
+            hidden = self.backend.trunk(embeds, positions, state.cache, **extra)
+            state.deepstack = None  # prefill only: decode tokens are never visual
             self.head_step(state, hidden, positions)  # fills the last layer's cache
             state.cache.length += embeds.shape[1]
             state.hidden, state.positions = hidden[:, -1:].clone(), positions[:, :, -1:].clone()

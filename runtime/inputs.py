@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from models.errors import InputError
-from models.preprocess import VisionSettings, check_frame, process_image, process_video
-from models.qwen2_5_vl.positions import VisualSpan, mrope_positions
-from models.qwen2_5_vl.vision import vision_indices
-from models.video import read_frames_dir, read_image, read_video
+from models.preprocess import VisionSettings, check_frame, patch_timestamps, process_image, process_video
+from models.qwen2_5_vl.positions import VisualSpan
+from models.registry import family
+from models.video import read_frames_dir, read_image, read_video_timed
 
 
 @dataclass
@@ -21,6 +21,13 @@ class Visual:
     pixel_values: torch.Tensor  # [N, patch_dim]
     indices: dict[str, torch.Tensor]
     tokens: int  # merged tokens = pad tokens in the prompt
+    timestamps: list[float] | None = None  # videos: seconds of each temporal patch (its frames' mean time)
+
+    def prompt_entry(self, cfg) -> tuple:
+        """What ``models.prompt.prompt_ids`` takes for this visual: (kind, tokens[, timestamps])."""
+        if self.timestamps is not None and family(cfg.model_type).VIDEO_TIMESTAMPS:
+            return self.span.kind, self.tokens, self.timestamps
+        return self.span.kind, self.tokens
 
 
 @dataclass
@@ -50,8 +57,9 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
         return np.ascontiguousarray(a[:, :, ::-1]) if color_order == "bgr" else a
 
     v = cfg.vision
+    times = None
     if video is not None:
-        decoded, sample_fps = read_video(video, settings, max_frames)
+        decoded, sample_fps, times = read_video_timed(video, settings, max_frames)
         pv, grid = process_video(decoded, settings)
         span = VisualSpan("video", grid, v.temporal_patch_size / sample_fps)
     elif frames is not None:
@@ -67,20 +75,23 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
             raise InputError(f"fps must be > 0, got {fps}")
         pv, grid = process_video(frames, settings)
         span = VisualSpan("video", grid, v.temporal_patch_size / fps)
+        times = [i / fps for i in range(len(frames))]
     elif image is not None:
         arr = read_image(image) if isinstance(image, (str, Path)) else to_rgb(np.asarray(image), "image")
         pv, grid = process_image(arr, settings)
         span = VisualSpan("image", grid)
     else:
         return None
-    idx = vision_indices(grid, v).as_dict()
+    idx = family(cfg.model_type).vision_inputs(grid, v)
     tokens = grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
-    return Visual(span, torch.from_numpy(pv), idx, tokens)
+    stamps = None
+    if times is not None:
+        stamps = patch_timestamps(times, v.temporal_patch_size)
+    return Visual(span, torch.from_numpy(pv), idx, tokens, stamps)
 
 
 def build_prompt(cfg, token_ids: list[int], visuals: list[Visual]) -> Prompt:
-    positions, nxt = mrope_positions(token_ids, [v.span for v in visuals], cfg.image_token_id, cfg.video_token_id,
-                                     cfg.vision.spatial_merge_size, cfg.vision.tokens_per_second)
+    positions, nxt = family(cfg.model_type).prompt_positions(cfg, token_ids, [v.span for v in visuals])
     ids = torch.tensor(token_ids)
     index = torch.nonzero((ids == cfg.video_token_id) | (ids == cfg.image_token_id)).view(-1)
     return Prompt(token_ids, positions, nxt, visuals, index)

@@ -1,5 +1,6 @@
 """The CPU peer a user would pick instead: onnxruntime-genai's model builder (fp32 and int4 CPU models) on a
-text-only Qwen2 checkpoint of an export's decoder shape with random weights (only speed is compared).
+text-only Qwen2 (Qwen3 for a Qwen3-VL export) checkpoint of an export's decoder shape with random weights (only
+speed is compared).
 
 ``python -m runtime.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
 one model: prefill of ``--prompt-tokens`` random ids, then ``--new-tokens`` greedy tokens; medians of
@@ -22,30 +23,37 @@ from models import checks
 from models.errors import UserError, run_cli
 
 
-def qwen2_config(text: dict) -> dict:
-    """A transformers Qwen2 config with the export decoder's shape."""
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": text["hidden_size"],
-            "intermediate_size": text["intermediate_size"], "num_hidden_layers": text["num_hidden_layers"],
-            "num_attention_heads": text["num_attention_heads"], "num_key_value_heads": text["num_key_value_heads"],
-            "vocab_size": text["vocab_size"], "rms_norm_eps": text["rms_norm_eps"], "rope_theta": text["rope_theta"],
-            "tie_word_embeddings": text["tie_word_embeddings"], "max_position_embeddings": 32768,
-            "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1}
+def peer_config(text: dict) -> dict:
+    """A transformers text-model config with the export decoder's shape: Qwen2 for Qwen2.5-VL, Qwen3 (q/k norms,
+    explicit head_dim, no attention bias) for Qwen3-VL."""
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": text["hidden_size"],
+           "intermediate_size": text["intermediate_size"], "num_hidden_layers": text["num_hidden_layers"],
+           "num_attention_heads": text["num_attention_heads"], "num_key_value_heads": text["num_key_value_heads"],
+           "vocab_size": text["vocab_size"], "rms_norm_eps": text["rms_norm_eps"], "rope_theta": text["rope_theta"],
+           "tie_word_embeddings": text["tie_word_embeddings"], "max_position_embeddings": 32768,
+           "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1}
+    if text.get("qk_norm"):
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=text["head_dim"],
+                   attention_bias=bool(text.get("attention_bias", False)))
+    return cfg
 
 
 def build(text: dict, precision: str, work: Path) -> Path:
     """The builder's model directory for this shape and precision (built once, then reused)."""
-    cfg = qwen2_config(text)
+    cfg = peer_config(text)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-    src, out = work / f"qwen2-{key}", work / f"qwen2-{key}-{precision}"
+    kind = cfg["model_type"]
+    src, out = work / f"{kind}-{key}", work / f"{kind}-{key}-{precision}"
     if (out / "genai_config.json").is_file():
         return out
     if not (src / "config.json").is_file():
         import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        import transformers
 
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in cfg.items() if k != "architectures"}))
-        model.save_pretrained(src)
+        names = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[kind]
+        conf = getattr(transformers, names[0])(**{k: v for k, v in cfg.items() if k != "architectures"})
+        getattr(transformers, names[1])(conf).save_pretrained(src)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
            "-e", "cpu", "-c", str(work / "cache")]
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -26,8 +26,7 @@ from models.checks import check_device, check_number
 from models.errors import InputError, ResourceError, UserError
 from models.preprocess import VisionSettings
 from models.prompt import Tokenizer, load_chat_template, prompt_ids
-from models.qwen2_5_vl import Config
-from models.qwen2_5_vl.model import load_head
+from models.registry import family
 from runtime.answer import extract_answer
 from runtime.backends import resolve
 from runtime.cache import KVCache
@@ -65,7 +64,8 @@ class Reasoner:
                  compile: bool = False) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
-        self.cfg = Config.from_stored(manifest["config"])
+        self.family = family(manifest["model_type"])
+        self.cfg = self.family.Config.from_stored(manifest["config"])
         self.backend = backend
         self.backend_reason = backend_reason
         self.head = head
@@ -116,7 +116,9 @@ class Reasoner:
             name, reason = "ort", "ONNX Runtime: the trunk is MatMulNBits, which TensorRT cannot run"
         dtype = resolve_dtype(manifest["precision"])
         device = check_device(device or ("cuda" if name == "trt" else "cpu"), "device")
-        cfg = Config.from_stored(manifest["config"])
+        fam = family(manifest["model_type"])
+        cfg = fam.Config.from_stored(manifest["config"])
+        load_head = fam.load_head
         if name == "torch":
             from models import load_model
             from runtime.backends.torch_ref import TorchBackend
@@ -179,7 +181,7 @@ class Reasoner:
                 raise InputError(f"the visual input has {n} patches, this export takes at most "
                                  f"{self.limits['max_vision_patches']}; use fewer frames or re-export with "
                                  "a larger --max-vision-patches")
-        ids = prompt_ids(self.tokenizer, self.chat_template, question, [(v.span.kind, v.tokens) for v in visuals],
+        ids = prompt_ids(self.tokenizer, self.chat_template, question, [v.prompt_entry(self.cfg) for v in visuals],
                          template, options)
         total = len(ids) + max_new_tokens
         if len(ids) > self.limits["max_prompt"] or total > self.limits["max_context"]:
@@ -190,19 +192,32 @@ class Reasoner:
         return build_prompt(self.cfg, ids, visuals)
 
     def _embed(self, prompt: Prompt) -> tuple[torch.Tensor, float]:
+        """(inputs_embeds [1, S, H], seconds spent) of a prompt (see ``_prefill_inputs``)."""
+        embeds, _, seconds = self._prefill_inputs(prompt)
+        return embeds, seconds
+
+    def _prefill_inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """(inputs_embeds [1, S, H], DeepStack features [K, 1, S, H] or None, seconds spent): token embeddings
+        with the vision encoder's output at the visual pad tokens; for a family with DeepStack, its features
+        scattered to the same positions (zero elsewhere)."""
+        from models.qwen3_vl.model import scatter_deepstack
+
         t0 = time.perf_counter()
         ids = torch.tensor([prompt.ids], device=self.device)
+        deepstack = None
         with torch.no_grad():
             embeds = self.head.embed(ids)
             if prompt.visuals:
                 feats = [self._encode(v) for v in prompt.visuals]
                 pad = (ids[0] == self.cfg.video_token_id) | (ids[0] == self.cfg.image_token_id)
-                embeds[0, pad] = torch.cat(feats).to(embeds.dtype)
+                embeds[0, pad] = torch.cat([f for f, _ in feats]).to(embeds.dtype)
+                if feats[0][1] is not None:
+                    deepstack = scatter_deepstack([d for _, d in feats], pad, embeds.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return embeds, time.perf_counter() - t0
+        return embeds, deepstack, time.perf_counter() - t0
 
-    def _encode(self, v: Visual) -> torch.Tensor:
+    def _encode(self, v: Visual) -> tuple[torch.Tensor, torch.Tensor | None]:
         inputs = {"pixel_values": v.pixel_values.to(self.device, self.dtype),
                   **{k: t.to(self.device) for k, t in v.indices.items()}}
         return self.backend.encode_vision(inputs, v.tokens, self.cfg.text.hidden_size)
@@ -322,9 +337,9 @@ class Stream:
         r = self.r
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(r.device)
-        embeds, vision_s = r._embed(self.prompt)
+        embeds, deepstack, vision_s = r._prefill_inputs(self.prompt)
         cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
-        state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device))
+        state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device), deepstack=deepstack)
         steering = r.steering_for(self.method, self.controller, state)
         loop = r.loop(steering, chunk=self.chunk)
         loop.timings.vision_s = vision_s
@@ -353,7 +368,7 @@ class Stream:
                 yield text[emitted:]
         finally:
             self.result = self._result(loop, loop.steering, ids, ents, alphas, text)
-            del cache, state, steering, loop, embeds
+            del cache, state, steering, loop, embeds, deepstack
 
     def _result(self, loop, steering, ids, ents, alphas, text) -> Result:
         r = self.r

@@ -1,9 +1,10 @@
 """python -m runtime.bench --synthetic NAME: decode speed at a real model's shape with random weights.
 
 No checkpoint files: the decoder of a shipped configuration (``models/configs/NAME.json``: the published
-Qwen2.5-VL-7B and -3B configs, or ``small`` for CPU runs) is built with random weights directly in device
-memory, and a prompt of ``--prompt-tokens`` tokens (about 85% of them one video's tokens, with their M-RoPE
-positions; their embeddings random, no vision encoder) is decoded for ``--new-tokens`` tokens, greedy.
+Qwen2.5-VL-7B and -3B and Qwen3-VL-2B, -4B and -8B configs, or ``small`` / ``qwen3-vl-small`` for CPU runs) is
+built with random weights directly in device memory, and a prompt of ``--prompt-tokens`` tokens (about 85% of
+them one video's tokens, with their family's M-RoPE positions; their embeddings random, no vision encoder, so
+no DeepStack features) is decoded for ``--new-tokens`` tokens, greedy.
 Measured side by side in one run: the dynamic loop (the cache grows per token, eager), the static loop
 (fixed shapes; on CUDA each step replayed as a CUDA graph), optionally the static loop with torch.compile,
 V-Reason and V-Reason Lite on the static loop, and transformers' eager ``generate`` on a random model of the
@@ -26,18 +27,23 @@ from models.errors import UserError
 CONFIGS = Path(__file__).resolve().parent.parent / "models" / "configs"
 
 
+# model_type -> transformers' (config class, model class): the reference generate of the same shape
+TRANSFORMERS_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+                        "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}
+
+
 def synthetic_names() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.json"))
 
 
 def load_config(name: str):
-    from models.qwen2_5_vl.config import Qwen25VLConfig
+    from models.registry import family
 
     path = CONFIGS / f"{name}.json"
     if not path.is_file():
         raise UserError(f"unknown synthetic model {name!r}; choose one of {', '.join(synthetic_names())}")
     raw = json.loads(path.read_text())
-    return Qwen25VLConfig.from_dict(raw), raw
+    return family(raw["model_type"]).Config.from_dict(raw), raw
 
 
 def random_decoder(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -63,8 +69,10 @@ def random_decoder(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0)
 
 def synthetic_prompt(cfg, prompt_tokens: int, device: torch.device, seed: int = 0):
     """(ids [S], positions [3,1,S], video cache indices, next rotary position): text, one video, text."""
-    from models.qwen2_5_vl.positions import VisualSpan, mrope_positions
+    from models.qwen2_5_vl.positions import VisualSpan
+    from models.registry import family
 
+    fam = family(cfg.model_type)
     m = cfg.vision.spatial_merge_size
     side = max(1, int((0.85 * prompt_tokens / 4) ** 0.5))  # 4 temporal patches of side x side merged tokens
     grid = (4, side * m, side * m)
@@ -72,12 +80,19 @@ def synthetic_prompt(cfg, prompt_tokens: int, device: torch.device, seed: int = 
     before = 16
     after = max(1, prompt_tokens - n_video - before - 2)
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(0, min(cfg.text.vocab_size, 150000), (before + after,), generator=g).tolist()
-    ids = text[:before] + [cfg.vision_start_token_id] + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id] \
-        + text[before:]
+    special = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+    text = torch.randint(0, min(cfg.text.vocab_size, 150000, *special), (before + after,), generator=g).tolist()
+    start, pad, end = [cfg.vision_start_token_id], [cfg.video_token_id], [cfg.vision_end_token_id]
+    if fam.VIDEO_TIMESTAMPS:  # one run per temporal patch, after a few timestamp-like text tokens
+        stamp = text[:3]
+        video = [t for _ in range(4) for t in stamp + start + pad * (n_video // 4) + end]
+        text = text[: max(1, len(text) - 4 * (len(stamp) + 1))]
+        before = min(before, len(text) - 1)
+    else:
+        video = start + pad * n_video + end
+    ids = text[:before] + video + text[before:]
     ids_t = torch.tensor(ids)
-    pos, next_pos = mrope_positions(ids_t, [VisualSpan("video", grid, 1.0)], cfg.image_token_id, cfg.video_token_id,
-                                    m, cfg.vision.tokens_per_second)
+    pos, next_pos = fam.prompt_positions(cfg, ids_t, [VisualSpan("video", grid, 1.0)])
     video = torch.nonzero(ids_t == cfg.video_token_id).view(-1)
     return ids_t.to(device), pos.unsqueeze(1).to(device), video.to(device), int(next_pos)
 
@@ -208,13 +223,15 @@ def head_pass_seconds(runner: Runner, repeats: int = 20) -> float:
 def transformers_decode(raw_config: dict, dtype, device, ids: torch.Tensor, new_tokens: int, repeats: int,
                         visual_ids: tuple[int, ...]) -> dict:
     """transformers' eager generate on a random model of the same shape (text tokens of the same length)."""
-    from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import LogitsProcessor, LogitsProcessorList
 
+    config_class, model_class = TRANSFORMERS_CLASSES[raw_config["model_type"]]
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the other model, not counted
-    conf = Qwen2_5_VLConfig.from_dict(raw_config)
+    conf = getattr(transformers, config_class).from_dict(raw_config)
     conf._attn_implementation = "eager"
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(conf, dtype=dtype).eval()
+        model = getattr(transformers, model_class)._from_config(conf, dtype=dtype).eval()
     text_ids = ids.clone()
     text_ids[torch.isin(text_ids, torch.tensor(visual_ids, device=text_ids.device))] = 100  # text, same length
     kw = {"input_ids": text_ids.view(1, -1), "attention_mask": torch.ones_like(text_ids.view(1, -1))}

@@ -1,10 +1,36 @@
-"""Qwen2.5-VL: config, vision encoder, trunk/head decoder split, M-RoPE positions, export spec."""
+"""Qwen2.5-VL: config, vision encoder, trunk/head decoder split, M-RoPE positions, export spec.
+
+The module's names are the family interface ``models.registry`` describes."""
 
 from __future__ import annotations
 
 from models.qwen2_5_vl.config import Qwen25VLConfig as Config
-from models.qwen2_5_vl.model import Qwen25VL, load_model
+from models.qwen2_5_vl.decoder import LINEARS
+from models.qwen2_5_vl.model import HEAD_LINEARS, Qwen25VL, load_head, load_model
 from models.qwen2_5_vl.positions import VisualSpan, mrope_positions
-from models.qwen2_5_vl.spec import export_spec
+from models.qwen2_5_vl.spec import TrunkGraph, export_spec, trunk_io_names
+from models.qwen2_5_vl.vision import VISION_INPUTS, VISION_OUTPUTS, vision_indices
 
-__all__ = ["Config", "Qwen25VL", "VisualSpan", "export_spec", "load_model", "mrope_positions"]
+Model = Qwen25VL
+VIDEO_TIMESTAMPS = False  # time enters through the temporal position ids (tokens_per_second)
+
+
+def graph_contract(config: dict, graph: str) -> tuple[list[str], list[str]]:
+    """Input and output names of ``graph`` for a stored config (the manifest's ``config``)."""
+    if graph == "vision":
+        return list(VISION_INPUTS), list(VISION_OUTPUTS)
+    return trunk_io_names(int(config["text"]["num_hidden_layers"]) - 1)
+
+
+def vision_inputs(grid_thw, vision_cfg) -> dict:
+    return vision_indices(grid_thw, vision_cfg).as_dict()
+
+
+def prompt_positions(cfg: Config, ids, spans: list[VisualSpan]):
+    return mrope_positions(ids, spans, cfg.image_token_id, cfg.video_token_id, cfg.vision.spatial_merge_size,
+                           cfg.vision.tokens_per_second)
+
+
+__all__ = ["Config", "HEAD_LINEARS", "LINEARS", "Model", "Qwen25VL", "TrunkGraph", "VIDEO_TIMESTAMPS", "VisualSpan",
+           "export_spec", "graph_contract", "load_head", "load_model", "mrope_positions", "prompt_positions",
+           "vision_inputs"]

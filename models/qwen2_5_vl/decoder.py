@@ -20,7 +20,11 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 class MRoPE(nn.Module):
-    """Multimodal rotary embedding: each frequency band follows one of the (t, h, w) position axes."""
+    """Multimodal rotary embedding: each frequency band follows one of the (t, h, w) position axes.
+
+    Qwen2.5-VL gives each axis one contiguous band (``mrope_section``); with ``mrope_interleaved`` in the
+    config (Qwen3-VL) frequency j follows h when j % 3 == 1 and j < 3 * section[1], w when j % 3 == 2 and
+    j < 3 * section[2], and t otherwise."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -32,11 +36,21 @@ class MRoPE(nn.Module):
             bounds.append((start, start + n))
             start += n
         self.bounds = bounds
+        self.axis: list[int] | None = None  # interleaved: the position axis of each frequency
+        if getattr(cfg, "mrope_interleaved", False):
+            sec = cfg.mrope_section
+            self.axis = [1 if j % 3 == 1 and j < 3 * sec[1] else 2 if j % 3 == 2 and j < 3 * sec[2] else 0
+                         for j in range(dim // 2)]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids [3, B, S] -> cos, sin [B, S, 1, head_dim]
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [3, B, S, head_dim/2]
-        freqs = torch.cat([freqs[i % 3, ..., a:b] for i, (a, b) in enumerate(self.bounds)], dim=-1)
+        if self.axis is not None:
+            axis = torch.tensor(self.axis, device=position_ids.device)
+            pos = position_ids.float().index_select(0, axis)  # [head_dim/2, B, S]: each frequency's position
+            freqs = pos.permute(1, 2, 0) * self.inv_freq
+        else:
+            freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [3, B, S, head_dim/2]
+            freqs = torch.cat([freqs[i % 3, ..., a:b] for i, (a, b) in enumerate(self.bounds)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -45,10 +59,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Qwen2.5-VL: q/k/v with bias, o without; Qwen3-VL (``attention_bias``, ``qk_norm`` in its config): no
+        # bias anywhere by default, and an RMSNorm over head_dim on q and k before the rotary embedding
+        bias = getattr(cfg, "attention_bias", None)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True if bias is None else bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True if bias is None else bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True if bias is None else bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bool(bias))
+        self.q_norm = self.k_norm = None
+        if getattr(cfg, "qk_norm", False):
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qkv_proj: nn.Linear | None = None  # set by ``fuse_projections`` (runtime weight layout)
 
     def fuse_projections(self) -> None:
@@ -57,9 +78,11 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             return
         parts = (self.q_proj, self.k_proj, self.v_proj)
-        fused = nn.Linear(self.q_proj.in_features, sum(p.out_features for p in parts), bias=True, device="meta")
+        bias = self.q_proj.bias is not None
+        fused = nn.Linear(self.q_proj.in_features, sum(p.out_features for p in parts), bias=bias, device="meta")
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        if bias:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 
@@ -71,8 +94,11 @@ class Attention(nn.Module):
                 [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.view(b, s, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(b, s, self.kv_heads, self.head_dim), cos, sin)
+        q, k = q.view(b, s, self.heads, self.head_dim), k.view(b, s, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         return q, k, v.view(b, s, self.kv_heads, self.head_dim)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -77,6 +77,10 @@ class Qwen25VL(nn.Module):
             embeds[0, is_pad] = merged
         return embeds
 
+    def prompt_inputs(self, input_ids: torch.Tensor, visuals) -> tuple[torch.Tensor, None]:
+        """What the trunk's prefill takes besides positions: inputs_embeds, and no DeepStack features."""
+        return self.embed_prompt(input_ids, list(visuals)), None
+
     def forward(self, input_ids: torch.Tensor, visuals: list[tuple[VisualSpan, torch.Tensor]] = ()) -> torch.Tensor:
         """Full-sequence logits [1, S, vocab] for one prompt (no cache)."""
         visuals = list(visuals)
@@ -94,13 +98,22 @@ class Qwen25VL(nn.Module):
 def load_model(path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> Qwen25VL:
     """Build the model on the meta device and fill it from safetensors, one tensor at a time."""
     cfg = Qwen25VLConfig.from_dict(read_config(path))
-    torch_dtype = resolve_dtype(dtype)
     with torch.device("meta"):
         model = Qwen25VL(cfg)
+    return fill_from_checkpoint(model, path, map_weight_name, dtype, device)
+
+
+def fill_from_checkpoint(model: nn.Module, path: str | Path, map_name, dtype: str | torch.dtype = "fp32",
+                         device: str | torch.device = "cpu") -> nn.Module:
+    """Fill a model built on the meta device (one with ``cfg``, ``decoder`` and ``reset_buffers``) from the
+    checkpoint's safetensors, one tensor at a time. ``map_name`` turns a checkpoint name into the model's (None:
+    not a weight the model has). Every family's loader ends here."""
+    cfg = model.cfg
+    torch_dtype = resolve_dtype(dtype)
     expected = set(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     for name, tensor in iter_tensors(path):
-        key = map_weight_name(name)
+        key = map_name(name)
         if key is None or key not in expected:
             continue  # e.g. rotary inv_freq saved by old exporters
         state[key] = tensor.to(device=device, dtype=torch_dtype)

@@ -9,6 +9,8 @@ Static decode (one token, every shape and address the same at every step):
           token's entries go, past_key.i / past_value.i = the whole cache buffers [1,C,kv,hd]
   outputs hidden [1,1,H], key.i / value.i = staging buffers [1,1,kv,hd], copied into the cache at the
           index on the device afterwards (an engine's output may not alias its input)
+Families with DeepStack (Qwen3-VL) add ``deepstack_embeds`` [K,1,S,H]: the prefill's features, zeros at decode
+(``DeepStackFeed``). The vision graph's outputs are ``embeds`` [M,H] and, with DeepStack, ``deepstack`` [K,M,H].
 All tensors are contiguous views of preallocated torch buffers, so a backend passes data pointers only.
 """
 
@@ -28,13 +30,44 @@ def hidden_view(buffer: torch.Tensor, s: int, hidden: int, dtype: torch.dtype,
     return buffer, buffer[: s * hidden].view(1, s, hidden)
 
 
+DEEPSTACK_INPUT, DEEPSTACK_OUTPUT = "deepstack_embeds", "deepstack"
+
+
+class DeepStackFeed:
+    """The trunk's ``deepstack_embeds`` input of a graph that has one (``levels`` K > 0): the prefill's features
+    as given, or zeros [K,1,S,H] for calls without visual tokens (decode; a buffer kept for S = 1)."""
+
+    def __init__(self, levels: int, hidden: int) -> None:
+        self.levels, self.hidden = levels, hidden
+        self._zeros = torch.empty(0)
+
+    def inputs(self, deepstack: torch.Tensor | None, s: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        if not self.levels:
+            if deepstack is not None:
+                raise ValueError("DeepStack features given to a trunk graph that takes none")
+            return {}
+        if deepstack is not None:
+            if tuple(deepstack.shape) != (self.levels, 1, s, self.hidden):
+                raise ValueError(f"DeepStack features {list(deepstack.shape)}, the graph takes "
+                                 f"[{self.levels}, 1, {s}, {self.hidden}]")
+            return {DEEPSTACK_INPUT: deepstack.to(dtype).contiguous()}
+        if s != 1:
+            return {DEEPSTACK_INPUT: torch.zeros(self.levels, 1, s, self.hidden, dtype=dtype, device=device)}
+        z = self._zeros
+        if z.shape != (self.levels, 1, 1, self.hidden) or z.dtype != dtype or z.device != torch.device(device):
+            self._zeros = z = torch.zeros(self.levels, 1, 1, self.hidden, dtype=dtype, device=device)
+        return {DEEPSTACK_INPUT: z}
+
+
 def trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                   hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                   hidden: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``extra``: further inputs of the family's trunk contract (``DeepStackFeed.inputs``)."""
     s = embeds.shape[1]
     if hidden.shape[:2] != (1, s):
         raise ValueError(f"hidden buffer {list(hidden.shape)} does not fit {s} tokens")
     inputs = {"inputs_embeds": embeds, "position_ids": positions,
-              "cache_length": torch.tensor([cache.length], dtype=torch.long, device=embeds.device)}
+              "cache_length": torch.tensor([cache.length], dtype=torch.long, device=embeds.device), **(extra or {})}
     outputs = {"hidden": hidden}
     for i in range(num_layers):
         pk, pv = cache.past(i)
@@ -45,12 +78,13 @@ def trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tenso
 
 
 def static_trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
-                          cache: KVCache, hidden: torch.Tensor, staging: list[torch.Tensor]
+                          cache: KVCache, hidden: torch.Tensor, staging: list[torch.Tensor],
+                          extra: dict[str, torch.Tensor] | None = None
                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Bindings of a static decode step; ``staging`` holds 2 * num_layers buffers [1,1,kv,hd]."""
     if embeds.shape[1] != 1 or hidden.shape[:2] != (1, 1):
         raise ValueError("a static decode step takes exactly one token")
-    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": index}
+    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": index, **(extra or {})}
     outputs = {"hidden": hidden}
     for i in range(num_layers):
         inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = cache.keys[i], cache.values[i]
@@ -82,11 +116,15 @@ def _checked(inputs: dict, outputs: dict) -> tuple[dict, dict]:
     return inputs, outputs
 
 
-def vision_bindings(inputs: dict[str, torch.Tensor], embeds: torch.Tensor) -> tuple[dict, dict]:
+def vision_bindings(inputs: dict[str, torch.Tensor], embeds: torch.Tensor,
+                    deepstack: torch.Tensor | None = None) -> tuple[dict, dict]:
     for name, t in inputs.items():
         if not t.is_contiguous():
             raise ValueError(f"tensor {name} is not contiguous; cannot bind it by address")
-    return dict(inputs), {"embeds": embeds}
+    outputs = {"embeds": embeds}
+    if deepstack is not None:
+        outputs[DEEPSTACK_OUTPUT] = deepstack
+    return dict(inputs), outputs
 
 
 def select_profile(seq: int, past: int) -> int:

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 
 from runtime.backends.bindings import (
+    DEEPSTACK_INPUT,
+    DEEPSTACK_OUTPUT,
+    DeepStackFeed,
     hidden_view,
     scatter_staging,
     staging_buffers,
@@ -53,7 +56,12 @@ class OrtBackend:
         self.dtype = dtype
         self.vision = ort.InferenceSession(str(engine_dir / "vision.onnx"), opts, providers=providers)
         self.trunk_session = ort.InferenceSession(str(engine_dir / "trunk.onnx"), opts, providers=providers)
-        self.num_layers = (len(self.trunk_session.get_inputs()) - 3) // 2
+        trunk_inputs = {i.name: i.shape for i in self.trunk_session.get_inputs()}
+        self.num_layers = sum(1 for n in trunk_inputs if n.startswith("past_key."))
+        ds = trunk_inputs.get(DEEPSTACK_INPUT)
+        self.deepstack = DeepStackFeed(int(ds[0]) if ds else 0, int(ds[3]) if ds else 0)
+        out = {o.name: o.shape for o in self.vision.get_outputs()}
+        self.vision_levels = int(out[DEEPSTACK_OUTPUT][0]) if DEEPSTACK_OUTPUT in out else 0
         self._hidden = torch.empty(0)
         self._staging: list[torch.Tensor] = []
 
@@ -67,9 +75,13 @@ class OrtBackend:
             io.bind_output(name, kind, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
         session.run_with_iobinding(io)
 
-    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        self._hidden, hidden = hidden_view(self._hidden, embeds.shape[1], embeds.shape[2], self.dtype, self.device)
-        inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
+    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+              deepstack: torch.Tensor | None = None) -> torch.Tensor:
+        s = embeds.shape[1]
+        self._hidden, hidden = hidden_view(self._hidden, s, embeds.shape[2], self.dtype, self.device)
+        extra = self.deepstack.inputs(deepstack, s, self.dtype, self.device)
+        inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden,
+                                         extra)
         self._bind(self.trunk_session, inputs, outputs)
         return hidden
 
@@ -79,13 +91,18 @@ class OrtBackend:
         self._hidden, hidden = hidden_view(self._hidden, 1, embeds.shape[2], self.dtype, self.device)
         self._staging = staging_buffers(self._staging, self.num_layers, cache)
         inputs, outputs = static_trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), index,
-                                                cache, hidden, self._staging)
+                                                cache, hidden, self._staging,
+                                                self.deepstack.inputs(None, 1, self.dtype, self.device))
         self._bind(self.trunk_session, inputs, outputs)
         scatter_staging(self.num_layers, cache, index, self._staging)
         return hidden
 
-    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:
+    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
+                      hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embeds [tokens, hidden], DeepStack features [K, tokens, hidden] or None) of one visual input."""
         embeds = torch.empty(tokens, hidden_size, dtype=self.dtype, device=self.device)
-        ins, outs = vision_bindings({k: v.contiguous() for k, v in inputs.items()}, embeds)
+        deepstack = torch.empty(self.vision_levels, tokens, hidden_size, dtype=self.dtype, device=self.device) \
+            if self.vision_levels else None
+        ins, outs = vision_bindings({k: v.contiguous() for k, v in inputs.items()}, embeds, deepstack)
         self._bind(self.vision, ins, outs)
-        return embeds
+        return embeds, deepstack

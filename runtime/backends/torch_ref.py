@@ -36,9 +36,11 @@ class TorchBackend:
         return self._step(embeds, positions, cache.keys[:n], cache.values[:n], index)
 
     @torch.no_grad()
-    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+              deepstack: torch.Tensor | None = None) -> torch.Tensor:
         past = [t for i in range(self.num_layers) for t in cache.past(i)]
-        hidden, *new = self.model.trunk(embeds, positions, *past)
+        extra = {} if deepstack is None else {"deepstack": deepstack}  # only DeepStack trunks take it
+        hidden, *new = self.model.trunk(embeds, positions, *past, **extra)
         for i in range(self.num_layers):
             k, v = cache.slot(i, embeds.shape[1])
             k.copy_(new[2 * i])
@@ -46,5 +48,7 @@ class TorchBackend:
         return hidden
 
     @torch.no_grad()
-    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:
-        return self.model.visual(*inputs.values())
+    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
+                      hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.model.visual(*inputs.values())
+        return out if isinstance(out, tuple) else (out, None)

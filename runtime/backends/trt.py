@@ -14,6 +14,9 @@ import torch
 
 from models.errors import UserError
 from runtime.backends.bindings import (
+    DEEPSTACK_INPUT,
+    DEEPSTACK_OUTPUT,
+    DeepStackFeed,
     hidden_view,
     scatter_staging,
     select_profile,
@@ -102,6 +105,12 @@ class TrtBackend:
         self.trunk_engine = _Engine(trt, self.runtime, engine_dir / "trunk.plan")
         names = [self.trunk_engine.engine.get_tensor_name(i) for i in range(self.trunk_engine.engine.num_io_tensors)]
         self.num_layers = sum(1 for n in names if n.startswith("past_key."))
+        # static dims of the DeepStack tensors (K levels, hidden), read from the engines' own tensor shapes
+        ds = tuple(self.trunk_engine.engine.get_tensor_shape(DEEPSTACK_INPUT)) if DEEPSTACK_INPUT in names else ()
+        self.deepstack = DeepStackFeed(int(ds[0]) if ds else 0, int(ds[3]) if ds else 0)
+        vnames = [self.vision.engine.get_tensor_name(i) for i in range(self.vision.engine.num_io_tensors)]
+        self.vision_levels = int(self.vision.engine.get_tensor_shape(DEEPSTACK_OUTPUT)[0]) \
+            if DEEPSTACK_OUTPUT in vnames else 0
         self._hidden = torch.empty(0, device=self.device)
         self._staging: list[torch.Tensor] = []
 
@@ -110,10 +119,13 @@ class TrtBackend:
         # the current stream at call time: inside CUDA-graph capture that is the capture stream
         return torch.cuda.current_stream().cuda_stream
 
-    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+              deepstack: torch.Tensor | None = None) -> torch.Tensor:
         s = embeds.shape[1]
         self._hidden, hidden = hidden_view(self._hidden, s, embeds.shape[2], self.dtype, self.device)
-        inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden)
+        extra = self.deepstack.inputs(deepstack, s, self.dtype, self.device)
+        inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden,
+                                         extra)
         handle = self._stream()
         self.trunk_engine.use_profile(select_profile(s, cache.length), handle)
         self.trunk_engine.run(inputs, outputs, handle)
@@ -127,15 +139,19 @@ class TrtBackend:
         self._hidden, hidden = hidden_view(self._hidden, 1, embeds.shape[2], self.dtype, self.device)
         self._staging = staging_buffers(self._staging, self.num_layers, cache)
         inputs, outputs = static_trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), index,
-                                                cache, hidden, self._staging)
+                                                cache, hidden, self._staging,
+                                                self.deepstack.inputs(None, 1, self.dtype, self.device))
         handle = self._stream()
         self.trunk_engine.use_profile(select_profile(1, cache.capacity), handle)
         self.trunk_engine.run(inputs, outputs, handle)
         scatter_staging(self.num_layers, cache, index, self._staging)
         return hidden
 
-    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int, hidden_size: int) -> torch.Tensor:
+    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
+                      hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds = torch.empty(tokens, hidden_size, dtype=self.dtype, device=self.device)
-        ins, outs = vision_bindings({k: v.to(self.device).contiguous() for k, v in inputs.items()}, embeds)
+        deepstack = torch.empty(self.vision_levels, tokens, hidden_size, dtype=self.dtype, device=self.device) \
+            if self.vision_levels else None
+        ins, outs = vision_bindings({k: v.to(self.device).contiguous() for k, v in inputs.items()}, embeds, deepstack)
         self.vision.run(ins, outs, self._stream())
-        return embeds
+        return embeds, deepstack
