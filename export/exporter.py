@@ -93,11 +93,20 @@ def tool_versions() -> dict[str, str]:
 
 
 def derive_limits(limits: Limits, settings: VisionSettings, patch: int, merge: int) -> Limits:
-    per_frame = max(settings.max_pixels, settings.video_max_pixels) // (patch * patch)
-    per_frame -= per_frame % (merge * merge)
+    unit = merge * merge
+    video_frame = settings.video_max_pixels
+    if settings.video_rule == "qwen3_vl":  # its video budget bounds frames x pixels, and a video has >= 2 frames
+        video_frame //= settings.temporal_patch_size
+    per_frame = max(settings.max_pixels, video_frame) // (patch * patch)
+    per_frame -= per_frame % unit
+    total = per_frame * max(1, limits.max_frames // 2)
+    if settings.video_rule == "qwen3_vl":  # no visual input exceeds an image or the whole video budget (its
+        # temporal patches never outnumber the rounded frame count the budget is checked with, halved)
+        budget = max(settings.max_pixels, settings.video_max_pixels) // (patch * patch)
+        total = min(total, budget - budget % unit)
     lim = Limits(**asdict(limits))
     lim.max_frame_patches = lim.max_frame_patches or per_frame
-    lim.max_vision_patches = lim.max_vision_patches or per_frame * max(1, lim.max_frames // 2)
+    lim.max_vision_patches = lim.max_vision_patches or total
     if lim.max_prompt > lim.max_context:
         raise ExportError(f"--max-prompt {lim.max_prompt} exceeds --max-context {lim.max_context}")
     return lim

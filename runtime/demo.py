@@ -1,6 +1,6 @@
 """python -m runtime.demo: the whole path offline, with the tiny built-in model.
 
-Builds a random Qwen2.5-VL checkpoint and a sample video (a red circle moving right), exports them,
+Builds a random checkpoint (Qwen2.5-VL, or Qwen3-VL with ``--family qwen3_vl``) and a sample video (a red circle moving right), exports them,
 then answers a question with the chosen method and draws the entropy trace. A random model's answer is
 noise; the point is that every stage runs end to end. With a real checkpoint, use
 ``python -m export`` and ``python -m runtime`` directly.
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.demo", description=checks.description(__doc__),
                                  formatter_class=checks.HelpFormatter)
     ap.add_argument("--out", default="work/demo", help="working folder, relative to the current folder")
+    ap.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl",
+                    help="model family of the tiny checkpoint (each family has its own folders under --out)")
     ap.add_argument("--method", choices=("base", "vreason", "vreason-lite"), default="vreason",
                     help="decoding method")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit")
@@ -39,14 +41,15 @@ def demo(args, out: Path) -> int:
     checks.plotting_available("the demo's entropy plot")
     out = out.resolve()
     print(f"working folder: {out}", file=sys.stderr)
-    ckpt = out / "tiny-checkpoint"
+    suffix = "" if args.family == "qwen2_5_vl" else f"-{args.family}"
+    ckpt = out / f"tiny-checkpoint{suffix}"
     if (ckpt / "config.json").is_file():
         print(f"reusing the tiny checkpoint in {ckpt}", file=sys.stderr)
     else:
         print(f"building the tiny checkpoint in {ckpt}", file=sys.stderr)
-        make_checkpoint(ckpt)
+        make_checkpoint(ckpt, family=args.family)
     video = sample_video(out / "circle-right.mp4", "circle", "red", "right", seconds=3)
-    engine = out / "tiny-engine"
+    engine = out / f"tiny-engine{suffix}"
     if (engine / "manifest.json").is_file():
         print(f"reusing the export in {engine} (delete it to export again)", file=sys.stderr)
     else:

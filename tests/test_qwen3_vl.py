@@ -284,3 +284,44 @@ def test_static_decode_equals_dynamic_on_the_family(q3_engine, q3_reasoners, cli
     a = q3_reasoners["ort"].ask(question=QUESTION, video=clip, max_new_tokens=8, method="vreason")
     b = static.ask(question=QUESTION, video=clip, max_new_tokens=8, method="vreason")
     assert a.token_ids == b.token_ids and np.allclose(a.entropy, b.entropy, atol=1e-5)
+
+
+def test_tensorrt_profiles_name_every_graph_input(q3_engine):
+    """The TensorRT build (unverified here: no TensorRT) gets a shape for each input of the family's graphs,
+    DeepStack's included, within the export's limits."""
+    import json
+
+    from export.exporter import Limits, trt_profiles
+    from models.registry import family
+
+    m = json.loads((q3_engine / "manifest.json").read_text())
+    cfg = family(m["model_type"]).Config.from_stored(m["config"])
+    lim = Limits(**m["limits"])
+    for graph, profiles in trt_profiles(cfg, lim).items():
+        inputs = [i["name"] for i in m["graphs"][graph]["inputs"]]
+        for p in profiles:
+            assert sorted(p.shapes) == sorted(inputs)
+    prefill, decode = trt_profiles(cfg, lim)["trunk"]
+    k, h = cfg.text.deepstack_layers, cfg.text.hidden_size
+    assert prefill.shapes["deepstack_embeds"][2] == (k, 1, lim.max_prompt, h)
+    assert decode.shapes["deepstack_embeds"] == ((k, 1, 1, h),) * 3
+    vision = trt_profiles(cfg, lim)["vision"][0].shapes
+    assert vision["pos_weight"][2] == (lim.max_frame_patches, 4)
+
+
+def test_derived_vision_limits_hold_every_video_the_rules_allow(q3):
+    """The export's patch limits (TensorRT profiles, the runtime's up-front check) bound every video the
+    family's frame rule can produce."""
+    from export.exporter import Limits, derive_limits
+    from models.preprocess import video_frame_size
+
+    s = VisionSettings.from_dir(q3["transformers"])
+    lim = derive_limits(Limits(), s, s.patch_size, s.merge_size)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, h, w = int(rng.integers(1, 40)), int(rng.integers(20, 1000)), int(rng.integers(20, 1000))
+        if max(h, w) / min(h, w) > 200:
+            continue
+        fh, fw = video_frame_size(h, w, n, s)
+        frame = (fh // s.patch_size) * (fw // s.patch_size)
+        assert frame <= lim.max_frame_patches and -(-n // 2) * frame <= lim.max_vision_patches, (n, h, w)

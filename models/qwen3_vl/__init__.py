@@ -10,7 +10,7 @@ from models.qwen2_5_vl.positions import VisualSpan
 from models.qwen3_vl.config import Qwen3VLConfig as Config
 from models.qwen3_vl.model import Qwen3VL, load_model
 from models.qwen3_vl.positions import mrope_positions
-from models.qwen3_vl.spec import TrunkGraph, export_spec, graph_contract
+from models.qwen3_vl.spec import TrunkGraph, export_spec, graph_contract, trt_vision_shapes
 from models.qwen3_vl.vision import vision_inputs
 
 Model = Qwen3VL
@@ -22,4 +22,4 @@ def prompt_positions(cfg: Config, ids, spans: list[VisualSpan]):
 
 
 __all__ = ["Config", "HEAD_LINEARS", "LINEARS", "Model", "Qwen3VL", "TrunkGraph", "VIDEO_TIMESTAMPS", "export_spec",
-           "graph_contract", "load_head", "load_model", "prompt_positions", "vision_inputs"]
+           "graph_contract", "load_head", "load_model", "prompt_positions", "trt_vision_shapes", "vision_inputs"]

@@ -44,4 +44,11 @@ def frame_size(num_frames: int, height: int, width: int, factor: int, temporal_f
         beta = math.sqrt(min_pixels / (num_frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        # very elongated frames: the short side is clamped up to one factor, so the reference rule can overshoot
+        # its own budget; trim the long side to stay within it (a deviation only where the reference exceeds it)
+        if h_bar >= w_bar:
+            h_bar = max(factor, max_pixels // t_bar // w_bar // factor * factor)
+        else:
+            w_bar = max(factor, max_pixels // t_bar // h_bar // factor * factor)
     return h_bar, w_bar
