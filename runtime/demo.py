@@ -1,9 +1,9 @@
 """python -m runtime.demo: the whole path offline, with the tiny built-in model.
 
-Builds a random checkpoint (Qwen2.5-VL, or Qwen3-VL with ``--family qwen3_vl``) and a sample video (a red circle moving right), exports them,
-then answers a question with the chosen method and draws the entropy trace. A random model's answer is
-noise; the point is that every stage runs end to end. With a real checkpoint, use
-``python -m export`` and ``python -m runtime`` directly.
+Builds a random checkpoint (Qwen2.5-VL, or Qwen3-VL with ``--family qwen3_vl``) and a sample video (a red
+circle moving right), exports them, then answers a question with the chosen method and draws the entropy
+trace. A random model's answer is noise; the point is that every stage runs end to end. With a real
+checkpoint, use ``python -m export`` and ``python -m runtime`` directly.
 """
 
 from __future__ import annotations

@@ -36,20 +36,18 @@ class MRoPE(nn.Module):
             bounds.append((start, start + n))
             start += n
         self.bounds = bounds
-        self.axis: list[int] | None = None  # interleaved: the position axis of each frequency
-        if getattr(cfg, "mrope_interleaved", False):
-            sec = cfg.mrope_section
-            self.axis = [1 if j % 3 == 1 and j < 3 * sec[1] else 2 if j % 3 == 2 and j < 3 * sec[2] else 0
-                         for j in range(dim // 2)]
+        self.interleaved = bool(getattr(cfg, "mrope_interleaved", False))
+        self.section = list(cfg.mrope_section)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids [3, B, S] -> cos, sin [B, S, 1, head_dim]
-        if self.axis is not None:
-            axis = torch.tensor(self.axis, device=position_ids.device)
-            pos = position_ids.float().index_select(0, axis)  # [head_dim/2, B, S]: each frequency's position
-            freqs = pos.permute(1, 2, 0) * self.inv_freq
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [3, B, S, head_dim/2]
+        if self.interleaved:  # the selection is built on the device (nothing copied from the host per step)
+            j = torch.arange(freqs.shape[-1], device=freqs.device)
+            h = (j % 3 == 1) & (j < 3 * self.section[1])
+            w = (j % 3 == 2) & (j < 3 * self.section[2])
+            freqs = torch.where(h, freqs[1], torch.where(w, freqs[2], freqs[0]))
         else:
-            freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [3, B, S, head_dim/2]
             freqs = torch.cat([freqs[i % 3, ..., a:b] for i, (a, b) in enumerate(self.bounds)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
         return emb.cos().to(dtype), emb.sin().to(dtype)
