@@ -52,21 +52,17 @@ def _quantized_bytes(n: int, k: int, bits: int, block: int, scale_bytes: int) ->
 
 
 def estimate(raw_config: dict, precision: str = "fp32", block_size: int = 0) -> list[Estimate]:
-    from models.registry import SUPPORTED, family
+    from models.registry import family
 
-    mt = raw_config.get("model_type")
-    if mt not in SUPPORTED:
-        raise UserError(f"the config's model_type {mt!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}")
-    fam = family(mt)
-    LINEARS = fam.LINEARS  # noqa: N806 (the family's constant)
+    fam = family(raw_config.get("model_type"))
     cfg = fam.Config.from_dict(raw_config)
     t = cfg.text
     with torch.device("meta"):
         model = fam.Model(cfg)
     eb = PRECISION_BYTES[precision]
     last = t.num_hidden_layers - 1
-    linear_names = {f"decoder.layers.{i}.{lin}.weight" for i in range(t.num_hidden_layers) for lin in LINEARS}
-    head_linear = {f"decoder.layers.{last}.{lin}.weight" for lin in LINEARS} | {"decoder.lm_head.weight"}
+    linear_names = {f"decoder.layers.{i}.{lin}.weight" for i in range(t.num_hidden_layers) for lin in fam.LINEARS}
+    head_linear = {f"decoder.layers.{last}.{lin}.weight" for lin in fam.LINEARS} | {"decoder.lm_head.weight"}
     params = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
     if t.tie_word_embeddings:
         params.pop("decoder.lm_head.weight", None)  # stored once in a float export

@@ -89,20 +89,17 @@ def expand_pads(text: str, counts: list[tuple]) -> str:
         i = rest.find(pad)
         if i < 0:
             raise CheckpointError(f"the chat template produced no {pad} for a {kind} input")
+        lo, hi, replacement = i, i + len(pad), pad * n
         if times and times[0]:
             stamps = times[0]
             if n % len(stamps):
                 raise ValueError(f"{n} video tokens do not split into {len(stamps)} frames")
-            framed = VISION_START + pad + VISION_END
-            j = rest.find(framed)
-            start = j if j >= 0 and j + len(VISION_START) == i else i
+            if i >= len(VISION_START) and rest.startswith(VISION_START + pad + VISION_END, i - len(VISION_START)):
+                lo, hi = i - len(VISION_START), hi + len(VISION_END)  # the template's pair: each frame has its own
             per = n // len(stamps)
-            out.append(rest[:start] + "".join(f"<{t:.1f} seconds>{VISION_START}{pad * per}{VISION_END}"
-                                              for t in stamps))
-            rest = rest[start + (len(framed) if start != i else len(pad)):]
-            continue
-        out.append(rest[:i] + pad * n)
-        rest = rest[i + len(pad):]
+            replacement = "".join(f"<{t:.1f} seconds>{VISION_START}{pad * per}{VISION_END}" for t in stamps)
+        out.append(rest[:lo] + replacement)
+        rest = rest[hi:]
     return "".join(out) + rest
 
 

@@ -118,9 +118,7 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: 
                  max_pixels=spec["video_max_pixels"], fps=2.0, min_frames=4, max_frames=768)
     video.pop("image_processor_type")
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-           "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_generation_config(out, ids)
     return out
 
 
@@ -150,6 +148,13 @@ def write_tokenizer(out: Path, tok, template_path: Path) -> None:
     hf_tok.save_pretrained(out)
     if not (out / "chat_template.jinja").exists():
         (out / "chat_template.jinja").write_text(template)
+
+
+def write_generation_config(out: Path, ids: dict[str, int]) -> None:
+    """generation_config.json: greedy, stopping at <|im_end|> or <|endoftext|>."""
+    gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+           "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
 def to_original_layout(out: Path) -> None:

@@ -100,8 +100,7 @@ class Loop:
         prefill). Leaves the last prompt token as the current query in ``state``."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            extra = {} if state.deepstack is None else {"deepstack": state.deepstack}
-            hidden = self.backend.trunk(embeds, positions, state.cache, **extra)
+            hidden = self.backend.trunk(embeds, positions, state.cache, state.deepstack)
             state.deepstack = None  # prefill only: decode tokens are never visual
             self.head_step(state, hidden, positions)  # fills the last layer's cache
             state.cache.length += embeds.shape[1]

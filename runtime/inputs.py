@@ -84,9 +84,7 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
         return None
     idx = family(cfg.model_type).vision_inputs(grid, v)
     tokens = grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
-    stamps = None
-    if times is not None:
-        stamps = patch_timestamps(times, v.temporal_patch_size)
+    stamps = None if times is None else patch_timestamps(times, v.temporal_patch_size)
     return Visual(span, torch.from_numpy(pv), idx, tokens, stamps)
 
 

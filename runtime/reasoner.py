@@ -64,8 +64,7 @@ class Reasoner:
                  compile: bool = False) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
-        self.family = family(manifest["model_type"])
-        self.cfg = self.family.Config.from_stored(manifest["config"])
+        self.cfg = family(manifest["model_type"]).Config.from_stored(manifest["config"])
         self.backend = backend
         self.backend_reason = backend_reason
         self.head = head

@@ -12,48 +12,24 @@ from __future__ import annotations
 
 import torch
 
-from models.qwen2_5_vl.positions import VisualSpan, visual_positions
+from models.qwen2_5_vl.positions import VisualSpan
+from models.qwen2_5_vl.positions import mrope_positions as frame_positions
 
 
-def frame_runs(spans: list[VisualSpan]) -> list[tuple[str, tuple[int, int, int]]]:
-    """(kind, grid) of every run of pad tokens the prompt holds: an image is one run, a video one per frame."""
+def frame_runs(spans: list[VisualSpan]) -> list[VisualSpan]:
+    """Every run of pad tokens the prompt holds, as a visual of one temporal patch: an image is one run, a
+    video one per frame."""
     runs = []
     for span in spans:
         t, h, w = (int(x) for x in span.grid_thw)
-        runs += [(span.kind, (1, h, w))] * (t if span.kind == "video" else 1)
+        runs += [VisualSpan(span.kind, (1, h, w))] * (t if span.kind == "video" else 1)
     return runs
 
 
 def mrope_positions(input_ids: list[int] | torch.Tensor, spans: list[VisualSpan], image_token_id: int,
                     video_token_id: int, spatial_merge_size: int) -> tuple[torch.Tensor, int]:
-    """Position ids [3, S] for one prompt, and the id the first generated token gets."""
-    ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
-    pads = {image_token_id: "image", video_token_id: "video"}
-    m = spatial_merge_size
-    pieces: list[torch.Tensor] = []
-    nxt, i, runs = 0, 0, iter(frame_runs(spans))
-    while i < len(ids):
-        j = i
-        if ids[i] not in pads:
-            while j < len(ids) and ids[j] not in pads:
-                j += 1
-            pieces.append(torch.arange(nxt, nxt + j - i).view(1, -1).expand(3, -1))
-            nxt += j - i
-            i = j
-            continue
-        while j < len(ids) and ids[j] == ids[i]:
-            j += 1
-        run = next(runs, None)
-        if run is None or pads[ids[i]] != run[0]:
-            raise ValueError("the prompt's visual pad tokens do not match the visual inputs given")
-        _, h, w = run[1]
-        n = h * w // m**2
-        if j - i != n:
-            raise ValueError(f"expected a run of {n} {run[0]} pad tokens for a frame of grid {run[1]}, got {j - i}")
-        pieces.append(visual_positions(nxt, run[1], m, 1.0))
-        nxt += max(h, w) // m
-        i = j
-    if next(runs, None) is not None:
-        raise ValueError("more visual frames were given than the prompt has pad-token runs")
-    positions = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
-    return positions.long(), nxt
+    """Position ids [3, S] for one prompt, and the id the first generated token gets.
+
+    Qwen2.5-VL's placement applied to single-frame runs: with one temporal patch the temporal id is the start
+    (no time interval enters) and the largest id + 1 is start + max(lh, lw), as transformers continues."""
+    return frame_positions(input_ids, frame_runs(spans), image_token_id, video_token_id, spatial_merge_size, 1.0)

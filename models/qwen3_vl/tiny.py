@@ -45,7 +45,7 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: 
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from models.tiny import SPECIAL_TOKENS, build_tokenizer, randomize, write_tokenizer
+    from models.tiny import SPECIAL_TOKENS, build_tokenizer, randomize, write_generation_config, write_tokenizer
 
     spec = SIZES[size]
     out = Path(out)
@@ -81,9 +81,7 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: 
                  max_frames=768, do_sample_frames=True)
     video.pop("image_processor_type")
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    gen = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-           "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_generation_config(out, ids)
     return out
 
 

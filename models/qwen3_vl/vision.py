@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.qwen2_5_vl.layers import activation, apply_rotary, upcast
+from models.qwen2_5_vl.layers import activation
+from models.qwen2_5_vl.vision import VisionAttention  # the same attention; here over whole frames (no window mask)
 from models.qwen3_vl.config import VISION_NORM_EPS, VisionConfig
 
 VISION_INPUTS = ("pixel_values", "rotary_pos", "pos_index", "pos_weight")
@@ -60,25 +61,6 @@ def vision_inputs(grid_thw, cfg: VisionConfig) -> dict[str, torch.Tensor]:
             "pos_weight": weight.float()}
 
 
-class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [T, L, C], L = h*w patches of one frame; cos/sin [1, L, 1, head_dim] fp32
-        t, length, c = x.shape
-        q, k, v = self.qkv(x).view(t, length, 3, self.heads, self.head_dim).unbind(2)
-        q = apply_rotary(upcast(q), cos, sin).to(x.dtype).transpose(1, 2)  # [T, heads, L, head_dim]
-        k = apply_rotary(upcast(k), cos, sin).to(x.dtype).transpose(1, 2)
-        scores = upcast(torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5))
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2).reshape(t, length, c)
-        return self.proj(out)
-
-
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -99,7 +81,7 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x, cos, sin):
-        x = x + self.attn(self.norm1(x), cos, sin)
+        x = x + self.attn(self.norm1(x), cos, sin, None)
         return x + self.mlp(self.norm2(x))
 
 
