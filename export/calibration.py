@@ -45,9 +45,11 @@ def calibration_prompts(model_dir: str | Path, cfg, count: int = len(SAMPLES)) -
     return out
 
 
-def quantization_error(model, head, trunk_session, prompts: list[CalibrationPrompt]) -> dict:
+def quantization_error(model, head, trunk, prompts: list[CalibrationPrompt]) -> dict:
     """Next-token top-1 agreement, mean KL(unquantized || quantized) and max |entropy difference| (nats)
-    over every position of the prompts."""
+    over every position of the prompts. ``trunk``: the quantized trunk graph's ONNX Runtime session, or a
+    callable (embeds [1,S,H], positions [3,1,S], DeepStack features or None) -> hidden [1,S,H] (the torch
+    backend's trunk on its device)."""
     dtype, dev = next(model.parameters()).dtype, next(model.parameters()).device
     agree, kls, dh, n = 0, [], 0.0, 0
     cfg = model.cfg
@@ -57,13 +59,17 @@ def quantization_error(model, head, trunk_session, prompts: list[CalibrationProm
             pos = p.positions.unsqueeze(1)
             ref = model(p.ids.to(dev), visuals)[0].double().cpu()
             model_embeds, deepstack = model.prompt_inputs(p.ids.to(dev), visuals)
-            embeds = head.embed(p.ids.view(1, -1)).to(dtype)  # the text rows as the runtime embeds them
+            hd = next(head.parameters()).device
+            embeds = head.embed(p.ids.view(1, -1).to(hd)).to("cpu", dtype)  # the text rows as the runtime embeds them
             is_pad = (p.ids == cfg.image_token_id) | (p.ids == cfg.video_token_id)
             embeds[0, is_pad] = model_embeds[0, is_pad.to(dev)].to("cpu", dtype)
-            hidden = run_prefill(trunk_session, embeds, pos, model.trunk.num_layers, cfg.text,
-                                 None if deepstack is None else deepstack.cpu())
-            empty = torch.zeros(1, 0, cfg.text.num_key_value_heads, cfg.text.head_dim, dtype=dtype)
-            logits = head(hidden.to(dtype), pos, empty, empty)[0][0].double()
+            if callable(trunk):
+                hidden = trunk(embeds, pos, deepstack)
+            else:
+                hidden = run_prefill(trunk, embeds, pos, model.trunk.num_layers, cfg.text,
+                                     None if deepstack is None else deepstack.cpu())
+            empty = torch.zeros(1, 0, cfg.text.num_key_value_heads, cfg.text.head_dim, dtype=dtype, device=hd)
+            logits = head(hidden.to(hd, dtype), pos.to(hd), empty, empty)[0][0].double().cpu()
             lr, lq = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)
             pr, pq = lr.exp(), lq.exp()
             agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from export.calibration import table as calibration_table
+from export.graph_weights import name_graph_weights
 from export.manifest import ExportError, graph_io, write_manifest
 from export.onnx_graphs import export_graph, name_dynamic_dims
 from export.quantize import (
@@ -138,6 +139,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
         settings = VisionSettings.from_dir(model_dir)
         lim = derive_limits(limits or Limits(), settings, cfg.vision.patch_size, cfg.vision.spatial_merge_size)
         specs = family.export_spec(model, dtype, device)
+        modules = {spec.name: spec.module for spec in specs}
         import onnx
 
         graphs = {}
@@ -147,11 +149,12 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 path = tmp / f"{spec.name}.onnx"
                 export_graph(spec, path, opset, external_data=size > EXTERNAL_DATA_BYTES)
                 name_dynamic_dims(path, spec)
+                name_graph_weights(path, spec.module)
                 graphs[spec.name] = graph_io(onnx.load(str(path), load_external_data=False))
         if quant.enabled:
             with stages.stage(f"quantize trunk.onnx ({quant.scheme} {quant.method}, block {quant.block_size})"):
                 packed = sum(p.numel() for p in model.trunk.parameters()) * quant.bits // 8  # codes alone
-                quant_summary = quantize_trunk(tmp / "trunk.onnx", model.trunk, quant,
+                quant_summary = quantize_trunk(tmp / "trunk.onnx", modules["trunk"], quant,
                                                external_data=packed > EXTERNAL_DATA_BYTES)
                 graphs["trunk"] = graph_io(onnx.load(str(tmp / "trunk.onnx"), load_external_data=False))
                 ran = executed_ops(tmp / "trunk.onnx", model.trunk.num_layers, cfg.text, precision)
@@ -186,7 +189,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 if not quiet:
                     print(calibration_table(qerror), file=sys.stderr)
         if quant.enabled and validate:  # parity: PyTorch on the very same weights, the graph at float accuracy
-            load_trunk_weights(model.trunk, trunk_weights(tmp / "trunk.onnx"), quant.block_size, int8_activations=False)
+            load_trunk_weights(modules["trunk"], trunk_weights(tmp / "trunk.onnx"))
         if validate:
             with stages.stage("validate ONNX Runtime against PyTorch"):
                 from export.validate import validate_export
@@ -206,7 +209,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
             "tools": tool_versions(),
             "source_model": str(Path(model_dir).expanduser().resolve()), "opset": opset,
         }
-        del model, specs
+        del model, specs, modules
         gc.collect()  # free the PyTorch weights before TensorRT builds (Jetson shares CPU/GPU memory)
         if tensorrt:
             with stages.stage("build TensorRT engines"):

@@ -15,7 +15,8 @@ from models.errors import UserError
 
 # 2: the trunk takes cache_length (static-shape decode over a fixed-capacity cache)
 # 3: weight-only quantized exports (``quantization`` entry; quantized trunk graph and head.safetensors)
-FORMAT_VERSION = 3
+# 4: graph weights named after their modules (the torch backend runs from the export alone)
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format_version", "model_type", "config", "precision", "limits", "graphs", "files",
                  "validation", "tensorrt_compat", "quantization", "tools")

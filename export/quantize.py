@@ -19,7 +19,6 @@ from neural-compressor) fails to pack zero points for layers with an odd number 
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,59 +169,15 @@ def quantize_matrix(weight: torch.Tensor, q: Quantization, block_size: int) -> d
 
 # -- the trunk graph ------------------------------------------------------------------------------------------
 
-def _fingerprint(a: np.ndarray) -> tuple:
-    flat = a.reshape(-1)
-    return (a.shape, flat[: 64].tobytes(), flat[-64:].tobytes())
-
-
-def trunk_linears(trunk) -> dict[str, torch.nn.Linear]:
-    """Every linear of the trunk's layers by module path (``layers.<i>.self_attn.qkv_proj`` when fused)."""
-    return {f"layers.{i}.{name}": mod for i, layer in enumerate(trunk.layers)
-            for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
-
-
-def name_trunk_weights(model_proto, trunk) -> dict[str, str]:
-    """Rename the MatMul weight initializers of the exported trunk after the PyTorch linears they hold
-    (``layers.<i>.<linear>``; the exporter's names are arbitrary), matched by value. Returns the node names
-    of those MatMuls, keyed by the new weight name."""
-    from onnx import numpy_helper
-
-    linears = trunk_linears(trunk)
-    want: dict[tuple, list[tuple[str, np.ndarray]]] = {}
-    for name, lin in linears.items():
-        w = lin.weight.detach().float().cpu().t().contiguous().numpy()
-        want.setdefault(_fingerprint(w), []).append((name, w))
-    inits = {i.name: i for i in model_proto.graph.initializer}
-    renamed: dict[str, str] = {}
-    nodes: dict[str, str] = {}
-    for node in model_proto.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        init = inits[node.input[1]]
-        arr = numpy_helper.to_array(init)
-        if arr.dtype != np.float32:
-            arr = arr.astype(np.float32)
-        for name, w in want.get(_fingerprint(arr), []):
-            if name not in nodes and np.array_equal(arr, w):
-                if init.name not in renamed:
-                    renamed[init.name] = name
-                    init.name = name
-                node.input[1] = renamed.get(node.input[1], node.input[1])
-                nodes[name] = node.name
-                break
-    missing = sorted(set(linears) - set(nodes))
-    if missing:
-        raise QuantizationError(f"the exported trunk graph has no MatMul holding {', '.join(missing[:3])}"
-                                f"{' ...' if len(missing) > 3 else ''}; cannot quantize it")
-    return nodes
-
-
-def quantize_trunk(path: Path, trunk, q: Quantization, external_data: bool) -> dict:
-    """Quantize every decoder linear of trunk.onnx in place; returns a summary for the manifest."""
+def quantize_trunk(path: Path, module, q: Quantization, external_data: bool) -> dict:
+    """Quantize every decoder linear of trunk.onnx (exported from ``module``, the trunk graph's module) in
+    place; returns a summary for the manifest."""
     import onnx
 
+    from export.graph_weights import name_matmul_weights
+
     model = onnx.load(str(path))
-    nodes = name_trunk_weights(model, trunk)
+    nodes = name_matmul_weights(model, module)
     out = _run_quantizer(model, q, q.block_size, q.trunk_form, nodes=list(nodes.values()))
     data = path.with_name(path.name + ".data")
     if data.exists():
@@ -232,60 +187,32 @@ def quantize_trunk(path: Path, trunk, q: Quantization, external_data: bool) -> d
     return {"quantized_linears": len(nodes), "ops": sorted(ops & {"MatMulNBits", "DequantizeLinear"})}
 
 
-_SUFFIX = re.compile(r"(_DQ)?_Q[48]$")
-
-
 def trunk_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The float32 weights [out, in] the quantized trunk graph stands for, keyed ``layers.<i>.<linear>``:
-    what PyTorch must run to compute exactly what the graph computes (the torch backend and the parity check)."""
+    """The float32 weights [out, in] the quantized trunk graph stands for, keyed by linear path
+    (``trunk.layers.<i>.<linear>``): what PyTorch runs to compute what the graph computes (the parity check)."""
     import onnx
-    from onnx import numpy_helper
 
+    from export.graph_weights import iter_initializers, matmulnbits_tensors, quantized_linears
     from models.quantized import dequantize
 
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-
-    def arr(name):
-        return numpy_helper.to_array(inits[name]) if name and name in inits else None
-
-    out: dict[str, torch.Tensor] = {}
-    for node in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMulNBits":
-            codes, scales, zp = (arr(node.input[i]) if len(node.input) > i else None for i in (1, 2, 3))
-            w = dequantize(torch.from_numpy(codes.copy()), torch.from_numpy(scales.copy()),
-                           None if zp is None else torch.from_numpy(zp.copy()), attrs["bits"], attrs["block_size"],
-                           attrs["K"])
-            out[_SUFFIX.sub("", node.input[1])] = w
-        elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            q = arr(node.input[0]).astype(np.float32)  # [K, N]
-            s = arr(node.input[1]).astype(np.float32)  # [K / block, N]
-            z = arr(node.input[2]).astype(np.float32) if len(node.input) > 2 and node.input[2] else 0.0
-            block = attrs.get("block_size", q.shape[0])
-            w = (q - np.repeat(z, block, axis=0)[: q.shape[0]] if np.ndim(z) else q) * np.repeat(s, block, axis=0)
-            out[_SUFFIX.sub("", node.input[0])] = torch.from_numpy(np.ascontiguousarray(w.T))
+    proto = onnx.load(str(path), load_external_data=False)
+    quant = quantized_linears(proto)
+    wanted = {e[k] for e in quant.values() for k in ("codes", "scales", "zero_points") if e[k]}
+    parts = {name: t for name, t in iter_initializers(path, proto) if name in wanted}
+    out = {}
+    for name, e in quant.items():
+        t = matmulnbits_tensors(e, parts)
+        out[name] = dequantize(t["codes"], t["scales"], t.get("zero_points"), e["bits"], e["block_size"], e["k"])
     return out
 
 
-def load_trunk_weights(trunk, weights: dict[str, torch.Tensor], block_size: int,
-                       int8_activations: bool = True) -> None:
-    """Put dequantized weights into the PyTorch trunk's linears (in place, keeping dtype and device). With
-    ``int8_activations`` their inputs are also rounded to int8 per block as ONNX Runtime's kernel rounds them at
-    the runtime's accuracy level (``fake_quantize_activations``): the torch backend then computes each matmul as
-    the ort backend does; without, the trunk computes what the graph computes at accuracy level 0 (the export's
-    parity check)."""
-    from models.quantized import fake_quantize_activations
-
-    if any(name.endswith(("qkv_proj", "gate_up_proj")) for name in weights):
-        for layer in trunk.layers:  # the graph's layout: q/k/v and gate/up fused (see the spec)
-            layer.fuse_projections()
+def load_trunk_weights(module, weights: dict[str, torch.Tensor]) -> None:
+    """Put dequantized weights into ``module``'s linears (in place, keeping dtype and device): PyTorch then
+    computes what the quantized graph computes at float accuracy (the export's parity check)."""
     for name, w in weights.items():
-        lin = trunk.get_submodule(name.removesuffix(".weight"))
+        lin = module.get_submodule(name)
         with torch.no_grad():
             lin.weight = torch.nn.Parameter(w.to(lin.weight.device, lin.weight.dtype), requires_grad=False)
-        if int8_activations:
-            lin.register_forward_pre_hook(lambda _m, args: (fake_quantize_activations(args[0], block_size),))
 
 
 # -- the head -------------------------------------------------------------------------------------------------

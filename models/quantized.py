@@ -12,8 +12,18 @@ the bench shape's 151936 x 896 LM head, 2 cores: int4 2.1 ms, int8 5.1 ms, fp32 
 backward (V-Reason's d(logits)/d(values) needs input gradients only, the weights are frozen) runs the same
 kernel over a second copy of W^T quantized along N: the gradient is that of a weight equal to W up to the
 quantization noise, not bit-exactly the forward's (PyTorch's own low-bit CPU kernels measured slower than
-fp32 here: int8 57 ms, int4 122 ms; dequantizing in the backward: 288 ms). Elsewhere (CUDA, fp16) the layer
-holds a dequantized copy in the compute dtype: correct, without the memory saving.
+fp32 here: int8 57 ms, int4 122 ms; dequantizing in the backward: 288 ms).
+
+On CUDA (``QuantLinear.pack``) the layer keeps only packed low-bit weights in GPU memory and takes float
+activations (no int8 rounding of activations: that is ONNX Runtime CPU's numerics, not the GPU's):
+- int4: PyTorch's own int4 weight-only kernel (``aten._weight_int4pack_mm``, the tinygemm kernel every CUDA
+  build carries), bf16 activations, one scale per block (the export's blocks, 32 to 256 wide) and zero 0 for
+  the symmetric codes; a layer whose shape the kernel cannot take dequantizes its codes per call instead.
+- int8: ``torch._weight_int8pack_mm`` (one scale per output row). The export's int8 codes have one scale per
+  block, so they are requantized per row at load (a second rounding, at most half a row step); where the
+  build has no CUDA kernel for it, the int8 rows are widened per call (``F.linear`` on ``w.to(dtype)``).
+The backward (V-Reason's d(logits)/d(values)) runs the same kernel over the packed copy of W^T.
+On CPU in another dtype than fp32 the layer holds a dequantized copy (correct, without the memory saving).
 """
 
 from __future__ import annotations
@@ -99,7 +109,138 @@ def _nbits_session(codes, scales, zero_points, bits: int, block_size: int, k: in
     return sess, values
 
 
-class _NBitsMatmul(torch.autograd.Function):
+def rtn_quantize(weight: torch.Tensor, bits: int, block_size: int) -> dict[str, torch.Tensor]:
+    """W [N, K] in MatMulNBits layout (symmetric, no zero points), rounded as ONNX Runtime's quantizer rounds
+    it: each block's value of largest magnitude maps to -2^(bits-1) (so a scale may be negative). Used where no
+    ONNX graph is at hand (the synthetic benchmark); a test checks it against the quantizer, code for code."""
+    w = weight.detach().float()
+    n, k = w.shape
+    blocks = -(-k // block_size)
+    if blocks * block_size != k:
+        w = torch.nn.functional.pad(w, (0, blocks * block_size - k))
+    wb = w.view(n, blocks, block_size)
+    lo, mid = -(1 << (bits - 1)), 1 << (bits - 1)
+    peak = wb.gather(-1, wb.abs().argmax(-1, keepdim=True)).squeeze(-1)  # [N, blocks], signed
+    scales = peak / lo
+    inverse = torch.where(scales != 0, 1 / scales, torch.zeros_like(scales))
+    codes = (torch.round(wb * inverse.unsqueeze(-1)).clamp(lo, mid - 1) + mid).to(torch.uint8)
+    if bits == 4:
+        codes = codes.view(n, blocks, block_size // 2, 2)
+        codes = codes[..., 0] | (codes[..., 1] << 4)
+    return {"codes": codes.contiguous(), "scales": scales.contiguous()}
+
+
+def int4_inner_tiles(n: int, k: int, block_size: int) -> int | None:
+    """innerKTiles for PyTorch's int4 kernel on an [N, K] weight, or None where the kernel cannot take it
+    (N a multiple of 8, K of 32, blocks of 32 to 256)."""
+    if n % 8 or block_size not in (32, 64, 128, 256) or k % block_size:
+        return None
+    return next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+
+
+class Int4Packed:
+    """x [M, K] @ W^T with W held as PyTorch's packed int4 layout (``aten._convert_weight_to_int4pack``)."""
+
+    kernel = "int4 aten._weight_int4pack_mm"
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                 block_size: int, k: int, tiles: int, device) -> None:
+        n = codes.shape[0]
+        u = unpack_codes(codes.to(device), 4)[:, :k]  # [N, K] codes 0..15
+        self.cpu = torch.device(device).type == "cpu"  # the CPU twin of the kernel (tests of the layout on CPU)
+        if self.cpu:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), tiles)
+        else:  # two codes per byte, the even column in the high nibble
+            u = u.to(torch.uint8)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), tiles)
+        s = scales.to(device).float().reshape(n, -1)[:, : k // block_size]  # [N, blocks]
+        z = zero_point_values(zero_points, 4, n, s.shape[1], device)
+        # the kernel computes (code - 8) * scale + zero; MatMulNBits (code - z) * scale
+        self.scales_and_zeros = torch.stack((s, (8 - z) * s), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.block_size, self.n = block_size, n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if self.cpu else torch.ops.aten._weight_int4pack_mm
+        y = mm(x.to(torch.bfloat16), self.packed, self.block_size, self.scales_and_zeros)
+        return y.to(x.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
+
+
+class Int8Rows:
+    """x [M, K] @ W^T with W as int8 rows and one scale per row (``torch._weight_int8pack_mm``)."""
+
+    fused: dict[str, bool] = {}  # per device type: whether this PyTorch build has the fused kernel there
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device) -> None:
+        w = weight.to(device).float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        self.rows = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+        self.scales = scales.to(dtype)
+        del w
+        kind = torch.device(device).type
+        if kind not in Int8Rows.fused:
+            try:
+                torch._weight_int8pack_mm(torch.zeros(1, self.rows.shape[1], dtype=dtype, device=device), self.rows,
+                                          self.scales)
+                Int8Rows.fused[kind] = True
+            except (RuntimeError, NotImplementedError):
+                Int8Rows.fused[kind] = False
+        self.kernel = "int8 torch._weight_int8pack_mm" if Int8Rows.fused[kind] else "int8 rows widened per call"
+
+    @staticmethod
+    def concat(parts: list[Int8Rows]) -> Int8Rows:
+        whole = parts[0]
+        whole.rows = torch.cat([p.rows for p in parts])
+        whole.scales = torch.cat([p.scales for p in parts])
+        return whole
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if Int8Rows.fused[x.device.type]:
+            return torch._weight_int8pack_mm(x, self.rows, s)
+        return nn.functional.linear(x, self.rows.to(x.dtype)) * s
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.scales))
+
+
+class DequantizedPerCall:
+    """x @ W^T with W dequantized from its codes for each call and dropped after (no copy held): the fallback
+    for a shape the packed kernels cannot take."""
+
+    kernel = "dequantized per call"
+
+    def __init__(self, codes, scales, zero_points, bits: int, block_size: int, k: int, device) -> None:
+        self.args = (codes.to(device), scales.to(device), None if zero_points is None else zero_points.to(device),
+                     bits, block_size, k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, dequantize(*self.args).to(x.dtype))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.args[:3] if t is not None)
+
+
+def pack_for_cuda(codes, scales, zero_points, bits: int, block_size: int, k: int, dtype: torch.dtype, device):
+    """The GPU form of one MatMulNBits weight [N, K] (see the module docstring)."""
+    if bits == 4:
+        tiles = int4_inner_tiles(codes.shape[0], k, block_size)
+        if tiles is not None:
+            return Int4Packed(codes, scales, zero_points, block_size, k, tiles, device)
+        return DequantizedPerCall(codes, scales, zero_points, bits, block_size, k, device)
+    rows = []
+    for a in range(0, codes.shape[0], 8192):  # dequantized a slice of rows at a time: bounded transient memory
+        part = slice(a, a + 8192)
+        zp = None if zero_points is None else zero_points.reshape(codes.shape[0], -1)[part]
+        w = dequantize(codes[part].to(device), scales.reshape(codes.shape[0], -1)[part].to(device),
+                       None if zp is None else zp.to(device), bits, block_size, k)
+        rows.append(Int8Rows(w, dtype, device))
+    return rows[0] if len(rows) == 1 else Int8Rows.concat(rows)
+
+
+class _LowBitMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
@@ -126,10 +267,41 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(tensors["bias"], requires_grad=False) if tensors.get("bias") is not None else None
         self._sessions: dict = {}
         self._dense: torch.Tensor | None = None
+        self.packed: dict = {}  # CUDA: "forward" (and "backward") kernels over packed weights, set by ``pack``
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [out, in] the stored codes stand for."""
+        if self.codes is None:
+            raise RuntimeError("the codes were packed for the GPU kernels and released")
         return dequantize(self.codes, self.scales, self.zero_points, self.bits, self.block_size, self.in_features)
+
+    def pack(self, device, dtype: torch.dtype) -> QuantLinear:
+        """Pack the weights (and the transposed copy, when stored) for the GPU kernels on ``device`` and release
+        the MatMulNBits codes: one low-bit copy of each weight stays in GPU memory."""
+        self.packed["forward"] = pack_for_cuda(self.codes, self.scales, self.zero_points, self.bits, self.block_size,
+                                               self.in_features, dtype, device)
+        if self.bwd_codes is not None:
+            self.packed["backward"] = pack_for_cuda(self.bwd_codes, self.bwd_scales, self.bwd_zero_points, self.bits,
+                                                    self.backward_block_size, self.out_features, dtype, device)
+        for name in ("codes", "scales", "zero_points", "bwd_codes", "bwd_scales", "bwd_zero_points"):
+            setattr(self, name, None)
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach().to(device, dtype), requires_grad=False)
+        return self
+
+    def packed_bytes(self) -> int:
+        return sum(k.nbytes() for k in self.packed.values())
+
+    def forward_bytes(self) -> int:
+        """Bytes one forward reads: the packed (or stored) forward weights and the bias."""
+        def size(*ts):
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        w = self.packed["forward"].nbytes() if self.packed else size(self.codes, self.scales, self.zero_points)
+        return w + size(self.bias)
+
+    def kernels(self) -> set[str]:
+        return {k.kernel for k in self.packed.values()}
 
     def _session(self, which: str):
         if which not in self._sessions:
@@ -143,17 +315,25 @@ class QuantLinear(nn.Module):
         return self._sessions[which][0]
 
     def _run(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.packed:
+            kernel = self.packed.get(which)
+            if kernel is None:  # an export without the transposed copy: no backward on the GPU path
+                raise RuntimeError("this quantized head has no transposed weights for the backward; re-export")
+            y = kernel(x.reshape(-1, shape[-1]))
+            return y.view(*shape[:-1], y.shape[-1])
         if which == "backward" and self.bwd_codes is None:
             return x @ self.dequantized().to(x.dtype)  # an export without the transposed copy: slow, exact
-        shape = x.shape
         flat = x.detach().reshape(-1, shape[-1]).contiguous().numpy()
         y = torch.from_numpy(self._session(which).run(None, {"x": flat})[0])
         return y.view(*shape[:-1], y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            y = _NBitsMatmul.apply(x, self)
-        else:  # the kernel's math in PyTorch: a dequantized copy, int8-rounded activations
+        if self.packed or (x.device.type == "cpu" and x.dtype == torch.float32):
+            # autograd only where a gradient is wanted (V-Reason's update); a plain call otherwise, which
+            # torch.compile traces as the kernel call it is
+            y = _LowBitMatmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self._run("forward", x)
+        else:  # CPU in another dtype: the ONNX Runtime kernel's math in PyTorch (dequantized copy, int8 activations)
             if self._dense is None or self._dense.device != x.device or self._dense.dtype != x.dtype:
                 self._dense = self.dequantized().to(x.device, x.dtype)
             if self.in_features % self.block_size == 0:
@@ -162,7 +342,8 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block={self.block_size}"
+        kernels = f", kernels={sorted(self.kernels())}" if self.packed else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block={self.block_size}{kernels}"
 
 
 class QuantEmbedding(nn.Module):
@@ -206,8 +387,9 @@ def install_quantized(module: nn.Module, state: dict[str, torch.Tensor], linears
             raise CheckpointError(f"the quantized head lacks {name}.codes; re-export")
         if parts.get("bias") is not None:
             parts["bias"] = parts["bias"].to(device, dtype)
-        module.set_submodule(name, QuantLinear(lin.in_features, lin.out_features, bits, block_size, parts,
-                                               backward_block(lin.out_features, block_size)))
+        layer = QuantLinear(lin.in_features, lin.out_features, bits, block_size, parts,
+                            backward_block(lin.out_features, block_size))
+        module.set_submodule(name, layer.pack(device, dtype) if torch.device(device).type == "cuda" else layer)
     if "embed_tokens.codes" in rest:
         module.embed_tokens = QuantEmbedding(rest.pop("embed_tokens.codes").to(device),
                                              rest.pop("embed_tokens.scales").to(device, dtype))

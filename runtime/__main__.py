@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto",
                     help="auto: trt when tensorrt and a GPU are usable, else ort")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
-    ap.add_argument("--model", help="original checkpoint directory (torch backend only; default: the export's source)")
+    ap.add_argument("--model", help="torch backend only: run this checkpoint's weights instead of the export's own "
+                    "(the parity reference; unquantized exports only). Default: the export folder alone")
     ap.add_argument("--method", choices=("base", "vreason", "vreason-lite"), default="base",
                     help="base decoding, V-Reason, or V-Reason with Lite video-token pruning")
     ap.add_argument("--template", choices=("reasoning", "plain"), default="reasoning",

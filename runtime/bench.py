@@ -73,7 +73,7 @@ def head_bytes_per_token(head) -> int:
     for mod in [head.layer, head.norm, head.lm_head]:
         for sub in mod.modules():
             if isinstance(sub, QuantLinear):  # the forward copy (the transposed one is read by V-Reason updates)
-                total += size(sub.codes, sub.scales, sub.zero_points, sub.bias)
+                total += sub.forward_bytes()
             elif not list(sub.children()):
                 total += size(*sub.parameters(recurse=False))
     return total
@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                     help="with --synthetic: weight precision (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--prompt-tokens", type=int, default=1200, help="with --synthetic: prompt length")
+    ap.add_argument("--quantize", nargs="+", metavar="SCHEME", default=["none"],
+                    help="with --synthetic: weight schemes measured side by side, each a row group (none, int8, "
+                    "int4: the export's round-to-nearest codes in PyTorch's packed int4/int8 kernels)")
     ap.add_argument("--compile", action="store_true",
                     help="with --synthetic: also measure the static step under torch.compile")
     ap.add_argument("--backend", nargs="+", choices=("trt", "ort", "torch"),

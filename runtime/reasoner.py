@@ -96,7 +96,8 @@ class Reasoner:
         faster with the growing cache). ``cuda_graphs`` (default: on for static decode on CUDA) replays each
         step as a CUDA graph; ``compile`` adds torch.compile of the trunk step (torch backend on CUDA; tens of
         seconds on first use per shape). ``threads``: CPU threads for ONNX Runtime and PyTorch (default: all
-        cores; an evaluation replica sharing a machine takes its share)."""
+        cores; an evaluation replica sharing a machine takes its share). ``model_dir`` (torch backend): run that
+        checkpoint's trunk, vision encoder and head instead of the export's own weights (the parity reference)."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         if threads is not None:
@@ -119,20 +120,22 @@ class Reasoner:
         cfg = fam.Config.from_stored(manifest["config"])
         load_head = fam.load_head
         if name == "torch":
-            from models import load_model
-            from runtime.backends.torch_ref import TorchBackend
+            from runtime.backends.torch_ref import TorchBackend, model_from_export
 
-            src = Path(model_dir or manifest.get("source_model") or "")
-            if not (src / "config.json").is_file():
-                whose = f"--model {src}" if model_dir else f"the export's source checkpoint {src}"
-                raise UserError(f"the torch backend runs the original checkpoint, and {whose} has no config.json; "
-                                "pass the checkpoint directory with --model DIR")
-            model = load_model(src, dtype=dtype, device=device)
-            head = model.head
-            if quantized(manifest):  # the same quantized math as the graphs: dequantized trunk, quantized head
-                from export.quantize import load_trunk_weights, trunk_weights
+            if model_dir is not None:  # the parity reference: the checkpoint's own weights
+                from models import load_model
 
-                load_trunk_weights(model.trunk, trunk_weights(d / "trunk.onnx"), manifest["quantization"]["block_size"])
+                src = Path(model_dir)
+                if quantized(manifest):
+                    raise UserError(f"--model runs a checkpoint's unquantized weights, and this export is quantized "
+                                    f"{manifest['quantization']['scheme']}; drop --model (the export runs from its "
+                                    "own weights)")
+                if not (src / "config.json").is_file():
+                    raise UserError(f"--model {src} has no config.json; pass a checkpoint directory")
+                model = load_model(src, dtype=dtype, device=device)
+                head = model.head
+            else:  # the export alone
+                model = model_from_export(d, manifest, dtype, device)
                 head = load_head(cfg, d / "head.safetensors", dtype, device, manifest["quantization"])
             impl = TorchBackend(model, dtype, device)
         else:

@@ -8,7 +8,10 @@ no DeepStack features) is decoded for ``--new-tokens`` tokens, greedy.
 Measured side by side in one run: the dynamic loop (the cache grows per token, eager), the static loop
 (fixed shapes; on CUDA each step replayed as a CUDA graph), optionally the static loop with torch.compile,
 V-Reason and V-Reason Lite on the static loop, and transformers' eager ``generate`` on a random model of the
-same shape. Speed only: random weights say nothing about answers.
+same shape. With ``--quantize none int8 int4`` each scheme gets its own decoder (the unquantized one rounded as
+the export rounds, ``models.quantized.rtn_quantize``, and held packed as a quantized export is on that device)
+and its own rows: static, V-Reason and Lite, bytes read per step, weights held in memory. Speed only: random
+weights say nothing about answers.
 """
 
 from __future__ import annotations
@@ -112,12 +115,75 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 31, repeats: int = 1
     return 2 * a.numel() * a.element_size() / statistics.median(times)
 
 
+def _module_bytes(module, per_step: bool) -> int:
+    """Bytes of a module's weights on its device; ``per_step``: only what one decode step reads (a quantized
+    linear's forward weights and bias, not its transposed copy; no buffers)."""
+    from models.quantized import QuantLinear
+
+    def size(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, QuantLinear):
+            total += sub.forward_bytes() if per_step else sub.packed_bytes() + size([*sub.parameters(),
+                                                                                   *sub.buffers()])
+        else:
+            total += size(sub.parameters(recurse=False)) + (0 if per_step else size(sub.buffers(recurse=False)))
+    return total
+
+
 def decode_bytes(model) -> int:
-    """Weights a decode step reads: every decoder layer, the final norm and the LM head (not the embedding)."""
+    """Weights a decode step reads: every decoder layer, the final norm and the LM head (not the embedding);
+    quantized linears as packed."""
     d = model.decoder
-    n = sum(p.numel() * p.element_size() for p in d.layers.parameters())
-    norm, lm = d.norm.weight, d.lm_head.weight
-    return n + norm.numel() * norm.element_size() + lm.numel() * lm.element_size()
+    return sum(_module_bytes(m, per_step=True) for m in (d.layers, d.norm, d.lm_head))
+
+
+def weights_in_memory(model) -> int:
+    """Bytes of every decoder weight held on the device: parameters (a tied LM head once) and buffers, and
+    quantized linears' packed weights (their transposed copies included)."""
+    from models.quantized import QuantLinear
+
+    d = model.decoder
+    tensors = [*d.parameters(), *d.buffers()]  # each shared tensor once
+    packed = sum(m.packed_bytes() for m in d.modules() if isinstance(m, QuantLinear))
+    return packed + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantize_decoder(model, scheme: str, dtype: torch.dtype, device) -> list[str]:
+    """Replace every linear of the decoder (trunk and head) by a ``QuantLinear`` rounded as the export rounds
+    (``rtn_quantize``; the head's with the transposed copy V-Reason's backward uses), packed for ``device``,
+    and the embedding by an int8-per-row table, as a quantized export holds them. Returns the kernels used."""
+    from export.quantize import DEFAULT_BLOCK, Quantization
+    from models.quantized import QuantEmbedding, QuantLinear, backward_block, rtn_quantize
+
+    q = Quantization(scheme, DEFAULT_BLOCK).resolve(model.decoder.cfg, "fp16")
+    d = model.decoder
+    kernels: set[str] = set()
+    last = len(d.layers) - 1
+    jobs = [(layer, name, i == last) for i, layer in enumerate(d.layers)
+            for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)] + [(d, "lm_head", True)]
+    for owner, name, in_head in jobs:
+        lin = owner.get_submodule(name)
+        w = lin.weight.detach()
+        t = rtn_quantize(w, q.bits, q.block_size)
+        bwd = backward_block(w.shape[0], q.block_size)
+        if in_head:
+            t.update({f"bwd_{k}": v for k, v in rtn_quantize(w.t(), q.bits, bwd).items()})
+        if lin.bias is not None:
+            t["bias"] = lin.bias.detach()
+        layer = QuantLinear(lin.in_features, lin.out_features, q.bits, q.block_size, t, bwd).pack(device, dtype)
+        kernels |= layer.kernels()
+        owner.set_submodule(name, layer)
+        del lin, w, t
+    table = QuantEmbedding.quantize(d.embed_tokens.weight)
+    d.embed_tokens = QuantEmbedding(table["codes"].to(device), table["scales"].to(device, dtype))
+    model.head.embed_tokens = d.embed_tokens
+    model.head.lm_head, model.head.tied = d.lm_head, False
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return sorted(kernels)
 
 
 class Runner:
@@ -263,33 +329,31 @@ def transformers_decode(raw_config: dict, dtype, device, ids: torch.Tensor, new_
             "decode_s_per_token": statistics.median(r[1] for r in runs), "peak_memory_bytes": peak, "capture_s": 0.0}
 
 
-def run_synthetic(args) -> dict:
-    from models.checkpoint import resolve_dtype
+def measure_scheme(cfg, scheme: str, dtype, device, prompt, args, dynamic: bool) -> dict:
+    """Every row of one weight scheme (none, int8, int4) on a fresh random decoder: decode loops, V-Reason and
+    Lite, the head pass, bytes read per step and weights held."""
     from runtime.reasoner import fuse_projections
 
-    cfg, raw = load_config(args.synthetic)
-    device = torch.device(args.device)  # checked by the CLI (models.checks.check_device)
-    dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = random_decoder(cfg, dtype, device)
     if device.type == "cuda":
         fuse_projections(model)
+    kernels = quantize_decoder(model, scheme, dtype, device) if scheme != "none" else []
     build_s = time.perf_counter() - t0
-    prompt = synthetic_prompt(cfg, args.prompt_tokens, device)
     runner = Runner(model, cfg, dtype, device, prompt, args.new_tokens)
-    bandwidth = copy_bandwidth(device) if device.type == "cuda" else _cpu_read_bandwidth()
     rows: dict[str, list[dict]] = {}
-
     first_capture: dict[str, float] = {}
+    label = "" if scheme == "none" else f"{scheme} "
 
-    def measure(label, *a, **kw):
+    def measure(name, *a, **kw):
         warm = [runner.run(*a, **kw) for _ in range(args.warmup)]
-        rows[label] = [runner.run(*a, **kw) for _ in range(args.repeats)]
-        first_capture[label] = (warm or rows[label])[0]["capture_s"]
-        print(f"measured {label}", file=sys.stderr)
+        rows[label + name] = [runner.run(*a, **kw) for _ in range(args.repeats)]
+        first_capture[label + name] = (warm or rows[label + name])[0]["capture_s"]
+        print(f"measured {label + name}", file=sys.stderr)
 
-    measure("dynamic", "dynamic")
+    if dynamic:
+        measure("dynamic", "dynamic")
     measure("static", "static")
     compile_s = None
     if args.compile:
@@ -297,49 +361,98 @@ def run_synthetic(args) -> dict:
         runner.run("static", compile=True)
         compile_s = time.perf_counter() - t0
         measure("static+compile", "static", compile=True)
-    best = "static+compile" if args.compile else "static"
-    compiled = args.compile
-    measure("vreason", "static", "vreason", compile=compiled)
-    measure("vreason-lite", "static", "vreason-lite", compile=compiled)
-    identical = {k: rows[k][0]["tokens"] == rows["dynamic"][0]["tokens"] for k in rows if k.startswith("static")}
-    head_s = head_pass_seconds(runner)
+    best = label + ("static+compile" if args.compile else "static")
+    measure("vreason", "static", "vreason", compile=args.compile)
+    measure("vreason-lite", "static", "vreason-lite", compile=args.compile)
+    out = {"rows": rows, "first_capture": first_capture, "compile_s": compile_s, "best": best,
+           "head_pass_s": head_pass_seconds(runner), "bytes_per_token": decode_bytes(model),
+           "weights_bytes": weights_in_memory(model), "build_s": build_s, "kernels": kernels}
+    if dynamic:
+        out["identical"] = {k: rows[k][0]["tokens"] == rows[label + "dynamic"][0]["tokens"] for k in rows
+                            if k.startswith(label + "static")}
+    return out
+
+
+def run_synthetic(args) -> dict:
+    from export.quantize import SCHEMES
+    from models.checkpoint import resolve_dtype
+
+    cfg, raw = load_config(args.synthetic)
+    device = torch.device(args.device)  # checked by the CLI (models.checks.check_device)
+    dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    schemes = list(dict.fromkeys(getattr(args, "quantize", None) or ["none"]))
+    bad = [q for q in schemes if q not in SCHEMES]
+    if bad:
+        raise UserError(f"--quantize {bad[0]!r}: choose from {', '.join(SCHEMES)}")
+    prompt = synthetic_prompt(cfg, args.prompt_tokens, device)
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else _cpu_read_bandwidth()
+    per = {}
+    for i, q in enumerate(schemes):  # one decoder at a time on the device
+        per[q] = measure_scheme(cfg, q, dtype, device, prompt, args, dynamic=(i == 0))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = {k: v for p in per.values() for k, v in p["rows"].items()}
+    scheme_of = {k: q for q, p in per.items() for k in p["rows"]}
     if args.transformers:
         visual_ids = (cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
         rows["transformers"] = [transformers_decode(raw, dtype, device, prompt[0], args.new_tokens, args.repeats,
                                                     visual_ids)]
+        scheme_of["transformers"] = "none"
         print("measured transformers", file=sys.stderr)
-    per_token = decode_bytes(model)
-    roofline = bandwidth / per_token
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_s", "decode_s_per_token",
                                                                "peak_memory_bytes", "capture_s")}
            for k, v in rows.items()}
     decode = {k: 1.0 / v["decode_s_per_token"] for k, v in med.items()}
-    base_t = med[best]["decode_s_per_token"]
-    every = 2
-    update_s = (med["vreason"]["decode_s_per_token"] - base_t) * every
+    # transformers reads the same bf16 weights as the unquantized rows
+    step_bytes = {q: p["bytes_per_token"] for q, p in per.items()}
+    step_bytes.setdefault("none", None)
+    roofline = {q: bandwidth / b for q, b in step_bytes.items() if b}
+    first = schemes[0]
+    best = {q: p["best"] for q, p in per.items()}
+
+    def ratio_by_scheme(key):
+        return {q: med[f"{'' if q == 'none' else q + ' '}{key}"]["decode_s_per_token"]
+                / med[best[q]]["decode_s_per_token"] for q in schemes}
+
+    def memory_ratio(key):
+        return {q: _ratio(med[f"{'' if q == 'none' else q + ' '}{key}"]["peak_memory_bytes"],
+                          med[best[q]]["peak_memory_bytes"]) for q in schemes}
+
+    update_s = {q: (med[f"{'' if q == 'none' else q + ' '}vreason"]["decode_s_per_token"]
+                    - med[best[q]]["decode_s_per_token"]) * 2 for q in schemes}
+    base = per.get("none")
     return {
         "synthetic": args.synthetic, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "prompt_tokens": len(prompt[0]), "video_tokens": len(prompt[2]),
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "build_s": build_s,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "schemes": schemes,
+        "build_s": {q: p["build_s"] for q, p in per.items()},
+        "kernels": {q: p["kernels"] for q, p in per.items()},
         "bandwidth_gb_s": bandwidth / 1e9, "bandwidth_kind": "copy (read + write)" if device.type == "cuda" else "read",
-        "weight_bytes_per_token": per_token, "decode_roofline_tokens_per_s": roofline,
+        "weight_bytes_per_token": {q: p["bytes_per_token"] for q, p in per.items()},
+        "weights_in_memory_bytes": {q: p["weights_bytes"] for q, p in per.items()},
+        "weights_in_memory_ratio": {q: p["weights_bytes"] / base["weights_bytes"] for q, p in per.items()}
+        if base else {},
+        "decode_roofline_tokens_per_s": roofline,
         "decode_tokens_per_s": decode,
         "prefill_tokens_per_s": {k: len(prompt[0]) / v["prefill_s"] for k, v in med.items()},
-        "decode_roofline_fraction": {k: v / roofline for k, v in decode.items()},
+        "decode_roofline_fraction": {k: v / roofline[scheme_of[k]] for k, v in decode.items()
+                                     if scheme_of[k] in roofline},
         "speedup_over_transformers": {k: v / decode["transformers"] for k, v in decode.items()}
         if "transformers" in decode else {},
+        "speedup_over_unquantized": {q: decode[best[q]] / decode[base["best"]] for q in schemes} if base else {},
         "peak_memory_bytes": {k: v["peak_memory_bytes"] for k, v in med.items()},
         "capture_s_per_request": {k: v["capture_s"] for k, v in med.items()},
-        "first_request_capture_s": first_capture,
-        "compile_s": compile_s,
+        "first_request_capture_s": {k: v for p in per.values() for k, v in p["first_capture"].items()},
+        "compile_s": {q: p["compile_s"] for q, p in per.items()} if args.compile else None,
         "vreason_base": best,
-        "vreason_token_time_ratio": med["vreason"]["decode_s_per_token"] / base_t,
-        "vreason_lite_token_time_ratio": med["vreason-lite"]["decode_s_per_token"] / base_t,
-        "vreason_peak_memory_ratio": _ratio(med["vreason"]["peak_memory_bytes"], med[best]["peak_memory_bytes"]),
-        "vreason_lite_peak_memory_ratio": _ratio(med["vreason-lite"]["peak_memory_bytes"],
-                                                 med[best]["peak_memory_bytes"]),
-        "head_pass_s": head_s, "vreason_update_s": update_s, "vreason_update_cost_head_passes": update_s / head_s,
-        "tokens_identical_to_dynamic": identical,
+        "vreason_token_time_ratio": ratio_by_scheme("vreason"),
+        "vreason_lite_token_time_ratio": ratio_by_scheme("vreason-lite"),
+        "vreason_peak_memory_ratio": memory_ratio("vreason"),
+        "vreason_lite_peak_memory_ratio": memory_ratio("vreason-lite"),
+        "head_pass_s": {q: p["head_pass_s"] for q, p in per.items()},
+        "vreason_update_s": update_s,
+        "vreason_update_cost_head_passes": {q: update_s[q] / per[q]["head_pass_s"] for q in schemes},
+        "tokens_identical_to_dynamic": per[first]["identical"],
     }
 
 
@@ -350,21 +463,31 @@ def synthetic_table(rep: dict) -> str:
              "| path | decode tok/s | ms/token | roofline | vs transformers | prefill tok/s | peak memory (GB) |",
              "|---|---|---|---|---|---|---|"]
     for k, tps in rep["decode_tokens_per_s"].items():
-        lines.append(f"| {k} | {tps:.1f} | {1e3 / tps:.2f} | {100 * rep['decode_roofline_fraction'][k]:.0f}% | "
+        roof = rep["decode_roofline_fraction"].get(k)
+        lines.append(f"| {k} | {tps:.1f} | {1e3 / tps:.2f} | {'-' if roof is None else f'{100 * roof:.0f}%'} | "
                      f"{rep['speedup_over_transformers'].get(k, float('nan')):.2f}x | "
                      f"{rep['prefill_tokens_per_s'][k]:.0f} | {rep['peak_memory_bytes'][k] / 1e9:.2f} |")
-    lines += ["", f"bandwidth {rep['bandwidth_gb_s']:.0f} GB/s ({rep['bandwidth_kind']}), "
-              f"{rep['weight_bytes_per_token'] / 1e9:.2f} GB of weights per decode step -> roofline "
-              f"{rep['decode_roofline_tokens_per_s']:.1f} tokens/s",
-              f"V-Reason on {rep['vreason_base']}: per-token time x{rep['vreason_token_time_ratio']:.3f}, Lite "
-              f"x{rep['vreason_lite_token_time_ratio']:.3f}; peak memory x{rep['vreason_peak_memory_ratio']:.3f} "
-              f"(Lite x{rep['vreason_lite_peak_memory_ratio']:.3f}); one update = "
-              f"{rep['vreason_update_cost_head_passes']:.2f} head passes (head pass {1e3 * rep['head_pass_s']:.2f} ms)",
+    lines += ["", f"bandwidth {rep['bandwidth_gb_s']:.0f} GB/s ({rep['bandwidth_kind']})", "",
+              "| weights | GB read per step | roofline tok/s | weights in memory (GB) | vs unquantized: memory | "
+              "decode | V-Reason / Lite per token | V-Reason / Lite peak memory | update (head passes) | kernels |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for q in rep["schemes"]:
+        mem_ratio = rep["weights_in_memory_ratio"].get(q)
+        speed = rep["speedup_over_unquantized"].get(q)
+        lines.append(
+            f"| {q} | {rep['weight_bytes_per_token'][q] / 1e9:.3f} | {rep['decode_roofline_tokens_per_s'][q]:.1f} | "
+            f"{rep['weights_in_memory_bytes'][q] / 1e9:.3f} | {'-' if mem_ratio is None else f'x{mem_ratio:.3f}'} | "
+            f"{'-' if speed is None else f'x{speed:.2f}'} | x{rep['vreason_token_time_ratio'][q]:.3f} / "
+            f"x{rep['vreason_lite_token_time_ratio'][q]:.3f} | x{rep['vreason_peak_memory_ratio'][q]:.3f} / "
+            f"x{rep['vreason_lite_peak_memory_ratio'][q]:.3f} | {rep['vreason_update_cost_head_passes'][q]:.2f} "
+            f"({1e3 * rep['head_pass_s'][q]:.2f} ms each) | {', '.join(rep['kernels'][q]) or 'dense'} |")
+    lines += ["", f"V-Reason rows run on each scheme's best static row ({', '.join(rep['vreason_base'].values())}); "
               f"static tokens identical to dynamic: {rep['tokens_identical_to_dynamic']}; graph capture (first "
               "request only; later requests of the same shape replay): "
               + ", ".join(f"{k} {v:.3f} s" for k, v in rep["first_request_capture_s"].items())]
-    if rep["compile_s"] is not None:
-        lines.append(f"torch.compile, first request: {rep['compile_s']:.1f} s")
+    if rep["compile_s"]:
+        lines.append("torch.compile, first request: "
+                     + ", ".join(f"{q} {v:.1f} s" for q, v in rep["compile_s"].items()))
     return "\n".join(lines)
 
 

@@ -39,6 +39,12 @@ def any_checkpoint(request, checkpoints):
 
 
 @pytest.fixture(scope="session")
+def q3_tiny(tmp_path_factory):
+    """A tiny Qwen3-VL checkpoint (transformers-5 layout)."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt-q3") / "q3", family="qwen3_vl")
+
+
+@pytest.fixture(scope="session")
 def engine_dir(tiny, tmp_path_factory):
     """The tiny checkpoint exported once (fp32) for every test that needs an export directory."""
     from export.exporter import export_model

@@ -1,8 +1,11 @@
 """Static decode on CUDA (skipped without a GPU): CUDA-graph replay token-identical to the same steps run
-eagerly, for base and V-Reason, in fp32; bf16 runs finite; buffers and graphs reused across requests."""
+eagerly, for base and V-Reason, in fp32, on both families; bf16 runs finite; buffers and graphs reused across
+requests; quantized exports on the GPU path (packed int4/int8 kernels from the export folder alone), their
+kernels against the dequantized weights and their quantization error against the CPU path's."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +18,12 @@ from runtime.synthetic import Runner, synthetic_prompt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 STRONG = VReasonConfig(lr=0.5, every=1, steps=2)
+BLOCK = 32
+
+
+@pytest.fixture(params=["gqa2", "gqa4", "qwen3"])
+def family_checkpoint(request, checkpoints, q3_tiny):
+    return q3_tiny if request.param == "qwen3" else checkpoints[request.param]
 
 
 def runner(ckpt, dtype, n=24, fuse=True):
@@ -27,8 +36,8 @@ def runner(ckpt, dtype, n=24, fuse=True):
 
 @pytest.mark.parametrize("ctl", [None, STRONG], ids=["default", "strong"])
 @pytest.mark.parametrize("method", ["base", "vreason", "vreason-lite"])
-def test_graph_replay_equals_eager_fp32(any_checkpoint, method, ctl):
-    r = runner(any_checkpoint, torch.float32)
+def test_graph_replay_equals_eager_fp32(family_checkpoint, method, ctl):
+    r = runner(family_checkpoint, torch.float32)
     eager = r.run("static", method, graphs=False, controller=ctl)
     graphed = r.run("static", method, graphs=True, controller=ctl)
     replayed = r.run("static", method, graphs=True, controller=ctl)  # second request: no capture, replay only
@@ -38,29 +47,130 @@ def test_graph_replay_equals_eager_fp32(any_checkpoint, method, ctl):
 
 
 @pytest.mark.parametrize("method", ["base", "vreason"])
-def test_static_on_cuda_equals_dynamic_fp32(any_checkpoint, method):
-    r = runner(any_checkpoint, torch.float32, fuse=False)
+def test_static_on_cuda_equals_dynamic_fp32(family_checkpoint, method):
+    r = runner(family_checkpoint, torch.float32, fuse=False)
     assert r.run("dynamic", method)["tokens"] == r.run("static", method, graphs=True)["tokens"]
 
 
 @pytest.mark.parametrize("method", ["base", "vreason", "vreason-lite"])
-def test_bf16_runs_finite(tiny, method):
-    r = runner(tiny, torch.bfloat16)
+def test_bf16_runs_finite(family_checkpoint, method):
+    r = runner(family_checkpoint, torch.bfloat16)
     out = r.run("static", method, graphs=True, controller=STRONG)
     assert len(out["tokens"]) == 24 and out["skipped"] == 0
     assert all(math.isfinite(float(a)) for a in out["alpha"])
 
 
-@pytest.mark.parametrize("method", ["base", "vreason-lite"])
-def test_reasoner_on_cuda_static_equals_dynamic(engine_dir, method):
+def _frames():
     from models.samples import render_frames
+
+    return [f[:, :, ::-1].copy() for f in render_frames("square", "blue", "left", frames=4, size=(96, 128))]
+
+
+@pytest.fixture(scope="module")
+def q3_engine(q3_tiny, tmp_path_factory):
+    from export.exporter import export_model
+
+    return export_model(q3_tiny, tmp_path_factory.mktemp("q3-engine") / "fp32", quiet=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["base", "vreason-lite"])
+def test_reasoner_on_cuda_static_equals_dynamic(engine_dir, q3_engine, family, method):
     from runtime.reasoner import Reasoner
 
-    frames = [f[:, :, ::-1].copy() for f in render_frames("square", "blue", "left", frames=4, size=(96, 128))]
-    kw = dict(question="Which shape moves left?", frames=frames, fps=2.0, method=method, max_new_tokens=16,
+    engine = engine_dir if family == "qwen2_5_vl" else q3_engine
+    kw = dict(question="Which shape moves left?", frames=_frames(), fps=2.0, method=method, max_new_tokens=16,
               controller={"lr": 0.5, "every": 1})
-    sta = Reasoner.load(engine_dir, backend="torch", device="cuda")  # auto: static, CUDA graphs, fused
-    dyn = Reasoner.load(engine_dir, backend="torch", device="cuda", decode="dynamic")
+    sta = Reasoner.load(engine, backend="torch", device="cuda")  # auto: static, CUDA graphs, fused
+    dyn = Reasoner.load(engine, backend="torch", device="cuda", decode="dynamic")
     assert sta.decode == "static" and sta.cuda_graphs
     a, b, c = sta.ask(**kw), sta.ask(**kw), dyn.ask(**kw)
     assert a.token_ids == b.token_ids == c.token_ids and a.alpha == b.alpha == c.alpha
+
+
+# -- low-bit weights on the GPU path ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_kernels_on_cuda_compute_the_dequantized_weight(bits):
+    from models.quantized import QuantLinear, backward_block, dequantize, rtn_quantize
+
+    g = torch.Generator().manual_seed(bits)
+    n, k = 512, 1024
+    w = torch.randn(n, k, generator=g) * 0.05
+    t = rtn_quantize(w, bits, 128)
+    t.update({f"bwd_{key}": v for key, v in rtn_quantize(w.t(), bits, backward_block(n, 128)).items()})
+    layer = QuantLinear(k, n, bits, 128, t, backward_block(n, 128))
+    deq = layer.dequantized().cuda()
+    deq_t = dequantize(layer.bwd_codes, layer.bwd_scales, None, bits, layer.backward_block_size, n).cuda()
+    layer.pack("cuda", torch.bfloat16)
+    assert layer.codes is None and set(layer.packed) == {"forward", "backward"}
+    print(f"int{bits}: {sorted(layer.kernels())}, packed {layer.packed_bytes()} bytes vs bf16 {2 * n * k * 2}")
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    ref = x.detach().float() @ deq.t()
+    assert (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+    gy = torch.randn(4, n, device="cuda", dtype=torch.bfloat16)
+    (y * gy).sum().backward()
+    own = gy.float() @ deq_t.t()
+    assert (x.grad.float() - own).abs().max() < 2e-2 * own.abs().max()
+
+
+@pytest.fixture(scope="module")
+def quantized_engines(tiny, tmp_path_factory):
+    from export.exporter import export_model
+    from export.quantize import Quantization
+
+    root = tmp_path_factory.mktemp("gpu-quant")
+    return {s: export_model(tiny, root / s, quiet=True, quantization=Quantization(s, BLOCK)) for s in ("int8", "int4")}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_export_on_cuda_holds_packed_weights_and_replays(quantized_engines, scheme):
+    from models.quantized import QuantLinear
+    from runtime.reasoner import Reasoner
+
+    r = Reasoner.load(quantized_engines[scheme], backend="torch", device="cuda")
+    assert r.decode == "static" and r.cuda_graphs
+    layers = [m for m in [*r.backend.model.trunk.modules(), *r.head.modules()] if isinstance(m, QuantLinear)]
+    assert layers and all(m.packed and m.codes is None for m in layers)  # no dense copy, no stored codes
+    print(scheme, r.backend.model.loaded["trunk"])
+    kw = dict(question="Which shape moves left?", frames=_frames(), fps=2.0, max_new_tokens=16,
+              controller={"lr": 0.5, "every": 1})
+    for method in ("base", "vreason", "vreason-lite"):
+        a, b = r.ask(method=method, **kw), r.ask(method=method, **kw)  # captured, then replayed
+        assert a.token_ids == b.token_ids and a.alpha == b.alpha and len(a.token_ids) > 0
+        assert all(math.isfinite(h) for h in a.entropy)
+    eager = Reasoner.load(quantized_engines[scheme], backend="torch", device="cuda", cuda_graphs=False)
+    assert eager.ask(method="vreason", **kw).token_ids == r.ask(method="vreason", **kw).token_ids
+
+
+def test_gpu_int4_quantization_error_no_worse_than_cpu(tiny, quantized_engines):
+    """The same int4 export, calibration prompts and unquantized reference: the GPU path (packed int4 kernel,
+    bf16 activations) against the CPU path (the trunk graph in ONNX Runtime, int8 activations)."""
+    from export.calibration import calibration_prompts, quantization_error, table
+    from export.validate import ort_session
+    from models.registry import family
+    from runtime.backends.torch_ref import model_from_export
+
+    d = quantized_engines["int4"]
+    manifest = json.loads((d / "manifest.json").read_text())
+    ref = load_model(tiny)
+    cfg = ref.cfg
+    prompts = calibration_prompts(tiny, cfg)
+    load_head = family(cfg.model_type).load_head
+    cpu = quantization_error(ref, load_head(cfg, d / "head.safetensors", "fp32", "cpu", manifest["quantization"]),
+                             ort_session(d / "trunk.onnx"), prompts)
+    gpu_model = model_from_export(d, manifest, torch.float32, "cuda")
+
+    def trunk(embeds, pos, deepstack):
+        empty = torch.zeros(1, 0, cfg.text.num_key_value_heads, cfg.text.head_dim, device="cuda")
+        past = [empty] * (2 * gpu_model.trunk.num_layers)
+        with torch.no_grad():
+            return gpu_model.trunk(embeds.cuda(), pos.cuda(), *past)[0].cpu()
+
+    gpu = quantization_error(ref, load_head(cfg, d / "head.safetensors", "fp32", "cuda", manifest["quantization"]),
+                             trunk, prompts)
+    print("cpu int4:", table(cpu))
+    print("gpu int4:", table(gpu))
+    assert gpu["top1_agreement"] >= cpu["top1_agreement"] - 0.02
+    assert gpu["mean_kl"] <= 1.5 * cpu["mean_kl"] + 1e-4

@@ -124,7 +124,18 @@ class Attention(nn.Module):
         with torch.no_grad():
             key_cache.index_copy_(1, index, k.detach())
             value_cache.index_copy_(1, index, v.detach())
-        return self.attend(q, key_cache, value_cache if values is None else values(value_cache), allowed)
+        return self.attend_one(q, key_cache, value_cache if values is None else values(value_cache), allowed)
+
+    def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   allowed: torch.Tensor) -> torch.Tensor:
+        """``attend`` for one query token q [B,1,heads,hd] over a fixed-capacity cache: PyTorch's fused
+        scaled_dot_product_attention, the query heads of each kv group taken as that group's queries (the cache
+        is read in place, never repeated per group, and no fp32 score tensor over the capacity is built)."""
+        b = q.shape[0]
+        qg = q.view(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # [B, kv, groups, hd]
+        out = nn.functional.scaled_dot_product_attention(qg, keys.transpose(1, 2), values.transpose(1, 2),
+                                                         attn_mask=allowed.view(1, 1, 1, -1))
+        return self.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
 
     def forward(
         self,

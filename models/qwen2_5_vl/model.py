@@ -88,9 +88,10 @@ class Qwen25VL(nn.Module):
         pos, _ = self.positions(input_ids.view(-1), [s for s, _ in visuals])
         return self.decoder(embeds, pos.unsqueeze(1).to(embeds.device))
 
-    def reset_buffers(self) -> None:
-        """Recompute the non-persistent rotary buffers (they are not in the checkpoint)."""
-        dev = self.decoder.embed_tokens.weight.device
+    def reset_buffers(self, device=None) -> None:
+        """Recompute the non-persistent rotary buffers (they are not in the checkpoint) on ``device`` (default:
+        the embedding's)."""
+        dev = device or self.decoder.embed_tokens.weight.device
         self.decoder.rotary.inv_freq = MRoPE(self.cfg.text).inv_freq.to(dev)
         self.visual.inv_freq = VisionEncoder.rotary_inv_freq(self.cfg.vision).to(dev)
 

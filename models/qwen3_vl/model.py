@@ -109,9 +109,10 @@ class Qwen3VL(nn.Module):
                 x = x + deepstack[i]
         return dec.lm_head(dec.norm(x))
 
-    def reset_buffers(self) -> None:
-        """Recompute the non-persistent rotary buffers (they are not in the checkpoint)."""
-        dev = self.decoder.embed_tokens.weight.device
+    def reset_buffers(self, device=None) -> None:
+        """Recompute the non-persistent rotary buffers (they are not in the checkpoint) on ``device`` (default:
+        the embedding's)."""
+        dev = device or self.decoder.embed_tokens.weight.device
         self.decoder.rotary.inv_freq = MRoPE(self.cfg.text).inv_freq.to(dev)
         self.visual.inv_freq = VisionEncoder.rotary_inv_freq(self.cfg.vision).to(dev)
 

@@ -1,14 +1,37 @@
-"""PyTorch reference backend: the trunk and vision encoder run as the models' PyTorch modules.
+"""PyTorch backend: the trunk and vision encoder run as the models' PyTorch modules.
 
-It needs the original checkpoint (the export holds the trunk only as ONNX/TensorRT); by default the one
-the manifest records as the export's source.
+The modules are filled from the export's own graphs (``model_from_export``: the ONNX initializers, named after
+the modules at export; a quantized trunk keeps its low-bit weights, packed for PyTorch's int4/int8 kernels on
+CUDA), so an export folder alone runs here: the production path on a GPU without TensorRT. Given a checkpoint
+directory instead (``model_from_checkpoint``), it runs the checkpoint's weights: the parity reference.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from runtime.cache import KVCache
+
+
+def model_from_export(export_dir: Path, manifest: dict, dtype: torch.dtype, device) -> object:
+    """The family's model with its vision encoder and trunk filled from the export's graphs on ``device`` (the
+    decoder's embedding, last layer and LM head stay unmaterialized: the head comes from head.safetensors).
+    The report of what was loaded is ``model.loaded``."""
+    from export.graph_weights import fill_from_graph
+    from models.registry import family
+
+    fam = family(manifest["model_type"])
+    cfg = fam.Config.from_stored(manifest["config"])
+    with torch.device("meta"):
+        model = fam.Model(cfg)
+    specs = fam.export_spec(model, dtype, "meta")  # the modules the graphs were exported from (trunk fused)
+    quantized = manifest["quantization"].get("scheme", "none") != "none"
+    model.loaded = {spec.name: fill_from_graph(spec.module, Path(export_dir) / f"{spec.name}.onnx", dtype, device,
+                                               quantized=quantized and spec.name == "trunk") for spec in specs}
+    model.reset_buffers(torch.device(device))
+    return model.eval().requires_grad_(False)
 
 
 class TorchBackend:
