@@ -350,7 +350,8 @@ def measure_scheme(cfg, scheme: str, dtype, device, prompt, args, dynamic: bool)
         warm = [runner.run(*a, **kw) for _ in range(args.warmup)]
         rows[label + name] = [runner.run(*a, **kw) for _ in range(args.repeats)]
         first_capture[label + name] = (warm or rows[label + name])[0]["capture_s"]
-        print(f"measured {label + name}", file=sys.stderr)
+        tps = 1 / statistics.median(r["decode_s_per_token"] for r in rows[label + name])
+        print(f"measured {label + name}: {tps:.1f} decode tokens/s", file=sys.stderr)
 
     if dynamic:
         measure("dynamic", "dynamic")
