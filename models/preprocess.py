@@ -53,6 +53,33 @@ class VisionSettings:
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    def with_budget(self, fps: float | None = None, video_min_pixels: int | None = None,
+                    video_max_pixels: int | None = None, video_total_pixels: int | None = None,
+                    image_min_pixels: int | None = None, image_max_pixels: int | None = None) -> VisionSettings:
+        """These settings with a caller's frame rate and pixel budget (None: unchanged): how a user trades
+        accuracy for prefill time. Video pixel bounds given here follow qwen-vl-utils' per-frame rule (the
+        Qwen2.5-VL processor's: each frame within [min, max(min(max, total / frames * 2), 1.05 * min)]),
+        whatever the family's own video rule."""
+        from dataclasses import replace
+
+        from models.checks import check_number
+
+        given = {"video_min_pixels": video_min_pixels, "video_max_pixels": video_max_pixels,
+                 "video_total_pixels": video_total_pixels, "min_pixels": image_min_pixels,
+                 "max_pixels": image_max_pixels}
+        names = {"min_pixels": "image_min_pixels", "max_pixels": "image_max_pixels"}
+        changes = {k: check_number(names.get(k, k), v, lo=1, integer=True) for k, v in given.items() if v is not None}
+        if fps is not None:
+            changes["fps"] = check_number("fps", fps, lo=0, lo_open=True, hi=1000)
+        if any(k.startswith("video_") for k in changes):
+            changes["video_rule"] = "qwen2_5_vl"
+        out = replace(self, **changes)
+        for lo, hi, what in ((out.video_min_pixels, out.video_max_pixels, "video"), (out.min_pixels, out.max_pixels,
+                                                                                     "image")):
+            if lo > hi:
+                raise InputError(f"{what}_min_pixels {lo} is above {what}_max_pixels {hi}")
+        return out
+
     @classmethod
     def from_dir(cls, path: str | Path) -> VisionSettings:
         s = cls()

@@ -25,10 +25,14 @@ PAD = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
 
 
 def user_text(question: str, template: str, options: list[str] | None = None) -> str:
-    if template not in TEMPLATES:
+    """The user turn's text. ``verbatim`` (for evaluation protocols that fix the prompt): the question exactly
+    as given, not even stripped."""
+    if template not in (*TEMPLATES, "verbatim"):
         raise InputError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
     if not question or not question.strip():
         raise InputError("the question is empty")
+    if template == "verbatim":
+        return question + ("\nOptions:\n" + "\n".join(options) if options else "")
     text = question.strip()
     if options:
         text += "\nOptions:\n" + "\n".join(options)

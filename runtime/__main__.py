@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
                     "and the rate --frames are taken at (default 2)")
     ap.add_argument("--max-frames", type=int, default=None,
                     help="sample at most this many video frames (default and ceiling: the export's --max-frames)")
+    from runtime.inputs import add_pixel_arguments
+    add_pixel_arguments(ap)
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (not with --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the result (exact text)")
     ap.add_argument("--plot", metavar="PNG", help="write the entropy trace of the answer to this PNG file")
@@ -91,6 +93,7 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     from controller.config import config_from_args
+    from runtime.inputs import pixel_budget
     from runtime.reasoner import Reasoner
 
     check_args(args)
@@ -104,7 +107,8 @@ def run(args) -> int:
         else {"image": args.image}
     stream = r.stream(question=question, method=args.method, max_new_tokens=args.max_new_tokens,
                       template=args.template, sampling=sampling, stop=args.stop, controller=controller,
-                      chunk=1 if args.stream else 8, fps=args.fps, max_frames=args.max_frames, **visual)
+                      chunk=1 if args.stream else 8, fps=args.fps, max_frames=args.max_frames,
+                      **pixel_budget(args), **visual)
     if not args.json:  # after the input was read and checked, so that an input error stays one line
         print(f"backend: {r.backend.name} ({r.backend_reason})", file=sys.stderr)
     tty = sys.stdout.isatty()

@@ -22,6 +22,13 @@ class Visual:
     indices: dict[str, torch.Tensor]
     tokens: int  # merged tokens = pad tokens in the prompt
     timestamps: list[float] | None = None  # videos: seconds of each temporal patch (its frames' mean time)
+    frames: int = 1  # frames sampled (an image: 1)
+
+    def describe(self, cfg) -> dict:
+        """What the model was given: kind, frames, frame size [height, width] after resizing, tokens."""
+        _, gh, gw = self.span.grid_thw
+        p = cfg.vision.patch_size
+        return {"kind": self.span.kind, "frames": self.frames, "frame_size": [gh * p, gw * p], "tokens": self.tokens}
 
     def prompt_entry(self, cfg) -> tuple:
         """What ``models.prompt.prompt_ids`` takes for this visual: (kind, tokens[, timestamps])."""
@@ -58,9 +65,11 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
 
     v = cfg.vision
     times = None
+    count = 1
     if video is not None:
         decoded, sample_fps, times = read_video_timed(video, settings, max_frames)
         pv, grid = process_video(decoded, settings)
+        count = len(decoded)
         span = VisualSpan("video", grid, v.temporal_patch_size / sample_fps)
     elif frames is not None:
         if isinstance(frames, (str, Path)):
@@ -74,6 +83,7 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
         if fps <= 0:
             raise InputError(f"fps must be > 0, got {fps}")
         pv, grid = process_video(frames, settings)
+        count = len(frames)
         span = VisualSpan("video", grid, v.temporal_patch_size / fps)
         times = [i / fps for i in range(len(frames))]
     elif image is not None:
@@ -85,7 +95,31 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
     idx = family(cfg.model_type).vision_inputs(grid, v)
     tokens = grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
     stamps = None if times is None else patch_timestamps(times, v.temporal_patch_size)
-    return Visual(span, torch.from_numpy(pv), idx, tokens, stamps)
+    return Visual(span, torch.from_numpy(pv), idx, tokens, stamps, count)
+
+
+PIXEL_OPTIONS = ("video_min_pixels", "video_max_pixels", "video_total_pixels", "image_min_pixels", "image_max_pixels")
+_PIXEL_HELP = {
+    "video_min_pixels": "fewest pixels per video frame",
+    "video_max_pixels": "most pixels per video frame (fewer: fewer vision tokens, a shorter prefill, less detail)",
+    "video_total_pixels": "pixel budget over all frames of a video (per frame: at most total / frames * 2)",
+    "image_min_pixels": "fewest pixels of an image",
+    "image_max_pixels": "most pixels of an image",
+}
+
+
+def add_pixel_arguments(ap, defaults: dict | None = None, default_note: str = "the checkpoint's processor setting"):
+    """``--video-min-pixels`` ... ``--image-max-pixels`` (see ``VisionSettings.with_budget``); the help names
+    each default (``defaults``: per-option notes, e.g. a protocol's values)."""
+    for name in PIXEL_OPTIONS:
+        note = (defaults or {}).get(name, default_note)
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                        help=f"{_PIXEL_HELP[name]} (default: {note})")
+
+
+def pixel_budget(args) -> dict:
+    """The pixel options a CLI was given (None where not given)."""
+    return {name: getattr(args, name) for name in PIXEL_OPTIONS}
 
 
 def build_prompt(cfg, token_ids: list[int], visuals: list[Visual]) -> Prompt:

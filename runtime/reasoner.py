@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class Result:
     method: str
     config: dict = field(default_factory=dict)
     skipped_updates: int = 0
+    visual: dict = field(default_factory=dict)  # what the model was given: kind, frames, frame_size, tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,19 +162,25 @@ class Reasoner:
 
     def prepare(self, *, question: str, video=None, frames=None, image=None, fps: float | None = None,
                 max_frames: int | None = None, template: str = "reasoning", options: list[str] | None = None,
-                max_new_tokens: int = 512, color_order: str = "rgb") -> Prompt:
+                max_new_tokens: int = 512, color_order: str = "rgb", video_min_pixels: int | None = None,
+                video_max_pixels: int | None = None, video_total_pixels: int | None = None,
+                image_min_pixels: int | None = None, image_max_pixels: int | None = None) -> Prompt:
         """Decode and preprocess the visual input, build the prompt and check it fits; no model compute.
 
         ``fps``: the rate a video file is sampled at (default: the checkpoint's processor setting) and the
         rate caller frames are taken at (default 2.0). ``max_frames``: sample at most this many video frames
-        (default and ceiling: the export's limit)."""
+        (default and ceiling: the export's limit). The pixel budget (default: the checkpoint's processor
+        settings; see ``VisionSettings.with_budget``): ``video_min_pixels`` / ``video_max_pixels`` per frame,
+        ``video_total_pixels`` over all frames, ``image_min_pixels`` / ``image_max_pixels``; fewer pixels
+        mean fewer vision tokens and a shorter prefill."""
         max_new_tokens = check_number("max_new_tokens", max_new_tokens, lo=1, integer=True)
         check_number("fps", fps, lo=0, lo_open=True, hi=1000, optional=True)
         limit = self.limits.get("max_frames")
         max_frames = check_number("max_frames", max_frames, lo=1, hi=limit, integer=True, optional=True) or limit
         if not isinstance(question, str):
             raise InputError(f"the question must be a string, got {type(question).__name__}")
-        settings = self.settings if fps is None else replace(self.settings, fps=fps)
+        settings = self.settings.with_budget(fps, video_min_pixels, video_max_pixels, video_total_pixels,
+                                             image_min_pixels, image_max_pixels)
         visual = visual_from(self.cfg, settings, video=video, frames=frames, image=image,
                              fps=2.0 if fps is None else fps, max_frames=max_frames, color_order=color_order)
         visuals = [visual] if visual else []
@@ -186,11 +193,15 @@ class Reasoner:
         ids = prompt_ids(self.tokenizer, self.chat_template, question, [v.prompt_entry(self.cfg) for v in visuals],
                          template, options)
         total = len(ids) + max_new_tokens
-        if len(ids) > self.limits["max_prompt"] or total > self.limits["max_context"]:
+        vision = sum(v.tokens for v in visuals)
+        if len(ids) > self.limits["max_prompt"]:
+            raise InputError(f"the prompt has {len(ids)} tokens ({vision} of them visual), over this export's prompt "
+                             f"limit {self.limits['max_prompt']}; use fewer frames (max_frames) or fewer pixels per "
+                             "frame (video_max_pixels), a shorter question, or re-export with a larger --max-prompt")
+        if total > self.limits["max_context"]:
             raise InputError(f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                             f"{total}, over this export's limits (prompt {self.limits['max_prompt']}, context "
-                             f"{self.limits['max_context']}); use fewer frames, a shorter question, fewer new "
-                             "tokens, or re-export with a larger --max-context")
+                             f"{total}, over this export's context limit {self.limits['max_context']}; ask for fewer "
+                             "new tokens, shorten the prompt, or re-export with a larger --max-context")
         return build_prompt(self.cfg, ids, visuals)
 
     def _embed(self, prompt: Prompt) -> tuple[torch.Tensor, float]:
@@ -389,6 +400,7 @@ class Stream:
             peak_memory_bytes=peak_memory(r.device), backend=r.backend.name, method=self.method,
             config={**(steering.config_dict() if steering is not None else {}), "weights": r.weights},
             skipped_updates=getattr(steering, "skipped", 0),
+            visual=self.prompt.visuals[0].describe(r.cfg) if self.prompt.visuals else {},
         )
 
 

@@ -67,16 +67,21 @@ def test_paths_cannot_escape_the_video_root(tmp_path):
         resolve_media(tmp_path, "link/passwd")
 
 
+# the tiny checkpoint's export takes frames of at most 112 x 112 pixels (its processor's), far below the video-r1
+# protocol's 128*28*28: its runs set a pixel budget that fits
+TINY_BUDGET = ["--video-min-pixels", "3136", "--video-max-pixels", "12544"]
+
+
 def test_sample_set_end_to_end_and_resume(engine_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["--engine", str(engine_dir), "--sample", "--out", str(out), "--max-new-tokens", "6",
-            "--method", "base", "vreason"]
+            *TINY_BUDGET, "--method", "base", "vreason"]
     assert eval_main(args) == 0
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 14 * 2
     rec = json.loads(lines[0])
-    for key in ("dataset", "id", "method", "answer", "tokens", "metric", "score", "ema", "latency_s", "error",
-                "file_sha"):
+    for key in ("dataset", "id", "index", "method", "answer", "tokens", "metric", "score", "ema", "latency_s", "error",
+                "file_sha", "solution", "prompt_tokens", "video_frames", "frame_size"):
         assert key in rec
     summary = json.loads((out / "summary.json").read_text())
     methods = summary["methods"]
@@ -101,12 +106,12 @@ def test_sample_set_end_to_end_and_resume(engine_dir, tmp_path, capsys):
 def test_changed_settings_never_mix_with_earlier_results(engine_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["--engine", str(engine_dir), "--sample", "--out", str(out), "--max-new-tokens", "4", "--method", "base",
-            "--limit", "2"]
+            "--limit", "2", *TINY_BUDGET]
     assert eval_main(args) == 0
     before = (out / "samples.jsonl").read_text()
     for changed, name in ((["--max-new-tokens", "5"], "max_new_tokens"), (["--vreason-lr", "0.5"], "controller"),
                           (["--temperature", "0.7", "--seed", "1"], "sampling"),
-                          (["--protocol", "lenient"], "protocol"), (["--max-frames", "2"], "max_frames")):
+                          (["--protocol", "lenient"], "protocol"), (["--max-frames", "2"], "budget")):
         capsys.readouterr()
         assert eval_main(args + changed) == 1
         err = capsys.readouterr().err.strip().splitlines()
@@ -161,11 +166,14 @@ def test_video_r1_prompt_is_the_protocols():
     ("free-form", "<answer>a red balls</answer>", "<answer>the red ball</answer>", (2 / 3 + 0.5 + 2 / 3) / 3),
 ])
 def test_video_r1_scoring_rules(ptype, output, solution, want):
+    """The video-r1-reward protocol (reward=True); plain video-r1 scores OCR and free-form 0, as reward_fn does."""
     from runtime.eval.protocol import video_r1_score
 
-    metric, value = video_r1_score(ptype, output, solution)
+    metric, value = video_r1_score(ptype, output, solution, reward=True)
     assert metric == ("mra" if ptype == "regression" else "acc")
     assert value == pytest.approx(want)
+    plain = video_r1_score(ptype, output, solution)[1]
+    assert plain == (0.0 if ptype in ("OCR", "free-form") else value)
 
 
 def test_a_bad_sample_is_recorded_and_the_run_goes_on(engine_dir, tmp_path):
@@ -180,3 +188,167 @@ def test_a_bad_sample_is_recorded_and_the_run_goes_on(engine_dir, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
     assert "leaves --video-root" in recs[0]["error"] and "does not exist" in recs[1]["error"]
     assert all(r["score"] == 0 for r in recs)
+
+
+# -- Video-R1's numbers: MRA bit for bit, rescoring, its frame and pixel budget, robust runs ------------------
+
+def _reward_fn_mra(pred: float, gt: float) -> float:
+    """The script's mean_relative_accuracy, written out here independently of the project's scorer."""
+    import torch
+
+    p, g = torch.tensor(pred, dtype=torch.float32), torch.tensor(gt, dtype=torch.float32)
+    rel = torch.abs(p - g) / (torch.abs(g) + 1e-8)
+    th = torch.arange(0.5, 0.95 + 0.05 / 2, 0.05, dtype=torch.float32)
+    return (rel < (1 - th)).float().mean().item()
+
+
+@pytest.mark.parametrize("pred,gt,want", [(9, 10, 0.9), (11, 10, 0.9), (19, 20, 1.0), (21, 20, 1.0), (0, 0, 1.0),
+                                          (1, 0, 0.0), (4.32, 4, 0.9), (1000, 1000.0, 1.0)])
+def test_mra_is_the_scripts_bit_for_bit(pred, gt, want):
+    from runtime.eval.protocol import video_r1_mra
+
+    assert video_r1_mra(pred, gt) == _reward_fn_mra(pred, gt)
+    assert video_r1_mra(pred, gt) == pytest.approx(want)
+
+
+VIDEO_R1_ROWS = [  # (problem_type, output, solution, reward of reward_fn)
+    ("regression", "<answer>9</answer>", "<answer>10</answer>", _reward_fn_mra(9, 10)),
+    ("regression", "<answer>11</answer>", "<answer>10</answer>", _reward_fn_mra(11, 10)),
+    ("regression", "<answer>19</answer>", "<answer>20</answer>", _reward_fn_mra(19, 20)),
+    ("regression", "<answer>3</answer>", "<answer>0</answer>", 0.0),
+    ("numerical", "<answer>1,000</answer>", "<answer>1,000</answer>", 1.0),
+    ("numerical", "1000", "<answer>1,000</answer>", 0.0),  # no tags: the whole output; decimal-ness differs
+    ("multiple choice", "I think B", "<answer>B</answer>", 0.0),  # missing tags: the whole output, not equal
+    ("multiple choice", "<answer>B</answer>", "<answer>B</answer>", 1.0),
+    ("OCR", "<answer>STOP</answer>", "<answer>STOP</answer>", 0.0),
+    ("free-form", "<answer>a red ball</answer>", "<answer>a red ball</answer>", 0.0),
+]
+
+
+def test_rescore_video_r1_output_files(tmp_path, capsys):
+    f = tmp_path / "grpo_output.json"
+    f.write_text(json.dumps({"results": [{"problem_type": t, "output": o, "solution": s, "problem_id": 1}
+                                         for t, o, s, _ in VIDEO_R1_ROWS], "final_acc": [{"mean_acc": 0.0}]}))
+    assert eval_main(["--rescore", str(f), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["files"][0]
+    want = [r for *_, r in VIDEO_R1_ROWS]
+    assert got["rewards"] == want and got["n"] == len(want)
+    acc = [r for t, *_, r in VIDEO_R1_ROWS if t != "regression"]
+    mra = [r for t, *_, r in VIDEO_R1_ROWS if t == "regression"]
+    assert got["acc"] == pytest.approx(sum(acc) / len(acc)) and got["mra"] == pytest.approx(sum(mra) / len(mra))
+    assert got["rewards"][:3] == [pytest.approx(0.9), pytest.approx(0.9), 1.0]  # where numpy's arange gave less
+    assert eval_main(["--rescore", str(f), "--protocol", "video-r1-reward", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"][0]["rewards"][-2:] == [1.0, 1.0]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert eval_main(["--rescore", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a Video-R1 output file" in err[0]
+
+
+def test_duplicate_ids_all_count_and_samples_jsonl_rescores(engine_dir, tmp_path, capsys):
+    from models.samples import sample_video
+
+    sample_video(tmp_path / "clip.mp4", seconds=1.0)
+    rows = [{"problem_id": 7, "problem": " Which way? ", "solution": "<answer>A</answer>", "path": "clip.mp4",
+             "problem_type": "multiple choice", "data_type": "video", "options": ["A. left", "B. right"]}] * 3
+    data = tmp_path / "dup.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "o"
+    args = ["--engine", str(engine_dir), "--data", str(data), "--out", str(out), "--method", "base",
+            "--max-new-tokens", "4", *TINY_BUDGET]
+    assert eval_main(args) == 0
+    assert "3 to run, 0 done earlier" in capsys.readouterr().err
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1, 2] and all(r["id"] == "7" for r in recs)
+    assert json.loads((out / "summary.json").read_text())["methods"]["base"]["n"] == 3
+    assert recs[0]["video_frames"] > 0 and len(recs[0]["frame_size"]) == 2 and recs[0]["prompt_tokens"] > 0
+    assert eval_main(["--rescore", str(out / "samples.jsonl"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["files"][0]
+    assert got["rewards"] == [r["score"] for r in recs]
+
+
+def test_the_question_is_not_stripped_under_video_r1():
+    from models.prompt import user_text
+    from runtime.eval.protocol import prompt
+
+    q, options, template = prompt("video-r1", " Which way? ", "numerical", [])
+    assert user_text(q, template, options).startswith(" Which way? \nPlease think")
+
+
+def test_video_r1_budget_gives_its_frames_and_tokens(tmp_path):
+    """640x480 and 1280x720 clips of 10 s at 30 fps under Video-R1's rule: 16 frames, 280x364 (130 tokens per two
+    frames) and 224x420 (120), and they fit an export with the default limits of a checkpoint with
+    Qwen2.5-VL's real pixel settings."""
+    from export.exporter import export_model
+    from models.samples import render_frames, write_video
+    from models.tiny import make_checkpoint
+    from runtime.reasoner import Reasoner
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):  # Qwen2.5-VL's released values
+        cfg = json.loads((ckpt / name).read_text())
+        cfg.update(min_pixels=3136, max_pixels=12845056)
+        if name.startswith("video"):
+            cfg.update(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)
+        (ckpt / name).write_text(json.dumps(cfg))
+    engine = export_model(ckpt, tmp_path / "engine", quiet=True, validate=False)
+    r = Reasoner.load(engine, backend="ort")
+    from runtime.eval.protocol import VIDEO_R1_BUDGET
+    for (h, w), want, tokens in (((480, 640), [280, 364], 130), ((720, 1280), [224, 420], 120)):
+        frames = render_frames("circle", "red", "right", 300, (h, w))
+        clip = write_video(tmp_path / f"{h}.mp4", frames, 30.0)
+        p = r.prepare(question="Which way?", video=clip, template="plain", **VIDEO_R1_BUDGET)
+        v = p.visuals[0].describe(r.cfg)
+        assert v["frames"] == 16 and v["frame_size"] == want and v["tokens"] == 8 * tokens
+
+
+def test_a_crash_inside_a_sample_is_recorded_and_a_half_written_line_is_redone(engine_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from runtime.reasoner import Reasoner
+
+    out = tmp_path / "eval"
+    args = ["--engine", str(engine_dir), "--sample", "--out", str(out), "--max-new-tokens", "4", "--method", "base",
+            "--limit", "3", *TINY_BUDGET]
+    real = Reasoner.ask
+    calls = []
+
+    def flaky(self, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return real(self, **kw)
+
+    monkeypatch.setattr(Reasoner, "ask", flaky)
+    assert eval_main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 answers failed" in err and "RuntimeError: CUDA error" in err
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["error_kind"] for r in recs] == [None, "failed", None]
+    s = json.loads((out / "summary.json").read_text())["methods"]["base"]
+    assert s["failed"] == 1 and s["refused"] == 0 and s["problems"]["shapes"]["failed"] == 1
+    assert "1 failed" in (out / "results.md").read_text()
+    # a crash while writing leaves half a line: dropped with a warning, that sample runs again
+    text = (out / "samples.jsonl").read_text()
+    (out / "samples.jsonl").write_text(text[: -len(text.splitlines()[-1]) // 2 - 1])
+    assert eval_main(args) == 0
+    err = capsys.readouterr().err
+    assert "half-written line" in err and "1 to run, 2 done earlier" in err
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+    # a corrupt run.json: one line naming it and --overwrite
+    (out / "run.json").write_text("{")
+    assert eval_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.json is corrupt" in err[0] and "--overwrite" in err[0]
+    assert eval_main(args + ["--overwrite"]) == 0
+
+
+def test_a_refusal_names_the_binding_limit(engine_dir):
+    from models.errors import InputError
+    from runtime.reasoner import Reasoner
+
+    r = Reasoner.load(engine_dir, backend="ort")
+    with pytest.raises(InputError, match="prompt limit .* --max-prompt"):
+        r.prepare(question="x " * (r.limits["max_prompt"] + 10), template="plain")
+    with pytest.raises(InputError, match="context limit .* --max-context"):
+        r.prepare(question="x", template="plain", max_new_tokens=r.limits["max_context"])

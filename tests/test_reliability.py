@@ -66,7 +66,7 @@ def test_other_bad_inputs(reasoner, media):
         reasoner.ask(image=media / "not-image.png", question=Q)
     with pytest.raises(InputError, match="question is empty"):
         reasoner.ask(question="   ")
-    with pytest.raises(InputError, match="over this export's limits"):
+    with pytest.raises(InputError, match="over this export's prompt limit"):
         reasoner.ask(question="word " * reasoner.limits["max_context"])
     with pytest.raises(InputError, match="RGB uint8"):
         reasoner.ask(frames=[np.zeros((4, 4), np.float32)], question=Q)

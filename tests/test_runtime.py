@@ -165,7 +165,7 @@ def test_request_that_cannot_fit_fails_before_compute(engine_dir, monkeypatch):
 
     monkeypatch.setattr(r.backend, "trunk", boom)
     monkeypatch.setattr(r.backend, "encode_vision", boom)
-    with pytest.raises(InputError, match="over this export's limits"):
+    with pytest.raises(InputError, match="over this export's context limit"):
         r.ask(question=QUESTION, max_new_tokens=r.limits["max_context"])
 
 

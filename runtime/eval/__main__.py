@@ -5,7 +5,9 @@ scoring of Video-R1's evaluation (--protocol video-r1, the default) or this proj
 Results go to --out: samples.jsonl (one record per sample and method, written as it finishes), run.json
 (the settings the records were made with), summary.json, results.md and plots. A rerun with the same
 settings skips what is finished; a run with other settings (engine, backend, protocol, template,
-max_new_tokens, frames, sampling, controller) into the same --out is refused, naming what differs.
+max_new_tokens, frames and pixels, sampling, controller) into the same --out is refused, naming what differs.
+``--rescore FILE ...`` scores saved outputs (this project's samples.jsonl, or Video-R1's output files) without
+a model.
 """
 
 from __future__ import annotations
@@ -35,24 +37,37 @@ def parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="python -m runtime.eval", description=checks.description(__doc__),
                                  formatter_class=checks.HelpFormatter)
-    ap.add_argument("--engine", required=True, help="export directory")
+    ap.add_argument("--engine", help="export directory (required unless --rescore)")
     ap.add_argument("--data", nargs="+", default=[], help="evaluation files (JSON list or JSONL); one dataset each")
     ap.add_argument("--sample", action="store_true", help="write and evaluate the bundled sample set (offline)")
     ap.add_argument("--video-root", help="folder the samples' paths are relative to (default: each file's folder)")
     ap.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
-    ap.add_argument("--out", required=True, help="results folder (samples.jsonl, summary.json, results.md, plots)")
+    ap.add_argument("--out", help="results folder (samples.jsonl, summary.json, results.md, plots; required unless "
+                    "--rescore)")
+    ap.add_argument("--rescore", nargs="+", metavar="FILE",
+                    help="score saved outputs instead of running a model: this project's samples.jsonl or "
+                    "Video-R1's output files ({\"results\": [{\"problem_type\", \"solution\", \"output\", ...}]})")
+    ap.add_argument("--json", action="store_true", help="with --rescore: print one JSON object")
     ap.add_argument("--overwrite", action="store_true",
                     help="delete the results already in --out (made with other settings) and start again")
     ap.add_argument("--protocol", choices=proto.PROTOCOLS, default="video-r1",
-                    help="video-r1: Video-R1's evaluation prompts and scoring, per problem type; lenient: this "
-                    "project's --template prompt, option text accepted, MRA for numerical answers")
+                    help="video-r1: Video-R1's evaluation (its prompts, frames, pixels and reward_fn: OCR and "
+                    "free-form score 0); video-r1-reward: the same with its training reward for OCR (word error "
+                    "rate) and free-form (ROUGE); lenient: this project's --template prompt, option text "
+                    "accepted, MRA for numerical answers, the checkpoint's frame and pixel settings")
     ap.add_argument("--template", default="reasoning", choices=("reasoning", "plain"),
                     help="prompt template of the lenient protocol (video-r1 brings its own prompt)")
     ap.add_argument("--limit", type=int, default=0, help="first N samples of each file (0: all)")
+    b = proto.VIDEO_R1_BUDGET
     ap.add_argument("--max-frames", type=int, default=None,
-                    help="frames per video (the paper used 16-32; default and ceiling: the export's --max-frames)")
+                    help=f"most frames per video (default: video-r1 protocols {b['max_frames']}, within the "
+                    "export's --max-frames; lenient: the export's --max-frames)")
     ap.add_argument("--fps", type=float, default=None,
-                    help="video sampling rate (default: the checkpoint's processor setting)")
+                    help=f"video sampling rate (default: video-r1 protocols {b['fps']}; lenient: the checkpoint's "
+                    "processor setting)")
+    from runtime.inputs import add_pixel_arguments
+    add_pixel_arguments(ap, {k: f"video-r1 protocols {v}; lenient: the checkpoint's processor setting"
+                             for k, v in b.items()})
     ap.add_argument("--max-new-tokens", type=int, default=1024,
                     help="answer length limit; 1024 as in Video-R1's evaluation (python -m runtime defaults to 512)")
     ap.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"),
@@ -80,14 +95,28 @@ def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def budget_of(args) -> dict:
+    """The frames and pixels every sample is given: the protocol's defaults, the options given, and the
+    protocol's frame count brought within the export's limit (with a note)."""
+    from runtime.inputs import pixel_budget
+
+    b = proto.budget(args.protocol, fps=args.fps, max_frames=args.max_frames, **pixel_budget(args))
+    limit = json.loads((Path(args.engine).expanduser() / "manifest.json").read_text())["limits"]["max_frames"]
+    if args.max_frames is None and b["max_frames"] is not None and b["max_frames"] > limit:
+        print(f"note: this export takes at most {limit} frames; the {args.protocol} protocol's "
+              f"{b['max_frames']} becomes {limit}", file=sys.stderr)
+        b["max_frames"] = limit
+    return b
+
+
 def settings_of(args, backend: str, decode: str, controller, sampling) -> dict:
     """Everything besides the method and the sample that changes an answer or its score."""
     manifest = Path(args.engine).expanduser() / "manifest.json"
     return {
         "engine_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
         "backend": backend, "device": args.device, "decode": decode, "protocol": args.protocol,
-        "template": None if args.protocol == "video-r1" else args.template,
-        "max_new_tokens": args.max_new_tokens, "max_frames": args.max_frames, "fps": args.fps,
+        "template": None if args.protocol in proto.VIDEO_R1 else args.template,
+        "max_new_tokens": args.max_new_tokens, "budget": budget_of(args),
         "sampling": sampling.to_dict(), "controller": controller.to_dict(),
     }
 
@@ -96,8 +125,16 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     run_file = out / "run.json"
     if not run_file.is_file():
         return
-    before = json.loads(run_file.read_text())
-    diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+    try:
+        before = json.loads(run_file.read_text(encoding="utf-8"))
+        if not isinstance(before, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        if not overwrite:
+            raise UserError(f"{run_file} is corrupt ({e}); use --overwrite to delete the results in {out} and "
+                            "start again") from None
+        before = None
+    diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)] if before else ["?"]
     if not diff:
         return
     if overwrite:
@@ -118,6 +155,12 @@ def run(args) -> dict:
     from controller.config import config_from_args
     from runtime.sampling import params_from_args
 
+    if args.rescore:
+        from runtime.eval.rescore import rescore_files
+
+        return rescore_files([checks.input_file(f, "--rescore") for f in args.rescore], args.protocol, args.json)
+    if not args.engine or not args.out:
+        raise UserError("give --engine DIR and --out DIR (or --rescore FILE ... to score saved outputs)")
     # every input and output checked, every setting validated, before anything is loaded or computed
     checks.input_dir(args.engine, "--engine")
     files = [checks.input_file(f, "--data") for f in args.data]
@@ -132,6 +175,9 @@ def run(args) -> dict:
     checks.check_number("--max-new-tokens", args.max_new_tokens, lo=1, integer=True)
     checks.check_number("--max-frames", args.max_frames, lo=1, integer=True, optional=True)
     checks.check_number("--fps", args.fps, lo=0, lo_open=True, hi=1000, optional=True)
+    from runtime.inputs import pixel_budget
+    for name, v in pixel_budget(args).items():
+        checks.check_number("--" + name.replace("_", "-"), v, lo=1, integer=True, optional=True)
     if args.device is not None and not args.ray:
         checks.check_device(args.device)
     elif args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
@@ -196,15 +242,10 @@ def _evaluate(args, out, samples, controller, sampling, settings, reasoner, pool
     check_settings(out, settings, args.overwrite)
     (out / "run.json").write_text(json.dumps(settings, indent=2))
     log = out / "samples.jsonl"
-    wanted = {(s.dataset, sha, s.id, m) for s, _, sha in samples for m in args.method}
-    done: dict[tuple, dict] = {}
-    if log.is_file():  # resume: records of the same settings (run.json) for these files are kept
-        for line in log.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[(r["dataset"], r.get("file_sha"), r["id"], r["method"])] = r
+    wanted = {(s.dataset, sha, s.index, m) for s, _, sha in samples for m in args.method}
+    done = {(r["dataset"], r.get("file_sha"), r.get("index"), r["method"]): r for r in read_records(log)}
     todo = [(s, root, sha, m) for s, root, sha in samples for m in args.method
-            if (s.dataset, sha, s.id, m) not in done]
+            if (s.dataset, sha, s.index, m) not in done]
     print(f"{len(samples)} samples x {len(args.method)} methods; {len(todo)} to run, "
           f"{len(wanted) - len(todo)} done earlier (backend {settings['backend']}, protocol {args.protocol}"
           + (f", {pool.n} Ray replicas" if pool else "") + ")",
@@ -216,12 +257,12 @@ def _evaluate(args, out, samples, controller, sampling, settings, reasoner, pool
             rec["file_sha"] = sha
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
-            done[(sample.dataset, sha, sample.id, method)] = rec
+            done[(sample.dataset, sha, sample.index, method)] = rec
 
         if pool is not None:
             from runtime.eval.distributed import run_distributed
 
-            facts = run_distributed(pool, args, todo, controller, sampling, record,
+            facts = run_distributed(pool, args, todo, controller, sampling, settings["budget"], record,
                                     lambda item, why: failed(item[0], item[3], args.protocol, why), progress)
             if facts["samples"]:
                 print(f"ray: {facts['replicas']} replicas, {facts['samples_per_s']:.2f} samples/s, driver round trip "
@@ -229,16 +270,52 @@ def _evaluate(args, out, samples, controller, sampling, settings, reasoner, pool
         else:
             for item in todo:
                 sample, root, _, method = item
-                record(item, evaluate_one(reasoner, sample, root, method, args, controller, sampling))
+                record(item, evaluate_one(reasoner, sample, root, method, args, controller, sampling,
+                                          settings["budget"]))
                 progress.update(1)
     records = [done[k] for k in sorted(wanted, key=str) if k in done]  # only what this run asked for
     summary = write_reports(records, out, settings, plots=plots)
     print(markdown(summary, settings))
+    warn_failures(summary)
     return summary
 
 
-def evaluate_one(reasoner, s: Sample, root: Path, method: str, args, controller, sampling) -> dict:
-    rec = {"dataset": s.dataset, "id": s.id, "method": method, "problem_type": s.problem_type}
+def read_records(log: Path) -> list[dict]:
+    """The records of an earlier run (resume). A half-written last line (what a crash leaves) is dropped with a
+    warning and its sample is run again; a broken line elsewhere is one error naming the file and the line."""
+    if not log.is_file():
+        return []
+    text = log.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    last = max((n for n, ln in enumerate(lines) if ln.strip()), default=-1)
+    records = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            if not isinstance(r, dict):
+                raise ValueError("not a JSON object")
+            records.append(r)
+        except ValueError as e:
+            if n != last:
+                raise UserError(f"{log} line {n + 1} is not a record ({e}); use --overwrite to start again") from None
+            print(f"warning: {log} ends in a half-written line (a crash?); dropped, its sample runs again",
+                  file=sys.stderr)
+            log.write_text("".join(ln + "\n" for ln in lines[:n]), encoding="utf-8")
+            return records
+    if text and not text.endswith("\n"):  # complete, but the next record must start on its own line
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write("\n")
+    return records
+
+
+def evaluate_one(reasoner, s: Sample, root: Path, method: str, args, controller, sampling, budget: dict) -> dict:
+    """One sample with one method, recorded whatever happens: a sample the export refuses (a UserError: too
+    long, unreadable media) and a sample whose model call fails for any other reason are scored 0, with the
+    reason, and the run goes on (the same in local and Ray runs)."""
+    rec = {"dataset": s.dataset, "id": s.id, "index": s.index, "method": method, "problem_type": s.problem_type,
+           "solution": s.solution, "options": s.options}
     t0 = time.perf_counter()
     try:
         media = resolve_media(root, s.path)
@@ -246,20 +323,40 @@ def evaluate_one(reasoner, s: Sample, root: Path, method: str, args, controller,
         question, options, template = proto.prompt(args.protocol, s.problem, s.problem_type, s.options)
         res = reasoner.ask(question=question, method=method, max_new_tokens=args.max_new_tokens,
                            template=template or args.template, options=options, sampling=sampling,
-                           controller=controller, fps=args.fps, max_frames=args.max_frames, **visual)
+                           controller=controller, **budget, **visual)
         metric, value = proto.score(args.protocol, s.problem_type, res.text, res.answer, s.solution, s.options)
         rec |= {"answer": res.answer, "text": res.text, "tokens": len(res.token_ids), "metric": metric,
-                "score": value, "ema": res.ema, "latency_s": time.perf_counter() - t0, "error": None}
-    except UserError as e:  # a bad sample is recorded, scored 0, and the run goes on
-        rec = failed(s, method, args.protocol, str(e), time.perf_counter() - t0)
+                "score": value, "ema": res.ema, "latency_s": time.perf_counter() - t0, "error": None,
+                "error_kind": None, "prompt_tokens": len(res.prompt_token_ids),
+                "video_frames": res.visual.get("frames") if res.visual.get("kind") == "video" else 0,
+                "frame_size": res.visual.get("frame_size"), "vision_tokens": res.visual.get("tokens", 0)}
+    except UserError as e:  # refused: the sample does not fit the export, or its media cannot be read
+        rec = failed(s, method, args.protocol, str(e), time.perf_counter() - t0, kind="refused")
+    except Exception as e:  # noqa: BLE001 (any other failure of the model call is recorded, not fatal)
+        rec = failed(s, method, args.protocol, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
     return rec
 
 
-def failed(s: Sample, method: str, protocol: str, why: str, seconds: float = 0.0) -> dict:
-    """The record of a sample that could not be answered: scored 0, with the reason."""
+def failed(s: Sample, method: str, protocol: str, why: str, seconds: float = 0.0, kind: str = "failed") -> dict:
+    """The record of a sample that could not be answered: scored 0, with the reason; ``kind``: ``refused`` (the
+    export or the input said no) or ``failed`` (the call broke)."""
     metric, _ = proto.score(protocol, s.problem_type, "", "", s.solution, s.options)
-    return {"dataset": s.dataset, "id": s.id, "method": method, "problem_type": s.problem_type, "answer": "",
-            "text": "", "tokens": 0, "metric": metric, "score": 0.0, "ema": [], "latency_s": seconds, "error": why}
+    return {"dataset": s.dataset, "id": s.id, "index": s.index, "method": method, "problem_type": s.problem_type,
+            "solution": s.solution, "options": s.options, "answer": "", "text": "", "tokens": 0, "metric": metric,
+            "score": 0.0, "ema": [], "latency_s": seconds, "error": why, "error_kind": kind, "prompt_tokens": None,
+            "video_frames": None, "frame_size": None, "vision_tokens": None}
+
+
+def warn_failures(summary: dict) -> None:
+    """One line per kind of trouble at the end of a run, and the first failure's reason in full."""
+    refused = sum(m["refused"] for m in summary.values())
+    broke = sum(m["failed"] for m in summary.values())
+    if refused:
+        print(f"warning: {refused} answers were refused and scored 0 (see error in samples.jsonl); first: "
+              f"{next(m['first_refused'] for m in summary.values() if m['first_refused'])}", file=sys.stderr)
+    if broke:
+        print(f"warning: {broke} answers failed and were scored 0; first failure: "
+              f"{next(m['first_failed'] for m in summary.values() if m['first_failed'])}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

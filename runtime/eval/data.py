@@ -22,6 +22,7 @@ class Sample:
     path: str
     solution: str
     options: list[str] = field(default_factory=list)
+    index: int = 0  # position in its file: what a record is keyed by (ids may repeat, and every row counts)
 
 
 def load_samples(path: str | Path, dataset: str | None = None) -> list[Sample]:
@@ -40,14 +41,18 @@ def load_samples(path: str | Path, dataset: str | None = None) -> list[Sample]:
     except json.JSONDecodeError as e:
         raise InputError(f"evaluation file {p} is neither a JSON list nor JSONL ({e})") from None
     name = dataset or p.stem
+    if not isinstance(rows, list):
+        raise InputError(f"evaluation file {p} holds a JSON {type(rows).__name__}, not a list of samples")
     out = []
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"{p}: sample {i} is not a JSON object")
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise InputError(f"{p}: sample {i} lacks {', '.join(missing)}")
         out.append(Sample(dataset=name, id=str(row.get("problem_id", i)), problem=row["problem"],
                           problem_type=row["problem_type"], data_type=row["data_type"], path=row["path"],
-                          solution=row["solution"], options=list(row.get("options") or [])))
+                          solution=row["solution"], options=list(row.get("options") or []), index=i))
     return out
 
 

@@ -47,14 +47,14 @@ class Replica:
     def ready(self) -> tuple[str, str]:
         return self.reasoner.backend.name, self.reasoner.decode
 
-    def evaluate(self, sample, root, method: str, args, controller, sampling) -> tuple[dict, float]:
+    def evaluate(self, sample, root, method: str, args, controller, sampling, budget: dict) -> tuple[dict, float]:
         from runtime.eval.__main__ import evaluate_one
 
         self.done += 1
         if self.kill_at is not None and self.done == self.kill_at:
             os._exit(1)  # a test's stand-in for a replica that is killed mid-sample
         t0 = time.perf_counter()
-        rec = evaluate_one(self.reasoner, sample, root, method, args, controller, sampling)
+        rec = evaluate_one(self.reasoner, sample, root, method, args, controller, sampling, budget)
         return rec, time.perf_counter() - t0
 
 
@@ -143,12 +143,12 @@ def open_pool(args) -> RayPool:
                    str(Path(args.engine).expanduser().resolve()), args.backend, args.device, args.max_retries)
 
 
-def run_distributed(pool: RayPool, args, todo: list[tuple], controller, sampling, on_record, failed_record,
-                    progress) -> dict:
+def run_distributed(pool: RayPool, args, todo: list[tuple], controller, sampling, budget: dict, on_record,
+                    failed_record, progress) -> dict:
     """Run ``todo`` [(sample, root, sha, method)] on the pool's replicas; returns timing facts."""
     t0 = time.perf_counter()
-    pool.run(todo, lambda item: (item[0], item[1], item[3], args, controller, sampling), on_record, failed_record,
-             progress)
+    pool.run(todo, lambda item: (item[0], item[1], item[3], args, controller, sampling, budget), on_record,
+             failed_record, progress)
     trips = pool.round_trips
     wall = time.perf_counter() - t0
     facts = {"replicas": pool.n, "samples": len(trips), "wall_s": wall,
