@@ -115,29 +115,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 31, repeats: int = 1
     return 2 * a.numel() * a.element_size() / statistics.median(times)
 
 
-def _module_bytes(module, per_step: bool) -> int:
-    """Bytes of a module's weights on its device; ``per_step``: only what one decode step reads (a quantized
-    linear's forward weights and bias, not its transposed copy; no buffers)."""
-    from models.quantized import QuantLinear
-
-    def size(ts):
-        return sum(t.numel() * t.element_size() for t in ts)
-
-    total = 0
-    for sub in module.modules():
-        if isinstance(sub, QuantLinear):
-            total += sub.forward_bytes() if per_step else sub.packed_bytes() + size([*sub.parameters(),
-                                                                                   *sub.buffers()])
-        else:
-            total += size(sub.parameters(recurse=False)) + (0 if per_step else size(sub.buffers(recurse=False)))
-    return total
-
-
 def decode_bytes(model) -> int:
     """Weights a decode step reads: every decoder layer, the final norm and the LM head (not the embedding);
-    quantized linears as packed."""
+    a quantized linear's packed forward weights and bias (not its transposed copy)."""
+    from models.quantized import QuantLinear
+
     d = model.decoder
-    return sum(_module_bytes(m, per_step=True) for m in (d.layers, d.norm, d.lm_head))
+    total = 0
+    for sub in (m for part in (d.layers, d.norm, d.lm_head) for m in part.modules()):
+        if isinstance(sub, QuantLinear):
+            total += sub.forward_bytes()
+        else:
+            total += sum(p.numel() * p.element_size() for p in sub.parameters(recurse=False))
+    return total
 
 
 def weights_in_memory(model) -> int:
