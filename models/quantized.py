@@ -157,7 +157,7 @@ class Int4Packed:
         z = zero_point_values(zero_points, 4, n, s.shape[1], device)
         # the kernel computes (code - 8) * scale + zero; MatMulNBits (code - z) * scale
         self.scales_and_zeros = torch.stack((s, (8 - z) * s), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        self.block_size, self.n = block_size, n
+        self.block_size = block_size
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if self.cpu else torch.ops.aten._weight_int4pack_mm
