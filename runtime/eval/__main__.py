@@ -95,13 +95,12 @@ def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def budget_of(args) -> dict:
+def budget_of(args, limit: int) -> dict:
     """The frames and pixels every sample is given: the protocol's defaults, the options given, and the
-    protocol's frame count brought within the export's limit (with a note)."""
+    protocol's frame count brought within the export's limit of ``limit`` frames (with a note)."""
     from runtime.inputs import pixel_budget
 
     b = proto.budget(args.protocol, fps=args.fps, max_frames=args.max_frames, **pixel_budget(args))
-    limit = json.loads((Path(args.engine).expanduser() / "manifest.json").read_text())["limits"]["max_frames"]
     if args.max_frames is None and b["max_frames"] is not None and b["max_frames"] > limit:
         print(f"note: this export takes at most {limit} frames; the {args.protocol} protocol's "
               f"{b['max_frames']} becomes {limit}", file=sys.stderr)
@@ -111,12 +110,13 @@ def budget_of(args) -> dict:
 
 def settings_of(args, backend: str, decode: str, controller, sampling) -> dict:
     """Everything besides the method and the sample that changes an answer or its score."""
-    manifest = Path(args.engine).expanduser() / "manifest.json"
+    manifest = (Path(args.engine).expanduser() / "manifest.json").read_bytes()
+    limit = json.loads(manifest)["limits"]["max_frames"]
     return {
-        "engine_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "engine_manifest_sha256": hashlib.sha256(manifest).hexdigest(),
         "backend": backend, "device": args.device, "decode": decode, "protocol": args.protocol,
         "template": None if args.protocol in proto.VIDEO_R1 else args.template,
-        "max_new_tokens": args.max_new_tokens, "budget": budget_of(args),
+        "max_new_tokens": args.max_new_tokens, "budget": budget_of(args, limit),
         "sampling": sampling.to_dict(), "controller": controller.to_dict(),
     }
 
@@ -133,10 +133,11 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
         if not overwrite:
             raise UserError(f"{run_file} is corrupt ({e}); use --overwrite to delete the results in {out} and "
                             "start again") from None
-        before = None
-    diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)] if before else ["?"]
-    if not diff:
-        return
+        before = None  # corrupt, and --overwrite given
+    if before is not None:
+        diff = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+        if not diff:
+            return
     if overwrite:
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
