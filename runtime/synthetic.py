@@ -394,10 +394,8 @@ def run_synthetic(args) -> dict:
                                                                "peak_memory_bytes", "capture_s")}
            for k, v in rows.items()}
     decode = {k: 1.0 / v["decode_s_per_token"] for k, v in med.items()}
-    # transformers reads the same bf16 weights as the unquantized rows
-    step_bytes = {q: p["bytes_per_token"] for q, p in per.items()}
-    step_bytes.setdefault("none", None)
-    roofline = {q: bandwidth / b for q, b in step_bytes.items() if b}
+    # per scheme, at its own bytes per step (transformers reads the unquantized rows' weights)
+    roofline = {q: bandwidth / p["bytes_per_token"] for q, p in per.items()}
     first = schemes[0]
     best = {q: p["best"] for q, p in per.items()}
 
