@@ -43,6 +43,18 @@ class VReasonConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_fields(cls, given: dict) -> VReasonConfig:
+        """From a dict of field values; an unknown name is refused with the valid ones listed."""
+        from models.errors import InputError
+
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise InputError(f"unknown controller setting(s) {', '.join(map(repr, unknown))}; "
+                             f"valid: {', '.join(names)}")
+        return cls(**given)
+
 
 HELP = {
     "beta": "EMA factor of the per-token entropy", "every": "update the controller every k-th token",

@@ -28,8 +28,9 @@ def trunk_profiles(hidden: int, kv_heads: int, head_dim: int, layers: int, max_p
                    max_context: int, deepstack_layers: int = 0) -> list[Profile]:
     """prefill: S in [1, max_prompt], P = 0; decode: S = 1, P in [1, max_context] (dynamic decode passes the
     filled cache; static decode the whole fixed-capacity cache, one shape for a whole answer, so TensorRT
-    plans once and the step can be captured in a CUDA graph). ``deepstack_layers`` K > 0: the trunk also
-    takes deepstack_embeds [K, 1, S, hidden]."""
+    plans once and the step can be captured in a CUDA graph); suffix: S in [2, max_prompt - 1], P in
+    [1, max_prompt - 1] (a prompt's suffix on a reused prefix, a later prefill chunk). ``deepstack_layers``
+    K > 0: the trunk also takes deepstack_embeds [K, 1, S, hidden]."""
     def make(name, s, p):
         shapes = {"inputs_embeds": tuple((1, x, hidden) for x in s), "position_ids": tuple((3, 1, x) for x in s),
                   "cache_length": ((1,), (1,), (1,))}
@@ -41,8 +42,12 @@ def trunk_profiles(hidden: int, kv_heads: int, head_dim: int, layers: int, max_p
         return Profile(name, shapes)
 
     opt_prompt = min(max_prompt, 1024)
-    return [make("prefill", (1, opt_prompt, max_prompt), (0, 0, 0)),
-            make("decode", (1, 1, 1), (1, min(max_context, 2048), max_context))]
+    profiles = [make("prefill", (1, opt_prompt, max_prompt), (0, 0, 0)),
+                make("decode", (1, 1, 1), (1, min(max_context, 2048), max_context))]
+    if max_prompt >= 3:
+        top = max_prompt - 1
+        profiles.append(make("suffix", (2, min(64, top), top), (1, min(opt_prompt, top), top)))
+    return profiles
 
 
 def vision_profiles(patch_dim: int, merge: int, max_patches: int, max_frame_patches: int) -> list[Profile]:

@@ -4,7 +4,8 @@ Each family module exposes what export and runtime need of it, and nothing else 
 ``Config`` (from_dict / from_stored / to_dict), ``Model``, ``load_model``, ``load_head``, ``export_spec``,
 ``TrunkGraph``, ``graph_contract`` (graph input/output names for a stored config), ``vision_inputs`` (the vision
 graph's index inputs for a grid), ``prompt_positions`` (M-RoPE ids of a prompt), ``VIDEO_TIMESTAMPS`` (whether
-video prompts carry "<t seconds>" before each frame), ``LINEARS`` / ``HEAD_LINEARS`` (what weight-only
+video prompts carry "<t seconds>" before each frame), ``FRAME_LOCAL_VISION`` (whether a temporal patch's vision
+features depend on its own pixels alone, so that they can be reused), ``LINEARS`` / ``HEAD_LINEARS`` (what weight-only
 quantization quantizes); optionally ``trt_vision_shapes`` (the vision graph's TensorRT profile, where its inputs
 differ from Qwen2.5-VL's).
 """

@@ -9,7 +9,7 @@ logits; with none, this is the base method.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,15 +52,25 @@ class Steering(Protocol):
 
 @dataclass
 class Timings:
+    prepare_s: float = 0.0  # decoding, resizing and patching the visual input, building the prompt
     vision_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_tokens: int = 0
+    ttft_s: float = 0.0  # request start (the ``stream``/``ask`` call) to the first answer token
+    reused_prompt_tokens: int = 0  # prompt tokens whose cache was restored instead of prefilled
+    reused_vision_patches: int = 0  # temporal patches whose vision features were reused instead of encoded
 
     def as_dict(self) -> dict:
         tps = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-        return {"vision_s": self.vision_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "decode_tokens_per_s": tps}
+        return {"prepare_s": self.prepare_s, "vision_s": self.vision_s, "prefill_s": self.prefill_s,
+                "decode_s": self.decode_s, "decode_tokens_per_s": tps, "ttft_s": self.ttft_s,
+                "reused_prompt_tokens": self.reused_prompt_tokens,
+                "reused_vision_patches": self.reused_vision_patches}
+
+
+class Cancelled(Exception):
+    """A request stopped by ``Stream.cancel`` before its first token."""
 
 
 @dataclass
@@ -76,6 +86,10 @@ class Loop:
     head: torch.nn.Module
     steering: Steering | None = None
     timings: Timings = field(default_factory=Timings)
+    prefill_chunk: int = 0  # prefill at most this many tokens per trunk call (0: the whole prompt in one)
+    cancelled: Callable[[], bool] | None = None  # checked between prefill chunks
+    after_fill: Callable[[KVCache, torch.Tensor], None] | None = None  # (cache, last hidden) right after prefill
+    restored_hidden: torch.Tensor | None = None  # the whole prompt's cache was restored: its last token's trunk output
 
     def head_step(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor,
                   write: bool = True) -> torch.Tensor:
@@ -99,12 +113,22 @@ class Loop:
         then the steering's after-prefill hook (Lite pruning: the first logits come from the unpruned
         prefill). Leaves the last prompt token as the current query in ``state``."""
         t0 = time.perf_counter()
+        s = embeds.shape[1]
+        step = self.prefill_chunk if 0 < self.prefill_chunk < s else max(s, 1)
+        hidden = self.restored_hidden  # a prompt restored whole (s = 0; ``positions`` is its last token's)
         with torch.no_grad():
-            hidden = self.backend.trunk(embeds, positions, state.cache, state.deepstack)
+            for a in range(0, s, step):  # a cache that already holds a restored prefix: the suffix only
+                if a and self.cancelled is not None and self.cancelled():
+                    raise Cancelled
+                b = min(a + step, s)
+                ds = None if state.deepstack is None else state.deepstack[:, :, a:b]
+                hidden = self.backend.trunk(embeds[:, a:b], positions[:, :, a:b], state.cache, ds)
+                self.head_step(state, hidden, positions[:, :, a:b])  # fills the last layer's cache
+                state.cache.length += b - a
             state.deepstack = None  # prefill only: decode tokens are never visual
-            self.head_step(state, hidden, positions)  # fills the last layer's cache
-            state.cache.length += embeds.shape[1]
             state.hidden, state.positions = hidden[:, -1:].clone(), positions[:, :, -1:].clone()
+            if self.after_fill is not None:
+                self.after_fill(state.cache, state.hidden)
             # computed exactly as a controller recompute computes them (one query over the cache), so that a
             # no-op update leaves every logit bit-identical
             logits = self._recompute(state)

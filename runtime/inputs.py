@@ -9,7 +9,14 @@ import numpy as np
 import torch
 
 from models.errors import InputError
-from models.preprocess import VisionSettings, check_frame, patch_timestamps, process_image, process_video
+from models.preprocess import (
+    VisionSettings,
+    check_frame,
+    patch_timestamps,
+    process_image,
+    process_video,
+    sample_indices,
+)
 from models.qwen2_5_vl.positions import VisualSpan
 from models.registry import family
 from models.video import read_frames_dir, read_image, read_video_timed
@@ -23,6 +30,23 @@ class Visual:
     tokens: int  # merged tokens = pad tokens in the prompt
     timestamps: list[float] | None = None  # videos: seconds of each temporal patch (its frames' mean time)
     frames: int = 1  # frames sampled (an image: 1)
+    _digests: list[bytes] | None = None
+
+    def patch_digests(self) -> list[bytes]:
+        """A content digest of each temporal patch's pixels (computed once)."""
+        if self._digests is None:
+            from runtime.reuse import digest
+
+            t, h, w = self.span.grid_thw
+            per = h * w
+            self._digests = [digest(self.pixel_values[i * per:(i + 1) * per]) for i in range(t)]
+        return self._digests
+
+    def key(self) -> tuple:
+        """What the prompt's cache depends on besides the token ids: the span (kind, grid, seconds per temporal
+        patch: positions) and the pixels."""
+        s = self.span
+        return (s.kind, tuple(int(x) for x in s.grid_thw), float(s.seconds_per_grid), *self.patch_digests())
 
     def describe(self, cfg) -> dict:
         """What the model was given: kind, frames, frame size [height, width] after resizing, tokens."""
@@ -47,9 +71,13 @@ class Prompt:
 
 
 def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = None, frames=None,
-                image=None, fps: float = 2.0, max_frames: int | None = None, color_order: str = "rgb") -> Visual | None:
+                image=None, fps: float = 2.0, max_frames: int | None = None, color_order: str = "rgb",
+                frames_fps: float | None = None) -> Visual | None:
     """Exactly one of video (file), frames (folder or list of arrays) or image (file or array).
 
+    Frames: with ``frames_fps`` (the rate they were captured at), they are sampled like a video file at
+    ``settings.fps`` within the frame limits; without it, each frame is taken as one sample ``1 / fps`` seconds
+    after the previous, and more than ``max_frames`` are thinned evenly to ``max_frames``.
     Arrays from the caller are uint8 [H, W, 3] in ``color_order``: "rgb" (default) or "bgr" (as OpenCV
     decodes); files are decoded here and need no flag.
     """
@@ -78,14 +106,24 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
             frames = [to_rgb(f, f"frame {i}") for i, f in enumerate(frames)]
         if not frames:
             raise InputError("the frame list is empty")
-        if max_frames and len(frames) > max_frames:
-            raise InputError(f"{len(frames)} frames given, this export takes at most {max_frames}; sample fewer")
         if fps <= 0:
             raise InputError(f"fps must be > 0, got {fps}")
+        if frames_fps is not None:  # captured at frames_fps: sampled as a video file is
+            taken = sample_indices(len(frames), frames_fps, settings, max_frames).tolist()
+            times = [i / frames_fps for i in taken]
+            rate = len(taken) / len(frames) * frames_fps
+        else:  # already sampled at fps
+            taken = list(range(len(frames)))
+            if max_frames and len(frames) > max_frames:
+                tp = v.temporal_patch_size
+                n = max(1, max_frames // tp * tp)
+                taken = np.round(np.linspace(0, len(frames) - 1, n)).astype(int).tolist()
+            times = [i / fps for i in taken]
+            rate = len(taken) / len(frames) * fps
+        frames = [frames[i] for i in taken]
         pv, grid = process_video(frames, settings)
         count = len(frames)
-        span = VisualSpan("video", grid, v.temporal_patch_size / fps)
-        times = [i / fps for i in range(len(frames))]
+        span = VisualSpan("video", grid, v.temporal_patch_size / rate)
     elif image is not None:
         arr = read_image(image) if isinstance(image, (str, Path)) else to_rgb(np.asarray(image), "image")
         pv, grid = process_image(arr, settings)

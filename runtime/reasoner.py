@@ -30,12 +30,15 @@ from models.registry import family
 from runtime.answer import extract_answer
 from runtime.backends import resolve
 from runtime.cache import KVCache
-from runtime.generate import DecodeState, Loop
+from runtime.generate import Cancelled, DecodeState, Loop, Timings
 from runtime.inputs import Prompt, Visual, build_prompt, visual_from
+from runtime.reuse import ReuseStore, default_reuse_mb, nbytes, restore_prefix
 from runtime.sampling import SamplingParams
 
 METHODS = ("base", "vreason", "vreason-lite")
 DECODE = ("auto", "static", "dynamic")
+VISION_GROUP = 4  # temporal patches per vision encoder call (a cancel is seen between calls)
+PREFILL_CHUNK = 512  # prompt tokens per trunk call in prefill (a cancel is seen between calls)
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Result:
 class Reasoner:
     def __init__(self, engine_dir: Path, manifest: dict, backend, head, tokenizer: Tokenizer, chat_template: str,
                  settings: VisionSettings, backend_reason: str, decode: str = "dynamic", cuda_graphs: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, reuse_mb: int | None = None) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.cfg = family(manifest["model_type"]).Config.from_stored(manifest["config"])
@@ -79,6 +82,9 @@ class Reasoner:
         self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
         self._sessions: dict = {}  # static decode: the last request's cache, buffers and captured graphs
         self._lock = threading.Lock()
+        self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
+        self.reuse = ReuseStore(self.reuse_mb * 2**20)
+        self.frame_local_vision = bool(getattr(family(manifest["model_type"]), "FRAME_LOCAL_VISION", False))
         self.stop_ids = set(self.cfg.eos_token_ids)
         for tok in ("<|im_end|>", "<|endoftext|>"):
             if (i := tokenizer.token_id(tok)) is not None:
@@ -87,7 +93,8 @@ class Reasoner:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None,
              model_dir: str | Path | None = None, verify: bool = True, decode: str = "auto",
-             cuda_graphs: bool | None = None, compile: bool = False, threads: int | None = None) -> Reasoner:
+             cuda_graphs: bool | None = None, compile: bool = False, threads: int | None = None,
+             reuse_mb: int | None = None) -> Reasoner:
         """Open an export directory, checked as ``python -m export --check`` does: manifest, files present
         with their recorded sizes, graph I/O, and (``verify``, the default) every file's sha256, which
         takes a while for a multi-GB export; ``verify=False`` skips only the hashing.
@@ -98,9 +105,17 @@ class Reasoner:
         step as a CUDA graph; ``compile`` adds torch.compile of the trunk step (torch backend on CUDA; tens of
         seconds on first use per shape). ``threads``: CPU threads for ONNX Runtime and PyTorch (default: all
         cores; an evaluation replica sharing a machine takes its share). ``model_dir`` (torch backend): run that
-        checkpoint's trunk, vision encoder and head instead of the export's own weights (the parity reference)."""
+        checkpoint's trunk, vision encoder and head instead of the export's own weights (the parity reference).
+
+        ``reuse_mb``: memory (MiB, on the model's device) for work reused across requests, least recently used
+        first out: vision features per temporal patch (two frames) and the cache of prompt prefixes, both found by
+        content (see ``runtime.reuse``), so several questions on one clip, or overlapping windows of a stream,
+        skip the encoding and prefill they share. 0 turns reuse off. Default: a tenth of the device's free memory
+        at load (CUDA: free GPU memory; CPU: available RAM), at most 2048. An answer with reuse equals the answer
+        without it up to float rounding (the suffix is prefilled on top of the restored prefix)."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
+        check_number("reuse_mb", reuse_mb, lo=0, integer=True, optional=True)
         if threads is not None:
             torch.set_num_threads(check_number("threads", threads, lo=1, integer=True))
             import cv2
@@ -156,25 +171,30 @@ class Reasoner:
             fuse_projections(impl.model)
         graphs = static and on_cuda and (cuda_graphs is None or cuda_graphs)
         return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason,
-                   decode="static" if static else "dynamic", cuda_graphs=graphs, compile=compile and static and on_cuda)
+                   decode="static" if static else "dynamic", cuda_graphs=graphs, compile=compile and static and on_cuda,
+                   reuse_mb=reuse_mb)
 
     # -- requests -----------------------------------------------------------------------------------------
 
     def prepare(self, *, question: str, video=None, frames=None, image=None, fps: float | None = None,
                 max_frames: int | None = None, template: str = "reasoning", options: list[str] | None = None,
-                max_new_tokens: int = 512, color_order: str = "rgb", video_min_pixels: int | None = None,
+                max_new_tokens: int = 512, color_order: str = "rgb", frames_fps: float | None = None,
+                video_min_pixels: int | None = None,
                 video_max_pixels: int | None = None, video_total_pixels: int | None = None,
                 image_min_pixels: int | None = None, image_max_pixels: int | None = None) -> Prompt:
         """Decode and preprocess the visual input, build the prompt and check it fits; no model compute.
 
-        ``fps``: the rate a video file is sampled at (default: the checkpoint's processor setting) and the
-        rate caller frames are taken at (default 2.0). ``max_frames``: sample at most this many video frames
-        (default and ceiling: the export's limit). The pixel budget (default: the checkpoint's processor
+        ``fps``: the rate a video is sampled at (default: the checkpoint's processor setting). ``frames_fps``:
+        the rate caller ``frames`` were captured at; given, they are sampled at ``fps`` like a video file.
+        Without it, caller frames count as already sampled, ``1 / fps`` seconds apart (``fps`` default 2.0).
+        ``max_frames``: take at most this many video frames (default and ceiling: the export's limit; more
+        caller frames are thinned evenly). The pixel budget (default: the checkpoint's processor
         settings; see ``VisionSettings.with_budget``): ``video_min_pixels`` / ``video_max_pixels`` per frame,
         ``video_total_pixels`` over all frames, ``image_min_pixels`` / ``image_max_pixels``; fewer pixels
         mean fewer vision tokens and a shorter prefill."""
         max_new_tokens = check_number("max_new_tokens", max_new_tokens, lo=1, integer=True)
         check_number("fps", fps, lo=0, lo_open=True, hi=1000, optional=True)
+        check_number("frames_fps", frames_fps, lo=0, lo_open=True, hi=1000, optional=True)
         limit = self.limits.get("max_frames")
         max_frames = check_number("max_frames", max_frames, lo=1, hi=limit, integer=True, optional=True) or limit
         if not isinstance(question, str):
@@ -182,7 +202,8 @@ class Reasoner:
         settings = self.settings.with_budget(fps, video_min_pixels, video_max_pixels, video_total_pixels,
                                              image_min_pixels, image_max_pixels)
         visual = visual_from(self.cfg, settings, video=video, frames=frames, image=image,
-                             fps=2.0 if fps is None else fps, max_frames=max_frames, color_order=color_order)
+                             fps=2.0 if fps is None else fps, max_frames=max_frames, color_order=color_order,
+                             frames_fps=frames_fps)
         visuals = [visual] if visual else []
         for v in visuals:
             n = v.pixel_values.shape[0]
@@ -206,46 +227,91 @@ class Reasoner:
 
     def _embed(self, prompt: Prompt) -> tuple[torch.Tensor, float]:
         """(inputs_embeds [1, S, H], seconds spent) of a prompt (see ``_prefill_inputs``)."""
-        embeds, _, seconds = self._prefill_inputs(prompt)
+        embeds, _, seconds, _ = self._prefill_inputs(prompt)
         return embeds, seconds
 
-    def _prefill_inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """(inputs_embeds [1, S, H], DeepStack features [K, 1, S, H] or None, seconds spent): token embeddings
-        with the vision encoder's output at the visual pad tokens; for a family with DeepStack, its features
-        scattered to the same positions (zero elsewhere)."""
+    def _prefill_inputs(self, prompt: Prompt, start: int = 0, cancelled=None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, float, int]:
+        """(inputs_embeds [1, S - start, H], DeepStack features [K, 1, S - start, H] or None, seconds spent,
+        temporal patches reused) of the prompt from token ``start`` on: token embeddings with the vision
+        encoder's output at the visual pad tokens; for a family with DeepStack, its features scattered to the
+        same positions (zero elsewhere). Visual inputs are encoded only where their tokens lie at or after
+        ``start``. ``cancelled()`` is checked between vision encoder calls."""
         from models.qwen3_vl.model import scatter_deepstack
 
         t0 = time.perf_counter()
-        ids = torch.tensor([prompt.ids], device=self.device)
-        deepstack = None
+        ids = torch.tensor([prompt.ids[start:]], dtype=torch.long, device=self.device).view(1, -1)
+        deepstack, reused = None, 0
         with torch.no_grad():
             embeds = self.head.embed(ids)
-            if prompt.visuals:
-                feats = [self._encode(v) for v in prompt.visuals]
-                pad = (ids[0] == self.cfg.video_token_id) | (ids[0] == self.cfg.image_token_id)
-                embeds[0, pad] = torch.cat([f for f, _ in feats]).to(embeds.dtype)
+            pad = (ids[0] == self.cfg.video_token_id) | (ids[0] == self.cfg.image_token_id)
+            if prompt.visuals and bool(pad.any()):
+                feats = []
+                for v in prompt.visuals:
+                    f, d, n = self._encode(v, cancelled)
+                    feats.append((f, d))
+                    reused += n
+                skip = int(prompt.video_token_index.lt(start).sum())  # visual tokens inside the reused prefix
+                embeds[0, pad] = torch.cat([f for f, _ in feats])[skip:].to(embeds.dtype)
                 if feats[0][1] is not None:
-                    deepstack = scatter_deepstack([d for _, d in feats], pad, embeds.dtype)
+                    deepstack = scatter_deepstack([torch.cat([d for _, d in feats], dim=1)[:, skip:]], pad,
+                                                  embeds.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return embeds, deepstack, time.perf_counter() - t0
+        return embeds, deepstack, time.perf_counter() - t0, reused
 
-    def _encode(self, v: Visual) -> tuple[torch.Tensor, torch.Tensor | None]:
-        inputs = {"pixel_values": v.pixel_values.to(self.device, self.dtype),
-                  **{k: t.to(self.device) for k, t in v.indices.items()}}
-        return self.backend.encode_vision(inputs, v.tokens, self.cfg.text.hidden_size)
+    def _encode(self, v: Visual, cancelled=None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(features [tokens, H], DeepStack [K, tokens, H] or None, temporal patches reused) of one visual input.
+        Families whose encoder sees one temporal patch at a time are encoded in groups of ``VISION_GROUP``
+        patches (``cancelled()`` checked between groups), each patch's features kept in the reuse store and
+        taken from it when the same pixels come again."""
+        if not self.frame_local_vision:
+            f, d = self._encode_grid(v.pixel_values, v.indices, v.tokens)
+            return f, d, 0
+        t, h, w = (int(x) for x in v.span.grid_thw)
+        per, tokens = h * w, h * w // self.cfg.vision.spatial_merge_size**2
+        keys = [("vision", self.dtype, h, w, k) for k in v.patch_digests()] if self.reuse.enabled else [None] * t
+        got = [self.reuse.get(k) if k is not None else None for k in keys]
+        missing = [i for i, g in enumerate(got) if g is None]
+        fam = family(self.cfg.model_type)
+        for a in range(0, len(missing), VISION_GROUP):
+            if cancelled is not None and cancelled():
+                raise Cancelled
+            group = missing[a:a + VISION_GROUP]
+            rows = torch.cat([v.pixel_values[i * per:(i + 1) * per] for i in group])
+            f, d = self._encode_grid(rows, fam.vision_inputs((len(group), h, w), self.cfg.vision), tokens * len(group))
+            for j, i in enumerate(group):
+                got[i] = (f[j * tokens:(j + 1) * tokens], None if d is None else d[:, j * tokens:(j + 1) * tokens])
+                if keys[i] is not None:
+                    self.reuse.put(keys[i], got[i], nbytes(*got[i]))
+        feats = torch.cat([g[0] for g in got])
+        deep = None if got[0][1] is None else torch.cat([g[1] for g in got], dim=1)
+        return feats, deep, t - len(missing)
+
+    def _encode_grid(self, pixel_values: torch.Tensor, indices: dict, tokens: int):
+        inputs = {"pixel_values": pixel_values.to(self.device, self.dtype),
+                  **{k: t.to(self.device) for k, t in indices.items()}}
+        return self.backend.encode_vision(inputs, tokens, self.cfg.text.hidden_size)
 
     def stream(self, *, question: str, method: str = "base", max_new_tokens: int = 512, template: str = "reasoning",
                sampling: SamplingParams | None = None, stop: list[str] | None = None, controller=None,
-               chunk: int = 1, **visual) -> Stream:
-        """Like ``ask`` but iterable: yields text pieces as tokens come; ``.result`` once exhausted. ``chunk``:
-        with static decode, how many tokens are decoded between host reads of the ids (1: each as it comes)."""
+               chunk: int = 1, events: bool = False, **visual) -> Stream:
+        """Like ``ask`` but iterable: yields text pieces as tokens come (``events``: a ``TokenEvent`` per token
+        instead, with its id, text piece, possibly '', and entropy); ``.result`` once exhausted. ``chunk``: with
+        static decode, how many tokens are decoded between host reads of the ids (1: each as it comes). The
+        request's clock (``timings["ttft_s"]``) starts here, before the visual input is prepared."""
+        start = time.perf_counter()
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         sampling = sampling or SamplingParams()
         sampling.validate()
+        controller = self.controller_config(controller) if method != "base" else controller
         prompt = self.prepare(question=question, template=template, max_new_tokens=max_new_tokens, **visual)
-        return Stream(self, prompt, method, max_new_tokens, sampling, stop or [], controller, chunk)
+        if self.reuse.enabled:
+            for v in prompt.visuals:
+                v.patch_digests()  # the reuse keys, hashed here, outside the lock
+        return Stream(self, prompt, method, max_new_tokens, sampling, stop or [], controller, chunk, events=events,
+                      start=start, prepare_s=time.perf_counter() - start)
 
     def ask(self, **kwargs) -> Result:
         """Answer one question about a video (file or frames) or an image; see ``stream`` for the arguments."""
@@ -253,6 +319,16 @@ class Reasoner:
         for _ in s:
             pass
         return s.result
+
+    def watch(self, source: str | int, questions: str | list[str], window: float = 4.0, every: float = 2.0,
+              fps: float = 2.0, **kwargs):
+        """Standing questions on the latest ``window`` seconds of a live source, every ``every`` seconds: an
+        iterator of one dict per answer, the lines ``python -m runtime.watch`` writes (see ``runtime.watch.watch``
+        for the options: method, trigger, max_windows, realtime, reconnect, max_new_tokens, template)."""
+        from runtime.watch import watch
+
+        return watch(self, str(source), [questions] if isinstance(questions, str) else list(questions), window,
+                     every, fps, **kwargs)
 
     def _note_active(self, gen) -> None:
         self._active = (weakref.ref(gen), threading.get_ident())
@@ -299,36 +375,66 @@ class Reasoner:
             self._sessions["cache"] = cache
         return cache
 
+    @staticmethod
+    def controller_config(controller):
+        """A ``VReasonConfig`` from one, a dict of its fields, or None (the defaults)."""
+        from controller import VReasonConfig
+
+        if isinstance(controller, VReasonConfig):
+            return controller
+        if controller is not None and not isinstance(controller, dict):
+            raise InputError(f"controller must be a VReasonConfig or a dict of its fields, got "
+                             f"{type(controller).__name__}")
+        return VReasonConfig.from_fields(controller or {})
+
     def steering_for(self, method: str, controller, state: DecodeState):
         if method == "base":
             return None
-        from controller import VReason, VReasonConfig
+        from controller import VReason
 
-        cfg = controller if isinstance(controller, VReasonConfig) else VReasonConfig(**(controller or {}))
-        return VReason(cfg, state, lite=(method == "vreason-lite"))
+        return VReason(self.controller_config(controller), state, lite=(method == "vreason-lite"))
+
+
+@dataclass
+class TokenEvent:
+    """One generated token as ``stream(events=True)`` yields it."""
+
+    id: int
+    text: str  # what this token adds to the answer's text ('' while a character is incomplete, or past a stop)
+    entropy: float
 
 
 class Stream:
-    """Iterating runs the request (holding the Reasoner's lock) and yields decoded text pieces."""
+    """Iterating runs the request (holding the Reasoner's lock) and yields decoded text pieces (or ``TokenEvent``s)."""
 
     def __init__(self, reasoner: Reasoner, prompt: Prompt, method: str, max_new_tokens: int,
-                 sampling: SamplingParams, stop: list[str], controller, chunk: int = 1) -> None:
+                 sampling: SamplingParams, stop: list[str], controller, chunk: int = 1, events: bool = False,
+                 start: float | None = None, prepare_s: float = 0.0) -> None:
         self.r, self.prompt, self.method, self.chunk = reasoner, prompt, method, chunk
         self.max_new_tokens, self.sampling, self.stop, self.controller = max_new_tokens, sampling, stop, controller
+        self.events = events
+        self.start = time.perf_counter() if start is None else start
+        self.prepare_s = prepare_s
         self.result: Result | None = None
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
-        """Stop after the current token; the result holds what was generated so far."""
+        """Stop the request: during vision encoding (between groups of frames), prefill (between chunks of
+        ``PREFILL_CHUNK`` tokens) or decoding (after the current token). The result holds what was generated so
+        far (nothing, when stopped before the first token); safe to call from another thread."""
         self._cancel.set()
 
-    def __iter__(self) -> Iterator[str]:
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __iter__(self) -> Iterator[str | TokenEvent]:
         self.r._close_abandoned()
         gen = self._run()
         self.r._note_active(gen)
         return gen
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Iterator[str | TokenEvent]:
         r = self.r
         with r._lock:
             failed = False
@@ -338,32 +444,63 @@ class Stream:
                 failed = True  # raised below, once this frame no longer holds the request's tensors
             if failed:
                 r._sessions.clear()
+                r.reuse.clear()
                 if r.device.type == "cuda":
                     torch.cuda.empty_cache()
                 p = self.prompt
                 raise ResourceError(
                     f"out of {r.device.type} memory for this request (prompt {len(p.ids)} tokens, "
                     f"max_new_tokens {self.max_new_tokens}, {r.manifest['precision']} weights); use fewer frames, "
-                    "fewer new tokens, or an export in lower precision; nothing of the request is kept")
+                    "fewer new tokens, an export in lower precision, or a smaller reuse_mb; nothing of the request "
+                    "is kept")
 
-    def _generate(self) -> Iterator[str]:
+    def _reusable(self) -> tuple:
+        """(saved prefix or None, tokens to restore, the prompt's visual key, where its first visual token is)."""
+        r, p = self.r, self.prompt
+        vkey = tuple(v.key() for v in p.visuals) if r.reuse.enabled else ()
+        first = int(p.video_token_index[0]) if p.video_token_index.numel() else len(p.ids)
+        if not r.reuse.enabled or not getattr(r.backend, "suffix_prefill", True):
+            return None, 0, vkey, first
+        entry, n = r.reuse.best_prefix(p.ids, vkey, first)
+        return entry, n, vkey, first
+
+    def _generate(self) -> Iterator[str | TokenEvent]:
         r = self.r
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(r.device)
-        embeds, deepstack, vision_s = r._prefill_inputs(self.prompt)
-        cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
-        state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device), deepstack=deepstack)
-        steering = r.steering_for(self.method, self.controller, state)
-        loop = r.loop(steering, chunk=self.chunk)
-        loop.timings.vision_s = vision_s
-        positions = self.prompt.positions.unsqueeze(1).to(r.device)
+        stopped = self._cancel.is_set
         ids: list[int] = []
         ents: list[torch.Tensor] = []
         alphas: list[float] = []
         text, emitted = "", 0
+        loop = None
         try:
+            if stopped():
+                raise Cancelled
+            entry, reused, vkey, first = self._reusable()
+            embeds, deepstack, vision_s, patches = r._prefill_inputs(self.prompt, reused, stopped)
+            cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
+            if entry is not None:
+                restore_prefix(cache, entry, reused)
+            state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device), deepstack=deepstack)
+            steering = r.steering_for(self.method, self.controller, state)
+            loop = r.loop(steering, chunk=self.chunk)
+            loop.timings.prepare_s, loop.timings.vision_s = self.prepare_s, vision_s
+            loop.timings.reused_prompt_tokens, loop.timings.reused_vision_patches = reused, patches
+            loop.cancelled = stopped
+            if getattr(r.backend, "suffix_prefill", True):
+                loop.prefill_chunk = PREFILL_CHUNK
+            if r.reuse.enabled and reused < len(self.prompt.ids):
+                ids_all = self.prompt.ids
+                loop.after_fill = lambda c, h: r.reuse.save_prefix(ids_all, vkey, c, h)
+            whole = reused == len(self.prompt.ids)
+            if whole:  # the same prompt again: its cache and last hidden state restored, nothing to prefill
+                loop.restored_hidden = entry.hidden
+            positions = self.prompt.positions[:, reused - 1 if whole else reused:].unsqueeze(1).to(r.device)
             for tok in loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens,
                                 self.sampling, r.stop_ids):
+                if not ids:
+                    loop.timings.ttft_s = time.perf_counter() - self.start
                 ids.append(tok.id)
                 ents.append(tok.entropy)
                 alphas.append(tok.alpha)
@@ -372,19 +509,26 @@ class Stream:
                 if hit is not None:
                     text = text[: text.index(hit)]
                 safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # hold back a partial character
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-                if hit is not None or self._cancel.is_set():
+                piece = text[emitted:safe] if safe > emitted else ""
+                emitted = max(emitted, safe)
+                if self.events:
+                    yield TokenEvent(tok.id, piece, float(tok.entropy))
+                elif piece:
+                    yield piece
+                if hit is not None or stopped():
                     break
             if emitted < len(text):
-                yield text[emitted:]
+                yield TokenEvent(ids[-1], text[emitted:], float(ents[-1])) if self.events else text[emitted:]
+        except Cancelled:
+            pass  # stopped before the first token: an empty result
         finally:
-            self.result = self._result(loop, loop.steering, ids, ents, alphas, text)
-            del cache, state, steering, loop, embeds, deepstack
+            self.result = self._result(loop, ids, ents, alphas, text)
+            loop = None
 
-    def _result(self, loop, steering, ids, ents, alphas, text) -> Result:
+    def _result(self, loop, ids, ents, alphas, text) -> Result:
         r = self.r
+        steering = loop.steering if loop is not None else None
+        timings = loop.timings if loop is not None else Timings(prepare_s=self.prepare_s)
         entropy = torch.stack(ents).float().cpu().tolist() if ents else []
         if alphas and torch.is_tensor(alphas[0]):  # static decode: read once, at the end
             alphas = torch.stack(alphas).cpu().tolist()
@@ -396,7 +540,7 @@ class Stream:
                 tracker.record(h, a)
         return Result(
             text=text, answer=extract_answer(text), prompt_token_ids=list(self.prompt.ids), token_ids=ids,
-            entropy=entropy, ema=list(tracker.ema), alpha=list(alphas), timings=loop.timings.as_dict(),
+            entropy=entropy, ema=list(tracker.ema), alpha=list(alphas), timings=timings.as_dict(),
             peak_memory_bytes=peak_memory(r.device), backend=r.backend.name, method=self.method,
             config={**(steering.config_dict() if steering is not None else {}), "weights": r.weights},
             skipped_updates=getattr(steering, "skipped", 0),

@@ -17,3 +17,8 @@ def test_bench_json_fields(engine_dir, tmp_path, capsys):
     for key in ("vreason_token_time_ratio", "vreason_peak_memory_ratio", "vreason_update_cost_head_passes"):
         assert rep[key] > 0
     assert rep["weight_bytes_per_token"] > 0 and rep["machine"]["read_bandwidth_gb_s"] > 0
+    u = rep["reuse"]  # what reuse saves, measured in the same run (ratios reported, not asserted)
+    assert u["tokens_equal_without_reuse"] and u["max_entropy_difference"] <= 1e-6
+    assert u["reused_vision_patches_half_overlap"] == 4  # of the shifted window's 8 temporal patches
+    assert 0 < u["reused_prompt_tokens_second_question"] < u["prompt_tokens"]
+    assert u["second_question_ttft_ratio"] > 0 and u["half_overlap_vision_ratio"] > 0

@@ -149,7 +149,7 @@ def test_compat_check_names_the_unsupported_node(tmp_path):
 
 
 def test_tensorrt_profiles_cover_prefill_and_decode():
-    prefill, decode = trunk_profiles(64, 2, 16, 2, max_prompt=100, max_context=200)
+    prefill, decode, suffix = trunk_profiles(64, 2, 16, 2, max_prompt=100, max_context=200)
     lo, opt, hi = prefill.shapes["inputs_embeds"]
     assert lo == (1, 1, 64) and hi == (1, 100, 64)
     assert prefill.shapes["past_key.1"] == ((1, 0, 2, 16),) * 3
@@ -157,6 +157,10 @@ def test_tensorrt_profiles_cover_prefill_and_decode():
     # decode: one token over a past of 1..max_context entries (the filled cache, or the whole static one)
     assert decode.shapes["past_value.0"][0] == (1, 1, 2, 16) and decode.shapes["past_value.0"][2] == (1, 200, 2, 16)
     assert prefill.shapes["cache_length"] == decode.shapes["cache_length"] == ((1,),) * 3
+    # suffix: S >= 2 new tokens on a past of >= 1 (a reused prompt prefix, a later prefill chunk); together the
+    # three profiles cover every (S, P) that select_profile asks for, within the prompt limit
+    assert suffix.shapes["inputs_embeds"][0] == (1, 2, 64) and suffix.shapes["inputs_embeds"][2] == (1, 99, 64)
+    assert suffix.shapes["past_key.0"][0] == (1, 1, 2, 16) and suffix.shapes["past_key.0"][2] == (1, 99, 2, 16)
     (vis,) = vision_profiles(1176, 2, max_patches=1024, max_frame_patches=64)
     assert vis.shapes["window_index"][2] == (256,) and vis.shapes["pixel_values"][2] == (1024, 1176)
 

@@ -218,7 +218,7 @@ def test_lite_prunes_the_same_tokens_from_every_layer(q3_reasoners, clip):
 
     r = q3_reasoners["torch"]
     prompt = r.prepare(question=QUESTION, video=clip, max_new_tokens=4)
-    embeds, deepstack, _ = r._prefill_inputs(prompt)
+    embeds, deepstack, _, _ = r._prefill_inputs(prompt)
     assert deepstack is not None and deepstack.shape[0] == r.cfg.text.deepstack_layers
     t = r.cfg.text
 
@@ -301,10 +301,11 @@ def test_tensorrt_profiles_name_every_graph_input(q3_engine):
         inputs = [i["name"] for i in m["graphs"][graph]["inputs"]]
         for p in profiles:
             assert sorted(p.shapes) == sorted(inputs)
-    prefill, decode = trt_profiles(cfg, lim)["trunk"]
+    prefill, decode, suffix = trt_profiles(cfg, lim)["trunk"]
     k, h = cfg.text.deepstack_layers, cfg.text.hidden_size
     assert prefill.shapes["deepstack_embeds"][2] == (k, 1, lim.max_prompt, h)
     assert decode.shapes["deepstack_embeds"] == ((k, 1, 1, h),) * 3
+    assert suffix.shapes["deepstack_embeds"][0] == (k, 1, 2, h)
     vision = trt_profiles(cfg, lim)["vision"][0].shapes
     assert vision["pos_weight"][2] == (lim.max_frame_patches, 4)
 

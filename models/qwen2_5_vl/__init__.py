@@ -13,6 +13,12 @@ from models.qwen2_5_vl.vision import VISION_INPUTS, VISION_OUTPUTS, vision_indic
 
 Model = Qwen25VL
 VIDEO_TIMESTAMPS = False  # time enters through the temporal position ids (tokens_per_second)
+# Whether the vision encoder's output for one temporal patch depends on that patch's pixels alone (so a patch's
+# features can be cached and reused in another clip). Here: the patch embedding, norms, MLPs and merger act per
+# patch; the window blocks attend inside windows of one frame and the full blocks inside one frame
+# (``VisionEncoder`` works on [T, h*w, C]); the 2D rotary positions are (row, col) within the frame; nothing
+# carries time. tests/test_reuse.py checks it against encoding the whole clip.
+FRAME_LOCAL_VISION = True
 
 
 def graph_contract(config: dict, graph: str) -> tuple[list[str], list[str]]:
@@ -31,6 +37,6 @@ def prompt_positions(cfg: Config, ids, spans: list[VisualSpan]):
                            cfg.vision.tokens_per_second)
 
 
-__all__ = ["Config", "HEAD_LINEARS", "LINEARS", "Model", "Qwen25VL", "TrunkGraph", "VIDEO_TIMESTAMPS", "VisualSpan",
-           "export_spec", "graph_contract", "load_head", "load_model", "mrope_positions", "prompt_positions",
-           "vision_inputs"]
+__all__ = ["Config", "FRAME_LOCAL_VISION", "HEAD_LINEARS", "LINEARS", "Model", "Qwen25VL", "TrunkGraph",
+           "VIDEO_TIMESTAMPS", "VisualSpan", "export_spec", "graph_contract", "load_head", "load_model",
+           "mrope_positions", "prompt_positions", "vision_inputs"]

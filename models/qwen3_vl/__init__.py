@@ -15,11 +15,16 @@ from models.qwen3_vl.vision import vision_inputs
 
 Model = Qwen3VL
 VIDEO_TIMESTAMPS = True  # "<t seconds>" before each frame; the frames' temporal position ids do not advance
+# A temporal patch's vision features depend on its own pixels alone: every block attends within one frame, the
+# learned position embeddings and 2D rotary are per (row, col) of a frame, the DeepStack mergers and the merger act
+# per 2x2 block; time enters only through the prompt's timestamps. tests/test_reuse.py checks it.
+FRAME_LOCAL_VISION = True
 
 
 def prompt_positions(cfg: Config, ids, spans: list[VisualSpan]):
     return mrope_positions(ids, spans, cfg.image_token_id, cfg.video_token_id, cfg.vision.spatial_merge_size)
 
 
-__all__ = ["Config", "HEAD_LINEARS", "LINEARS", "Model", "Qwen3VL", "TrunkGraph", "VIDEO_TIMESTAMPS", "export_spec",
-           "graph_contract", "load_head", "load_model", "prompt_positions", "trt_vision_shapes", "vision_inputs"]
+__all__ = ["Config", "FRAME_LOCAL_VISION", "HEAD_LINEARS", "LINEARS", "Model", "Qwen3VL", "TrunkGraph",
+           "VIDEO_TIMESTAMPS", "export_spec", "graph_contract", "load_head", "load_model", "prompt_positions",
+           "trt_vision_shapes", "vision_inputs"]

@@ -129,10 +129,10 @@ def vision_bindings(inputs: dict[str, torch.Tensor], embeds: torch.Tensor,
 
 def select_profile(seq: int, past: int) -> int:
     """TensorRT trunk profile: 0 = prefill (P = 0, S >= 1), 1 = decode (S = 1, P >= 1: the filled cache when
-    dynamic, the whole fixed-capacity cache when static)."""
+    dynamic, the whole fixed-capacity cache when static), 2 = suffix (S >= 2 new tokens on P >= 1 cached ones: a
+    prompt's suffix after a reused prefix, or a later prefill chunk)."""
     if past == 0:
         return 0
     if seq == 1:
         return 1
-    raise ValueError(f"no trunk profile takes S={seq} new tokens on P={past} cached ones "
-                     "(prefill needs P = 0, decode S = 1)")
+    return 2

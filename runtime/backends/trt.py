@@ -111,6 +111,9 @@ class TrtBackend:
         vnames = [self.vision.engine.get_tensor_name(i) for i in range(self.vision.engine.num_io_tensors)]
         self.vision_levels = int(self.vision.engine.get_tensor_shape(DEEPSTACK_OUTPUT)[0]) \
             if DEEPSTACK_OUTPUT in vnames else 0
+        # a third profile (S >= 1 new tokens on P >= 1 cached ones) prefills a prompt's suffix on a restored prefix,
+        # and prefill in chunks; engines built before it had two, and then every prefill is one P = 0 call
+        self.suffix_prefill = self.trunk_engine.engine.num_optimization_profiles >= 3
         self._hidden = torch.empty(0, device=self.device)
         self._staging: list[torch.Tensor] = []
 

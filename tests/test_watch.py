@@ -1,0 +1,175 @@
+"""python -m runtime.watch and Reasoner.watch: windows of a file, a folder and an MJPEG stream over HTTP (which
+drops the connection once), reconnects, skipped ticks, one-line failures."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import cv2
+import numpy as np
+import pytest
+
+from models.samples import render_frames, sample_video
+from runtime.reasoner import Reasoner
+from runtime.watch import main as watch_main
+
+Q1, Q2 = "Is the shape moving?", "What color is it?"
+
+
+@pytest.fixture(scope="module")
+def reasoner(engine_dir):
+    return Reasoner.load(engine_dir, backend="ort", reuse_mb=64)
+
+
+class MJPEG:
+    """An MJPEG stream on 127.0.0.1 at ``rate`` frames/s: the first connection is cut after ``cut`` frames, the
+    next ones serve ``total`` frames each; after ``connections`` connections the server stops."""
+
+    def __init__(self, rate=20.0, cut=30, total=80, connections=2):
+        jpegs = [cv2.imencode(".jpg", f)[1].tobytes() for f in render_frames("square", "blue", "left", frames=24)]
+        self.connections = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.connections += 1
+                n = cut if outer.connections == 1 else total
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    for i in range(n):
+                        j = jpegs[i % len(jpegs)]
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(j)
+                                         + j + b"\r\n")
+                        time.sleep(1 / rate)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                if outer.connections >= connections:  # stop listening: a later connect is refused
+                    threading.Thread(target=outer.close, daemon=True).start()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def lines(text: str) -> list[dict]:
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+def test_watch_a_file_offline(engine_dir, tmp_path, capsys):
+    video = sample_video(tmp_path / "v.mp4", "circle", "red", "right", seconds=6, fps=8)
+    out = tmp_path / "w.jsonl"
+    assert watch_main(["--engine", str(engine_dir), "--source", str(video), "--question", Q1, "--question", Q2,
+                       "--window", "2", "--every", "1", "--fps", "2", "--max-new-tokens", "4",
+                       "--as-fast-as-possible", "--jsonl", str(out), "--trigger", ".", "--no-verify"]) == 0
+    got = lines(capsys.readouterr().out)
+    assert got == lines(out.read_text())
+    # windows of 4 samples (0.5 s apart), a tick every second of stream time, both questions each tick
+    assert [(x["window_start_s"], x["window_end_s"]) for x in got[::2]] == [(0.0, 1.5), (1.0, 2.5), (2.0, 3.5),
+                                                                           (3.0, 4.5), (4.0, 5.5)]
+    assert [x["question"] for x in got] == [Q1, Q2] * 5
+    assert all(x["skipped_ticks"] == 0 and x["dropped_frames"] == 0 for x in got)
+    assert all(x["reused_prompt_tokens"] > 0 for x in got[1::2])  # the second question reuses the clip's prefix
+    assert all(x["alert"] == bool(x["answer"]) for x in got)
+    assert set(got[0]) == {"source", "window_start_s", "window_end_s", "question", "answer", "text", "ttft_s",
+                           "total_s", "reused_prompt_tokens", "skipped_ticks", "dropped_frames", "alert",
+                           "entropy_mean"}
+
+
+def test_watch_skips_ticks_while_busy(reasoner, tmp_path):
+    """A folder played in real time while each answer takes longer than a tick: ticks are skipped and counted,
+    nothing queues, and frames no window held are counted as dropped."""
+    for i, f in enumerate(render_frames("square", "blue", "left", frames=40)):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), f)
+    slow = SlowReasoner(reasoner, 1.2)
+    got = list(Reasoner.watch(slow, tmp_path, [Q1], window=1.0, every=0.5, fps=4.0, max_windows=3,
+                              max_new_tokens=2))
+    assert len(got) == 3
+    assert got[0]["skipped_ticks"] == 0 and got[-1]["skipped_ticks"] >= 2
+    assert got[-1]["dropped_frames"] > 0
+    ends = [x["window_end_s"] for x in got]
+    assert ends == sorted(ends) and ends[1] - ends[0] >= 1.0  # the latest window, not the next queued one
+
+
+class SlowReasoner:
+    """A Reasoner whose answers take at least ``seconds``."""
+
+    def __init__(self, inner, seconds):
+        self.inner, self.seconds = inner, seconds
+
+    def ask(self, **kw):
+        t = time.monotonic()
+        res = self.inner.ask(**kw)
+        time.sleep(max(0.0, self.seconds - (time.monotonic() - t)))
+        return res
+
+
+def test_watch_an_mjpeg_stream_reconnects(engine_dir, capsys):
+    with MJPEG(rate=20, cut=30, total=100) as cam:
+        code = watch_main(["--engine", str(engine_dir), "--source", cam.url, "--question", Q1, "--window", "1",
+                           "--every", "0.5", "--fps", "4", "--max-new-tokens", "2", "--max-windows", "4",
+                           "--no-verify"])
+        assert code == 0
+        assert cam.connections == 2  # the cut connection was reopened
+    got = lines(capsys.readouterr().out)
+    assert len(got) == 4 and all(x["source"] == cam.url for x in got)
+    assert all(0.6 <= x["window_end_s"] - x["window_start_s"] <= 1.5 for x in got)
+    assert got[-1]["window_end_s"] > 1.5  # past the cut: read from the second connection
+    assert got[-1]["dropped_frames"] > 0  # the samples the reconnect missed
+
+
+def test_watch_gives_up_on_a_dead_stream(engine_dir, capsys):
+    with MJPEG(rate=20, cut=10, connections=1) as cam:
+        code = watch_main(["--engine", str(engine_dir), "--source", cam.url, "--question", Q1, "--window", "2",
+                           "--reconnect", "1", "--no-verify"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "gave up after --reconnect 1" in err[0]
+
+
+def test_watch_refuses_bad_sources_in_one_line(engine_dir, tmp_path, capsys):
+    assert watch_main(["--engine", str(engine_dir), "--source", str(tmp_path / "missing.mp4"), "--question", Q1]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a video file, a folder of frames, a camera index or a URL" in err[0]
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    assert watch_main(["--engine", str(engine_dir), "--source", str(bad), "--question", Q1, "--no-verify"]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert watch_main(["--engine", str(engine_dir), "--source", str(bad), "--question", Q1, "--trigger", "(",
+                       "--no-verify"]) == 1
+    assert "--trigger" in capsys.readouterr().err
+
+
+def test_frames_of_a_window_are_rgb(reasoner, tmp_path):
+    """The capture converts OpenCV's BGR: a pure red file frame reaches the model red."""
+    from runtime.watch import Capture
+
+    frames = [np.zeros((64, 64, 3), np.uint8) for _ in range(8)]
+    for f in frames:
+        f[:, :, 2] = 255  # BGR red
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), f)
+    cap = Capture(str(tmp_path), fps=2.0, size=2, realtime=False).start()
+    try:
+        assert cap.wait_for(0.5)
+        (a, b) = cap.window()
+        assert a.rgb[0, 0].tolist() == [255, 0, 0] and (a.t, b.t) == (0.0, 0.5)
+    finally:
+        cap.stop()
