@@ -7,6 +7,7 @@ renamed into place at the end and removed on any failure or interrupt.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import shutil
@@ -31,7 +32,7 @@ from export.quantize import (
     trunk_weights,
 )
 from export.trt_compat import check_graph
-from models.checkpoint import read_config, resolve_dtype
+from models.checkpoint import confined, read_config, resolve_dtype
 from models.errors import UserError
 from models.preprocess import VisionSettings
 from models.registry import family_for
@@ -113,6 +114,24 @@ def derive_limits(limits: Limits, settings: VisionSettings, patch: int, merge: i
     return lim
 
 
+def replaceable(out: Path) -> None:
+    """``--force`` replaces only an export made by this project (a folder with its manifest) or an empty folder."""
+    if out.is_symlink() or not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder; refusing to replace it")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    manifest = out / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, dict) and "format_version" in data and "graphs" in data and "files" in data):
+        raise ExportError(f"--out {out} holds {len(entries)} entries and is not an export made by this project (no "
+                          "manifest.json of one); --force replaces only an export or an empty folder: choose "
+                          "another --out")
+
+
 def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", limits: Limits | None = None,
                  opset: int = 18, device: str = "cpu", force: bool = False, validate: bool = True,
                  tensorrt: bool = False, quiet: bool = False, quantization: Quantization | None = None) -> Path:
@@ -121,9 +140,14 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        replaceable(out)
     if opset > 20:
         raise ExportError(f"--opset {opset}: TensorRT 10.3 (JetPack 6) parses ONNX opsets up to 20")
     family = family_for(model_dir)  # fails early on a wrong directory or architecture
+    for name in CARRIED_FILES:  # a link out of the checkpoint is refused before anything is read or written
+        if os.path.lexists(Path(model_dir).expanduser() / name):
+            confined(Path(model_dir).expanduser(), name)
     dtype = resolve_dtype(precision)
     quant = (quantization or Quantization()).resolve(family.Config.from_dict(read_config(model_dir)).text, precision,
                                                      tensorrt)
@@ -165,9 +189,11 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
             head_tensors = quantize_head(model.head, quant) if quant.enabled else model.head.weights()
             save_file({k: v.contiguous().cpu() for k, v in head_tensors.items()}, str(tmp / "head.safetensors"))
             (tmp / "head.safetensors").chmod(0o644)  # readable like the rest of the export (a service account)
+            src = Path(model_dir).expanduser()
             for name in CARRIED_FILES:
-                if (Path(model_dir) / name).is_file():
-                    shutil.copy2(Path(model_dir) / name, tmp / name)
+                if (src / name).is_file():  # content only (no links, no metadata); a link out of the folder refused
+                    shutil.copyfile(confined(src, name), tmp / name)
+                    (tmp / name).chmod(0o644)
         with stages.stage("TensorRT compatibility check"):
             compat = {s.name: [str(f) for f in check_graph(tmp / f"{s.name}.onnx")] for s in specs}
             bad = {g: f for g, f in compat.items() if f}

@@ -36,8 +36,28 @@ def checkpoint_dir(path: str | Path) -> Path:
     return p
 
 
+def confined(d: Path, name: str) -> Path:
+    """The file ``name`` of checkpoint folder ``d``, refused (CheckpointError) unless it is a plain name and the file,
+    after links are followed, lies inside the folder, or inside the ``blobs`` folder of a Hugging Face cache repo
+    when ``d`` is one of its ``snapshots`` (whose files are links into ``blobs``). A checkpoint's link to a file
+    elsewhere is never read, so nothing outside it reaches an export."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise CheckpointError(f"{d}: {name!r} is not a plain file name inside the checkpoint folder (refused)")
+    p = d / name
+    if not p.is_symlink():
+        return p
+    real, root = p.resolve(), d.resolve()
+    allowed = [root]
+    if d.parent.name == "snapshots":
+        allowed.append((d.parent.parent / "blobs").resolve())
+    if not any(real == a or a in real.parents for a in allowed):
+        raise CheckpointError(f"{p} is a link to {real}, outside the checkpoint folder (refused: only the "
+                              "checkpoint's own files are read)")
+    return p
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
-    p = checkpoint_dir(path) / "config.json"
+    p = confined(checkpoint_dir(path), "config.json")
     if not p.is_file():
         raise CheckpointError(f"{p.parent} has no config.json; is it a Hugging Face checkpoint directory?")
     try:
@@ -52,17 +72,17 @@ def weight_files(path: str | Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
+            shards = sorted(set(json.loads(confined(d, index.name).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        files = [d / s for s in shards]
+        files = [confined(d, s) for s in shards]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{d}: shards listed in the index are missing: {', '.join(missing)}")
         return files
     single = d / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [confined(d, single.name)]
     if any(d.glob("*.bin")) or any(d.glob("*.pt")) or any(d.glob("*.pth")):
         raise CheckpointError(
             f"{d} has only pickle weights (.bin/.pt); they can execute code when loaded and are refused. "

@@ -132,3 +132,75 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def description(doc: str) -> str:
     """A command's description: its module docstring's first paragraph, whole."""
     return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+CONFIG_INT_CEILING = 1 << 24  # no dimension, count or token id of a supported model comes near it (vocab ~152k)
+_MAY_BE_ZERO = ("deepstack", "fullatt", "index", "token_id", "tie")
+
+
+def check_config_numbers(cfg, where: str = "config") -> None:
+    """Every number of a model config dataclass (and its lists) has the right type and a sane range: integers
+    in [1, 2^24] (0 allowed for ids and indexes), floats finite. Checked before any size is used to allocate."""
+    import dataclasses
+
+    from models.errors import CheckpointError
+
+    def bad(name, v, want):
+        raise CheckpointError(f"{where}: {name} must be {want}, got {v!r}")
+
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        v = getattr(cfg, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        lo = 0 if any(k in f.name for k in _MAY_BE_ZERO) else 1
+        values = v if isinstance(v, list) and kind.startswith("list") else [v]
+        if kind in ("int", "list[int]"):
+            for x in values:
+                if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= CONFIG_INT_CEILING:
+                    bad(f.name, v, f"an integer in [{lo}, {CONFIG_INT_CEILING}]")
+        elif kind in ("float", "list[float]"):
+            for x in values:
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                    bad(f.name, v, "a finite number")
+        elif kind == "bool" and not isinstance(v, bool):
+            bad(f.name, v, "true or false")
+
+
+def device_memory(device) -> int | None:
+    """Total memory of the device (CUDA: the GPU's; CPU: physical RAM); None when unknown."""
+    import torch
+
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            return int(torch.cuda.get_device_properties(dev).total_memory)
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def available_memory(device) -> int | None:
+    """Memory a new allocation can take now (CUDA: free plus what PyTorch holds cached; CPU: available RAM)."""
+    import torch
+
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            free = torch.cuda.mem_get_info(dev)[0]
+            return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+        return _meminfo("MemAvailable") or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

@@ -24,8 +24,10 @@ class ResourceError(UserError):
 
 
 def run_cli(fn, args, interrupted: str = "interrupted") -> int:
-    """Run a CLI's typed function: a UserError becomes one ``error: ...`` line on stderr and exit code 1
-    (``args.debug`` re-raises it with its traceback); Ctrl-C prints ``interrupted`` and exits 130."""
+    """Run a CLI's typed function: a UserError becomes one ``error: ...`` line on stderr and exit code 1; any
+    other exception one ``internal error: <type>: <message>`` line and exit code 2 (a bug, or a failure this
+    project does not name yet); ``args.debug`` re-raises either with its traceback. Ctrl-C prints
+    ``interrupted`` and exits 130."""
     import sys
 
     try:
@@ -33,8 +35,20 @@ def run_cli(fn, args, interrupted: str = "interrupted") -> int:
     except UserError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 (the last line of defence: no traceback unless asked for)
+        if getattr(args, "debug", False):
+            raise
+        print(f"internal error: {type(e).__name__}: {one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+def one_line(e: BaseException, limit: int = 2000) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -88,32 +88,59 @@ class VisionSettings:
             f = d / name
             if not f.is_file():
                 continue
-            raw = json.loads(f.read_text(encoding="utf-8"))
-            is_video = name.startswith("video")
-            size = raw.get("size") or {}
-            lo = raw.get("min_pixels", size.get("shortest_edge"))
-            hi = raw.get("max_pixels", size.get("longest_edge"))
-            for key in ("patch_size", "temporal_patch_size", "merge_size"):
-                if key in raw:
-                    setattr(s, key, int(raw[key]))
-            if is_video:
-                if raw.get("video_processor_type") == "Qwen3VLVideoProcessor":
-                    s.video_rule = "qwen3_vl"
-                if lo is not None:
-                    s.video_min_pixels = int(lo)
-                if hi is not None:
-                    s.video_max_pixels = int(hi)
-                for key in ("fps", "min_frames", "max_frames"):
-                    if raw.get(key) is not None:
-                        setattr(s, key, type(getattr(s, key))(raw[key]))
-            else:
-                if lo is not None:
-                    s.min_pixels = int(lo)
-                if hi is not None:
-                    s.max_pixels = int(hi)
-                s.image_mean = tuple(raw.get("image_mean", s.image_mean))
-                s.image_std = tuple(raw.get("image_std", s.image_std))
+            try:
+                raw = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputError(f"{f} is not valid JSON ({e})") from None
+            if not isinstance(raw, dict):
+                raise InputError(f"{f} holds a JSON {type(raw).__name__}, not an object")
+            try:
+                _read_settings(s, raw, name.startswith("video"))
+            except (TypeError, ValueError, AttributeError) as e:
+                raise InputError(f"{f} has a field of the wrong type or value ({e})") from None
+        s.check()
         return s
+
+    def check(self) -> None:
+        """Numbers in range before any is used to resize or allocate."""
+        from models.checks import check_number
+
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "min_frames", "max_frames"):
+            check_number(key, getattr(self, key), lo=1, hi=1 << 16, integer=True)
+        for key in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_total_pixels"):
+            check_number(key, getattr(self, key), lo=1, hi=1 << 34, integer=True)
+        check_number("fps", self.fps, lo=0, lo_open=True, hi=1000)
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or not all(
+                isinstance(x, (int, float)) and x == x for x in (*self.image_mean, *self.image_std)) \
+                or not all(x > 0 for x in self.image_std):
+            raise InputError("image_mean and image_std must be 3 numbers each (std > 0)")
+
+
+def _read_settings(s: VisionSettings, raw: dict, is_video: bool) -> None:
+    """One processor config file's fields into ``s`` (converted; ranges are checked by ``VisionSettings.check``)."""
+    size = raw.get("size") or {}
+    lo = raw.get("min_pixels", size.get("shortest_edge"))
+    hi = raw.get("max_pixels", size.get("longest_edge"))
+    for key in ("patch_size", "temporal_patch_size", "merge_size"):
+        if key in raw:
+            setattr(s, key, int(raw[key]))
+    if is_video:
+        if raw.get("video_processor_type") == "Qwen3VLVideoProcessor":
+            s.video_rule = "qwen3_vl"
+        if lo is not None:
+            s.video_min_pixels = int(lo)
+        if hi is not None:
+            s.video_max_pixels = int(hi)
+        for key in ("fps", "min_frames", "max_frames"):
+            if raw.get(key) is not None:
+                setattr(s, key, type(getattr(s, key))(raw[key]))
+    else:
+        if lo is not None:
+            s.min_pixels = int(lo)
+        if hi is not None:
+            s.max_pixels = int(hi)
+        s.image_mean = tuple(float(x) for x in raw.get("image_mean", s.image_mean))
+        s.image_std = tuple(float(x) for x in raw.get("image_std", s.image_std))
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -175,9 +202,22 @@ def patchify(frames: np.ndarray, s: VisionSettings) -> tuple[np.ndarray, tuple[i
     return np.ascontiguousarray(x.reshape(t * gh * gw, c * tp * p * p)), (t, gh, gw)
 
 
-def process_image(image: np.ndarray, s: VisionSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+def check_patches(frames: int, height: int, width: int, s: VisionSettings, max_patches: int | None) -> None:
+    """Refuse, before anything is resized, a visual input whose patches would exceed ``max_patches``."""
+    if max_patches is None:
+        return
+    n = -(-frames // s.temporal_patch_size) * (height // s.patch_size) * (width // s.patch_size)
+    if n > max_patches:
+        raise InputError(f"the visual input has {n} patches, this export takes at most {max_patches}; use fewer "
+                         "frames or fewer pixels (video_max_pixels / image_max_pixels), or re-export with a larger "
+                         "--max-vision-patches")
+
+
+def process_image(image: np.ndarray, s: VisionSettings,
+                  max_patches: int | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
     frame = check_frame(image, "image")
     h, w = smart_resize(frame.shape[0], frame.shape[1], s.factor, s.min_pixels, s.max_pixels)
+    check_patches(1, h, w, s, max_patches)
     return patchify(resize_normalize(frame, h, w, s)[None], s)
 
 
@@ -193,16 +233,30 @@ def video_frame_size(height: int, width: int, n_frames: int, s: VisionSettings) 
     return smart_resize(height, width, s.factor, s.video_min_pixels, int(max_pixels))
 
 
-def process_video(frames: Iterable[np.ndarray], s: VisionSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Sampled RGB frames (all the same size) -> pixel_values and grid (t, h, w)."""
+def process_video(frames: Iterable[np.ndarray], s: VisionSettings, resized: bool = False,
+                  max_patches: int | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Sampled RGB frames (all the same size) -> pixel_values and grid (t, h, w). ``resized``: the frames are
+    already at their target size (``read_video_timed`` resizes while decoding)."""
     frames = [check_frame(f, f"video frame {i}") for i, f in enumerate(frames)]
     if not frames:
         raise InputError("the video has no frames")
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise InputError(f"video frames differ in size ({sorted(shapes)}); give frames of one size")
-    h, w = video_frame_size(frames[0].shape[0], frames[0].shape[1], len(frames), s)
+    h, w = frames[0].shape[:2] if resized else video_frame_size(frames[0].shape[0], frames[0].shape[1], len(frames), s)
+    check_patches(len(frames), h, w, s, max_patches)
     return patchify(np.stack([resize_normalize(f, h, w, s) for f in frames]), s)
+
+
+def resize_rgb(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """RGB uint8 resized exactly as ``resize_normalize`` resizes (PIL bicubic), still uint8."""
+    from PIL import Image
+
+    if frame.shape[:2] == (height, width):
+        return frame
+    frame = np.ascontiguousarray(frame)
+    src = Image.frombuffer("RGB", (frame.shape[1], frame.shape[0]), frame, "raw", "RGB", 0, 1)  # no copy
+    return np.asarray(src.resize((width, height), resample=Image.BICUBIC))
 
 
 def sample_indices(total_frames: int, video_fps: float, s: VisionSettings,

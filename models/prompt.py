@@ -7,6 +7,7 @@ Two templates of the user turn:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,31 +48,149 @@ def load_chat_template(path: str | Path) -> str:
     for name in ("chat_template.json", "tokenizer_config.json"):
         f = d / name
         if f.is_file():
-            tpl = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+            try:
+                raw = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f} is not valid JSON ({e})") from None
+            tpl = raw.get("chat_template") if isinstance(raw, dict) else None
             if isinstance(tpl, str):
                 return tpl
     raise CheckpointError(f"{d} carries no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
-def render(chat_template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render in jinja2's immutable sandbox: template text from a checkpoint never runs as code."""
+TEMPLATE_MAX_CHARS = 1 << 20  # rendered prompt text (a prompt within any export's limits is far shorter)
+TEMPLATE_MAX_SECONDS = 2.0  # rendering one prompt
+_BIG_NUMBER = 10**7  # any larger number handed to a filter or a format width is refused
+
+
+class TemplateBudgetError(Exception):
+    """A chat template went over its output or time budget."""
+
+
+def _sandbox():
+    """jinja2's immutable sandbox, bounded: a repetition, power, filter argument or format width that would build
+    more than ``TEMPLATE_MAX_CHARS`` is refused before it runs."""
+    import re
+
+    from jinja2.exceptions import SecurityError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    wide = re.compile(r"\d{8,}")
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise SecurityError(f"repetition to {len(seq) * n} items is over the template budget")
+            if operator == "%" and isinstance(left, str) and wide.search(left):
+                raise SecurityError("a format width this large is over the template budget")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256 \
+                    and isinstance(left, (int, float)) and abs(left) not in (0, 1):
+                raise SecurityError("a power this large is over the template budget")
+            return super().call_binop(context, operator, left, right)
+
+        def wrap_str_format(self, value):
+            fmt = super().wrap_str_format(value)
+            if fmt is not None and isinstance(getattr(value, "__self__", None), str) and wide.search(value.__self__):
+                raise SecurityError("a format width this large is over the template budget")
+            return fmt
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+    def bounded(name, fn):
+        def call(*args, **kwargs):
+            for x in (*args, *kwargs.values()):
+                if (isinstance(x, int) and not isinstance(x, bool) and abs(x) > _BIG_NUMBER) or \
+                        (name == "format" and isinstance(x, str) and wide.search(x)):
+                    raise SecurityError(f"filter {name} with {str(x)[:20]} is over the template budget")
+            return fn(*args, **kwargs)
+        for attr in ("jinja_pass_arg",):  # keep how jinja passes the environment or context to the filter
+            if hasattr(fn, attr):
+                setattr(call, attr, getattr(fn, attr))
+        return call
+
+    env.filters = {k: bounded(k, f) for k, f in env.filters.items()}
+    return env
+
+
+def _too_big(frame) -> bool:
+    from jinja2.utils import Namespace
+
+    for v in frame.f_locals.values():
+        if isinstance(v, str) and len(v) > TEMPLATE_MAX_CHARS:
+            return True
+        if isinstance(v, Namespace):
+            if any(isinstance(x, str) and len(x) > TEMPLATE_MAX_CHARS
+                   for x in object.__getattribute__(v, "_Namespace__attrs").values()):
+                return True
+    return False
+
+
+def _render_within_budget(template, context: dict) -> str:
+    """Render, stopping (``TemplateBudgetError``) past ``TEMPLATE_MAX_SECONDS`` or ``TEMPLATE_MAX_CHARS``: a line
+    tracer on the template's own compiled code checks the clock and its strings' sizes as it runs."""
+    import sys
+    import time
+
+    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+    filename = template.root_render_func.__code__.co_filename
+
+    def local(frame, event, arg):
+        if event == "line" and (time.monotonic() > deadline or _too_big(frame)):
+            raise TemplateBudgetError("over its time or size budget")
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == filename else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        out, n = [], 0
+        for piece in template.generate(**context):
+            n += len(piece)
+            if n > TEMPLATE_MAX_CHARS or time.monotonic() > deadline:
+                raise TemplateBudgetError("over its time or size budget")
+            out.append(piece)
+        return "".join(out)
+    finally:
+        sys.settrace(previous)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(chat_template: str):
+    """The template compiled once (per text) in its bounded sandbox."""
 
     def raise_exception(message):
         raise CheckpointError(f"the checkpoint's chat template refused the prompt: {message}")
 
+    env = _sandbox()
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(chat_template)
+
+
+def render(chat_template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render in jinja2's immutable sandbox: template text from a checkpoint never runs as code, and rendering is
+    bounded in time (``TEMPLATE_MAX_SECONDS``) and output (``TEMPLATE_MAX_CHARS``)."""
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        template = _compiled(chat_template)
+        return _render_within_budget(template, {"messages": messages, "add_generation_prompt": add_generation_prompt})
     except SecurityError as e:
         raise CheckpointError(f"the chat template tried something the sandbox forbids ({e}); refusing it") from None
     except TemplateError as e:
         raise CheckpointError(f"the chat template is not valid Jinja ({e})") from None
+    except TemplateBudgetError:
+        raise CheckpointError(f"the chat template went over its budget ({TEMPLATE_MAX_SECONDS:g} s, "
+                              f"{TEMPLATE_MAX_CHARS} characters) rendering one prompt; refusing it") from None
+    except (OverflowError, MemoryError, RecursionError, ValueError, TypeError, ArithmeticError) as e:
+        raise CheckpointError(f"the chat template failed ({type(e).__name__}: {e}); refusing it") from None
 
 
 def messages_for(question: str, visual_kinds: list[str], template: str, options: list[str] | None = None) -> list[dict]:
@@ -119,7 +238,10 @@ class Tokenizer:
         f = Path(self.path) / "tokenizer.json"
         if not f.is_file():
             raise CheckpointError(f"{self.path} has no tokenizer.json")
-        self._tok = _Tok.from_file(str(f))
+        try:
+            self._tok = _Tok.from_file(str(f))
+        except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
+            raise CheckpointError(f"{f} is not a readable tokenizer file ({' '.join(str(e).split())[:200]})") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -171,7 +171,7 @@ def bench_transformers(src: Path, prompt, new_tokens: int, repeats: int, dtype: 
 
     model_type = read_config(src)["model_type"]
     model_class = getattr(transformers, TRANSFORMERS_CLASSES[model_type][1])
-    model = model_class.from_pretrained(src, dtype=dtype, attn_implementation="eager").eval()
+    model = model_class.from_pretrained(src, dtype=dtype, attn_implementation="eager", use_safetensors=True).eval()
     ids = torch.tensor([prompt.ids])
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if prompt.visuals:
@@ -235,10 +235,15 @@ def run(args) -> dict:
     default = backends[0]
     r = reasoners[default]
     prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=args.new_tokens)
+    if args.transformers and not args.model:  # the export's recorded source folder is never opened on its own
+        src = r.manifest.get("source_model", "an unrecorded folder")
+        print(f"note: no transformers baseline; pass --model CHECKPOINT (this export was made from {src!r}) to "
+              "measure it side by side", file=sys.stderr)
+        args.transformers = False
     if args.transformers:
-        src = Path(r.manifest.get("source_model", ""))
+        src = Path(args.model).expanduser()
         if not (src / "config.json").is_file():
-            raise UserError(f"the transformers baseline needs the source checkpoint {src}; pass --no-transformers")
+            raise UserError(f"--model {src} has no config.json; pass the checkpoint the export was made from")
         results["transformers"] = bench_transformers(src, prompt, args.new_tokens, args.repeats, r.dtype)
         results["transformers"]["prompt_tokens"] = len(prompt.ids)
         print("measured transformers", file=sys.stderr)
@@ -379,7 +384,7 @@ def run_many(args) -> dict:
 
     reps = []
     for i, engine in enumerate(args.engine):
-        extra = [] if i == 0 and args.transformers else ["--no-transformers"]
+        extra = ["--model", args.model] if i == 0 and args.transformers and args.model else ["--no-transformers"]
         reps.append(child(["-m", "runtime.bench", "--engine", engine, *common, *extra], engine))
     families = len({r["model_type"] for r in reps}) > 1  # exports of several families: say which is which
     runs = {}
@@ -463,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="measured requests per row (the median is reported)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each row")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of the benchmark clip")
+    ap.add_argument("--model", help="the checkpoint the export was made from: transformers' generate on it is the "
+                    "baseline (without it, no baseline; the export's recorded source folder is not opened)")
     ap.add_argument("--no-transformers", dest="transformers", action="store_false",
                     help="skip the transformers generate baseline")
     ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")

@@ -19,7 +19,7 @@ from models.preprocess import (
 )
 from models.qwen2_5_vl.positions import VisualSpan
 from models.registry import family
-from models.video import read_frames_dir, read_image, read_video_timed
+from models.video import frame_files, read_image, read_resized, read_video_timed
 
 
 @dataclass
@@ -72,12 +72,13 @@ class Prompt:
 
 def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = None, frames=None,
                 image=None, fps: float = 2.0, max_frames: int | None = None, color_order: str = "rgb",
-                frames_fps: float | None = None) -> Visual | None:
+                frames_fps: float | None = None, max_patches: int | None = None) -> Visual | None:
     """Exactly one of video (file), frames (folder or list of arrays) or image (file or array).
 
     Frames: with ``frames_fps`` (the rate they were captured at), they are sampled like a video file at
     ``settings.fps`` within the frame limits; without it, each frame is taken as one sample ``1 / fps`` seconds
-    after the previous, and more than ``max_frames`` are thinned evenly to ``max_frames``.
+    after the previous, and more than ``max_frames`` are thinned evenly to ``max_frames``. An input of more than
+    ``max_patches`` patches is refused before anything is resized.
     Arrays from the caller are uint8 [H, W, 3] in ``color_order``: "rgb" (default) or "bgr" (as OpenCV
     decodes); files are decoded here and need no flag.
     """
@@ -95,13 +96,14 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
     times = None
     count = 1
     if video is not None:
-        decoded, sample_fps, times = read_video_timed(video, settings, max_frames)
-        pv, grid = process_video(decoded, settings)
+        decoded, sample_fps, times = read_video_timed(video, settings, max_frames, max_patches)
+        pv, grid = process_video(decoded, settings, resized=True)
         count = len(decoded)
         span = VisualSpan("video", grid, v.temporal_patch_size / sample_fps)
     elif frames is not None:
-        if isinstance(frames, (str, Path)):
-            frames = read_frames_dir(frames)
+        folder = isinstance(frames, (str, Path))
+        if folder:  # image files: only the sampled ones are read, each resized as soon as it is read
+            frames = frame_files(frames)
         else:
             frames = [to_rgb(f, f"frame {i}") for i, f in enumerate(frames)]
         if not frames:
@@ -121,12 +123,14 @@ def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = Non
             times = [i / fps for i in taken]
             rate = len(taken) / len(frames) * fps
         frames = [frames[i] for i in taken]
-        pv, grid = process_video(frames, settings)
+        if folder:
+            frames = read_resized(frames, settings, max_patches)
+        pv, grid = process_video(frames, settings, resized=folder, max_patches=max_patches)
         count = len(frames)
         span = VisualSpan("video", grid, v.temporal_patch_size / rate)
     elif image is not None:
         arr = read_image(image) if isinstance(image, (str, Path)) else to_rgb(np.asarray(image), "image")
-        pv, grid = process_image(arr, settings)
+        pv, grid = process_image(arr, settings, max_patches)
         span = VisualSpan("image", grid)
     else:
         return None

@@ -22,7 +22,7 @@ import torch
 
 from export.manifest import check_export, weight_format
 from models.checkpoint import resolve_dtype
-from models.checks import check_device, check_number
+from models.checks import available_memory, check_device, check_number, device_memory
 from models.errors import InputError, ResourceError, UserError
 from models.preprocess import VisionSettings
 from models.prompt import Tokenizer, load_chat_template, prompt_ids
@@ -134,6 +134,7 @@ class Reasoner:
         device = check_device(device or ("cuda" if name == "trt" else "cpu"), "device")
         fam = family(manifest["model_type"])
         cfg = fam.Config.from_stored(manifest["config"])
+        check_cache_fits(cfg, manifest["limits"]["max_context"], dtype, device)
         load_head = fam.load_head
         if name == "torch":
             from runtime.backends.torch_ref import TorchBackend, model_from_export
@@ -203,7 +204,7 @@ class Reasoner:
                                              image_min_pixels, image_max_pixels)
         visual = visual_from(self.cfg, settings, video=video, frames=frames, image=image,
                              fps=2.0 if fps is None else fps, max_frames=max_frames, color_order=color_order,
-                             frames_fps=frames_fps)
+                             frames_fps=frames_fps, max_patches=self.limits["max_vision_patches"])
         visuals = [visual] if visual else []
         for v in visuals:
             n = v.pixel_values.shape[0]
@@ -369,6 +370,12 @@ class Reasoner:
             self._sessions.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        need = cache_bytes(self.cfg, capacity, self.dtype)
+        free = available_memory(self.device)
+        if free is not None and need > free:
+            raise ResourceError(f"this request needs a KV cache of {need / 2**30:.2f} GiB ({capacity} entries) and "
+                                f"{self.device.type} has {free / 2**30:.2f} GiB available; ask for fewer new tokens or "
+                                "use fewer frames")
         cache = KVCache.allocate(t.num_hidden_layers, capacity, t.num_key_value_heads, t.head_dim, self.dtype,
                                  self.device)
         if self.decode == "static":
@@ -546,6 +553,25 @@ class Stream:
             skipped_updates=getattr(steering, "skipped", 0),
             visual=self.prompt.visuals[0].describe(r.cfg) if self.prompt.visuals else {},
         )
+
+
+def cache_bytes(cfg, entries: int, dtype: torch.dtype) -> int:
+    t = cfg.text
+    item = torch.empty(0, dtype=dtype).element_size()
+    return 2 * t.num_hidden_layers * entries * t.num_key_value_heads * t.head_dim * item
+
+
+def check_cache_fits(cfg, max_context: int, dtype: torch.dtype, device) -> None:
+    """Refuse an export whose context limit needs a KV cache larger than the device's whole memory (one line,
+    before anything is allocated)."""
+    need, have = cache_bytes(cfg, max_context, dtype), device_memory(device)
+    if have is not None and need > have:
+        t = cfg.text
+        raise ResourceError(f"this export's context limit ({max_context} tokens) needs a KV cache of "
+                            f"{need / 2**30:.1f} GiB ({t.num_hidden_layers} layers x {t.num_key_value_heads} kv heads "
+                            f"x {t.head_dim} dims, {str(dtype).removeprefix('torch.')}), more than the "
+                            f"{have / 2**30:.1f} GiB of {torch.device(device).type} memory here; re-export with a "
+                            "smaller --max-context")
 
 
 def quantized(manifest: dict) -> bool:

@@ -17,7 +17,6 @@ Two kinds of entries:
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,14 +31,9 @@ DEFAULT_FRACTION, DEFAULT_CAP_MB = 0.10, 2048
 def default_reuse_mb(device: torch.device) -> int:
     """The default budget: a tenth of the device's free memory at load (CUDA: free GPU memory; CPU: available
     RAM), at most 2 GiB."""
-    free = 0
-    try:
-        if device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0]
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, RuntimeError, AttributeError):
-        free = 0
+    from models.checks import available_memory
+
+    free = available_memory(device) or 0
     return int(min(DEFAULT_CAP_MB, free * DEFAULT_FRACTION / 2**20))
 
 

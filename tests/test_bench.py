@@ -7,9 +7,9 @@ import json
 from runtime.bench import main as bench_main
 
 
-def test_bench_json_fields(engine_dir, tmp_path, capsys):
-    assert bench_main(["--engine", str(engine_dir), "--backend", "ort", "--repeats", "1", "--warmup", "0",
-                       "--new-tokens", "6", "--seconds", "1", "--work", str(tmp_path), "--json"]) == 0
+def test_bench_json_fields(engine_dir, tiny, tmp_path, capsys):
+    assert bench_main(["--engine", str(engine_dir), "--model", str(tiny), "--backend", "ort", "--repeats", "1",
+                       "--warmup", "0", "--new-tokens", "6", "--seconds", "1", "--work", str(tmp_path), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert set(rep["decode_tokens_per_s"]) == {"ort", "transformers"}
     assert set(rep["prefill_tokens_per_s"]) == {"ort", "transformers"}

@@ -117,4 +117,7 @@ def test_sample_video_decodes(tmp_path):
     p = sample_video(tmp_path / "clip.mp4", seconds=3, fps=10)
     frames, fps = read_video(p, VisionSettings())
     assert len(frames) == 6 and abs(fps - 2.0) < 1e-6
-    assert frames[0].shape == (96, 128, 3) and frames[0].dtype.name == "uint8"
+    # resized while decoding, to the size the processor uses for 6 frames of 96x128
+    from models.preprocess import video_frame_size
+
+    assert frames[0].shape == (*video_frame_size(96, 128, 6, VisionSettings()), 3) and frames[0].dtype.name == "uint8"

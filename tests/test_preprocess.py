@@ -87,3 +87,31 @@ def test_bad_frames_are_refused_clearly():
         process_video([np.zeros((56, 56, 3), np.uint8), np.zeros((28, 56, 3), np.uint8)], s)
     with pytest.raises(InputError, match="aspect ratio"):
         process_image(np.zeros((1, 300, 3), np.uint8), s)
+
+
+def test_resizing_while_decoding_changes_no_pixel(tmp_path):
+    """Video files and frame folders are resized as each frame is read (BGR resized, then swapped): the same
+    pixel values as resizing the full-size RGB frames afterwards."""
+    import cv2
+
+    from models.preprocess import resize_rgb
+    from models.samples import render_frames, write_video
+    from models.video import read_resized, read_video_timed
+
+    s = VisionSettings()
+    bgr = render_frames("square", "blue", "left", frames=8, size=(120, 200), seed=2)
+    rgb = [np.ascontiguousarray(f[:, :, ::-1]) for f in bgr]
+    for i, f in enumerate(bgr):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), f)
+    files = sorted(tmp_path.glob("*.png"))
+    want, grid = process_video(rgb, s)
+    got, grid2 = process_video(read_resized(files, s), s, resized=True)
+    assert grid == grid2 and np.array_equal(want, got)
+    assert np.array_equal(resize_rgb(bgr[0], 56, 84)[:, :, ::-1], resize_rgb(rgb[0], 56, 84))
+    video = write_video(tmp_path / "v.mp4", bgr, 4.0)
+    frames, _, _ = read_video_timed(video, s)
+    cap, native = cv2.VideoCapture(str(video)), []
+    while (ok := cap.read())[0]:
+        native.append(cv2.cvtColor(ok[1], cv2.COLOR_BGR2RGB))
+    taken = [native[i] for i in sample_indices(len(native), 4.0, s)]
+    assert np.array_equal(process_video(frames, s, resized=True)[0], process_video(taken, s)[0])

@@ -34,6 +34,9 @@ class TextConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
+        from models.checks import check_config_numbers
+
+        check_config_numbers(self, "config text")
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"config.json: hidden_size {self.hidden_size} is not divisible by "
@@ -67,6 +70,11 @@ class VisionConfig:
     in_channels: int = 3
     hidden_act: str = "silu"
 
+    def __post_init__(self) -> None:
+        from models.checks import check_config_numbers
+
+        check_config_numbers(self, "config vision")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -89,15 +97,23 @@ class Qwen25VLConfig:
     model_type: str = "qwen2_5_vl"
     layout: str = "original"  # "original" or "transformers" (how the file was written)
 
+    def __post_init__(self) -> None:
+        from models.checks import check_config_numbers
+
+        check_config_numbers(self, "config")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_stored(cls, d: dict[str, Any]) -> Qwen25VLConfig:
         """Inverse of ``to_dict`` (the form an export's manifest stores)."""
-        text = {k: v for k, v in d["text"].items() if k != "head_dim"}
-        rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
-        return cls(text=TextConfig(**text), vision=VisionConfig(**d["vision"]), **rest)
+        try:
+            text = {k: v for k, v in d["text"].items() if k != "head_dim"}
+            rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
+            return cls(text=TextConfig(**text), vision=VisionConfig(**d["vision"]), **rest)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"the stored config is malformed ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Qwen25VLConfig:
@@ -105,6 +121,8 @@ class Qwen25VLConfig:
             return _parse(raw)
         except KeyError as e:
             raise CheckpointError(f"config.json is missing the field {e.args[0]!r} that Qwen2.5-VL needs") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"config.json has a field of the wrong type or value ({e})") from None
 
 
 def _rope(text: dict[str, Any]) -> tuple[float, list[int]]:

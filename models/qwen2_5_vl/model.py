@@ -163,7 +163,11 @@ def load_head(cfg: Qwen25VLConfig, path: str | Path, dtype: str | torch.dtype = 
     missing = sorted(expected - {k for k, v in state.items() if v is not None})
     if missing:
         raise CheckpointError(f"{path} lacks the head weights {', '.join(missing)}; re-export")
-    head.load_state_dict(state, strict=not quantized, assign=True)
+    try:
+        head.load_state_dict(state, strict=not quantized, assign=True)
+    except RuntimeError as e:  # shapes that do not fit the config
+        raise CheckpointError(f"{path} does not fit the manifest's config ({' '.join(str(e).split())[:300]}); "
+                              "re-export") from None
     if head.tied:
         head.lm_head.weight = head.embed_tokens.weight
     head.rotary.inv_freq = MRoPE(cfg.text).inv_freq.to(device)

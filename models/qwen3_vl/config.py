@@ -39,6 +39,9 @@ class TextConfig:
     deepstack_layers: int = 0  # decoder layers 0..n-1 get one DeepStack feature each, added to their output
 
     def __post_init__(self) -> None:
+        from models.checks import check_config_numbers
+
+        check_config_numbers(self, "config text")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -65,6 +68,11 @@ class VisionConfig:
     in_channels: int = 3
     hidden_act: str = "gelu_pytorch_tanh"
     rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        from models.checks import check_config_numbers
+
+        check_config_numbers(self, "config vision")
 
     @property
     def head_dim(self) -> int:
@@ -93,14 +101,22 @@ class Qwen3VLConfig:
     model_type: str = "qwen3_vl"
     layout: str = "original"  # "original" (rope_scaling) or "transformers" (rope_parameters)
 
+    def __post_init__(self) -> None:
+        from models.checks import check_config_numbers
+
+        check_config_numbers(self, "config")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_stored(cls, d: dict[str, Any]) -> Qwen3VLConfig:
         """Inverse of ``to_dict`` (the form an export's manifest stores)."""
-        rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
-        return cls(text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]), **rest)
+        try:
+            rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
+            return cls(text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]), **rest)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"the stored config is malformed ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Qwen3VLConfig:
@@ -108,6 +124,8 @@ class Qwen3VLConfig:
             return _parse(raw)
         except KeyError as e:
             raise CheckpointError(f"config.json is missing the field {e.args[0]!r} that Qwen3-VL needs") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"config.json has a field of the wrong type or value ({e})") from None
 
 
 def _parse(raw: dict[str, Any]) -> Qwen3VLConfig:

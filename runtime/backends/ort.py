@@ -54,8 +54,8 @@ class OrtBackend:
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ACCURACY_LEVEL))
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vision = ort.InferenceSession(str(engine_dir / "vision.onnx"), opts, providers=providers)
-        self.trunk_session = ort.InferenceSession(str(engine_dir / "trunk.onnx"), opts, providers=providers)
+        self.vision = _session(ort, engine_dir / "vision.onnx", opts, providers)
+        self.trunk_session = _session(ort, engine_dir / "trunk.onnx", opts, providers)
         trunk_inputs = {i.name: i.shape for i in self.trunk_session.get_inputs()}
         self.num_layers = sum(1 for n in trunk_inputs if n.startswith("past_key."))
         ds = trunk_inputs.get(DEEPSTACK_INPUT)
@@ -106,3 +106,14 @@ class OrtBackend:
         ins, outs = vision_bindings({k: v.contiguous() for k, v in inputs.items()}, embeds, deepstack)
         self._bind(self.vision, ins, outs)
         return embeds, deepstack
+
+
+def _session(ort, path: Path, opts, providers):
+    """An ONNX Runtime session; a graph it cannot load is one UserError naming the file."""
+    from models.errors import UserError, one_line
+
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
+        raise UserError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {one_line(e, 300)}); re-export it, "
+                        "or update onnxruntime") from None
