@@ -1,4 +1,4 @@
-"""V-Reason: inference-time optimization of the last layer's value cache (see README).
+"""V-Reason: inference-time optimization of the last layer's value cache (see docs/vreason.md).
 
 Works on torch tensors and a head callable; knows no backend. ``runtime`` drives it between engine calls.
 """

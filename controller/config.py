@@ -1,4 +1,4 @@
-"""V-Reason settings: one dataclass, its defaults (see README for which come from the paper), and the
+"""V-Reason settings: one dataclass, its defaults (see docs/vreason.md for which come from the paper), and the
 command-line options generated from it (``--vreason-<field>``, ``--lite-ratio``, ``--lite-score``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The V-Reason controller, driven between engine calls (the exact per-step procedure of VREASON.md).
+"""The V-Reason controller, driven between engine calls (the per-step procedure described in docs/vreason.md).
 
 State per request: Delta V [n_video, kv_heads, head_dim] in fp32 on the head's device (zero at start),
 its optimizer, the entropy tracker. The head's value-cache rows at video positions hold

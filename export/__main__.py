@@ -13,7 +13,7 @@ from models.errors import UserError, run_cli
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m export", formatter_class=checks.HelpFormatter,
-        description="Export a Qwen2.5-VL checkpoint directory to ONNX graphs with an explicit KV cache, "
+        description="Export a Qwen2.5-VL or Qwen3-VL checkpoint directory to ONNX graphs with an explicit KV cache, "
                     "validate them against PyTorch, and optionally build TensorRT engines.")
     ap.add_argument("--model", help="checkpoint directory (config.json, *.safetensors, tokenizer files)")
     ap.add_argument("--out", help="export directory to create")

@@ -4,6 +4,7 @@ unquantized PyTorch model, teacher-forced over every prompt position."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,10 @@ class CalibrationPrompt:
 
 
 def calibration_prompts(model_dir: str | Path, cfg, count: int = len(SAMPLES)) -> list[CalibrationPrompt]:
+    from models.inputs import build_prompt, visual_from
     from models.preprocess import VisionSettings
     from models.prompt import Tokenizer, load_chat_template, prompt_ids
     from models.samples import sample_video
-    from runtime.inputs import build_prompt, visual_from
 
     tok, template = Tokenizer(Path(model_dir)), load_chat_template(model_dir)
     settings = VisionSettings.from_dir(model_dir)
@@ -51,7 +52,7 @@ def quantization_error(model, head, trunk, prompts: list[CalibrationPrompt]) -> 
     callable (embeds [1,S,H], positions [3,1,S], DeepStack features or None) -> hidden [1,S,H] (the torch
     backend's trunk on its device)."""
     dtype, dev = next(model.parameters()).dtype, next(model.parameters()).device
-    agree, kls, dh, n = 0, [], 0.0, 0
+    agree, kls, dh, n, ref_h, vocab = 0, [], 0.0, 0, 0.0, 0
     cfg = model.cfg
     with torch.no_grad():
         for p in prompts:
@@ -75,16 +76,19 @@ def quantization_error(model, head, trunk, prompts: list[CalibrationPrompt]) -> 
             agree += int((ref.argmax(-1) == logits.argmax(-1)).sum())
             kls.append((pr * (lr - lq)).sum(-1))
             dh = max(dh, float(((-(pr * lr).sum(-1)) - (-(pq * lq).sum(-1))).abs().max()))
+            ref_h += float((-(pr * lr).sum(-1)).sum())
+            vocab = ref.shape[-1]
             n += ref.shape[0]
     return {"prompts": len(prompts), "positions": n, "top1_agreement": agree / n,
-            "mean_kl": float(torch.cat(kls).mean()), "max_abs_entropy_diff": dh}
+            "mean_kl": float(torch.cat(kls).mean()), "max_abs_entropy_diff": dh,
+            "reference_entropy_mean": ref_h / n, "vocab": vocab}
 
 
 def run_prefill(session, embeds: torch.Tensor, positions: torch.Tensor, num_layers: int, text_cfg,
                 deepstack: torch.Tensor | None = None) -> torch.Tensor:
     """hidden [1, S, H] of the trunk graph for a prefill from an empty cache (with the DeepStack features of a
     family that has them)."""
-    from export.validate import with_zero_inputs
+    from export.sessions import with_zero_inputs
 
     dt = np.float16 if embeds.dtype == torch.float16 else np.float32
     feed = {"inputs_embeds": embeds.float().numpy().astype(dt), "position_ids": positions.numpy(),
@@ -99,6 +103,12 @@ def run_prefill(session, embeds: torch.Tensor, positions: torch.Tensor, num_laye
 
 
 def table(err: dict) -> str:
-    return (f"quantization error ({err['prompts']} calibration prompts, {err['positions']} positions, teacher-forced): "
+    line = (f"quantization error ({err['prompts']} calibration prompts, {err['positions']} positions, teacher-forced): "
             f"top-1 agreement {err['top1_agreement']:.4f}, mean KL {err['mean_kl']:.3e}, "
             f"max |dH| {err['max_abs_entropy_diff']:.3e} nats")
+    h, vocab = err.get("reference_entropy_mean"), err.get("vocab")
+    if h is not None and vocab and h > 0.9 * math.log(vocab):
+        line += (f"; note: the unquantized model is near-uniform (mean entropy {h:.2f} of at most "
+                 f"{math.log(vocab):.2f} nats, as a random model is), so its top-1 is a coin toss and top-1 "
+                 "agreement means nothing here: read KL and |dH|")
+    return line

@@ -254,7 +254,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
 def measure_quantization_error(model, model_dir, root: Path, precision: str, quant: Quantization) -> dict:
     """The quantized model as the runtime runs it (trunk graph, quantized head) against the unquantized one."""
     from export.calibration import calibration_prompts, quantization_error
-    from export.validate import ort_session
+    from export.sessions import ort_session
     from models.registry import family
 
     load_head = family(model.cfg.model_type).load_head

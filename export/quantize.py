@@ -26,15 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.sessions import ACCURACY_LEVEL, ort_session, with_zero_inputs
 from models.errors import UserError
 from models.qwen2_5_vl.model import HEAD_LINEARS
 
 SCHEMES = ("none", "int8", "int4")
 METHODS = ("rtn",)
 DEFAULT_BLOCK = 128  # what ONNX Runtime's quantizer, onnxruntime-genai's builder and ModelOpt's INT4 AWQ default to
-# MatMulNBits: activations rounded to int8 per block inside the kernel (measured, one 4096 x 3584 matmul on
-# 2 cores: int4 0.66 -> 0.27 ms, int8 61 -> 0.55 ms)
-ACCURACY_LEVEL = 4
 
 
 class QuantizationError(UserError):
@@ -255,7 +253,6 @@ def executed_ops(path: Path, num_layers: int, text_cfg, precision: str = "fp32")
     import json
     import tempfile
 
-    from export.validate import ort_session, with_zero_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         sess = ort_session(path, profile_prefix=str(Path(tmp) / "trunk"))

@@ -117,7 +117,11 @@ def plotting_available(option: str = "--plot") -> None:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default, unless the text already says it or there is none."""
+    """Every option's help ends with its default, unless the text already says it or there is none.
+
+    Hand-written beside argparse's ``ArgumentDefaultsHelpFormatter`` because that one appends "(default: None)"
+    and "(default: False)" to every unset option and flag (about half of ``python -m runtime --help``'s lines),
+    and repeats defaults the help text already states."""
 
     def _get_help_string(self, action):
         text = action.help or ""

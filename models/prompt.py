@@ -249,6 +249,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self):
+        """A function id -> the text that id adds to the ids before it ('' while a character is incomplete):
+        tokenizers' DecodeStream, which decodes only a few trailing ids per step."""
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+        return lambda token_id: stream.step(self._tok, token_id) or ""
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                     "and the rate --frames are taken at (default 2)")
     ap.add_argument("--max-frames", type=int, default=None,
                     help="sample at most this many video frames (default and ceiling: the export's --max-frames)")
-    from runtime.inputs import add_pixel_arguments
+    from models.inputs import add_pixel_arguments
     add_pixel_arguments(ap)
     ap.add_argument("--stream", action="store_true", help="print tokens as they come (not with --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object with the result (exact text)")
@@ -93,7 +93,7 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     from controller.config import config_from_args
-    from runtime.inputs import pixel_budget
+    from models.inputs import pixel_budget
     from runtime.reasoner import Reasoner
 
     check_args(args)

@@ -62,7 +62,7 @@ def demo(args, out: Path) -> int:
     return runtime_main(["--engine", str(engine), "--video", str(video), "--question",
                          "Which direction does the red circle move?", "--method", args.method,
                          "--max-new-tokens", str(args.max_new_tokens), "--stream", *steer,
-                         "--plot", str(out / "entropy.png")])
+                         "--plot", str(out / f"entropy{suffix}.png")])
 
 
 if __name__ == "__main__":

@@ -24,14 +24,15 @@ from export.manifest import check_export, weight_format
 from models.checkpoint import resolve_dtype
 from models.checks import available_memory, check_device, check_number, device_memory
 from models.errors import InputError, ResourceError, UserError
+from models.inputs import Prompt, Visual, build_prompt, visual_from
 from models.preprocess import VisionSettings
 from models.prompt import Tokenizer, load_chat_template, prompt_ids
 from models.registry import family
 from runtime.answer import extract_answer
 from runtime.backends import resolve
 from runtime.cache import KVCache
+from runtime.detok import Detokenizer
 from runtime.generate import Cancelled, DecodeState, Loop, Timings
-from runtime.inputs import Prompt, Visual, build_prompt, visual_from
 from runtime.reuse import ReuseStore, default_reuse_mb, nbytes, restore_prefix
 from runtime.sampling import SamplingParams
 
@@ -324,9 +325,9 @@ class Reasoner:
     def watch(self, source: str | int, questions: str | list[str], window: float = 4.0, every: float = 2.0,
               fps: float = 2.0, **kwargs):
         """Standing questions on the latest ``window`` seconds of a live source, every ``every`` seconds: an
-        iterator of one dict per answer, the lines ``python -m runtime.watch`` writes (see ``runtime.watch.watch``
+        iterator of one dict per answer, the lines ``python -m runtime.watch`` writes (see ``runtime.live.watch``
         for the options: method, trigger, max_windows, realtime, reconnect, max_new_tokens, template)."""
-        from runtime.watch import watch
+        from runtime.live import watch
 
         return watch(self, str(source), [questions] if isinstance(questions, str) else list(questions), window,
                      every, fps, **kwargs)
@@ -480,6 +481,7 @@ class Stream:
         ents: list[torch.Tensor] = []
         alphas: list[float] = []
         text, emitted = "", 0
+        detok = Detokenizer(r.tokenizer, self.stop)
         loop = None
         try:
             if stopped():
@@ -511,20 +513,16 @@ class Stream:
                 ids.append(tok.id)
                 ents.append(tok.entropy)
                 alphas.append(tok.alpha)
-                text = r.tokenizer.decode(ids)
-                hit = next((s for s in self.stop if s in text), None)
-                if hit is not None:
-                    text = text[: text.index(hit)]
-                safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # hold back a partial character
-                piece = text[emitted:safe] if safe > emitted else ""
-                emitted = max(emitted, safe)
+                piece = detok.step(tok.id)
+                emitted += len(piece)
                 if self.events:
                     yield TokenEvent(tok.id, piece, float(tok.entropy))
                 elif piece:
                     yield piece
-                if hit is not None or stopped():
+                if detok.stopped or stopped():
                     break
-            if emitted < len(text):
+            text = detok.text(ids) if ids else ""
+            if emitted < len(text):  # what the stream held back: a trailing incomplete character
                 yield TokenEvent(ids[-1], text[emitted:], float(ents[-1])) if self.events else text[emitted:]
         except Cancelled:
             pass  # stopped before the first token: an empty result

@@ -16,7 +16,6 @@ Two kinds of entries:
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -35,15 +34,6 @@ def default_reuse_mb(device: torch.device) -> int:
 
     free = available_memory(device) or 0
     return int(min(DEFAULT_CAP_MB, free * DEFAULT_FRACTION / 2**20))
-
-
-def digest(t: torch.Tensor) -> bytes:
-    """A 16-byte content digest of a tensor's bytes (with its shape and dtype)."""
-    a = t.detach().cpu().contiguous()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{a.dtype}{tuple(a.shape)}".encode())
-    h.update(a.view(torch.uint8).numpy().data if a.numel() else b"")
-    return h.digest()
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from runtime.bench import main as bench_main
+from runtime.bench.__main__ import main as bench_main
 
 
 def test_bench_json_fields(engine_dir, tiny, tmp_path, capsys):

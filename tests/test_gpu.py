@@ -13,8 +13,8 @@ import torch
 
 from controller import VReasonConfig
 from models import load_model
+from runtime.bench.synthetic import Runner, synthetic_prompt
 from runtime.reasoner import fuse_projections
-from runtime.synthetic import Runner, synthetic_prompt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 STRONG = VReasonConfig(lr=0.5, every=1, steps=2)
@@ -148,7 +148,7 @@ def test_gpu_int4_quantization_error_no_worse_than_cpu(tiny, quantized_engines):
     """The same int4 export, calibration prompts and unquantized reference: the GPU path (packed int4 kernel,
     bf16 activations) against the CPU path (the trunk graph in ONNX Runtime, int8 activations)."""
     from export.calibration import calibration_prompts, quantization_error, table
-    from export.validate import ort_session
+    from export.sessions import ort_session
     from models.registry import family
     from runtime.backends.torch_ref import model_from_export
 

@@ -22,7 +22,7 @@ from models.quantized import Int4Packed, Int8Rows, QuantLinear, backward_block, 
 from models.samples import render_frames
 from models.tiny import make_checkpoint
 from runtime.backends.torch_ref import model_from_export
-from runtime.bench import main as bench_main
+from runtime.bench.__main__ import main as bench_main
 from runtime.reasoner import Reasoner
 
 BLOCK = 32

@@ -53,12 +53,23 @@ KEYS = [("gqa2", "int8"), ("gqa2", "int4"), ("gqa4", "int8"), ("gqa4", "int4")]
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_graph_matches_pytorch_on_the_same_dequantized_weights(quantized, key):
+def test_graph_matches_pytorch_on_the_same_dequantized_weights(quantized, checkpoints, key):
+    from export.quantize import load_trunk_weights, trunk_weights
+    from export.validate import validate_export
+    from models import load_model
+    from models.registry import family
+
     m = manifest(quantized[key])
-    v = m["validation"]
-    assert v["status"] == "passed" and len(v["rows"]) >= 20
-    trunk = [r for r in v["rows"] if r["graph"] == "trunk"]
-    assert all(r["ok"] for r in trunk) and max(r["max_abs_diff"] for r in trunk) < 1e-5
+    assert m["validation"]["status"] == "passed"
+    # recomputed here, not read from the export's own report: PyTorch running the weights the graph holds
+    # (dequantized from its initializers) against ONNX Runtime running the graph, on the validation cases
+    model = load_model(checkpoints[key[0]])
+    specs = {s.name: s for s in family(m["model_type"]).export_spec(model, torch.float32, "cpu")}
+    load_trunk_weights(specs["trunk"].module, trunk_weights(quantized[key] / "trunk.onnx"))
+    rows = validate_export(model, quantized[key], "fp32", specs["trunk"].input_names,
+                           specs["vision"].input_names)["rows"]
+    trunk = [r for r in rows if r["graph"] == "trunk"]
+    assert len(trunk) >= 4 and all(r["ok"] for r in trunk) and max(r["max_abs_diff"] for r in trunk) < 1e-5
     q = m["quantization"]
     layers = m["config"]["text"]["num_hidden_layers"] - 1
     assert q["trunk"]["quantized_linears"] == 4 * layers and q["block_size"] == BLOCK  # qkv, o, gate_up, down
@@ -160,7 +171,9 @@ def test_vreason_runs_on_quantized_weights(quantized, video, method):
     base = r.ask(video=str(video), question=QUESTION, max_new_tokens=16)
     res = r.ask(video=str(video), question=QUESTION, max_new_tokens=16, method=method, controller=strong)
     assert res.skipped_updates == 0 and all(np.isfinite(res.entropy))
-    assert res.entropy != base.entropy or res.token_ids != base.token_ids
+    assert any(a != 0 for a in res.alpha)  # updates were taken
+    n = min(len(res.entropy), len(base.entropy))  # and they moved the trace, well beyond float noise
+    assert res.token_ids != base.token_ids or np.abs(np.subtract(res.entropy[:n], base.entropy[:n])).max() > 0.05
     assert res.config["weights"]["quantize"] == "int4"
 
 
@@ -242,7 +255,7 @@ def test_backend_that_cannot_run_the_export_and_old_format_versions(quantized, v
 
 
 def test_bench_measures_exports_side_by_side(engine_dir, quantized, tmp_path, capsys):
-    from runtime.bench import main as bench_main
+    from runtime.bench.__main__ import main as bench_main
 
     assert bench_main(["--engine", str(engine_dir), str(quantized["gqa2", "int4"]), "--backend", "ort", "--repeats",
                        "1", "--warmup", "0", "--new-tokens", "4", "--seconds", "1", "--work", str(tmp_path),
@@ -257,7 +270,7 @@ def test_bench_measures_exports_side_by_side(engine_dir, quantized, tmp_path, ca
 
 def test_peer_builds_and_runs_the_same_decoder_shape(quantized, tmp_path, capsys):
     pytest.importorskip("onnxruntime_genai")
-    from runtime.peer import main as peer_main
+    from runtime.bench.peer import main as peer_main
 
     assert peer_main(["--engine", str(quantized["gqa2", "int4"]), "--precision", "int4", "--prompt-tokens", "20",
                       "--new-tokens", "4", "--repeats", "1", "--work", str(tmp_path), "--json"]) == 0

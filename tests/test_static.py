@@ -13,9 +13,9 @@ from controller import VReasonConfig
 from models import load_model
 from models.errors import ResourceError, UserError
 from models.samples import render_frames
-from runtime.bench import main as bench_main
+from runtime.bench.__main__ import main as bench_main
+from runtime.bench.synthetic import Runner, synthetic_prompt
 from runtime.reasoner import Reasoner
-from runtime.synthetic import Runner, synthetic_prompt
 
 QUESTION = "Which shape moves left?"
 STRONG = dict(lr=0.5, every=1, steps=2)  # visibly steers the tiny model

@@ -14,7 +14,7 @@ from controller import VReasonConfig
 from export.__main__ import main as export_main
 from models.errors import InputError, UserError
 from runtime.__main__ import main as runtime_main
-from runtime.bench import main as bench_main
+from runtime.bench.__main__ import main as bench_main
 from runtime.demo import main as demo_main
 from runtime.eval.__main__ import main as eval_main
 from runtime.reasoner import Reasoner

@@ -159,7 +159,7 @@ def test_watch_refuses_bad_sources_in_one_line(engine_dir, tmp_path, capsys):
 
 def test_frames_of_a_window_are_rgb(reasoner, tmp_path):
     """The capture converts OpenCV's BGR: a pure red file frame reaches the model red."""
-    from runtime.watch import Capture
+    from runtime.live import Capture
 
     frames = [np.zeros((64, 64, 3), np.uint8) for _ in range(8)]
     for f in frames:

@@ -8,7 +8,7 @@
 - text after a visual segment continues at that segment's largest id + 1.
 
 Recent transformers releases continue text at s + max(h, w) / merge instead, which is lower than the
-segment's largest id when the temporal ids outgrow the spatial ones (long videos); see README.
+segment's largest id when the temporal ids outgrow the spatial ones (long videos); see docs/models.md.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class OrtBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        from export.quantize import ACCURACY_LEVEL
+        from export.sessions import ACCURACY_LEVEL
 
         # an int4 QDQ trunk is fused into MatMulNBits at load; this is the accuracy level that fusion gets
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ACCURACY_LEVEL))

@@ -17,14 +17,14 @@ import hashlib
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from models import checks
 from models.errors import UserError, run_cli
 from runtime.eval import protocol as proto
-from runtime.eval.data import Sample, load_samples, resolve_media
+from runtime.eval.data import Sample, load_samples
 from runtime.eval.report import markdown, write_reports
+from runtime.eval.step import evaluate_one, failed
 
 METHODS = ("base", "vreason", "vreason-lite")
 RESULT_FILES = ("samples.jsonl", "run.json", "summary.json", "results.md", "entropy_curves.png",
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fps", type=float, default=None,
                     help=f"video sampling rate (default: video-r1 protocols {b['fps']}; lenient: the checkpoint's "
                     "processor setting)")
-    from runtime.inputs import add_pixel_arguments
+    from models.inputs import add_pixel_arguments
     add_pixel_arguments(ap, {k: f"video-r1 protocols {v}; lenient: the checkpoint's processor setting"
                              for k, v in b.items()})
     ap.add_argument("--max-new-tokens", type=int, default=1024,
@@ -98,7 +98,7 @@ def file_sha(path: Path) -> str:
 def budget_of(args, limit: int) -> dict:
     """The frames and pixels every sample is given: the protocol's defaults, the options given, and the
     protocol's frame count brought within the export's limit of ``limit`` frames (with a note)."""
-    from runtime.inputs import pixel_budget
+    from models.inputs import pixel_budget
 
     b = proto.budget(args.protocol, fps=args.fps, max_frames=args.max_frames, **pixel_budget(args))
     if args.max_frames is None and b["max_frames"] is not None and b["max_frames"] > limit:
@@ -176,7 +176,7 @@ def run(args) -> dict:
     checks.check_number("--max-new-tokens", args.max_new_tokens, lo=1, integer=True)
     checks.check_number("--max-frames", args.max_frames, lo=1, integer=True, optional=True)
     checks.check_number("--fps", args.fps, lo=0, lo_open=True, hi=1000, optional=True)
-    from runtime.inputs import pixel_budget
+    from models.inputs import pixel_budget
     for name, v in pixel_budget(args).items():
         checks.check_number("--" + name.replace("_", "-"), v, lo=1, integer=True, optional=True)
     if args.device is not None and not args.ray:
@@ -309,43 +309,6 @@ def read_records(log: Path) -> list[dict]:
         with open(log, "a", encoding="utf-8") as fh:
             fh.write("\n")
     return records
-
-
-def evaluate_one(reasoner, s: Sample, root: Path, method: str, args, controller, sampling, budget: dict) -> dict:
-    """One sample with one method, recorded whatever happens: a sample the export refuses (a UserError: too
-    long, unreadable media) and a sample whose model call fails for any other reason are scored 0, with the
-    reason, and the run goes on (the same in local and Ray runs)."""
-    rec = {"dataset": s.dataset, "id": s.id, "index": s.index, "method": method, "problem_type": s.problem_type,
-           "solution": s.solution, "options": s.options}
-    t0 = time.perf_counter()
-    try:
-        media = resolve_media(root, s.path)
-        visual = {"video": media} if s.data_type == "video" else {"image": media}
-        question, options, template = proto.prompt(args.protocol, s.problem, s.problem_type, s.options)
-        res = reasoner.ask(question=question, method=method, max_new_tokens=args.max_new_tokens,
-                           template=template or args.template, options=options, sampling=sampling,
-                           controller=controller, **budget, **visual)
-        metric, value = proto.score(args.protocol, s.problem_type, res.text, res.answer, s.solution, s.options)
-        rec |= {"answer": res.answer, "text": res.text, "tokens": len(res.token_ids), "metric": metric,
-                "score": value, "ema": res.ema, "latency_s": time.perf_counter() - t0, "error": None,
-                "error_kind": None, "prompt_tokens": len(res.prompt_token_ids),
-                "video_frames": res.visual.get("frames") if res.visual.get("kind") == "video" else 0,
-                "frame_size": res.visual.get("frame_size"), "vision_tokens": res.visual.get("tokens", 0)}
-    except UserError as e:  # refused: the sample does not fit the export, or its media cannot be read
-        rec = failed(s, method, args.protocol, str(e), time.perf_counter() - t0, kind="refused")
-    except Exception as e:  # noqa: BLE001 (any other failure of the model call is recorded, not fatal)
-        rec = failed(s, method, args.protocol, f"{type(e).__name__}: {e}", time.perf_counter() - t0)
-    return rec
-
-
-def failed(s: Sample, method: str, protocol: str, why: str, seconds: float = 0.0, kind: str = "failed") -> dict:
-    """The record of a sample that could not be answered: scored 0, with the reason; ``kind``: ``refused`` (the
-    export or the input said no) or ``failed`` (the call broke)."""
-    metric, _ = proto.score(protocol, s.problem_type, "", "", s.solution, s.options)
-    return {"dataset": s.dataset, "id": s.id, "index": s.index, "method": method, "problem_type": s.problem_type,
-            "solution": s.solution, "options": s.options, "answer": "", "text": "", "tokens": 0, "metric": metric,
-            "score": 0.0, "ema": [], "latency_s": seconds, "error": why, "error_kind": kind, "prompt_tokens": None,
-            "video_frames": None, "frame_size": None, "vision_tokens": None}
 
 
 def warn_failures(summary: dict) -> None:

@@ -48,7 +48,7 @@ class Replica:
         return self.reasoner.backend.name, self.reasoner.decode
 
     def evaluate(self, sample, root, method: str, args, controller, sampling, budget: dict) -> tuple[dict, float]:
-        from runtime.eval.__main__ import evaluate_one
+        from runtime.eval.step import evaluate_one
 
         self.done += 1
         if self.kill_at is not None and self.done == self.kill_at:
@@ -59,6 +59,12 @@ class Replica:
 
 
 class RayPool:
+    """Replicas fed one sample at a time. Scheduled here rather than with ``ray.util.ActorPool``: ActorPool neither
+    replaces an actor whose process died nor retries the sample it held (it raises ``RayActorError`` for it and
+    keeps handing work to the dead actor), and actor ``max_restarts``/``max_task_retries`` would retry the sample
+    inside Ray with no record of which replica died or of a sample that keeps killing replicas; both are reported
+    here ("replica N died", a failed record after ``max_retries``)."""
+
     def __init__(self, address: str, replicas: int, cpus: float, gpus: float, engine: str, backend: str,
                  device: str | None = None, max_retries: int = 2) -> None:
         self.ray = ray = import_ray()

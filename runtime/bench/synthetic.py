@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import torch
 
+import models
 from models.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "models" / "configs"
+CONFIGS = Path(models.__file__).resolve().parent / "configs"  # the shipped configs, beside the families
 
 
 # model_type -> transformers' (config class, model class): the reference generate of the same shape
@@ -192,7 +193,7 @@ class Runner:
     def run(self, kind: str, method: str = "base", graphs: bool = True, compile: bool = False,
             controller=None) -> dict:
         from controller import VReason, VReasonConfig
-        from runtime.bench import peak_rss, reset_peak_rss
+        from runtime.bench.measure import peak_rss, reset_peak_rss
         from runtime.cache import KVCache
         from runtime.generate import DecodeState, Loop
         from runtime.sampling import SamplingParams
@@ -485,7 +486,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _cpu_read_bandwidth() -> float:
-    from runtime.bench import read_bandwidth
+    from runtime.bench.measure import read_bandwidth
 
     return read_bandwidth(1 << 28)
 

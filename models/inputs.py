@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,6 @@ class Visual:
     def patch_digests(self) -> list[bytes]:
         """A content digest of each temporal patch's pixels (computed once)."""
         if self._digests is None:
-            from runtime.reuse import digest
-
             t, h, w = self.span.grid_thw
             per = h * w
             self._digests = [digest(self.pixel_values[i * per:(i + 1) * per]) for i in range(t)]
@@ -68,6 +67,15 @@ class Prompt:
     next_position: int
     visuals: list[Visual]
     video_token_index: torch.Tensor  # cache indices of video (and image) tokens
+
+
+def digest(t: torch.Tensor) -> bytes:
+    """A 16-byte content digest of a tensor's bytes (with its shape and dtype)."""
+    a = t.detach().cpu().contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.dtype}{tuple(a.shape)}".encode())
+    h.update(a.view(torch.uint8).numpy().data if a.numel() else b"")
+    return h.digest()
 
 
 def visual_from(cfg, settings: VisionSettings, *, video: str | Path | None = None, frames=None,

@@ -2,7 +2,7 @@
 text-only Qwen2 (Qwen3 for a Qwen3-VL export) checkpoint of an export's decoder shape with random weights (only
 speed is compared).
 
-``python -m runtime.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
+``python -m runtime.bench.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
 one model: prefill of ``--prompt-tokens`` random ids, then ``--new-tokens`` greedy tokens; medians of
 ``--repeats``. Runs in its own process (``runtime.bench`` starts it) so that its peak memory is its own.
 Needs the optional ``onnxruntime-genai`` package (``pip install -e .[peer]``) and its builder's ``onnx_ir``.
@@ -68,7 +68,7 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
     import onnxruntime_genai as og
     import torch
 
-    from runtime.bench import peak_rss, reset_peak_rss
+    from runtime.bench.measure import peak_rss, reset_peak_rss
 
     config = og.Config(str(model_dir))
     # the same CPU threads as this project's runtime uses; left to itself onnxruntime-genai sized its pool past
@@ -102,7 +102,7 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.peer", description=checks.description(__doc__),
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench.peer", description=checks.description(__doc__),
                                  formatter_class=checks.HelpFormatter)
     ap.add_argument("--engine", required=True, help="export directory whose decoder shape is copied")
     ap.add_argument("--precision", choices=("fp32", "int4"), default="int4", help="the builder's precision")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import onnxruntime_genai  # noqa: F401
         except ImportError:
-            raise UserError("runtime.peer needs onnxruntime-genai: pip install -e .[peer]") from None
+            raise UserError("runtime.bench.peer needs onnxruntime-genai: pip install -e .[peer]") from None
         from export.manifest import read_manifest
 
         checks.check_number("--prompt-tokens", args.prompt_tokens, lo=1, integer=True)

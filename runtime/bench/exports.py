@@ -1,13 +1,9 @@
-"""python -m runtime.bench: speed and memory of each backend against transformers' own generate, side by
-side in one run on the same checkpoint and inputs, with the decode roofline and V-Reason's cost.
-
-Each measurement is repeated after warm-up; medians are reported. The roofline is the weight (and KV)
-bytes a decode step must read, over the read bandwidth measured in the same run.
-"""
+"""The benchmark of exports: each backend against transformers' own generate, side by side in one run on the
+same checkpoint and inputs, with the decode roofline, V-Reason's cost and what reuse saves (``python -m
+runtime.bench --engine ...``)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -16,40 +12,10 @@ from pathlib import Path
 
 import torch
 
-from models import checks
-from models.errors import UserError, run_cli
+from models.errors import UserError
+from runtime.bench.measure import median_of, peak_rss, ratio, read_bandwidth, reset_peak_rss, sync
 
 WORKLOAD = "Which direction does the red circle move?"
-
-
-def read_bandwidth(bytes_: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of reading a large fp32 tensor (torch's own threads), median of ``repeats``."""
-    x = torch.ones(bytes_ // 4, dtype=torch.float32)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return bytes_ / statistics.median(times)
-
-
-def reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the VmHWM high-water mark
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def weight_bytes_per_token(engine: Path, reasoner) -> int:
@@ -103,7 +69,7 @@ class TimedSteering:
         t = time.perf_counter()
         out = self.inner.step(state, logits, recompute)
         if out[1] != 0:
-            _sync(state.cache.keys[0].device)
+            sync(state.cache.keys[0].device)
             self.update_times.append(time.perf_counter() - t)
         return out
 
@@ -148,26 +114,17 @@ def head_pass_seconds(r, prompt_len: int, repeats: int = 20) -> float:
         for i in range(repeats + 3):
             t0 = time.perf_counter()
             r.head(h, pos, k, k, last_only=True)
-            _sync(r.device)
+            sync(r.device)
             if i >= 3:
                 times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def median_of(runs: list[dict], key: str) -> float:
-    vals = [x[key] for x in runs if x[key] is not None]
-    return statistics.median(vals) if vals else float("nan")
-
-
-def ratio(a: list[dict], b: list[dict], key: str) -> float:
-    return median_of(a, key) / median_of(b, key)
 
 
 def bench_transformers(src: Path, prompt, new_tokens: int, repeats: int, dtype: torch.dtype) -> dict:
     import transformers
 
     from models.checkpoint import read_config
-    from runtime.synthetic import TRANSFORMERS_CLASSES
+    from runtime.bench.synthetic import TRANSFORMERS_CLASSES
 
     model_type = read_config(src)["model_type"]
     model_class = getattr(transformers, TRANSFORMERS_CLASSES[model_type][1])
@@ -396,7 +353,7 @@ def run_many(args) -> dict:
     peer = {}
     if args.peer:
         for precision in ("fp32", "int4"):
-            peer[precision] = child(["-m", "runtime.peer", "--engine", args.engine[0], "--precision", precision,
+            peer[precision] = child(["-m", "runtime.bench.peer", "--engine", args.engine[0], "--precision", precision,
                                      "--prompt-tokens", str(prompt), "--new-tokens", str(args.new_tokens),
                                      "--repeats", str(args.repeats), "--work", str(Path(args.work) / "peer"),
                                      "--json"], f"onnxruntime-genai {precision}")
@@ -438,80 +395,3 @@ def table_many(rep: dict) -> str:
                     f"head pass {1e3 * r['head_pass_s']:.1f} ms)")
         rows.append(reuse_line(r["reuse"], r["vreason_backend"]))
     return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=checks.description(__doc__),
-                                 formatter_class=checks.HelpFormatter)
-    ap.add_argument("--engine", nargs="+",
-                    help="export directory to measure (or --synthetic); several (e.g. fp32, int8 and int4 exports of "
-                         "one checkpoint) are measured side by side, each in its own process")
-    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
-                    help="with several --engine: also measure onnxruntime-genai's fp32 and int4 CPU models of the "
-                         "same decoder shape (default: when onnxruntime-genai is installed)")
-    ap.add_argument("--synthetic", metavar="NAME",
-                    help="measure a random-weight model of a shipped config instead of an export: qwen2.5-vl-7b, "
-                    "qwen2.5-vl-3b, qwen3-vl-8b, qwen3-vl-4b, qwen3-vl-2b, or small / qwen3-vl-small on CPU (static vs "
-                    "dynamic decode, V-Reason, transformers; see runtime.synthetic)")
-    ap.add_argument("--device", default="cuda", help="with --synthetic: cuda, cuda:N or cpu")
-    ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
-                    help="with --synthetic: weight precision (default: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--prompt-tokens", type=int, default=1200, help="with --synthetic: prompt length")
-    ap.add_argument("--quantize", nargs="+", metavar="SCHEME", default=["none"],
-                    help="with --synthetic: weight schemes measured side by side, each a row group (none, int8, "
-                    "int4: the export's round-to-nearest codes in PyTorch's packed int4/int8 kernels)")
-    ap.add_argument("--compile", action="store_true",
-                    help="with --synthetic: also measure the static step under torch.compile")
-    ap.add_argument("--backend", nargs="+", choices=("trt", "ort", "torch"),
-                    help="backends to measure (default: trt if usable, and ort)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per measured request")
-    ap.add_argument("--repeats", type=int, default=3, help="measured requests per row (the median is reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each row")
-    ap.add_argument("--seconds", type=float, default=2.0, help="length of the benchmark clip")
-    ap.add_argument("--model", help="the checkpoint the export was made from: transformers' generate on it is the "
-                    "baseline (without it, no baseline; the export's recorded source folder is not opened)")
-    ap.add_argument("--no-transformers", dest="transformers", action="store_false",
-                    help="skip the transformers generate baseline")
-    ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
-    ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    def go(args) -> int:
-        checks.check_number("--new-tokens", args.new_tokens, lo=2, integer=True)
-        checks.check_number("--repeats", args.repeats, lo=1, integer=True)
-        checks.check_number("--warmup", args.warmup, lo=0, integer=True)
-        checks.check_number("--seconds", args.seconds, lo=0.5, hi=600)
-        if args.synthetic:
-            from runtime.synthetic import run_synthetic, synthetic_table
-
-            checks.check_number("--prompt-tokens", args.prompt_tokens, lo=32, integer=True)
-            args.device = checks.check_device(args.device)
-            rep = run_synthetic(args)
-            print(json.dumps(rep, indent=2) if args.json else synthetic_table(rep))
-            return 0
-        if not args.engine:
-            raise UserError("pass --engine DIR (an export) or --synthetic NAME")
-        for e in args.engine:
-            checks.input_dir(e, "--engine")
-        checks.writable_dir(args.work, "--work")
-        if len(args.engine) > 1:
-            if args.peer is None:
-                import importlib.util
-                args.peer = importlib.util.find_spec("onnxruntime_genai") is not None
-            rep = run_many(args)
-            print(json.dumps(rep, indent=2) if args.json else table_many(rep))
-            return 0
-        args.engine = args.engine[0]
-        rep = run(args)
-        print(json.dumps(rep, indent=2) if args.json else table(rep))
-        return 0
-
-    return run_cli(go, ap.parse_args(argv))
-
-
-def _sync(device) -> None:
-    if getattr(device, "type", "cpu") == "cuda":
-        torch.cuda.synchronize(device)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,88 @@
+"""python -m runtime.bench: speed and memory of each backend against transformers' own generate, side by
+side in one run on the same checkpoint and inputs, with the decode roofline and V-Reason's cost.
+
+Each measurement is repeated after warm-up; medians are reported. The roofline is the weight (and KV)
+bytes a decode step must read, over the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from models import checks
+from models.errors import UserError, run_cli
+from runtime.bench.exports import run, run_many, table, table_many
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=checks.description(__doc__),
+                                 formatter_class=checks.HelpFormatter)
+    ap.add_argument("--engine", nargs="+",
+                    help="export directory to measure (or --synthetic); several (e.g. fp32, int8 and int4 exports of "
+                         "one checkpoint) are measured side by side, each in its own process")
+    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                    help="with several --engine: also measure onnxruntime-genai's fp32 and int4 CPU models of the "
+                         "same decoder shape (default: when onnxruntime-genai is installed)")
+    ap.add_argument("--synthetic", metavar="NAME",
+                    help="measure a random-weight model of a shipped config instead of an export: qwen2.5-vl-7b, "
+                    "qwen2.5-vl-3b, qwen3-vl-8b, qwen3-vl-4b, qwen3-vl-2b, or small / qwen3-vl-small on CPU (static vs "
+                    "dynamic decode, V-Reason, transformers; see runtime.bench.synthetic)")
+    ap.add_argument("--device", default="cuda", help="with --synthetic: cuda, cuda:N or cpu")
+    ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                    help="with --synthetic: weight precision (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--prompt-tokens", type=int, default=1200, help="with --synthetic: prompt length")
+    ap.add_argument("--quantize", nargs="+", metavar="SCHEME", default=["none"],
+                    help="with --synthetic: weight schemes measured side by side, each a row group (none, int8, "
+                    "int4: the export's round-to-nearest codes in PyTorch's packed int4/int8 kernels)")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --synthetic: also measure the static step under torch.compile")
+    ap.add_argument("--backend", nargs="+", choices=("trt", "ort", "torch"),
+                    help="backends to measure (default: trt if usable, and ort)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per measured request")
+    ap.add_argument("--repeats", type=int, default=3, help="measured requests per row (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each row")
+    ap.add_argument("--seconds", type=float, default=2.0, help="length of the benchmark clip")
+    ap.add_argument("--model", help="the checkpoint the export was made from: transformers' generate on it is the "
+                    "baseline (without it, no baseline; the export's recorded source folder is not opened)")
+    ap.add_argument("--no-transformers", dest="transformers", action="store_false",
+                    help="skip the transformers generate baseline")
+    ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    def go(args) -> int:
+        checks.check_number("--new-tokens", args.new_tokens, lo=2, integer=True)
+        checks.check_number("--repeats", args.repeats, lo=1, integer=True)
+        checks.check_number("--warmup", args.warmup, lo=0, integer=True)
+        checks.check_number("--seconds", args.seconds, lo=0.5, hi=600)
+        if args.synthetic:
+            from runtime.bench.synthetic import run_synthetic, synthetic_table
+
+            checks.check_number("--prompt-tokens", args.prompt_tokens, lo=32, integer=True)
+            args.device = checks.check_device(args.device)
+            rep = run_synthetic(args)
+            print(json.dumps(rep, indent=2) if args.json else synthetic_table(rep))
+            return 0
+        if not args.engine:
+            raise UserError("pass --engine DIR (an export) or --synthetic NAME")
+        for e in args.engine:
+            checks.input_dir(e, "--engine")
+        checks.writable_dir(args.work, "--work")
+        if len(args.engine) > 1:
+            if args.peer is None:
+                import importlib.util
+                args.peer = importlib.util.find_spec("onnxruntime_genai") is not None
+            rep = run_many(args)
+            print(json.dumps(rep, indent=2) if args.json else table_many(rep))
+            return 0
+        args.engine = args.engine[0]
+        rep = run(args)
+        print(json.dumps(rep, indent=2) if args.json else table(rep))
+        return 0
+
+    return run_cli(go, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Measurement helpers shared by the benchmarks: read bandwidth, peak resident memory, medians and ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def read_bandwidth(bytes_: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of reading a large fp32 tensor (torch's own threads), median of ``repeats``."""
+    x = torch.ones(bytes_ // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return bytes_ / statistics.median(times)
+
+
+# Peak resident memory by hand (/proc): psutil reports the current RSS portably, but neither a peak that can be
+# reset between measurements (VmHWM with clear_refs) nor one at all on Linux, which is what the bench needs.
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the VmHWM high-water mark
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    vals = [x[key] for x in runs if x[key] is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def ratio(a: list[dict], b: list[dict], key: str) -> float:
+    return median_of(a, key) / median_of(b, key)
+
+
+def sync(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,289 @@
+"""Standing questions over the latest window of a live video source (``Reasoner.watch``; the command is
+``python -m runtime.watch``).
+
+A capture thread reads the source (a video file, a folder of frames, a camera index, or an RTSP/HTTP URL:
+whatever OpenCV opens) and keeps frames sampled at ``--fps`` in a ring buffer holding one window; it is never
+blocked by the model. Every ``--every`` seconds of stream time (a tick) each question is asked about the latest
+window; a tick that comes while the model is still answering the previous one is skipped and counted, never
+queued. Consecutive windows share frames, and questions share the clip: the Reasoner's reuse store
+(``reuse_mb``) skips the vision encoding and prefill they have in common.
+
+One dict (the command: one JSON line) per answer: source, window_start_s, window_end_s (stream time),
+question, answer, text, ttft_s, total_s, reused_prompt_tokens, skipped_ticks and dropped_frames (running
+totals), alert (the trigger matched the answer), entropy_mean. Stream time is the frame's own time for a file
+(read at its frame rate, as if live, unless ``realtime=False``) and a folder (``fps`` images per second), and
+seconds since the first frame for a camera or URL. dropped_frames counts sampled frames no answered window
+contained: frames that left the ring before a tick used them, and samples a live source did not deliver
+(reconnects, stalls). A live source that stops or fails is reopened with backoff; after ``reconnect`` failures
+in a row, ``SourceError``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models import checks
+from models.errors import InputError, UserError
+from models.video import IMAGE_SUFFIXES, _cv2, read_image
+
+BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0
+URL_TIMEOUT_S = 5.0  # opening a URL source, and each read from it
+
+
+class SourceError(UserError):
+    """A source could not be opened or kept open."""
+
+
+@dataclass
+class Frame:
+    t: float  # stream time, seconds
+    rgb: np.ndarray
+    seq: int  # sample number
+
+
+def source_kind(src: str) -> str:
+    if src.isdigit():
+        return "camera"
+    if "://" in src:
+        return "url"
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return "folder"
+    if p.is_file():
+        return "file"
+    raise InputError(f"--source {src}: not a video file, a folder of frames, a camera index or a URL")
+
+
+class Capture:
+    """Reads a source on its own thread into a ring buffer of the last ``size`` frames sampled at ``fps``.
+
+    ``realtime`` (files and folders): frames are released at their own rate, as a camera would; off, the reader
+    waits until the consumer has used the window (offline use: every tick answered, nothing skipped)."""
+
+    def __init__(self, src: str, fps: float, size: int, realtime: bool = True, reconnect: int = 5,
+                 backoff_s: float = BACKOFF_S) -> None:
+        self.src, self.kind = src, source_kind(src)
+        self.live = self.kind in ("camera", "url")
+        self.fps, self.size, self.realtime = fps, size, realtime or self.live
+        self.reconnect, self.backoff_s = reconnect, backoff_s
+        self.ring: deque[Frame] = deque()
+        self.cond = threading.Condition()
+        self.now = -math.inf  # stream time of the newest frame read
+        self.ended = False
+        self.error: str | None = None
+        self.dropped = 0  # sampled frames no answered window contained
+        self.reconnects = 0
+        self._used = -1  # newest sample number an answered window contained
+        self._next_t = 0.0  # stream time of the next sample
+        self._seq = 0
+        self._pending_t = -math.inf  # offline: the stream time the consumer waits for (the reader stops there)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+
+    # -- the reader thread --------------------------------------------------------------------------------------
+
+    def start(self) -> Capture:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.cond:
+            self.cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            if self.kind == "folder":
+                self._read_folder()
+            else:
+                self._read_capture()
+        except UserError as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 (a reader failure ends the watch with one line, not a thread trace)
+            self.error = f"reading {self.src} failed: {type(e).__name__}: {e}"
+        finally:
+            with self.cond:
+                self.ended = True
+                self.cond.notify_all()
+
+    def _read_folder(self) -> None:
+        files = sorted(f for f in Path(self.src).expanduser().iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SourceError(f"frames folder {self.src} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        start = time.monotonic()
+        for i, f in enumerate(files):
+            t = i / self.fps
+            if not self._pace(start, t):
+                return
+            self._offer(t, read_image(f))
+
+    def _open(self):
+        cv2 = _cv2()
+        if self.kind == "url":  # a server that accepts and then says nothing must not hold the reader for long
+            ms = int(1000 * URL_TIMEOUT_S)
+            cap = cv2.VideoCapture(self.src, cv2.CAP_FFMPEG,
+                                   [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+        else:
+            cap = cv2.VideoCapture(int(self.src) if self.kind == "camera" else str(Path(self.src).expanduser()))
+        if not cap.isOpened():
+            cap.release()
+            return None
+        return cap
+
+    def _read_capture(self) -> None:
+        cv2 = _cv2()
+        failures, start, i = 0, None, 0
+        while not self._stop.is_set():
+            cap = self._open()
+            if cap is None and not self.live:
+                raise SourceError(f"video {self.src} could not be opened; is it a video file OpenCV can decode?")
+            rate = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) if cap is not None else 0.0
+            rate = rate if 0 < rate < 1000 else 30.0
+            got = 0
+            try:
+                while cap is not None and not self._stop.is_set():
+                    ok, bgr = cap.read()
+                    if not ok or bgr is None:
+                        break
+                    now = time.monotonic()
+                    if start is None:
+                        start = now
+                    t = i / rate if not self.live else now - start
+                    if not self.live and not self._pace(start, t):
+                        return
+                    i += 1
+                    got += 1
+                    failures = 0
+                    self._offer(t, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            finally:
+                if cap is not None:
+                    cap.release()
+            if not self.live:
+                if got == 0 and i == 0:
+                    raise SourceError(f"video {self.src} has no frames OpenCV can read")
+                return  # a file ends
+            failures += 1
+            if failures > self.reconnect:
+                raise SourceError(f"source {self.src} failed {failures} times in a row (gave up after --reconnect "
+                                  f"{self.reconnect})")
+            self.reconnects += 1
+            self._stop.wait(min(BACKOFF_MAX_S, self.backoff_s * 2 ** (failures - 1)))
+
+    def _pace(self, start: float, t: float) -> bool:
+        """Hold a file or folder frame until its time (realtime), or until the consumer caught up (offline);
+        False once stopped."""
+        if self.realtime:
+            delay = start + t - time.monotonic()
+            return not (delay > 0 and self._stop.wait(delay))
+        with self.cond:
+            while self.now >= self._pending_t and not self._stop.is_set():
+                self.cond.wait(0.5)
+        return not self._stop.is_set()
+
+    def _offer(self, t: float, rgb: np.ndarray) -> None:
+        """Keep the frame when a sample is due (one per 1 / fps of stream time)."""
+        with self.cond:
+            self.now = t
+            if t + 1e-9 < self._next_t:
+                self.cond.notify_all()
+                return
+            missed = int((t - self._next_t) * self.fps + 1e-6)  # whole sample intervals that brought no frame
+            if self.live:  # samples a stalled or reconnecting live source did not deliver
+                self.dropped += missed
+            self._next_t += (missed + 1) / self.fps
+            self.ring.append(Frame(t, rgb, self._seq))
+            self._seq += 1
+            while len(self.ring) > self.size:
+                old = self.ring.popleft()
+                if old.seq > self._used:
+                    self.dropped += 1
+            self.cond.notify_all()
+
+    # -- the consumer -------------------------------------------------------------------------------------------
+
+    def wait_for(self, t: float, timeout: float | None = None) -> bool:
+        """Block until stream time reaches ``t`` with a full window (or the source ended); offline, let the reader
+        run up to ``t`` and no further. False when the source ended first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            self._pending_t = t
+            self.cond.notify_all()
+            while not (self.now >= t - 1e-9 and len(self.ring) >= self.size) and not self.ended:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.cond.wait(0.5 if left is None else min(0.5, left))
+            return self.now >= t - 1e-9 and len(self.ring) >= self.size
+
+    def window(self) -> list[Frame]:
+        with self.cond:
+            frames = list(self.ring)
+            if frames:
+                self._used = max(self._used, frames[-1].seq)
+            return frames
+
+    def release(self) -> None:
+        """Offline: the window was answered; the reader may go on to the next tick."""
+        with self.cond:
+            self._pending_t = -math.inf
+            self.cond.notify_all()
+
+
+def watch(reasoner, source: str, questions: list[str], window: float, every: float, fps: float = 2.0,
+          method: str = "base", trigger: str | None = None, max_windows: int | None = None,
+          realtime: bool = True, reconnect: int = 5, max_new_tokens: int = 256, template: str = "reasoning",
+          **ask) -> Iterator[dict]:
+    """Answer each question on the latest ``window`` seconds of ``source`` every ``every`` seconds; yields one dict
+    per answer (the JSON line ``python -m runtime.watch`` writes). See the module docstring."""
+    window = checks.check_number("window", window, lo=0, lo_open=True, hi=3600)
+    every = checks.check_number("every", every, lo=0, lo_open=True, hi=3600)
+    fps = checks.check_number("fps", fps, lo=0, lo_open=True, hi=60)
+    checks.check_number("max_windows", max_windows, lo=1, integer=True, optional=True)
+    checks.check_number("reconnect", reconnect, lo=0, integer=True)
+    if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
+        raise InputError("give at least one non-empty question")
+    try:
+        pattern = re.compile(trigger, re.IGNORECASE) if trigger else None
+    except re.error as e:
+        raise InputError(f"--trigger {trigger!r} is not a regular expression: {e}") from None
+    size = max(1, round(window * fps))
+    cap = Capture(source, fps, size, realtime=realtime, reconnect=reconnect).start()
+    skipped, answered, tick = 0, 0, size / fps - 0.5 / fps  # the first tick: when the first window is full
+    try:
+        while max_windows is None or answered < max_windows:
+            if answered and cap.realtime and cap.now >= tick:  # ticks that came while the model was answering
+                late = math.floor((cap.now - tick) / every + 1e-9) + 1
+                skipped += late
+                tick += late * every
+            if not cap.wait_for(tick) or cap.error:
+                break
+            frames = cap.window()
+            for q in questions:
+                t0 = time.perf_counter()
+                res = reasoner.ask(frames=[f.rgb for f in frames], fps=fps, question=q, method=method,
+                                   max_new_tokens=max_new_tokens, template=template, **ask)
+                yield {
+                    "source": source, "window_start_s": round(frames[0].t, 3), "window_end_s": round(frames[-1].t, 3),
+                    "question": q, "answer": res.answer, "text": res.text, "ttft_s": res.timings["ttft_s"],
+                    "total_s": time.perf_counter() - t0, "reused_prompt_tokens": res.timings["reused_prompt_tokens"],
+                    "skipped_ticks": skipped, "dropped_frames": cap.dropped,
+                    "alert": bool(pattern.search(res.answer)) if pattern else False,
+                    "entropy_mean": float(np.mean(res.entropy)) if res.entropy else 0.0,
+                }
+            answered += 1
+            tick += every
+            cap.release()
+    finally:
+        cap.stop()
+    if cap.error:
+        raise SourceError(cap.error)
