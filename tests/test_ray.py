@@ -4,6 +4,7 @@ Ctrl-C and resume."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -11,6 +12,37 @@ ray = pytest.importorskip("ray")
 
 from runtime.eval import distributed  # noqa: E402
 from runtime.eval.__main__ import main as eval_main  # noqa: E402
+
+
+class DyingReplica(distributed.Replica):
+    """Fault injection from the test's side: the first replica process to reach its ``at``-th sample exits (a
+    replica killed mid-sample), once in the whole run (the marker file makes it once across processes)."""
+
+    at, marker = 1, ""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.done = 0
+
+    def evaluate(self, *args):
+        import os
+
+        self.done += 1
+        if self.done == self.at:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return super().evaluate(*args)
+
+
+def dying(monkeypatch, tmp_path, at: int) -> None:
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the replicas run this module's class
+    monkeypatch.setattr(DyingReplica, "at", at)
+    monkeypatch.setattr(DyingReplica, "marker", str(tmp_path / "killed"))
+    monkeypatch.setattr(distributed, "Replica", DyingReplica)
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +82,16 @@ def test_ray_run_equals_the_local_run(cluster, engine_dir, local, tmp_path, caps
 
 def test_a_killed_replica_is_replaced_and_its_sample_retried(cluster, engine_dir, local, tmp_path, monkeypatch,
                                                              capsys):
-    monkeypatch.setattr(distributed, "TEST_KILL_AT", 3)
+    dying(monkeypatch, tmp_path, 3)
     out = tmp_path / "ray"
     assert eval_main(args_for(engine_dir, out, "--ray", "--replicas", "2")) == 0
     assert records(out) == local  # every sample exactly once, the same answers
-    assert "replica 0 died" in capsys.readouterr().err
+    assert re.search(r"replica \d died", capsys.readouterr().err)
+    assert (tmp_path / "killed").exists()
 
 
 def test_a_sample_whose_replica_keeps_dying_is_recorded_as_failed(cluster, engine_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(distributed, "TEST_KILL_AT", 1)
+    dying(monkeypatch, tmp_path, 1)
     out = tmp_path / "ray"
     assert eval_main(args_for(engine_dir, out, "--ray", "--replicas", "1", "--max-retries", "0", "--limit",
                               "1")) == 0

@@ -14,7 +14,6 @@ rerun with the same settings finishes only what is missing. Ray is imported only
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import deque
@@ -23,7 +22,6 @@ from pathlib import Path
 
 from models.errors import UserError
 
-TEST_KILL_AT: int | None = None  # tests: replica 0's first process exits on its n-th sample
 LAST_RUN: dict = {}  # timing facts of the last distributed run (read by runtime.eval.scaling)
 
 
@@ -38,11 +36,10 @@ def import_ray():
 class Replica:
     """The actor's class (wrapped with ``ray.remote`` by ``RayPool``): one Reasoner, loaded once."""
 
-    def __init__(self, engine: str, backend: str, device: str | None, threads: int, kill_at: int | None = None) -> None:
+    def __init__(self, engine: str, backend: str, device: str | None, threads: int) -> None:
         from runtime.reasoner import Reasoner
 
         self.reasoner = Reasoner.load(engine, backend=backend, device=device, threads=threads)
-        self.kill_at, self.done = kill_at, 0
 
     def ready(self) -> tuple[str, str]:
         return self.reasoner.backend.name, self.reasoner.decode
@@ -50,9 +47,6 @@ class Replica:
     def evaluate(self, sample, root, method: str, args, controller, sampling, budget: dict) -> tuple[dict, float]:
         from runtime.eval.step import evaluate_one
 
-        self.done += 1
-        if self.kill_at is not None and self.done == self.kill_at:
-            os._exit(1)  # a test's stand-in for a replica that is killed mid-sample
         t0 = time.perf_counter()
         rec = evaluate_one(self.reasoner, sample, root, method, args, controller, sampling, budget)
         return rec, time.perf_counter() - t0
@@ -76,9 +70,10 @@ class RayPool:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise UserError(f"--ray {address}: could not start or reach a Ray cluster ({e})") from None
         self.n, self.max_retries = replicas, max_retries
+        # ``Replica`` looked up when the pool starts (a test puts a faulty subclass here to kill a replica)
         self.actor = ray.remote(Replica).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
         self.spec = (engine, backend, device, max(1, int(cpus)))
-        self.replicas = [self._spawn(i, first=True) for i in range(replicas)]
+        self.replicas = [self._spawn(i) for i in range(replicas)]
         self.round_trips: list[tuple[float, float]] = []  # (driver seconds, replica seconds) per sample
         try:
             self.info = ray.get([r.ready.remote() for r in self.replicas])[0]  # (backend, decode)
@@ -86,9 +81,8 @@ class RayPool:
             self.close()
             raise UserError(f"an evaluation replica could not load {engine}: {_first_line(e)}") from None
 
-    def _spawn(self, i: int, first: bool = False):
-        kill = TEST_KILL_AT if first and i == 0 else None
-        return self.actor.remote(*self.spec, kill)
+    def _spawn(self, i: int):
+        return self.actor.remote(*self.spec)
 
     def run(self, todo: Iterable[tuple], submit_args: Callable[[tuple], tuple],
             on_record: Callable[[tuple, dict], None], failed_record: Callable[[tuple, str], dict], progress) -> None:
