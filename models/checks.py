@@ -198,10 +198,26 @@ def available_memory(device) -> int | None:
         return None
 
 
+def process_memory(field: str = "VmRSS") -> int:
+    """The process's memory from /proc/self/status (Linux): ``VmRSS`` now, ``VmHWM`` its peak; elsewhere the
+    peak resident set from getrusage."""
+    found = _proc_kib("/proc/self/status", field)
+    if found is not None:
+        return found
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _meminfo(field: str) -> int | None:
     """A /proc/meminfo field in bytes (Linux), else None."""
+    return _proc_kib("/proc/meminfo", field)
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``field: N kB`` line of a /proc file, in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024

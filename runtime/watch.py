@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from models import checks
-from models.errors import InputError, run_cli
+from models.checks import process_memory
+from models.errors import InputError
 from runtime.live import source_kind, watch
 from runtime.reasoner import Reasoner
 
@@ -73,36 +73,14 @@ def run(args: argparse.Namespace) -> int:
                     out.write(line + "\n")
                     out.flush()
                 answers, last = answers + 1, event
-                first_rss = first_rss or resident_bytes()
+                first_rss = first_rss or process_memory()
         finally:
             if last is not None:  # what the run cost, on stderr (stdout stays JSON lines)
                 print(f"{answers} answers; {last['skipped_ticks']} ticks skipped, {last['dropped_frames']} frames "
                       f"dropped; resident memory {first_rss / 2**20:.0f} MiB after the first answer, "
-                      f"{resident_bytes() / 2**20:.0f} MiB at the end; reuse store "
+                      f"{process_memory() / 2**20:.0f} MiB at the end; reuse store "
                       f"{reasoner.reuse.used / 2**20:.0f} of {reasoner.reuse_mb} MiB", file=sys.stderr)
     finally:
         if out is not None:
             out.close()
     return 0
-
-
-def resident_bytes() -> int:
-    """The process's current resident set (Linux), else its peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    return run_cli(run, args, interrupted="stopped; every finished line was written")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

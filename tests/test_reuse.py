@@ -10,6 +10,7 @@ import torch
 from models.registry import family
 from models.samples import render_frames
 from runtime import reasoner as reasoner_module
+from runtime import stream as stream_module
 from runtime.reasoner import Reasoner, TokenEvent
 from runtime.reuse import ReuseStore
 
@@ -188,7 +189,7 @@ def test_cancel_during_vision_and_prefill(engine_dir, monkeypatch):
     assert calls["vision"] == 1  # of 4 temporal patches: stopped after the first call
     monkeypatch.setattr(r.backend, "encode_vision", encode)
 
-    monkeypatch.setattr(reasoner_module, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(stream_module, "PREFILL_CHUNK", 8)
     s = r.stream(frames=rgb_frames(8), fps=2.0, question=Q1, max_new_tokens=8)
     monkeypatch.setattr(r.backend, "trunk", counting("trunk", trunk, s))
     assert list(s) == [] and s.result.token_ids == []
@@ -196,6 +197,6 @@ def test_cancel_during_vision_and_prefill(engine_dir, monkeypatch):
     monkeypatch.setattr(r.backend, "trunk", trunk)
     # the Reasoner serves the next request as usual, chunked prefill giving the one-call answer
     chunked = r.ask(frames=rgb_frames(8), fps=2.0, question=Q1, max_new_tokens=8)
-    monkeypatch.setattr(reasoner_module, "PREFILL_CHUNK", 0)
+    monkeypatch.setattr(stream_module, "PREFILL_CHUNK", 0)
     whole = r.ask(frames=rgb_frames(8), fps=2.0, question=Q1, max_new_tokens=8)
     same_answer(chunked, whole)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from models.checks import process_memory
+
 
 def read_bandwidth(bytes_: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s of reading a large fp32 tensor (torch's own threads), median of ``repeats``."""
@@ -33,14 +35,7 @@ def reset_peak_rss() -> None:
 
 
 def peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return process_memory("VmHWM")
 
 
 def median_of(runs: list[dict], key: str) -> float:

@@ -1,0 +1,203 @@
+"""One request as it runs: ``Stream`` (iterating runs it under the Reasoner's lock and yields text pieces or
+``TokenEvent``s), and its ``Result``. The Reasoner (``runtime.reasoner``) prepares requests and owns the model,
+the cache it keeps between requests and the reuse store; this module only calls them."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from models.errors import ResourceError
+from models.inputs import Prompt
+from runtime.answer import extract_answer
+from runtime.detok import Detokenizer
+from runtime.generate import Cancelled, DecodeState, Timings
+from runtime.reuse import restore_prefix
+from runtime.sampling import SamplingParams
+
+PREFILL_CHUNK = 512  # prompt tokens per trunk call in prefill (a cancel is seen between calls)
+
+
+@dataclass
+class Result:
+    text: str
+    answer: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    entropy: list[float]
+    ema: list[float]
+    alpha: list[float]
+    timings: dict
+    peak_memory_bytes: int
+    backend: str
+    method: str
+    config: dict = field(default_factory=dict)
+    skipped_updates: int = 0
+    visual: dict = field(default_factory=dict)  # what the model was given: kind, frames, frame_size, tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token as ``stream(events=True)`` yields it."""
+
+    id: int
+    text: str  # what this token adds to the answer's text ('' while a character is incomplete, or past a stop)
+    entropy: float
+
+
+class Stream:
+    """Iterating runs the request (holding the Reasoner's lock) and yields decoded text pieces (or ``TokenEvent``s)."""
+
+    def __init__(self, reasoner, prompt: Prompt, method: str, max_new_tokens: int,
+                 sampling: SamplingParams, stop: list[str], controller, chunk: int = 1, events: bool = False,
+                 start: float | None = None, prepare_s: float = 0.0) -> None:
+        self.r, self.prompt, self.method, self.chunk = reasoner, prompt, method, chunk
+        self.max_new_tokens, self.sampling, self.stop, self.controller = max_new_tokens, sampling, stop, controller
+        self.events = events
+        self.start = time.perf_counter() if start is None else start
+        self.prepare_s = prepare_s
+        self.result: Result | None = None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the request: during vision encoding (between groups of frames), prefill (between chunks of
+        ``PREFILL_CHUNK`` tokens) or decoding (after the current token). The result holds what was generated so
+        far (nothing, when stopped before the first token); safe to call from another thread."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __iter__(self) -> Iterator[str | TokenEvent]:
+        self.r._close_abandoned()
+        gen = self._run()
+        self.r._note_active(gen)
+        return gen
+
+    def _run(self) -> Iterator[str | TokenEvent]:
+        r = self.r
+        with r._lock:
+            failed = False
+            try:
+                yield from self._generate()
+            except torch.OutOfMemoryError:
+                failed = True  # raised below, once this frame no longer holds the request's tensors
+            if failed:
+                r._sessions.clear()
+                r.reuse.clear()
+                if r.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                p = self.prompt
+                raise ResourceError(
+                    f"out of {r.device.type} memory for this request (prompt {len(p.ids)} tokens, "
+                    f"max_new_tokens {self.max_new_tokens}, {r.manifest['precision']} weights); use fewer frames, "
+                    "fewer new tokens, an export in lower precision, or a smaller reuse_mb; nothing of the request "
+                    "is kept")
+
+    def _reusable(self) -> tuple:
+        """(saved prefix or None, tokens to restore, the prompt's visual key, where its first visual token is)."""
+        r, p = self.r, self.prompt
+        vkey = tuple(v.key() for v in p.visuals) if r.reuse.enabled else ()
+        first = int(p.video_token_index[0]) if p.video_token_index.numel() else len(p.ids)
+        if not r.reuse.enabled or not getattr(r.backend, "suffix_prefill", True):
+            return None, 0, vkey, first
+        entry, n = r.reuse.best_prefix(p.ids, vkey, first)
+        return entry, n, vkey, first
+
+    def _generate(self) -> Iterator[str | TokenEvent]:
+        r = self.r
+        if r.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(r.device)
+        stopped = self._cancel.is_set
+        ids: list[int] = []
+        ents: list[torch.Tensor] = []
+        alphas: list[float] = []
+        text, emitted = "", 0
+        detok = Detokenizer(r.tokenizer, self.stop)
+        loop = None
+        try:
+            if stopped():
+                raise Cancelled
+            entry, reused, vkey, first = self._reusable()
+            embeds, deepstack, vision_s, patches = r._prefill_inputs(self.prompt, reused, stopped)
+            cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
+            if entry is not None:
+                restore_prefix(cache, entry, reused)
+            state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device), deepstack=deepstack)
+            steering = r.steering_for(self.method, self.controller, state)
+            loop = r.loop(steering, chunk=self.chunk)
+            loop.timings.prepare_s, loop.timings.vision_s = self.prepare_s, vision_s
+            loop.timings.reused_prompt_tokens, loop.timings.reused_vision_patches = reused, patches
+            loop.cancelled = stopped
+            if getattr(r.backend, "suffix_prefill", True):
+                loop.prefill_chunk = PREFILL_CHUNK
+            if r.reuse.enabled and reused < len(self.prompt.ids):
+                ids_all = self.prompt.ids
+                loop.after_fill = lambda c, h: r.reuse.save_prefix(ids_all, vkey, c, h)
+            whole = reused == len(self.prompt.ids)
+            if whole:  # the same prompt again: its cache and last hidden state restored, nothing to prefill
+                loop.restored_hidden = entry.hidden
+            positions = self.prompt.positions[:, reused - 1 if whole else reused:].unsqueeze(1).to(r.device)
+            for tok in loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens,
+                                self.sampling, r.stop_ids):
+                if not ids:
+                    loop.timings.ttft_s = time.perf_counter() - self.start
+                ids.append(tok.id)
+                ents.append(tok.entropy)
+                alphas.append(tok.alpha)
+                piece = detok.step(tok.id)
+                emitted += len(piece)
+                if self.events:
+                    yield TokenEvent(tok.id, piece, float(tok.entropy))
+                elif piece:
+                    yield piece
+                if detok.stopped or stopped():
+                    break
+            text = detok.text(ids) if ids else ""
+            if emitted < len(text):  # what the stream held back: a trailing incomplete character
+                yield TokenEvent(ids[-1], text[emitted:], float(ents[-1])) if self.events else text[emitted:]
+        except Cancelled:
+            pass  # stopped before the first token: an empty result
+        finally:
+            self.result = self._result(loop, ids, ents, alphas, text)
+            loop = None
+
+    def _result(self, loop, ids, ents, alphas, text) -> Result:
+        r = self.r
+        steering = loop.steering if loop is not None else None
+        timings = loop.timings if loop is not None else Timings(prepare_s=self.prepare_s)
+        entropy = torch.stack(ents).float().cpu().tolist() if ents else []
+        if alphas and torch.is_tensor(alphas[0]):  # static decode: read once, at the end
+            alphas = torch.stack(alphas).cpu().tolist()
+        tracker = getattr(steering, "tracker", None)
+        if tracker is None or len(tracker.ema) != len(entropy):
+            from controller.tracker import EntropyTracker
+            tracker = EntropyTracker(steering.cfg.beta if steering is not None else 0.9)
+            for h, a in zip(entropy, alphas):
+                tracker.record(h, a)
+        return Result(
+            text=text, answer=extract_answer(text), prompt_token_ids=list(self.prompt.ids), token_ids=ids,
+            entropy=entropy, ema=list(tracker.ema), alpha=list(alphas), timings=timings.as_dict(),
+            peak_memory_bytes=peak_memory(r.device), backend=r.backend.name, method=self.method,
+            config={**(steering.config_dict() if steering is not None else {}), "weights": r.weights},
+            skipped_updates=getattr(steering, "skipped", 0),
+            visual=self.prompt.visuals[0].describe(r.cfg) if self.prompt.visuals else {},
+        )
+
+
+def peak_memory(device: torch.device) -> int:
+    """CUDA: peak bytes allocated by PyTorch during the request. CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
