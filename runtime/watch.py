@@ -15,7 +15,7 @@ import sys
 
 from models import checks
 from models.checks import process_memory
-from models.errors import InputError
+from models.errors import InputError, run_cli
 from runtime.live import source_kind, watch
 from runtime.reasoner import Reasoner
 
@@ -84,3 +84,12 @@ def run(args: argparse.Namespace) -> int:
         if out is not None:
             out.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_cli(run, args, interrupted="stopped; every finished line was written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

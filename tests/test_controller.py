@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,13 +175,14 @@ def test_lite_decoding_equals_reference_on_a_pruned_cache(reasoners, frames, tin
         n_drop = int(0.5 * prompt.video_token_index.numel())
         dropped = set(prompt.video_token_index[torch.argsort(scores, stable=True)[:n_drop]].tolist())
         keep = torch.tensor([i for i in range(len(prompt.ids)) if i not in dropped])
-        caches = [c[:, keep] for c in caches]
-        # the first token's logits come from the unpruned prefill (as in the runtime)
+        # the first token's logits come from the unpruned prefill (as in the runtime), the rest from the pruned cache
         logits, _, _ = model.head(hidden[:, -1:], pos[:, :, -1:], caches[-2][:, :-1], caches[-1][:, :-1])
-        ids = []
+        caches = [c[:, keep] for c in caches]
+        ids, ents = [], []
         for step in range(n):
             tok = int(logits[0, -1].argmax())
             ids.append(tok)
+            ents.append(float(entropy(logits[0, -1].double())))
             if tok in r.stop_ids or step + 1 == n:
                 break
             p = torch.full((3, 1, 1), prompt.next_position + step, dtype=torch.long)
@@ -190,6 +192,7 @@ def test_lite_decoding_equals_reference_on_a_pruned_cache(reasoners, frames, tin
             new += [k, v]
             caches = [torch.cat((c, nn), dim=1) for c, nn in zip(caches, new)]
     assert res.token_ids == ids
+    assert np.allclose(res.entropy, ents, atol=1e-4)  # every step's distribution, not only its argmax
 
 
 @pytest.mark.parametrize("method", ["vreason", "vreason-lite"])
