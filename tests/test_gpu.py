@@ -88,6 +88,29 @@ def test_reasoner_on_cuda_static_equals_dynamic(engine_dir, q3_engine, family, m
     assert a.token_ids == b.token_ids == c.token_ids and a.alpha == b.alpha == c.alpha
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["base", "vreason", "vreason-lite"])
+def test_reuse_on_the_cuda_graph_path_changes_no_answer(engine_dir, q3_engine, family, method):
+    """Prompt-prefix and vision reuse on static decode with CUDA graphs: a second question and the same question
+    again give the answers a Reasoner without reuse gives (fp32), and the reuse happened."""
+    from runtime.reasoner import Reasoner
+
+    engine = engine_dir if family == "qwen2_5_vl" else q3_engine
+    on = Reasoner.load(engine, backend="torch", device="cuda", reuse_mb=64)
+    off = Reasoner.load(engine, backend="torch", device="cuda", reuse_mb=0)
+    assert on.decode == "static" and on.cuda_graphs
+    kw = dict(frames=_frames(), fps=2.0, method=method, max_new_tokens=12, controller={"lr": 0.5, "every": 1})
+    first = on.ask(question="Which shape moves left?", **kw)
+    second = on.ask(question="What color is the shape?", **kw)
+    again = on.ask(question="Which shape moves left?", **kw)
+    assert second.timings["reused_prompt_tokens"] > 0 and again.timings["reused_prompt_tokens"] == len(
+        first.prompt_token_ids)
+    for res, q in ((second, "What color is the shape?"), (again, "Which shape moves left?")):
+        ref = off.ask(question=q, **kw)
+        assert res.token_ids == ref.token_ids
+        assert max(abs(x - y) for x, y in zip(res.entropy, ref.entropy)) <= 1e-5
+
+
 # -- low-bit weights on the GPU path ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [4, 8])
