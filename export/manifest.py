@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from models.checks import plain_name, read_json_object
 from models.errors import UserError
 
 # 2: the trunk takes cache_length (static-shape decode over a fixed-capacity cache)
@@ -56,12 +57,6 @@ def write_manifest(root: Path, data: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=False))
 
 
-def plain_name(name: object) -> bool:
-    """A file name an export may list: one relative path component (no folders, no '..', no absolute path)."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\x00" not in name and not name.startswith("~") and ":" not in name)
-
-
 def regular_file(path: Path) -> str | None:
     """None when ``path`` is a regular file (not a symlink, not special), else what it is."""
     import stat
@@ -90,12 +85,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     what = regular_file(f)
     if what is not None:
         raise ExportError(f"{f} is {what}")
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{f} is not valid JSON ({e}); re-run `python -m export`") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{f} holds a JSON {type(data).__name__}, not an object; it is not this project's manifest")
+    data = read_json_object(f, ExportError, "; it is not a manifest this project wrote: re-run `python -m export`")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ExportError(f"{d} was exported in format version {version}, this software reads version "

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from models.checks import plain_name, read_json_object
 from models.errors import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,7 +42,7 @@ def confined(d: Path, name: str) -> Path:
     after links are followed, lies inside the folder, or inside the ``blobs`` folder of a Hugging Face cache repo
     when ``d`` is one of its ``snapshots`` (whose files are links into ``blobs``). A checkpoint's link to a file
     elsewhere is never read, so nothing outside it reaches an export."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+    if not plain_name(name):
         raise CheckpointError(f"{d}: {name!r} is not a plain file name inside the checkpoint folder (refused)")
     p = d / name
     if not p.is_symlink():
@@ -60,10 +61,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     p = confined(checkpoint_dir(path), "config.json")
     if not p.is_file():
         raise CheckpointError(f"{p.parent} has no config.json; is it a Hugging Face checkpoint directory?")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p} is not valid JSON ({e})") from None
+    return read_json_object(p, CheckpointError)
 
 
 def weight_files(path: str | Path) -> list[Path]:

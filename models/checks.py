@@ -138,6 +138,27 @@ def description(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def plain_name(name: object) -> bool:
+    """A file name a folder of ours may list or name (an export's manifest, a checkpoint's shard index): one
+    relative path component; no folders, '..', absolute or home paths, drive letters or NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and not name.startswith("~") and ":" not in name)
+
+
+def read_json_object(path: Path, error: type[UserError] = InputError, hint: str = "") -> dict:
+    """A JSON file that holds an object; invalid JSON or another JSON value is one ``error`` naming the file
+    (``hint``: what to do, appended)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}){hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object{hint}")
+    return data
+
+
 CONFIG_INT_CEILING = 1 << 24  # no dimension, count or token id of a supported model comes near it (vocab ~152k)
 _MAY_BE_ZERO = ("deepstack", "fullatt", "index", "token_id", "tie")
 

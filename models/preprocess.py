@@ -12,7 +12,6 @@ Frames handed in by callers are RGB uint8 [H, W, 3] arrays (OpenCV's BGR must be
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -84,16 +83,13 @@ class VisionSettings:
     def from_dir(cls, path: str | Path) -> VisionSettings:
         s = cls()
         d = Path(path)
+        from models.checks import read_json_object
+
         for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
             f = d / name
             if not f.is_file():
                 continue
-            try:
-                raw = json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InputError(f"{f} is not valid JSON ({e})") from None
-            if not isinstance(raw, dict):
-                raise InputError(f"{f} holds a JSON {type(raw).__name__}, not an object")
+            raw = read_json_object(f, InputError)
             try:
                 _read_settings(s, raw, name.startswith("video"))
             except (TypeError, ValueError, AttributeError) as e:

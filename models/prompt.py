@@ -8,10 +8,10 @@ Two templates of the user turn:
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.checks import read_json_object
 from models.errors import CheckpointError, InputError
 
 TEMPLATES = ("reasoning", "plain")
@@ -48,11 +48,7 @@ def load_chat_template(path: str | Path) -> str:
     for name in ("chat_template.json", "tokenizer_config.json"):
         f = d / name
         if f.is_file():
-            try:
-                raw = json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{f} is not valid JSON ({e})") from None
-            tpl = raw.get("chat_template") if isinstance(raw, dict) else None
+            tpl = read_json_object(f, CheckpointError).get("chat_template")
             if isinstance(tpl, str):
                 return tpl
     raise CheckpointError(f"{d} carries no chat template (chat_template.jinja or tokenizer_config.json)")

@@ -33,7 +33,7 @@ import numpy as np
 
 from models import checks
 from models.errors import InputError, UserError
-from models.video import IMAGE_SUFFIXES, _cv2, read_image
+from models.video import _cv2, frame_files, read_image
 
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0
 URL_TIMEOUT_S = 5.0  # opening a URL source, and each read from it
@@ -117,9 +117,7 @@ class Capture:
                 self.cond.notify_all()
 
     def _read_folder(self) -> None:
-        files = sorted(f for f in Path(self.src).expanduser().iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise SourceError(f"frames folder {self.src} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files = frame_files(self.src)
         start = time.monotonic()
         for i, f in enumerate(files):
             t = i / self.fps

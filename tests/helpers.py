@@ -1,4 +1,4 @@
-"""Helpers shared by tests: prompts with visual inputs for our model and for transformers."""
+"""Helpers shared by tests: prompts with visual inputs for our model and for transformers; a CLI's one-line error."""
 
 from __future__ import annotations
 
@@ -33,3 +33,12 @@ def visual_prompt(model, ckpt, kind: str, seed: int = 0):
         ids += [cfg.vision_start_token_id] + [pad] * (g[0] * g[1] * g[2] // 4) + [cfg.vision_end_token_id]
     ids += [50, 51, 52, 53, 54]
     return torch.tensor(ids), visuals, kw
+
+
+def one_error_line(capsys, code: int, expected_code: int = 1) -> tuple[str, str]:
+    """(the one stderr line, stdout) of a CLI call that failed with ``expected_code``, with no traceback."""
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == expected_code, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0], out

@@ -15,6 +15,7 @@ from models.errors import InputError
 from models.samples import sample_video
 from runtime.__main__ import main as runtime_main
 from runtime.reasoner import Reasoner
+from tests.helpers import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,7 @@ def write_manifest(d, data, rehash=False):
 
 
 def one_line(capsys, code, expected_code=1) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == expected_code, err
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
+    return one_error_line(capsys, code, expected_code)[0]
 
 
 def check(d, capsys) -> str:

@@ -21,6 +21,7 @@ from models.errors import UserError
 from models.quantized import QuantLinear, backward_block, dequantize
 from runtime.__main__ import main as runtime_main
 from runtime.reasoner import Reasoner
+from tests.helpers import one_error_line
 
 BLOCK = 32  # the tiny checkpoints' layers are 64 and 128 wide
 QUESTION = "Which way does the red circle move?"
@@ -221,9 +222,7 @@ def test_estimate_from_the_shipped_configs(capsys):
 
 
 def one_line_error(capsys, argv, want: str, main=export_main) -> None:
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and want in err and "Traceback" not in err
+    assert want in one_error_line(capsys, main(argv))[0]
 
 
 def test_bad_quantization_settings_are_one_line_and_leave_nothing(tiny, tmp_path, capsys):

@@ -19,6 +19,7 @@ from runtime.demo import main as demo_main
 from runtime.eval.__main__ import main as eval_main
 from runtime.reasoner import Reasoner
 from runtime.sampling import SamplingParams
+from tests.helpers import one_error_line
 
 Q = ["--question", "Which way?"]
 
@@ -80,11 +81,9 @@ def runtime_cases(f):
 
 
 def check_one_line(capsys, code):
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and out == ""
-    return lines[0]
+    line, out = one_error_line(capsys, code)
+    assert line.startswith("error: ") and out == ""
+    return line
 
 
 def test_runtime_cli_refuses_bad_values_in_one_line(files, capsys):
