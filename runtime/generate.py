@@ -94,8 +94,12 @@ class Loop:
     def head_step(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor,
                   write: bool = True) -> torch.Tensor:
         """Last layer + LM head for ``hidden`` [1,S,H]; appends this layer's new entries unless ``write`` is off
-        (a recompute of a token already cached). Returns the last position's logits [V]."""
+        (a recompute of a token already cached). Returns the last position's logits [V]. Without a controller,
+        a backend that carries the head as its own graph (``base_head``: ONNX Runtime on CPU) runs it there."""
         cache, layer = state.cache, state.head_layer
+        base_head = getattr(self.backend, "base_head", None) if self.steering is None else None
+        if base_head is not None:
+            return base_head(hidden, positions, cache, layer, write)
         length = cache.length if write else cache.length - hidden.shape[1]
         keys = cache.keys[layer][:, :length]
         values = cache.values[layer][:, :length]

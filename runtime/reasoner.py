@@ -70,7 +70,7 @@ class Reasoner:
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None,
              model_dir: str | Path | None = None, verify: bool = True, decode: str = "auto",
              cuda_graphs: bool | None = None, compile: bool = False, threads: int | None = None,
-             reuse_mb: int | None = None) -> Reasoner:
+             reuse_mb: int | None = None, ort_trunk: str = "auto") -> Reasoner:
         """Open an export directory, checked as ``python -m export --check`` does: manifest, files present
         with their recorded sizes, graph I/O, and (``verify``, the default) every file's sha256, which
         takes a while for a multi-GB export; ``verify=False`` skips only the hashing.
@@ -88,7 +88,11 @@ class Reasoner:
         content (see ``runtime.reuse``), so several questions on one clip, or overlapping windows of a stream,
         skip the encoding and prefill they share. 0 turns reuse off. Default: a tenth of the device's free memory
         at load (CUDA: free GPU memory; CPU: available RAM), at most 2048. An answer with reuse equals the answer
-        without it up to float rounding (the suffix is prefilled on top of the restored prefix)."""
+        without it up to float rounding (the suffix is prefilled on top of the restored prefix).
+
+        ``ort_trunk`` (ort on CPU): ``fused`` runs the trunk as ONNX Runtime's fused operators (see
+        ``runtime.backends.ort_trunk``), ``standard`` the exported graph, ``auto`` the fused form where the export
+        keeps its weights in ``trunk.onnx.data`` (where it costs no memory)."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         check_number("reuse_mb", reuse_mb, lo=0, integer=True, optional=True)
@@ -137,11 +141,13 @@ class Reasoner:
                 impl = TrtBackend(d, dtype, device)
             else:
                 from runtime.backends.ort import OrtBackend
-                impl = OrtBackend(d, dtype, device, threads=threads or 0)
+                impl = OrtBackend(d, dtype, device, threads=threads or 0, text=cfg.text, trunk_graph=ort_trunk)
             head = load_head(cfg, d / "head.safetensors", dtype, device, manifest["quantization"])
         on_cuda = torch.device(device).type == "cuda"
         if not on_cuda and isinstance(head.lm_head, torch.nn.Linear):
             head.prefer_column_major_lm_head()
+        if name == "ort":
+            impl.attach_head(head)
         static = decode == "static" or (decode == "auto" and on_cuda)
         # (a quantized export's trunk was fused when its weights were loaded, and its head is the export's)
         if static and on_cuda and name == "torch" and not quantized(manifest):

@@ -50,3 +50,13 @@ def engine_dir(tiny, tmp_path_factory):
     from export.exporter import export_model
 
     return export_model(tiny, tmp_path_factory.mktemp("engine") / "fp32", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def int4_engine(tiny, tmp_path_factory):
+    """The tiny checkpoint exported int4 (blocks of 32)."""
+    from export.exporter import export_model
+    from export.quantize import Quantization
+
+    return export_model(tiny, tmp_path_factory.mktemp("engine") / "int4", quiet=True,
+                        quantization=Quantization("int4", 32))

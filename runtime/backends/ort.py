@@ -28,7 +28,12 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, engine_dir: Path, dtype: torch.dtype, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, engine_dir: Path, dtype: torch.dtype, device: str = "cpu", threads: int = 0,
+                 text=None, trunk_graph: str = "auto") -> None:
+        """``text`` (the family's text config) and ``trunk_graph``: on CPU, "fused" runs the ORT-only form of the
+        trunk graph (``ort_trunk``) where it can restate it, "standard" the exported graph, "auto" the fused form
+        where the export keeps its weights in ``trunk.onnx.data`` (there it costs no memory); ``self.trunk_form``
+        says which ran ("fused", or "standard" with the reason)."""
         import onnxruntime as ort
 
         if dtype == torch.bfloat16:
@@ -41,21 +46,25 @@ class OrtBackend:
                 from models.errors import UserError
                 raise UserError("device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu)")
             providers.insert(0, "CUDAExecutionProvider")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # the head runs in PyTorch on the same cores between trunk calls: ONNX Runtime's threads must not
-        # spin-wait through it (measured on the bench shape, 2 cores: decode 11.4 -> 11.8-12.3 tokens/s)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-        from export.sessions import ACCURACY_LEVEL
-
-        # an int4 QDQ trunk is fused into MatMulNBits at load; this is the accuracy level that fusion gets
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ACCURACY_LEVEL))
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vision = _session(ort, engine_dir / "vision.onnx", opts, providers)
-        self.trunk_session = _session(ort, engine_dir / "trunk.onnx", opts, providers)
+        self.vision = _session(ort, engine_dir / "vision.onnx", options(threads), providers)
+        if trunk_graph not in ("auto", "fused", "standard"):
+            from models.errors import UserError
+            raise UserError(f"trunk_graph {trunk_graph!r}: expected auto, fused or standard")
+        self.trunk_session, self.trunk_form = None, "standard"
+        from runtime.backends import ort_trunk
+
+        if trunk_graph == "auto" and not ort_trunk.external_weights(engine_dir / "trunk.onnx"):
+            self.trunk_form = "standard (the graph holds its weights inline: the fused form would hold them twice)"
+        elif trunk_graph != "standard" and text is not None and device == "cpu":
+            try:
+                self.trunk_session = ort_trunk.session(engine_dir / "trunk.onnx", text, options(threads), providers)
+                self.trunk_form = "fused"
+            except ort_trunk.Unsupported as e:
+                self.trunk_form = f"standard ({e})"
+        if self.trunk_session is None:
+            self.trunk_session = _session(ort, engine_dir / "trunk.onnx", options(threads), providers)
         trunk_inputs = {i.name: i.shape for i in self.trunk_session.get_inputs()}
         self.num_layers = sum(1 for n in trunk_inputs if n.startswith("past_key."))
         ds = trunk_inputs.get(DEEPSTACK_INPUT)
@@ -64,6 +73,17 @@ class OrtBackend:
         self.vision_levels = int(out[DEEPSTACK_OUTPUT][0]) if DEEPSTACK_OUTPUT in out else 0
         self._hidden = torch.empty(0)
         self._staging: list[torch.Tensor] = []
+        self.threads = threads
+        self.base_head = None  # the head as an ONNX Runtime graph, for requests without a controller
+
+    def attach_head(self, head) -> None:
+        """Run ``head``'s base forward (no controller) in ONNX Runtime too, where ``ort_head`` supports it (fp32 on
+        CPU): one session run instead of ~30 PyTorch ops and one call per quantized linear (measured on the bench
+        export, 2 cores, one head pass: fp32 29.4 -> 22.4 ms, int4 5.6 -> 3.8 ms)."""
+        from runtime.backends.ort_head import OrtHead, supported
+
+        if supported(head, self.dtype, self.device) is None:
+            self.base_head = OrtHead(head, options(self.threads))
 
     def _bind(self, session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         io = session.io_binding()
@@ -108,6 +128,27 @@ class OrtBackend:
         return embeds, deepstack
 
 
+def options(threads: int = 0, accuracy_level: int | None = None):
+    """Session options of the runtime's graphs (``accuracy_level``: of quantized matmuls, default the runtime's;
+    0 computes them in float, for comparisons with float tolerances)."""
+    import onnxruntime as ort
+
+    from export.sessions import ACCURACY_LEVEL
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # the head's PyTorch ops run on the same cores between trunk calls, and the trunk and the head graph each
+    # have a thread pool: spin-waiting threads would take the cores from whichever runs next (measured on the
+    # bench export, 2 cores: int4 decode 53 tokens/s without spinning, 20 with it in both sessions)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    # an int4 QDQ trunk is fused into MatMulNBits at load; this is the accuracy level that fusion gets
+    level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    return opts
+
+
 def _session(ort, path: Path, opts, providers):
     """An ONNX Runtime session; a graph it cannot load is one UserError naming the file."""
     from models.errors import UserError, one_line
@@ -117,3 +158,4 @@ def _session(ort, path: Path, opts, providers):
     except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
         raise UserError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {one_line(e, 300)}); re-export it, "
                         "or update onnxruntime") from None
+

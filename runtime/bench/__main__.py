@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --synthetic: also measure the static step under torch.compile")
     ap.add_argument("--backend", nargs="+", choices=("trt", "ort", "torch"),
                     help="backends to measure (default: trt if usable, and ort)")
+    ap.add_argument("--ort-trunk", choices=("auto", "fused", "standard"), default="auto",
+                    help="ort on CPU: the trunk as ONNX Runtime's fused operators, the exported graph, or auto (fused "
+                    "where the export keeps its weights in trunk.onnx.data)")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per measured request")
     ap.add_argument("--repeats", type=int, default=3, help="measured requests per row (the median is reported)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each row")

@@ -179,7 +179,8 @@ def run(args) -> dict:
     reasoners = {}
     bandwidth = read_bandwidth()
     for name in backends:
-        r = Reasoner.load(engine, backend=name, reuse_mb=0)  # cold requests: nothing reused between runs
+        r = Reasoner.load(engine, backend=name, reuse_mb=0,  # cold requests: nothing reused between runs
+                          ort_trunk=args.ort_trunk)
         reasoners[name] = r
         prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=args.new_tokens)
         for _ in range(args.warmup):
@@ -188,6 +189,9 @@ def run(args) -> dict:
         results[name] = {k: median_of(runs, k) for k in ("vision_s", "prefill_s", "ttft_s", "decode_s_per_token",
                                                           "peak_memory_bytes")}
         results[name]["prompt_tokens"] = len(prompt.ids)
+        if name == "ort":  # which graphs ran: the trunk's ORT-only form or the standard one, the head's graph
+            results[name]["graphs"] = {"trunk": r.backend.trunk_form,
+                                       "head": "onnxruntime" if r.backend.base_head is not None else "pytorch"}
         print(f"measured {name}", file=sys.stderr)
     default = backends[0]
     r = reasoners[default]
@@ -330,6 +334,7 @@ def run_many(args) -> dict:
               "--seconds", str(args.seconds), "--work", args.work, "--json"]
     if args.backend:
         common += ["--backend", *args.backend]
+    common += ["--ort-trunk", args.ort_trunk]
 
     def child(argv: list[str], what: str) -> dict:
         done = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
@@ -357,7 +362,23 @@ def run_many(args) -> dict:
                                      "--prompt-tokens", str(prompt), "--new-tokens", str(args.new_tokens),
                                      "--repeats", str(args.repeats), "--work", str(Path(args.work) / "peer"),
                                      "--json"], f"onnxruntime-genai {precision}")
-    return {"runs": runs, "peer": peer, "transformers": first["backends"].get("transformers")}
+    rep = {"runs": runs, "peer": peer, "transformers": first["backends"].get("transformers")}
+    rep["decode_vs_peer"] = {f"{name} {b}": v for (name, b), v in peer_ratios(rep).items()}
+    return rep
+
+
+def peer_ratios(rep: dict) -> dict[tuple[str, str], float]:
+    """Decode speed of each export row over onnxruntime-genai's model of the same weights (fp32 rows over its fp32,
+    int4 rows over its int4), keyed by (row, backend)."""
+    out = {}
+    for name, r in rep["runs"].items():
+        peer = rep["peer"].get(r["weights"]["quantize"] if r["weights"]["quantize"] != "none" else "fp32")
+        if peer is None or r["weights"]["precision"] != "fp32":
+            continue
+        for b, d in r["decode_tokens_per_s"].items():
+            if b != "transformers":
+                out[name, b] = d * peer["decode_s_per_token"]
+    return out
 
 
 def vs(decode: float, baseline: float) -> str:
@@ -387,6 +408,10 @@ def table_many(rep: dict) -> str:
         rows.append(f"| fp32 | transformers eager | - | - | - | {tf_decode:.1f} | "
                     f"{tf['peak_memory_bytes'] / 1e6:.0f} | - | 1.00x |")
     rows.append("")
+    peer = peer_ratios(rep)
+    if peer:
+        rows.append("decode against onnxruntime-genai at the same weights (this run): " + ", ".join(
+            f"{name} {b} x{v:.2f}" for (name, b), v in peer.items()))
     for name, r in rep["runs"].items():
         rows.append(f"V-Reason on {name} ({r['vreason_backend']}): "
                     f"per-token time x{r['vreason_token_time_ratio']:.2f}, "

@@ -1,0 +1,237 @@
+"""The head's base forward (last decoder layer, final norm, LM head) as one ONNX Runtime graph, for the ort
+backend on CPU when no controller needs the head to be differentiable.
+
+The PyTorch head stays the one V-Reason steers (its backward needs autograd). Without a controller, a
+decode step on the ort backend used to leave ONNX Runtime after the trunk and run about 30 small PyTorch ops
+plus one ONNX Runtime call per quantized linear (seven for the layer, one for the LM head); here the same
+math is one session run, in ONNX Runtime's fused CPU operators (SimplifiedLayerNormalization for RMSNorm,
+RotaryEmbedding, MatMulNBits for quantized linears). The graph is built at load from the head's own modules,
+so nothing is added to the export:
+
+- float weights are graph inputs bound to the PyTorch head's tensors (no copy: one copy of each weight);
+- quantized linears are MatMulNBits initializers holding the head's codes and scales (ONNX Runtime repacks
+  them for its kernel, as the head's own per-linear sessions do);
+- the rotary tables come from the head's own ``rotary`` (either family's M-RoPE) as RotaryEmbedding's cos/sin
+  caches with positions 0..S-1; the causal mask is an input (S > 1: a prefill chunk).
+
+Inputs: hidden [1,S,H], cos/sin [S,hd/2], positions [1,S], mask [S,P+S] (additive), past_key/past_value
+[1,P,kv,hd]; outputs: logits [1,V] of the last position, key/value [1,S,kv,hd] (the layer's new entries,
+bound straight into the cache). Same numbers as the PyTorch head to float rounding (``tests/test_ort_head``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.quantized import IR_VERSION, QuantLinear
+from runtime.cache import KVCache
+
+_FLOAT_MIN = float(torch.finfo(torch.float32).min)
+
+
+def supported(head, dtype: torch.dtype, device) -> str | None:
+    """Why ``OrtHead`` cannot run this head (None: it can)."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return "fp32 on CPU only"
+    layer = head.layer
+    attn, mlp = layer.self_attn, layer.mlp
+    if attn.qkv_proj is not None or mlp.gate_up_proj is not None:
+        return "fused projections"
+    if mlp.act is not nn.functional.silu:
+        return "the MLP activation is not silu"
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+              head.lm_head):
+        if isinstance(m, QuantLinear):
+            if m.codes is None or m.in_features % m.block_size:
+                return "quantized weights without MatMulNBits codes"
+        elif not isinstance(m, nn.Linear):
+            return f"unsupported linear {type(m).__name__}"
+    return None
+
+
+class _Graph:
+    """Accumulates nodes, inputs and initializers of the head graph."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.nodes: list = []
+        self.inputs: list = []
+        self.initializers: list = []
+        self.bound: dict[str, torch.Tensor] = {}  # weight inputs -> the PyTorch tensors bound to them
+        self.n = 0
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
+        if isinstance(outputs, int):
+            outputs = [f"t{self.n}_{i}" for i in range(outputs)]
+        self.n += 1
+        self.nodes.append(self.helper.make_node(op_type, inputs, outputs, name=f"n{self.n}_{op_type}", domain=domain,
+                                                **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def weight(self, name: str, t: torch.Tensor) -> str:
+        """A float weight as a graph input bound to ``t`` at run time (ONNX Runtime reads the tensor in place)."""
+        from onnx import TensorProto
+
+        t = t.detach()
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is not contiguous")
+        self.bound[name] = t
+        self.inputs.append(self.helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)))
+        return name
+
+    def linear(self, x: str, m, name: str) -> str:
+        """x [M, K] -> [M, N] for an nn.Linear (weight [N, K], read in place; a column-major weight, as the
+        CPU head's LM head is stored, is read as the [K, N] matrix it is) or a QuantLinear (MatMulNBits)."""
+        from onnx import numpy_helper
+
+        if isinstance(m, QuantLinear):
+            ins = [x, f"{name}.codes", f"{name}.scales"]
+            self.initializers += [numpy_helper.from_array(m.codes.numpy(), ins[1]),
+                                  numpy_helper.from_array(m.scales.numpy(), ins[2])]
+            if m.zero_points is not None:
+                ins.append(f"{name}.zero_points")
+                self.initializers.append(numpy_helper.from_array(m.zero_points.numpy(), ins[3]))
+            y = self.op("MatMulNBits", ins, domain="com.microsoft", K=m.in_features, N=m.out_features, bits=m.bits,
+                        block_size=m.block_size, accuracy_level=m.accuracy_level)
+        else:
+            w = m.weight.detach()
+            if w.t().is_contiguous() and not w.is_contiguous():
+                y = self.op("MatMul", [x, self.weight(f"{name}.weight_t", w.t())])
+            else:
+                y = self.op("Gemm", [x, self.weight(f"{name}.weight", w)], transB=1)
+        if m.bias is not None:
+            y = self.op("Add", [y, self.weight(f"{name}.bias", m.bias)])
+        return y
+
+    def rms(self, x: str, norm, name: str) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self.weight(f"{name}.weight", norm.weight)], axis=-1,
+                       epsilon=float(norm.eps))
+
+
+def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The serialized head graph and the PyTorch tensors its weight inputs are bound to."""
+    from onnx import TensorProto, helper
+
+    layer = head.layer
+    attn, mlp = layer.self_attn, layer.mlp
+    heads, kv, hd = attn.heads, attn.kv_heads, attn.head_dim
+    groups = heads // kv
+    hidden_size = attn.q_proj.in_features
+    vocab = head.lm_head.out_features
+    g = _Graph()
+    f = TensorProto.FLOAT
+    g.inputs += [helper.make_tensor_value_info("hidden", f, [1, "S", hidden_size]),
+                 helper.make_tensor_value_info("cos", f, ["S", hd // 2]),
+                 helper.make_tensor_value_info("sin", f, ["S", hd // 2]),
+                 helper.make_tensor_value_info("positions", TensorProto.INT64, [1, "S"]),
+                 helper.make_tensor_value_info("mask", f, ["S", "T"]),
+                 helper.make_tensor_value_info("past_key", f, [1, "P", kv, hd]),
+                 helper.make_tensor_value_info("past_value", f, [1, "P", kv, hd])]
+    x = g.op("Reshape", ["hidden", g.const("shape_rows", [-1, hidden_size])])  # [S, H]
+    a = g.rms(x, layer.input_layernorm, "layer.input_layernorm")
+    q = g.linear(a, attn.q_proj, "layer.self_attn.q_proj")
+    k = g.linear(a, attn.k_proj, "layer.self_attn.k_proj")
+    v = g.linear(a, attn.v_proj, "layer.self_attn.v_proj")
+    if attn.q_norm is not None:  # Qwen3-VL: RMSNorm over head_dim on q and k before the rotary embedding
+        q = g.op("Reshape", [g.rms(g.op("Reshape", [q, g.const("shape_q_heads", [-1, heads, hd])]), attn.q_norm,
+                                   "layer.self_attn.q_norm"), g.const("shape_q_flat", [-1, heads * hd])])
+        k = g.op("Reshape", [g.rms(g.op("Reshape", [k, g.const("shape_k_heads", [-1, kv, hd])]), attn.k_norm,
+                                   "layer.self_attn.k_norm"), g.const("shape_k_flat", [-1, kv * hd])])
+    q = g.op("RotaryEmbedding", [g.op("Reshape", [q, g.const("shape_q_seq", [1, -1, heads * hd])]), "positions",
+                                 "cos", "sin"], domain="com.microsoft", num_heads=heads, interleaved=0)
+    k = g.op("RotaryEmbedding", [g.op("Reshape", [k, g.const("shape_k_seq", [1, -1, kv * hd])]), "positions",
+                                 "cos", "sin"], domain="com.microsoft", num_heads=kv, interleaved=0)
+    entries = g.const("shape_entries", [1, -1, kv, hd])
+    g.op("Reshape", [k, entries], ["key"])
+    g.op("Reshape", [v, entries], ["value"])
+    keys = g.op("Concat", ["past_key", "key"], axis=1)  # [1, T, kv, hd]
+    values = g.op("Concat", ["past_value", "value"], axis=1)
+    per_token = g.const("shape_per_token", [-1, kv, hd])
+    kt = g.op("Unsqueeze", [g.op("Transpose", [g.op("Reshape", [keys, per_token])], perm=[1, 2, 0]),
+                            g.const("axis_1", [1])])  # [kv, 1, hd, T]
+    vt = g.op("Unsqueeze", [g.op("Transpose", [g.op("Reshape", [values, per_token])], perm=[1, 0, 2]),
+                            "axis_1"])  # [kv, 1, T, hd]
+    qg = g.op("Transpose", [g.op("Reshape", [q, g.const("shape_groups", [-1, kv, groups, hd])])],
+              perm=[1, 2, 0, 3])  # [kv, groups, S, hd]
+    scores = g.op("Mul", [g.op("MatMul", [qg, kt]), g.const("scale", hd**-0.5, np.float32)])  # [kv, groups, S, T]
+    probs = g.op("Softmax", [g.op("Add", [scores, "mask"])], axis=-1)
+    out = g.op("Transpose", [g.op("MatMul", [probs, vt])], perm=[2, 0, 1, 3])  # [S, kv, groups, hd]
+    out = g.linear(g.op("Reshape", [out, g.const("shape_heads_flat", [-1, heads * hd])]), attn.o_proj,
+                   "layer.self_attn.o_proj")
+    x = g.op("Add", [x, out])
+    m = g.rms(x, layer.post_attention_layernorm, "layer.post_attention_layernorm")
+    gate = g.linear(m, mlp.gate_proj, "layer.mlp.gate_proj")
+    up = g.linear(m, mlp.up_proj, "layer.mlp.up_proj")
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # silu(gate) * up
+    x = g.op("Add", [x, g.linear(act, mlp.down_proj, "layer.mlp.down_proj")])
+    last = g.op("Slice", [x, g.const("last_start", [-1]), g.const("last_end", [2**62]), g.const("axis_0", [0])])
+    g.op("Identity", [g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head")], ["logits"])
+    outputs = [helper.make_tensor_value_info("logits", f, [1, vocab]),
+               helper.make_tensor_value_info("key", f, [1, "S", kv, hd]),
+               helper.make_tensor_value_info("value", f, [1, "S", kv, hd])]
+    graph = helper.make_graph(g.nodes, "head", g.inputs, outputs, g.initializers)
+    model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21),
+                                                                          helper.make_opsetid("com.microsoft", 1)])
+    return model.SerializeToString(), g.bound
+
+
+class OrtHead:
+    """``head`` (a PyTorch ``Head``, fp32 on CPU) run through ONNX Runtime; see the module docstring."""
+
+    def __init__(self, head, opts) -> None:
+        """``opts``: the session options (the ort backend's ``options``)."""
+        import onnxruntime as ort
+
+        self.head = head
+        blob, self.bound = build(head)
+        self.session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+        self.half = head.layer.self_attn.head_dim // 2
+        self.logits = torch.empty(1, head.lm_head.out_features)
+        self._scratch = torch.empty(0)
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int,
+                 write: bool = True) -> torch.Tensor:
+        """Logits [V] of the last of ``hidden`` [1,S,H]'s tokens at ``positions`` [3,1,S] over ``layer``'s cache
+        (the entries below ``cache.length``, or below ``cache.length - S`` for a recompute of tokens already
+        cached: ``write`` off); with ``write``, the S new entries go into the cache at ``cache.length``."""
+        s = hidden.shape[1]
+        length = cache.length if write else cache.length - s
+        keys, values = cache.keys[layer][:, :length], cache.values[layer][:, :length]
+        if write:
+            new_k, new_v = cache.slot(layer, s)
+        else:
+            shape = (1, s, *keys.shape[2:])
+            n = 2 * int(np.prod(shape))
+            if self._scratch.numel() < n:
+                self._scratch = torch.empty(n)
+            new_k, new_v = self._scratch[:n].view(2, *shape).unbind(0)
+        cos, sin = self.head.rotary(positions, torch.float32)  # [1, S, 1, hd]: the halves repeat
+        cos, sin = cos[0, :, 0, : self.half].contiguous(), sin[0, :, 0, : self.half].contiguous()
+        if s == 1:
+            mask = torch.zeros(1, length + 1)
+        else:
+            j = torch.arange(length + s).unsqueeze(0)
+            mask = torch.zeros(s, length + s).masked_fill_(j > torch.arange(s).unsqueeze(1) + length, _FLOAT_MIN)
+        io = self.session.io_binding()
+        feeds = {"hidden": hidden.contiguous(), "cos": cos, "sin": sin, "positions": torch.arange(s).view(1, s),
+                 "mask": mask, "past_key": keys, "past_value": values, **self.bound}
+        for name, t in feeds.items():
+            io.bind_input(name, "cpu", 0, _NP[t.dtype], list(t.shape), t.data_ptr())
+        for name, t in (("logits", self.logits), ("key", new_k), ("value", new_v)):
+            io.bind_output(name, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
+        self.session.run_with_iobinding(io)
+        return self.logits[0]
+
+
+_NP = {torch.float32: np.float32, torch.int64: np.int64}
+

@@ -1,0 +1,234 @@
+"""An ONNX Runtime-only form of an export's trunk graph, derived at load: the same contract (inputs, outputs,
+weights) in ONNX Runtime's fused CPU operators, for the ort backend on CPU.
+
+The exported ``trunk.onnx`` stays standard ONNX (what TensorRT builds): a Qwen decoder layer traces into about
+60 small operators (RMSNorm alone is seven, rotary a Slice/Neg/Concat chain per tensor, the causal mask rebuilt
+per layer), and on a 2-core CPU their dispatch costs as much as the int4 weights' reads. Here each layer is
+about 25 nodes: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one), the trunk's own
+fused q/k/v and gate/up matmuls as exported (MatMul, the int4 QDQ pair ONNX Runtime fuses into MatMulNBits, or
+MatMulNBits), RotaryEmbedding over cos/sin tables computed once per call from the M-RoPE positions, and the
+grouped-query attention and causal mask of the standard graph (the mask built once, not per layer).
+
+Nothing is written: the graph is serialized in memory and its weight initializers are the export's own
+TensorProtos, external data included, which ONNX Runtime reads from ``trunk.onnx.data`` through a memory map
+(``add_external_initializers_from_files_in_memory``). Parity with the standard graph is tested on both families,
+fp32 and quantized, prefill, decode and the fixed-capacity (static) form (``tests/test_ort_trunk``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class Unsupported(Exception):
+    """The trunk graph is not one this module can restate (the standard graph is used)."""
+
+
+def mrope_selection(half: int, section: list[int], interleaved: bool) -> np.ndarray:
+    """[3, 1, 1, half] one-hot: which position axis (t, h, w) each rotary frequency follows (``MRoPE``)."""
+    axis = np.zeros(half, dtype=np.int64)
+    if interleaved:
+        j = np.arange(half)
+        axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
+        axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    else:
+        start = 0
+        for i, n in enumerate(section):
+            axis[start:start + n] = i % 3
+            start += n
+    return (axis[None, :] == np.arange(3)[:, None]).astype(np.float32).reshape(3, 1, 1, half)
+
+
+class _Builder:
+    def __init__(self, proto) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.src = proto.graph
+        self.inits = {i.name: i for i in self.src.initializer}
+        self.consumers: dict[str, list] = {}
+        for n in self.src.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.nodes: list = []
+        self.used: dict[str, object] = {}  # the export's initializers the new graph takes over
+        self.consts: list = []
+        self.n = 0
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
+        if isinstance(outputs, int):
+            outputs = [f"f{self.n}_{i}" for i in range(outputs)]
+        self.n += 1
+        self.nodes.append(self.helper.make_node(op_type, inputs, outputs, name=f"fused_{self.n}_{op_type}",
+                                                domain=domain, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        from onnx import numpy_helper
+
+        if name not in {c.name for c in self.consts}:
+            self.consts.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def init(self, name: str) -> str:
+        if name not in self.inits:
+            raise Unsupported(f"the trunk graph has no initializer {name}")
+        self.used[name] = self.inits[name]
+        return name
+
+    def linear(self, x: str, path: str, bias: bool | None = None) -> str:
+        """x @ W for the linear at module ``path``, applied as the export applies it (the weight's consumer
+        node, and its DequantizeLinear producer in the int4 QDQ form, copied with ``x`` as the activation)."""
+        from onnx import helper
+
+        for weight in (path, f"{path}_DQ_Q4", f"{path}_Q8", f"{path}_Q4"):
+            if weight in self.inits:
+                break
+        else:
+            raise Unsupported(f"no weight for {path}")
+        users = self.consumers.get(weight, [])
+        if len(users) != 1:
+            raise Unsupported(f"{weight} has {len(users)} consumers")
+        node = users[0]
+        if node.op_type == "DequantizeLinear":
+            for i in node.input:
+                self.init(i)
+            out = f"{path}.dequantized"
+            self.nodes.append(helper.make_node("DequantizeLinear", list(node.input), [out], name=f"{path}.dq",
+                                               domain=node.domain, **attrs(node)))
+            matmuls = self.consumers.get(node.output[0], [])
+            if len(matmuls) != 1 or matmuls[0].op_type != "MatMul":
+                raise Unsupported(f"{weight} is not dequantized into one MatMul")
+            y = self.op("MatMul", [x, out])
+        elif node.op_type in ("MatMul", "MatMulNBits") and list(node.input).index(weight) == 1:
+            for i in node.input[1:]:
+                if i:
+                    self.init(i)
+            y = self.op(node.op_type, [x, *node.input[1:]], domain=node.domain, **attrs(node))
+        else:
+            raise Unsupported(f"{weight} feeds a {node.op_type}")
+        if f"{path}.bias" in self.inits and bias is not False:
+            y = self.op("Add", [y, self.init(f"{path}.bias")])
+        return y
+
+
+def attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def build(trunk: Path, text) -> bytes:
+    """The ORT-only trunk graph, serialized (weights by reference to the export's external data); ``text``:
+    the family's text config. Raises ``Unsupported`` for a graph it cannot restate."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(trunk), load_external_data=False)
+    ins = {i.name: i for i in proto.graph.input}
+    if ins["inputs_embeds"].type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise Unsupported("fp32 trunks only")
+    if getattr(text, "hidden_act", "silu") != "silu":
+        raise Unsupported("the MLP activation is not silu")
+    layers = sum(1 for n in ins if n.startswith("past_key."))
+    heads, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    groups, inter = heads // kv, text.intermediate_size
+    qk_norm = bool(getattr(text, "qk_norm", False))
+    b = _Builder(proto)
+
+    # once per call: positions -> rotary tables, and the mask of new token i over the T = P + S entries
+    s = b.op("Gather", [b.op("Shape", ["inputs_embeds"]), b.const("one", 1)])
+    p = b.op("Gather", [b.op("Shape", ["past_key.0"]), "one"])
+    t = b.op("Add", [p, s])
+    freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", ["position_ids"], to=TensorProto.FLOAT),
+                                            b.const("last_axis", [-1])]), b.init("trunk.rotary.inv_freq")])
+    section = list(text.mrope_section)
+    pick = b.const("mrope_pick", mrope_selection(hd // 2, section, bool(getattr(text, "mrope_interleaved", False))),
+                   np.float32)
+    angles = b.op("Reshape", [b.op("ReduceSum", [b.op("Mul", [freqs, pick]), b.const("axis_0", [0])], keepdims=0),
+                              b.const("shape_table", [-1, hd // 2])])  # [S, hd/2]
+    cos, sin = b.op("Cos", [angles]), b.op("Sin", [angles])
+    zero = b.const("zero", 0)
+    rows = b.op("Unsqueeze", [b.op("Range", [zero, s, "one"]), b.const("axis_0", [0])])  # [1, S]: table rows
+    j = b.op("Range", [zero, t, "one"])  # [T]
+    i = b.op("Unsqueeze", [b.op("Range", [zero, s, "one"]), b.const("axis_1", [1])])  # [S, 1]
+    causal = b.op("LessOrEqual", [j, b.op("Add", [i, p])])
+    past = b.op("Less", [j, p])
+    valid = b.op("And", [past, b.op("Less", [j, "cache_length"])])
+    allowed = b.op("Or", [valid, b.op("And", [causal, b.op("Not", [past])])])
+    mask = b.op("Where", [allowed, b.const("mask_open", 0.0, np.float32),
+                          b.const("mask_shut", np.finfo(np.float32).min, np.float32)])  # [S, T]
+    scale = b.const("scale", hd**-0.5, np.float32)
+    deepstack = "deepstack_embeds" in ins
+    levels = ins["deepstack_embeds"].type.tensor_type.shape.dim[0].dim_value if deepstack else 0
+
+    def rms(x: str, weight: str, skip: str | None = None) -> tuple[str, str]:
+        """(RMSNorm(x + skip), x + skip) in one node; without ``skip``, (RMSNorm(x), x)."""
+        eps = float(text.rms_norm_eps)
+        if skip is None:
+            return b.op("SimplifiedLayerNormalization", [x, b.init(weight)], axis=-1, epsilon=eps), x
+        normed, _, _, total = b.op("SkipSimplifiedLayerNormalization", [x, skip, b.init(weight)], 4,
+                                   domain="com.microsoft", epsilon=eps)
+        return normed, total
+
+    residual, delta = "inputs_embeds", None
+    for layer in range(layers):
+        pre = f"trunk.layers.{layer}."
+        a, residual = rms(delta or residual, pre + "input_layernorm.weight", residual if delta else None)
+        qkv = b.linear(a, pre + "self_attn.qkv_proj")
+        q, k, v = b.op("Split", [qkv, b.const("qkv_sizes", [heads * hd, kv * hd, kv * hd])], 3, axis=-1)
+        if qk_norm:
+            q = b.op("Reshape", [rms(b.op("Reshape", [q, b.const("shape_q", [1, -1, heads, hd])]),
+                                     pre + "self_attn.q_norm.weight")[0], b.const("shape_q_flat", [1, -1, heads * hd])])
+            k = b.op("Reshape", [rms(b.op("Reshape", [k, b.const("shape_k", [1, -1, kv, hd])]),
+                                     pre + "self_attn.k_norm.weight")[0], b.const("shape_k_flat", [1, -1, kv * hd])])
+        q = b.op("RotaryEmbedding", [q, rows, cos, sin], domain="com.microsoft", num_heads=heads, interleaved=0)
+        k = b.op("RotaryEmbedding", [k, rows, cos, sin], domain="com.microsoft", num_heads=kv, interleaved=0)
+        entries = b.const("shape_entries", [1, -1, kv, hd])
+        b.op("Reshape", [k, entries], [f"key.{layer}"])
+        b.op("Reshape", [v, entries], [f"value.{layer}"])
+        keys = b.op("Concat", [f"past_key.{layer}", f"key.{layer}"], axis=1)  # [1, T, kv, hd]
+        values = b.op("Concat", [f"past_value.{layer}", f"value.{layer}"], axis=1)
+        kt = b.op("Unsqueeze", [b.op("Transpose", [keys], perm=[0, 2, 3, 1]), b.const("axis_2", [2])])
+        vt = b.op("Unsqueeze", [b.op("Transpose", [values], perm=[0, 2, 1, 3]), "axis_2"])
+        qg = b.op("Transpose", [b.op("Reshape", [q, b.const("shape_groups", [1, -1, kv, groups, hd])])],
+                  perm=[0, 2, 3, 1, 4])  # [1, kv, groups, S, hd]
+        scores = b.op("Add", [b.op("Mul", [b.op("MatMul", [qg, kt]), scale]), mask])  # [1, kv, groups, S, T]
+        out = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), vt])
+        out = b.op("Reshape", [b.op("Transpose", [out], perm=[0, 3, 1, 2, 4]),
+                               b.const("shape_attn", [1, -1, heads * hd])])
+        attn = b.linear(out, pre + "self_attn.o_proj")
+        m, residual = rms(attn, pre + "post_attention_layernorm.weight", residual)
+        gate, up = b.op("Split", [b.linear(m, pre + "mlp.gate_up_proj"), b.const("mlp_sizes", [inter, inter])], 2,
+                        axis=-1)
+        delta = b.linear(b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up]), pre + "mlp.down_proj")
+        if layer < levels:  # DeepStack: row ``layer`` of the features joins this layer's output
+            delta = b.op("Add", [delta, b.op("Gather", ["deepstack_embeds", b.const(f"level_{layer}", layer)])])
+    b.op("Add", [residual, delta], ["hidden"])
+    graph = helper.make_graph(b.nodes, "trunk_ort", list(proto.graph.input), list(proto.graph.output),
+                              [*b.used.values(), *b.consts])
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    opsets[""] = max(opsets.get("", 18), 18)
+    opsets["com.microsoft"] = 1
+    model = helper.make_model(graph, ir_version=proto.ir_version,
+                              opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    return model.SerializeToString()
+
+
+def external_weights(trunk: Path) -> bool:
+    """Whether the trunk's weights lie in ``trunk.onnx.data`` (large exports) rather than inside the graph file.
+    Only then is the ORT-only form free in memory: built in memory, a graph with its weights inline holds them
+    once more (measured on the bench export's int4 trunk: 637 -> 854 MB resident after loading)."""
+    data = trunk.with_name(trunk.name + ".data")
+    return data.is_file() and data.stat().st_size > 0
+
+
+def session(trunk: Path, text, opts, providers):
+    """An ONNX Runtime session over the ORT-only form of ``trunk`` (see ``build``); its external data is read
+    from beside ``trunk`` as the standard graph's is (the same memory: measured on the bench export, fp32)."""
+    import onnxruntime as ort
+
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(trunk.parent))
+    return ort.InferenceSession(build(trunk, text), opts, providers=providers)

@@ -1,0 +1,111 @@
+"""The head's base forward as an ONNX Runtime graph (``runtime.backends.ort_head``): the same logits and cache
+entries as the PyTorch head for decode steps, prefill chunks and recomputes, on both families, float and
+quantized weights; and the ort backend's base requests run through it with the answers of the PyTorch head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import load_model
+from models.quantized import QuantLinear, rtn_quantize
+from runtime.backends.ort import options
+from runtime.backends.ort_head import OrtHead, supported
+from runtime.cache import KVCache
+from runtime.reasoner import Reasoner
+
+QUESTION = "Which way does the red circle move?"
+
+
+def quantize_head(head, bits: int, block: int = 32) -> None:
+    """Every linear of the head's layer and its LM head as a QuantLinear (ONNX Runtime's rounding)."""
+    def q(m):
+        return QuantLinear(m.in_features, m.out_features, bits, block, {**rtn_quantize(m.weight, bits, block),
+                                                                         "bias": m.bias})
+    attn, mlp = head.layer.self_attn, head.layer.mlp
+    for owner, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj",
+                                                                                  "down_proj"))):
+        for n in names:
+            setattr(owner, n, q(getattr(owner, n)))
+    head.lm_head = q(head.lm_head)
+
+
+@pytest.fixture(params=["gqa2-rows", "gqa4-columns", "qwen3-columns", "gqa2-int4", "gqa4-int8"])
+def heads(request, checkpoints, q3_tiny):
+    """(PyTorch head, its ORT graph): both families, the LM head row- or column-major, quantized linears."""
+    name, form = request.param.split("-")
+    head = load_model(q3_tiny if name == "qwen3" else checkpoints[name]).head.eval()
+    if form == "columns":
+        head.prefer_column_major_lm_head()
+    elif form in ("int4", "int8"):
+        quantize_head(head, int(form[3:]))
+    assert supported(head, torch.float32, "cpu") is None
+    return head, OrtHead(head, options())
+
+
+def filled_cache(head, length: int, capacity: int, seed: int) -> KVCache:
+    attn = head.layer.self_attn
+    cache = KVCache.allocate(1, capacity, attn.kv_heads, attn.head_dim, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    cache.keys[0][:, :length] = torch.randn(1, length, attn.kv_heads, attn.head_dim, generator=g)
+    cache.values[0][:, :length] = torch.randn(1, length, attn.kv_heads, attn.head_dim, generator=g)
+    cache.length = length
+    return cache
+
+
+def positions(s: int, start: int) -> torch.Tensor:
+    """M-RoPE positions whose three axes differ (as a video token's do)."""
+    p = torch.arange(start, start + s)
+    return torch.stack((p, p + 3, 2 * p + 1)).view(3, 1, s)
+
+
+@pytest.mark.parametrize("s,past", [(1, 37), (1, 0), (6, 20), (9, 0)])
+def test_graph_equals_the_pytorch_head(heads, s, past):
+    head, graph = heads
+    hidden = torch.randn(1, s, head.layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(s))
+    pos = positions(s, past + 5)
+    cache = filled_cache(head, past, past + s + 4, seed=past)
+    with torch.no_grad():
+        ref, k, v = head(hidden, pos, cache.keys[0][:, :past], cache.values[0][:, :past], last_only=True)
+    logits = graph(hidden, pos, cache, 0).clone()
+    scale = ref.abs().max().item()
+    assert (logits - ref[0, -1]).abs().max().item() <= 1e-5 * max(scale, 1)
+    assert torch.allclose(cache.keys[0][:, past:past + s], k, atol=1e-5)  # written into the cache slot
+    assert torch.allclose(cache.values[0][:, past:past + s], v, atol=1e-5)
+    assert torch.equal(cache.keys[0][:, past + s:], torch.zeros_like(cache.keys[0][:, past + s:]))
+    # a recompute of the tokens just written (``write`` off): the same logits, nothing written
+    cache.length = past + s
+    before = cache.keys[0].clone()
+    again = graph(hidden, pos, cache, 0, write=False)
+    assert torch.allclose(again, logits, atol=1e-6) and torch.equal(cache.keys[0], before)
+
+
+def test_what_the_graph_does_not_take(checkpoints):
+    head = load_model(checkpoints["gqa2"]).head
+    assert "fp32 on CPU" in supported(head, torch.float16, "cpu")
+    head.layer.fuse_projections()
+    assert supported(head, torch.float32, "cpu") == "fused projections"
+
+
+@pytest.mark.parametrize("fixture", ["engine_dir", "int4_engine"])
+def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(fixture, request, tmp_path):
+    from models.samples import sample_video
+
+    video = sample_video(tmp_path / "clip.mp4", seconds=1.5)
+    r = Reasoner.load(request.getfixturevalue(fixture), backend="ort", reuse_mb=0)
+    assert isinstance(r.backend.base_head, OrtHead)
+    calls = []
+    run = r.backend.base_head.session.run_with_iobinding
+    r.backend.base_head.session.run_with_iobinding = lambda io: (calls.append(1), run(io))
+    fast = r.ask(video=str(video), question=QUESTION, max_new_tokens=10)
+    assert len(calls) >= len(fast.token_ids) > 0  # prefill, the first logits and every decode step
+    graph, r.backend.base_head = r.backend.base_head, None  # the PyTorch head for the same request
+    slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=10)
+    assert fast.token_ids == slow.token_ids
+    assert np.allclose(fast.entropy, slow.entropy, atol=1e-4)
+    r.backend.base_head = graph
+    calls.clear()  # a controller needs the differentiable head: the graph is not used
+    r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method="vreason")
+    assert not calls
+
