@@ -82,7 +82,7 @@ def test_fused_graph_equals_the_standard_graph(exports, name):
 def test_ort_backend_picks_the_trunk_graph(exports, monkeypatch):
 
     # the tiny exports keep their weights inside trunk.onnx: "auto" runs the standard graph there (the fused
-    # form, built in memory, would hold them twice), "fused" asks for it anyway
+    # form, built in memory, would cost memory), "fused" asks for it anyway
     r = Reasoner.load(exports["qwen3"], backend="ort")
     assert r.backend.trunk_form.startswith("standard (the graph holds its weights inline")
     r = Reasoner.load(exports["qwen3"], backend="ort", ort_trunk="fused")

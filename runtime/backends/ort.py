@@ -56,7 +56,7 @@ class OrtBackend:
         from runtime.backends import ort_trunk
 
         if trunk_graph == "auto" and not ort_trunk.external_weights(engine_dir / "trunk.onnx"):
-            self.trunk_form = "standard (the graph holds its weights inline: the fused form would hold them twice)"
+            self.trunk_form = "standard (the graph holds its weights inline: the fused form would cost memory)"
         elif trunk_graph != "standard" and text is not None and device == "cpu":
             try:
                 self.trunk_session = ort_trunk.session(engine_dir / "trunk.onnx", text, options(threads), providers)
