@@ -48,16 +48,20 @@ class OrtBackend:
             providers.insert(0, "CUDAExecutionProvider")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vision = _session(ort, engine_dir / "vision.onnx", options(threads), providers)
         if trunk_graph not in ("auto", "fused", "standard"):
             from models.errors import UserError
-            raise UserError(f"trunk_graph {trunk_graph!r}: expected auto, fused or standard")
+            raise UserError(f"ort_trunk {trunk_graph!r}: expected auto, fused or standard")
+        self.vision = _session(ort, engine_dir / "vision.onnx", options(threads), providers)
         self.trunk_session, self.trunk_form = None, "standard"
         from runtime.backends import ort_trunk
 
-        if trunk_graph == "auto" and not ort_trunk.external_weights(engine_dir / "trunk.onnx"):
+        if trunk_graph == "standard" or text is None:
+            pass
+        elif device != "cpu":
+            self.trunk_form = "standard (the fused form is for CPU)"
+        elif trunk_graph == "auto" and not ort_trunk.external_weights(engine_dir / "trunk.onnx"):
             self.trunk_form = "standard (the graph holds its weights inline: the fused form would cost memory)"
-        elif trunk_graph != "standard" and text is not None and device == "cpu":
+        else:
             try:
                 self.trunk_session = ort_trunk.session(engine_dir / "trunk.onnx", text, options(threads), providers)
                 self.trunk_form = "fused"
@@ -158,4 +162,3 @@ def _session(ort, path: Path, opts, providers):
     except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
         raise UserError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {one_line(e, 300)}); re-export it, "
                         "or update onnxruntime") from None
-
