@@ -79,16 +79,26 @@ def fake_quantize_activations(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return (torch.round(xb * inverse) * (amax / 127)).reshape(shape)
 
 
+def matmul_nbits(x: str, y: str, prefix: str, codes, scales, zero_points, bits: int, block_size: int, k: int,
+                 n: int, accuracy_level: int):
+    """A MatMulNBits node y = x @ W^T and its weight tensors keyed by initializer name (``prefix`` + codes,
+    scales, zero_points)."""
+    from onnx import helper
+
+    arrays = {f"{prefix}codes": codes, f"{prefix}scales": scales,
+              **({f"{prefix}zero_points": zero_points} if zero_points is not None else {})}
+    node = helper.make_node("MatMulNBits", [x, *arrays], [y], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block_size, accuracy_level=accuracy_level)
+    return node, arrays
+
+
 def _nbits_session(codes, scales, zero_points, bits: int, block_size: int, k: int, n: int, accuracy_level: int):
     """An ONNX Runtime session computing x [M, K] @ W^T for one MatMulNBits weight; the weight arrays are
     handed over without a copy (the caller keeps them alive)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    names = ["x", "codes", "scales"] + (["zero_points"] if zero_points is not None else [])
-    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=block_size, accuracy_level=accuracy_level)
-    arrays = {"codes": codes, "scales": scales, **({"zero_points": zero_points} if zero_points is not None else {})}
+    node, arrays = matmul_nbits("x", "y", "", codes, scales, zero_points, bits, block_size, k, n, accuracy_level)
     # the graph names its weights as initializers; the session then uses the caller's buffers for them
     # (``add_initializer``), the serialized copies here being dropped once the session exists
     graph = helper.make_graph(
@@ -287,15 +297,18 @@ class QuantLinear(nn.Module):
     def kernels(self) -> set[str]:
         return {k.kernel for k in self.packed.values()}
 
+    def nbits_args(self, which: str = "forward") -> tuple:
+        """(codes, scales, zero_points, bits, block_size, K, N, accuracy_level) of the forward weights or of the
+        transposed copy the backward reads, as ``matmul_nbits`` takes them."""
+        if which == "forward":
+            return (self.codes, self.scales, self.zero_points, self.bits, self.block_size, self.in_features,
+                    self.out_features, self.accuracy_level)
+        return (self.bwd_codes, self.bwd_scales, self.bwd_zero_points, self.bits, self.backward_block_size,
+                self.out_features, self.in_features, self.accuracy_level)
+
     def _session(self, which: str):
         if which not in self._sessions:
-            if which == "forward":
-                args = (self.codes, self.scales, self.zero_points, self.bits, self.block_size, self.in_features,
-                        self.out_features)
-            else:
-                args = (self.bwd_codes, self.bwd_scales, self.bwd_zero_points, self.bits, self.backward_block_size,
-                        self.out_features, self.in_features)
-            self._sessions[which] = _nbits_session(*args, self.accuracy_level)
+            self._sessions[which] = _nbits_session(*self.nbits_args(which))
         return self._sessions[which][0]
 
     def _run(self, which: str, x: torch.Tensor) -> torch.Tensor:

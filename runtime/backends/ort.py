@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from runtime.backends.bindings import (
@@ -19,10 +18,8 @@ from runtime.backends.bindings import (
     trunk_bindings,
     vision_bindings,
 )
+from runtime.backends.ort_graph import run_bound
 from runtime.cache import KVCache
-
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-       torch.bool: np.bool_}
 
 
 class OrtBackend:
@@ -90,14 +87,7 @@ class OrtBackend:
             self.base_head = OrtHead(head, options(self.threads))
 
     def _bind(self, session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        io = session.io_binding()
-        kind = "cuda" if self.device.type == "cuda" else "cpu"
-        idx = self.device.index or 0
-        for name, t in inputs.items():
-            io.bind_input(name, kind, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
-        for name, t in outputs.items():
-            io.bind_output(name, kind, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
-        session.run_with_iobinding(io)
+        run_bound(session, inputs, outputs, self.device)
 
     def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
               deepstack: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.quantized import IR_VERSION, QuantLinear
+from models.quantized import IR_VERSION, QuantLinear, matmul_nbits
+from runtime.backends.ort_graph import GraphBuilder, attention, run_bound, silu_gate
 from runtime.cache import KVCache
 
 _FLOAT_MIN = float(torch.finfo(torch.float32).min)
@@ -51,32 +52,14 @@ def supported(head, dtype: torch.dtype, device) -> str | None:
     return None
 
 
-class _Graph:
-    """Accumulates nodes, inputs and initializers of the head graph."""
+class _Graph(GraphBuilder):
+    """The head graph: its inputs and the weights bound to them, over the shared node builder."""
 
     def __init__(self) -> None:
-        from onnx import helper
-
-        self.helper = helper
-        self.nodes: list = []
+        super().__init__()
         self.inputs: list = []
-        self.initializers: list = []
+        self.initializers: list = []  # the quantized linears' codes and scales
         self.bound: dict[str, torch.Tensor] = {}  # weight inputs -> the PyTorch tensors bound to them
-        self.n = 0
-
-    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
-        if isinstance(outputs, int):
-            outputs = [f"t{self.n}_{i}" for i in range(outputs)]
-        self.n += 1
-        self.nodes.append(self.helper.make_node(op_type, inputs, outputs, name=f"n{self.n}_{op_type}", domain=domain,
-                                                **attrs))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-    def const(self, name: str, values, dtype=np.int64) -> str:
-        from onnx import numpy_helper
-
-        self.initializers.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
-        return name
 
     def weight(self, name: str, t: torch.Tensor) -> str:
         """A float weight as a graph input bound to ``t`` at run time (ONNX Runtime reads the tensor in place)."""
@@ -95,14 +78,10 @@ class _Graph:
         from onnx import numpy_helper
 
         if isinstance(m, QuantLinear):
-            ins = [x, f"{name}.codes", f"{name}.scales"]
-            self.initializers += [numpy_helper.from_array(m.codes.numpy(), ins[1]),
-                                  numpy_helper.from_array(m.scales.numpy(), ins[2])]
-            if m.zero_points is not None:
-                ins.append(f"{name}.zero_points")
-                self.initializers.append(numpy_helper.from_array(m.zero_points.numpy(), ins[3]))
-            y = self.op("MatMulNBits", ins, domain="com.microsoft", K=m.in_features, N=m.out_features, bits=m.bits,
-                        block_size=m.block_size, accuracy_level=m.accuracy_level)
+            y = f"{name}.y"
+            node, arrays = matmul_nbits(x, y, f"{name}.", *m.nbits_args())
+            self.nodes.append(node)
+            self.initializers += [numpy_helper.from_array(a.numpy(), key) for key, a in arrays.items()]
         else:
             w = m.weight.detach()
             if w.t().is_contiguous() and not w.is_contiguous():
@@ -125,7 +104,6 @@ def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
     layer = head.layer
     attn, mlp = layer.self_attn, layer.mlp
     heads, kv, hd = attn.heads, attn.kv_heads, attn.head_dim
-    groups = heads // kv
     hidden_size = attn.q_proj.in_features
     vocab = head.lm_head.out_features
     g = _Graph()
@@ -142,44 +120,28 @@ def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
     q = g.linear(a, attn.q_proj, "layer.self_attn.q_proj")
     k = g.linear(a, attn.k_proj, "layer.self_attn.k_proj")
     v = g.linear(a, attn.v_proj, "layer.self_attn.v_proj")
+    q = g.op("Reshape", [q, g.const("shape_q_flat", [1, -1, heads * hd])])  # [1, S, heads*hd]
+    k = g.op("Reshape", [k, g.const("shape_k_flat", [1, -1, kv * hd])])
     if attn.q_norm is not None:  # Qwen3-VL: RMSNorm over head_dim on q and k before the rotary embedding
-        q = g.op("Reshape", [g.rms(g.op("Reshape", [q, g.const("shape_q_heads", [-1, heads, hd])]), attn.q_norm,
-                                   "layer.self_attn.q_norm"), g.const("shape_q_flat", [-1, heads * hd])])
-        k = g.op("Reshape", [g.rms(g.op("Reshape", [k, g.const("shape_k_heads", [-1, kv, hd])]), attn.k_norm,
-                                   "layer.self_attn.k_norm"), g.const("shape_k_flat", [-1, kv * hd])])
-    q = g.op("RotaryEmbedding", [g.op("Reshape", [q, g.const("shape_q_seq", [1, -1, heads * hd])]), "positions",
-                                 "cos", "sin"], domain="com.microsoft", num_heads=heads, interleaved=0)
-    k = g.op("RotaryEmbedding", [g.op("Reshape", [k, g.const("shape_k_seq", [1, -1, kv * hd])]), "positions",
-                                 "cos", "sin"], domain="com.microsoft", num_heads=kv, interleaved=0)
-    entries = g.const("shape_entries", [1, -1, kv, hd])
-    g.op("Reshape", [k, entries], ["key"])
-    g.op("Reshape", [v, entries], ["value"])
-    keys = g.op("Concat", ["past_key", "key"], axis=1)  # [1, T, kv, hd]
-    values = g.op("Concat", ["past_value", "value"], axis=1)
-    per_token = g.const("shape_per_token", [-1, kv, hd])
-    kt = g.op("Unsqueeze", [g.op("Transpose", [g.op("Reshape", [keys, per_token])], perm=[1, 2, 0]),
-                            g.const("axis_1", [1])])  # [kv, 1, hd, T]
-    vt = g.op("Unsqueeze", [g.op("Transpose", [g.op("Reshape", [values, per_token])], perm=[1, 0, 2]),
-                            "axis_1"])  # [kv, 1, T, hd]
-    qg = g.op("Transpose", [g.op("Reshape", [q, g.const("shape_groups", [-1, kv, groups, hd])])],
-              perm=[1, 2, 0, 3])  # [kv, groups, S, hd]
-    scores = g.op("Mul", [g.op("MatMul", [qg, kt]), g.const("scale", hd**-0.5, np.float32)])  # [kv, groups, S, T]
-    probs = g.op("Softmax", [g.op("Add", [scores, "mask"])], axis=-1)
-    out = g.op("Transpose", [g.op("MatMul", [probs, vt])], perm=[2, 0, 1, 3])  # [S, kv, groups, hd]
+        q = g.op("Reshape", [g.rms(g.op("Reshape", [q, g.const("shape_q", [1, -1, heads, hd])]), attn.q_norm,
+                                   "layer.self_attn.q_norm"), "shape_q_flat"])
+        k = g.op("Reshape", [g.rms(g.op("Reshape", [k, g.const("shape_k", [1, -1, kv, hd])]), attn.k_norm,
+                                   "layer.self_attn.k_norm"), "shape_k_flat"])
+    out = attention(g, q, k, v, "positions", "cos", "sin", ("past_key", "past_value"), ("key", "value"), "mask",
+                    heads, kv, hd)  # [1, S, heads*hd]
     out = g.linear(g.op("Reshape", [out, g.const("shape_heads_flat", [-1, heads * hd])]), attn.o_proj,
                    "layer.self_attn.o_proj")
     x = g.op("Add", [x, out])
     m = g.rms(x, layer.post_attention_layernorm, "layer.post_attention_layernorm")
     gate = g.linear(m, mlp.gate_proj, "layer.mlp.gate_proj")
     up = g.linear(m, mlp.up_proj, "layer.mlp.up_proj")
-    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # silu(gate) * up
-    x = g.op("Add", [x, g.linear(act, mlp.down_proj, "layer.mlp.down_proj")])
+    x = g.op("Add", [x, g.linear(silu_gate(g, gate, up), mlp.down_proj, "layer.mlp.down_proj")])
     last = g.op("Slice", [x, g.const("last_start", [-1]), g.const("last_end", [2**62]), g.const("axis_0", [0])])
     g.op("Identity", [g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head")], ["logits"])
     outputs = [helper.make_tensor_value_info("logits", f, [1, vocab]),
                helper.make_tensor_value_info("key", f, [1, "S", kv, hd]),
                helper.make_tensor_value_info("value", f, [1, "S", kv, hd])]
-    graph = helper.make_graph(g.nodes, "head", g.inputs, outputs, g.initializers)
+    graph = helper.make_graph(g.nodes, "head", g.inputs, outputs, [*g.initializers, *g.consts.values()])
     model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21),
                                                                           helper.make_opsetid("com.microsoft", 1)])
     return model.SerializeToString(), g.bound
@@ -222,16 +184,7 @@ class OrtHead:
         else:
             j = torch.arange(length + s).unsqueeze(0)
             mask = torch.zeros(s, length + s).masked_fill_(j > torch.arange(s).unsqueeze(1) + length, _FLOAT_MIN)
-        io = self.session.io_binding()
-        feeds = {"hidden": hidden.contiguous(), "cos": cos, "sin": sin, "positions": torch.arange(s).view(1, s),
-                 "mask": mask, "past_key": keys, "past_value": values, **self.bound}
-        for name, t in feeds.items():
-            io.bind_input(name, "cpu", 0, _NP[t.dtype], list(t.shape), t.data_ptr())
-        for name, t in (("logits", self.logits), ("key", new_k), ("value", new_v)):
-            io.bind_output(name, "cpu", 0, np.float32, list(t.shape), t.data_ptr())
-        self.session.run_with_iobinding(io)
+        inputs = {"hidden": hidden.contiguous(), "cos": cos, "sin": sin, "positions": torch.arange(s).view(1, s),
+                  "mask": mask, "past_key": keys, "past_value": values, **self.bound}
+        run_bound(self.session, inputs, {"logits": self.logits, "key": new_k, "value": new_v}, "cpu")
         return self.logits[0]
-
-
-_NP = {torch.float32: np.float32, torch.int64: np.int64}
-

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.backends.ort_graph import GraphBuilder, attention, silu_gate
+
 
 class Unsupported(Exception):
     """The trunk graph is not one this module can restate (the standard graph is used)."""
@@ -42,38 +44,17 @@ def mrope_selection(half: int, section: list[int], interleaved: bool) -> np.ndar
     return (axis[None, :] == np.arange(3)[:, None]).astype(np.float32).reshape(3, 1, 1, half)
 
 
-class _Builder:
-    """The new graph's nodes and constants, over the standard graph's initializers and weight consumers."""
+class _Builder(GraphBuilder):
+    """The new graph, over the standard graph's initializers and weight consumers."""
 
     def __init__(self, proto) -> None:
-        from onnx import helper
-
-        self.helper = helper
-        self.src = proto.graph
-        self.inits = {i.name: i for i in self.src.initializer}
+        super().__init__()
+        self.inits = {i.name: i for i in proto.graph.initializer}
         self.consumers: dict[str, list] = {}
-        for n in self.src.node:
+        for n in proto.graph.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
-        self.nodes: list = []
         self.used: dict[str, object] = {}  # the export's initializers the new graph takes over
-        self.consts: list = []
-        self.n = 0
-
-    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
-        if isinstance(outputs, int):
-            outputs = [f"f{self.n}_{i}" for i in range(outputs)]
-        self.n += 1
-        self.nodes.append(self.helper.make_node(op_type, inputs, outputs, name=f"fused_{self.n}_{op_type}",
-                                                domain=domain, **attrs))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-    def const(self, name: str, values, dtype=np.int64) -> str:
-        from onnx import numpy_helper
-
-        if name not in {c.name for c in self.consts}:
-            self.consts.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
-        return name
 
     def init(self, name: str) -> str:
         if name not in self.inits:
@@ -137,7 +118,7 @@ def build(trunk: Path, text) -> bytes:
         raise Unsupported("the MLP activation is not silu")
     layers = sum(1 for n in ins if n.startswith("past_key."))
     heads, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
-    groups, inter = heads // kv, text.intermediate_size
+    inter = text.intermediate_size
     qk_norm = bool(getattr(text, "qk_norm", False))
     b = _Builder(proto)
 
@@ -163,7 +144,6 @@ def build(trunk: Path, text) -> bytes:
     allowed = b.op("Or", [valid, b.op("And", [causal, b.op("Not", [past])])])
     mask = b.op("Where", [allowed, b.const("mask_open", 0.0, np.float32),
                           b.const("mask_shut", np.finfo(np.float32).min, np.float32)])  # [S, T]
-    scale = b.const("scale", hd**-0.5, np.float32)
     deepstack = "deepstack_embeds" in ins
     levels = ins["deepstack_embeds"].type.tensor_type.shape.dim[0].dim_value if deepstack else 0
 
@@ -187,31 +167,18 @@ def build(trunk: Path, text) -> bytes:
                                      pre + "self_attn.q_norm.weight")[0], b.const("shape_q_flat", [1, -1, heads * hd])])
             k = b.op("Reshape", [rms(b.op("Reshape", [k, b.const("shape_k", [1, -1, kv, hd])]),
                                      pre + "self_attn.k_norm.weight")[0], b.const("shape_k_flat", [1, -1, kv * hd])])
-        q = b.op("RotaryEmbedding", [q, rows, cos, sin], domain="com.microsoft", num_heads=heads, interleaved=0)
-        k = b.op("RotaryEmbedding", [k, rows, cos, sin], domain="com.microsoft", num_heads=kv, interleaved=0)
-        entries = b.const("shape_entries", [1, -1, kv, hd])
-        b.op("Reshape", [k, entries], [f"key.{layer}"])
-        b.op("Reshape", [v, entries], [f"value.{layer}"])
-        keys = b.op("Concat", [f"past_key.{layer}", f"key.{layer}"], axis=1)  # [1, T, kv, hd]
-        values = b.op("Concat", [f"past_value.{layer}", f"value.{layer}"], axis=1)
-        kt = b.op("Unsqueeze", [b.op("Transpose", [keys], perm=[0, 2, 3, 1]), b.const("axis_2", [2])])
-        vt = b.op("Unsqueeze", [b.op("Transpose", [values], perm=[0, 2, 1, 3]), "axis_2"])
-        qg = b.op("Transpose", [b.op("Reshape", [q, b.const("shape_groups", [1, -1, kv, groups, hd])])],
-                  perm=[0, 2, 3, 1, 4])  # [1, kv, groups, S, hd]
-        scores = b.op("Add", [b.op("Mul", [b.op("MatMul", [qg, kt]), scale]), mask])  # [1, kv, groups, S, T]
-        out = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), vt])
-        out = b.op("Reshape", [b.op("Transpose", [out], perm=[0, 3, 1, 2, 4]),
-                               b.const("shape_attn", [1, -1, heads * hd])])
+        out = attention(b, q, k, v, rows, cos, sin, (f"past_key.{layer}", f"past_value.{layer}"),
+                        (f"key.{layer}", f"value.{layer}"), mask, heads, kv, hd)
         attn = b.linear(out, pre + "self_attn.o_proj")
         m, residual = rms(attn, pre + "post_attention_layernorm.weight", residual)
         gate, up = b.op("Split", [b.linear(m, pre + "mlp.gate_up_proj"), b.const("mlp_sizes", [inter, inter])], 2,
                         axis=-1)
-        delta = b.linear(b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up]), pre + "mlp.down_proj")
+        delta = b.linear(silu_gate(b, gate, up), pre + "mlp.down_proj")
         if layer < levels:  # DeepStack: row ``layer`` of the features joins this layer's output
             delta = b.op("Add", [delta, b.op("Gather", ["deepstack_embeds", b.const(f"level_{layer}", layer)])])
     b.op("Add", [residual, delta], ["hidden"])
     graph = helper.make_graph(b.nodes, "trunk_ort", list(proto.graph.input), list(proto.graph.output),
-                              [*b.used.values(), *b.consts])
+                              [*b.used.values(), *b.consts.values()])
     opsets = {o.domain: o.version for o in proto.opset_import}
     opsets[""] = max(opsets.get("", 18), 18)
     opsets["com.microsoft"] = 1

@@ -1,0 +1,82 @@
+"""What the ort backend's derived graphs (``ort_trunk``, ``ort_head``) share: a node builder, the decoder layer's
+attention in ONNX Runtime's operators, and running a session over bound torch tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NP_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+            torch.bool: np.bool_}
+
+
+class GraphBuilder:
+    """Nodes and constants of a graph being built; node outputs are named by the builder."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.nodes: list = []
+        self.consts: dict[str, object] = {}
+        self.n = 0
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs):
+        """One node; ``outputs``: their names, or how many to name. Returns the output name(s)."""
+        if isinstance(outputs, int):
+            outputs = [f"t{self.n}_{i}" for i in range(outputs)]
+        self.n += 1
+        self.nodes.append(self.helper.make_node(op_type, inputs, outputs, name=f"n{self.n}_{op_type}", domain=domain,
+                                                **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        """A constant initializer (made once per name)."""
+        from onnx import numpy_helper
+
+        if name not in self.consts:
+            self.consts[name] = numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+        return name
+
+
+def attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin: str, past: tuple[str, str],
+              new: tuple[str, str], mask: str, heads: int, kv: int, head_dim: int) -> str:
+    """A layer's grouped-query attention, as the exported graph computes it: q [1,S,heads*hd] and k [1,S,kv*hd]
+    rotated by ``RotaryEmbedding`` (tables ``cos``/``sin`` [S, hd/2] read at ``rows`` [1,S]), the new entries
+    written to the outputs ``new`` (key, value [1,S,kv,hd]; ``v`` any shape holding them), appended to ``past``
+    [1,P,kv,hd], and the query heads of each kv group attending over them with the additive ``mask`` [S,T].
+    Returns the heads' output [1,S,heads*hd]."""
+    groups = heads // kv
+    q = g.op("RotaryEmbedding", [q, rows, cos, sin], domain="com.microsoft", num_heads=heads, interleaved=0)
+    k = g.op("RotaryEmbedding", [k, rows, cos, sin], domain="com.microsoft", num_heads=kv, interleaved=0)
+    entries = g.const("shape_entries", [1, -1, kv, head_dim])
+    g.op("Reshape", [k, entries], [new[0]])
+    g.op("Reshape", [v, entries], [new[1]])
+    keys = g.op("Concat", [past[0], new[0]], axis=1)  # [1, T, kv, hd]
+    values = g.op("Concat", [past[1], new[1]], axis=1)
+    kt = g.op("Unsqueeze", [g.op("Transpose", [keys], perm=[0, 2, 3, 1]), g.const("axis_2", [2])])
+    vt = g.op("Unsqueeze", [g.op("Transpose", [values], perm=[0, 2, 1, 3]), "axis_2"])
+    qg = g.op("Transpose", [g.op("Reshape", [q, g.const("shape_groups", [1, -1, kv, groups, head_dim])])],
+              perm=[0, 2, 3, 1, 4])  # [1, kv, groups, S, hd]
+    scale = g.const("scale", head_dim**-0.5, np.float32)
+    scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [qg, kt]), scale]), mask])  # [1, kv, groups, S, T]
+    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), vt])
+    return g.op("Reshape", [g.op("Transpose", [out], perm=[0, 3, 1, 2, 4]),
+                            g.const("shape_attn", [1, -1, heads * head_dim])])
+
+
+def silu_gate(g: GraphBuilder, gate: str, up: str) -> str:
+    """silu(gate) * up."""
+    return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+
+
+def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], device) -> None:
+    """Run ``session`` reading and writing the tensors in place (IO binding by address)."""
+    device = torch.device(device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    io = session.io_binding()
+    for name, t in inputs.items():
+        io.bind_input(name, kind, device.index or 0, NP_TYPES[t.dtype], list(t.shape), t.data_ptr())
+    for name, t in outputs.items():
+        io.bind_output(name, kind, device.index or 0, NP_TYPES[t.dtype], list(t.shape), t.data_ptr())
+    session.run_with_iobinding(io)
