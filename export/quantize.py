@@ -181,6 +181,8 @@ def quantize_trunk(path: Path, module, q: Quantization, external_data: bool) -> 
     if data.exists():
         data.unlink()
     onnx.save(out, str(path), save_as_external_data=external_data, location=data.name if external_data else None)
+    if data.exists():
+        data.chmod(0o644)  # onnx writes it owner-only; readable like the rest of the export (a service account)
     ops = {n.op_type for n in out.graph.node}
     return {"quantized_linears": len(nodes), "ops": sorted(ops & {"MatMulNBits", "DequantizeLinear"})}
 

@@ -4,6 +4,12 @@ Buffers are [1, capacity, kv_heads, head_dim]. A step's new entries are one cont
 ``length``, so backends write them straight into place (ORT IO binding, TensorRT tensor addresses) and
 nothing is copied or reallocated while an answer is generated. The cache length is independent of the
 rotary position (Lite pruning shortens the cache; positions continue from the original sequence).
+
+A backend whose attention reads another layout asks for its layers head-major (``head_major``: ONNX
+Runtime's GroupQueryAttention, in the ort backend's fused trunk on CPU): those layers are stored as
+[1, kv_heads, capacity, head_dim] buffers, each head's entries one run, and ``keys``/``values`` hold
+[1, capacity, kv_heads, head_dim] views of them, so everything else (the head, V-Reason, Lite, prefix reuse)
+reads and writes them as it reads the token-major ones; ``storage`` gives the buffer itself.
 """
 
 from __future__ import annotations
@@ -21,10 +27,15 @@ class KVCache:
 
     @classmethod
     def allocate(cls, layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str) -> KVCache:
-        shape = (1, capacity, kv_heads, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)])
+                 device: torch.device | str, head_major: int = 0) -> KVCache:
+        """``head_major``: how many of the first layers are stored head-major (see the module docstring)."""
+
+        def buffer(layer: int) -> torch.Tensor:
+            if layer < head_major:
+                return torch.zeros(1, kv_heads, capacity, head_dim, dtype=dtype, device=device).transpose(1, 2)
+            return torch.zeros(1, capacity, kv_heads, head_dim, dtype=dtype, device=device)
+
+        return cls([buffer(i) for i in range(layers)], [buffer(i) for i in range(layers)])
 
     @property
     def capacity(self) -> int:
@@ -33,6 +44,15 @@ class KVCache:
     @property
     def layers(self) -> int:
         return len(self.keys)
+
+    def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head-major buffers [1, kv, capacity, hd] of ``layer`` (keys, values); ValueError for a layer
+        stored token-major."""
+        k, v = self.keys[layer].transpose(1, 2), self.values[layer].transpose(1, 2)
+        if not (k.is_contiguous() and v.is_contiguous()):
+            raise ValueError(f"layer {layer} of the KV cache is not stored head-major; allocate the cache with "
+                             "the backend's head_major_layers")
+        return k, v
 
     def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views [1, length, kv, hd] of what is cached (no copy)."""

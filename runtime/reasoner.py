@@ -359,7 +359,7 @@ class Reasoner:
                                 f"{self.device.type} has {free / 2**30:.2f} GiB available; ask for fewer new tokens or "
                                 "use fewer frames")
         cache = KVCache.allocate(t.num_hidden_layers, capacity, t.num_key_value_heads, t.head_dim, self.dtype,
-                                 self.device)
+                                 self.device, head_major=self.backend.head_major_layers)
         if self.decode == "static":
             self._sessions["cache"] = cache
         return cache

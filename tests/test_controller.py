@@ -34,7 +34,7 @@ def prefilled(r: Reasoner, frames, steering=None, n_new: int = 8):
     embeds, _ = r._embed(prompt)
     t = r.cfg.text
     cache = KVCache.allocate(t.num_hidden_layers, len(prompt.ids) + n_new, t.num_key_value_heads, t.head_dim,
-                             r.dtype, r.device)
+                             r.dtype, r.device, head_major=r.backend.head_major_layers)
     state = DecodeState(r.head, cache, prompt.video_token_index)
     loop = Loop(r.backend, r.head, steering)
     pos = prompt.positions.unsqueeze(1)

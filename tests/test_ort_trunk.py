@@ -16,6 +16,7 @@ from models.errors import UserError
 from models.registry import family
 from runtime.backends import ort_trunk
 from runtime.backends.ort import OrtBackend, options
+from runtime.backends.ort_graph import run_bound
 from runtime.reasoner import Reasoner
 
 
@@ -59,6 +60,27 @@ def feeds(session, s: int, p: int, cache_length: int, seed: int) -> dict:
 CASES = [(1, 23, 23), (7, 12, 12), (10, 0, 0), (1, 30, 17)]
 
 
+def run_fused(session, f: dict, capacity: int, seed: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """(hidden, the head-major buffers [1,kv,capacity,hd] before the call, after it) of the fused form on the
+    standard graph's feeds ``f``: each layer's past copied in, the rest of the buffer filled with noise that the
+    attention must not read; each buffer bound as the input and the output, as the backend binds it."""
+    rng = np.random.default_rng(seed)
+    s = f["inputs_embeds"].shape[1]
+    inputs = {k: torch.from_numpy(v) for k, v in f.items() if not k.startswith("past_")}
+    outputs = {"hidden": torch.empty(1, s, f["inputs_embeds"].shape[2])}
+    before = []
+    for name in sorted(k for k in f if k.startswith("past_")):
+        past = f[name]  # [1, P, kv, hd]
+        buf = rng.standard_normal((1, past.shape[2], capacity, past.shape[3])).astype(np.float32)
+        buf[:, :, : past.shape[1]] = past.transpose(0, 2, 1, 3)
+        before.append(buf.copy())
+        kind, layer = name[len("past_"):].split(".")
+        inputs[f"cache_{kind}.{layer}"] = outputs[f"present_{kind}.{layer}"] = torch.from_numpy(buf)
+    run_bound(session, inputs, outputs, "cpu")
+    after = [inputs[f"cache_{n[len('past_'):]}"].numpy() for n in sorted(k for k in f if k.startswith("past_"))]
+    return outputs["hidden"].numpy(), before, after
+
+
 @pytest.mark.parametrize("name", ["gqa2", "gqa4", "qwen3", "int4"])
 def test_fused_graph_equals_the_standard_graph(exports, name):
     d = exports[name]
@@ -69,26 +91,31 @@ def test_fused_graph_equals_the_standard_graph(exports, name):
     fused = ort_trunk.session(d / "trunk.onnx", text_config(d), options(accuracy_level=0), providers)
     ops = [n.op_type for n in __import__("onnx").load_from_string(
         ort_trunk.build(d / "trunk.onnx", text_config(d))).graph.node]
-    assert "SkipSimplifiedLayerNormalization" in ops and "RotaryEmbedding" in ops
+    assert {"SkipSimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention"} <= set(ops)
+    assert "Concat" not in ops and "Transpose" not in ops  # nothing of the past is copied
+    names = [o.name for o in standard.get_outputs()]
     for s, p, valid in CASES:
         f = feeds(standard, s, p, valid, seed=s + p)
-        want = standard.run(None, f)
-        got = fused.run(None, f)
-        for o, a, b in zip(standard.get_outputs(), want, got):
-            assert a.shape == b.shape, o.name
-            assert np.abs(a - b).max() <= 2e-5 * max(1.0, np.abs(a).max()), (name, s, p, o.name)
+        want = dict(zip(names, standard.run(None, f)))
+        hidden, before, after = run_fused(fused, f, capacity=max(p, valid + s) + 3, seed=s)
+        scale = max(1.0, np.abs(want["hidden"]).max())
+        assert np.abs(want["hidden"] - hidden).max() <= 2e-5 * scale, (name, s, p)
+        pasts = sorted(k for k in f if k.startswith("past_"))
+        for key, b, a in zip(pasts, before, after):
+            new = want[key[len("past_"):]].transpose(0, 2, 1, 3)  # [1, kv, S, hd]
+            assert np.abs(a[:, :, valid:valid + s] - new).max() <= 2e-5 * max(1.0, np.abs(new).max()), (name, key)
+            a[:, :, valid:valid + s] = b[:, :, valid:valid + s]
+            assert np.array_equal(a, b), (name, key, "an entry besides the new ones changed")
 
 
 def test_ort_backend_picks_the_trunk_graph(exports, monkeypatch):
-
-    # the tiny exports keep their weights inside trunk.onnx: "auto" runs the standard graph there (the fused
-    # form, built in memory, would cost memory), "fused" asks for it anyway
+    # exports keep the trunk's weights in trunk.onnx.data: "auto" runs the fused form, over a head-major cache
     r = Reasoner.load(exports["qwen3"], backend="ort")
-    assert r.backend.trunk_form.startswith("standard (the graph holds its weights inline")
-    r = Reasoner.load(exports["qwen3"], backend="ort", ort_trunk="fused")
-    assert r.backend.trunk_form == "fused"
+    assert r.backend.trunk_form == "fused" and r.backend.head_major_layers == r.backend.num_layers > 0
     assert r.ask(question="What is shown?", max_new_tokens=3).token_ids
-    assert Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="standard").backend.trunk_form == "standard"
+    r = Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="standard")
+    assert r.backend.trunk_form == "standard" and r.backend.head_major_layers == 0
+    assert r.cache_for(8).keys[0].is_contiguous()
     with pytest.raises(UserError, match="expected auto, fused or standard"):
         Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="fast")
 
@@ -97,28 +124,36 @@ def test_ort_backend_picks_the_trunk_graph(exports, monkeypatch):
 
     monkeypatch.setattr(ort_trunk, "build", refuse)
     r = Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="fused")
-    assert r.backend.trunk_form == "standard (a graph this module cannot restate)"
+    assert r.backend.trunk_form == "standard (a graph this module cannot restate)" and not r.backend.head_major_layers
     assert r.ask(question="What is shown?", max_new_tokens=3).token_ids
 
 
-def test_auto_fuses_a_trunk_whose_weights_are_external_data(exports, tmp_path):
+def test_auto_keeps_the_standard_graph_for_weights_inside_it(exports, tmp_path):
+    """Exports before the trunk's weights always went to trunk.onnx.data: built in memory, the fused form of
+    such a graph would hold more memory, so "auto" runs the exported graph and "fused" is asked for."""
     import onnx
 
-    d = tmp_path / "external"
+    d = tmp_path / "inline"
     d.mkdir()
     src = exports["gqa2"]
     for f in src.iterdir():
-        if f.is_file() and f.name != "trunk.onnx":
+        if f.is_file() and not f.name.startswith("trunk.onnx"):
             (d / f.name).write_bytes(f.read_bytes())
-    model = onnx.load(str(src / "trunk.onnx"))
-    onnx.save(model, str(d / "trunk.onnx"), save_as_external_data=True, location="trunk.onnx.data",
-               size_threshold=1024)
+    onnx.save(onnx.load(str(src / "trunk.onnx")), str(d / "trunk.onnx"))
+    assert not (d / "trunk.onnx.data").exists()
     backend = OrtBackend(d, torch.float32, "cpu", text=text_config(d))
-    assert backend.trunk_form == "fused"
-    standard = OrtBackend(d, torch.float32, "cpu", text=text_config(d), trunk_graph="standard")
-    f = feeds(standard.trunk_session, 5, 9, 9, seed=1)
-    for a, b in zip(standard.trunk_session.run(None, f), backend.trunk_session.run(None, f)):
-        assert np.abs(a - b).max() <= 2e-5 * max(1.0, np.abs(a).max())
+    assert backend.trunk_form.startswith("standard (the graph holds its weights inline")
+    assert OrtBackend(d, torch.float32, "cpu", text=text_config(d), trunk_graph="fused").trunk_form == "fused"
+
+
+def test_a_token_major_cache_is_refused_clearly(exports):
+    from runtime.cache import KVCache
+
+    backend = Reasoner.load(exports["gqa2"], backend="ort").backend
+    t = text_config(exports["gqa2"])
+    cache = KVCache.allocate(t.num_hidden_layers, 8, t.num_key_value_heads, t.head_dim, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="not stored head-major"):
+        backend.trunk(torch.zeros(1, 2, t.hidden_size), torch.zeros(3, 1, 2, dtype=torch.long), cache)
 
 
 def test_mrope_selection_follows_each_family_rule():
@@ -127,3 +162,25 @@ def test_mrope_selection_follows_each_family_rule():
     assert band.tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
     inter = ort_trunk.mrope_selection(8, [4, 2, 2], True).reshape(3, 8).argmax(0)
     assert inter.tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
+
+
+def test_a_head_major_cache_reads_and_compacts_as_a_token_major_one():
+    from runtime.cache import KVCache
+
+    token = KVCache.allocate(3, 10, 2, 4, torch.float32, "cpu")
+    head = KVCache.allocate(3, 10, 2, 4, torch.float32, "cpu", head_major=2)
+    for c in (token, head):
+        for i in range(3):
+            c.keys[i].copy_(torch.arange(80.0).view(1, 10, 2, 4) + i)
+            c.values[i].copy_(-torch.arange(80.0).view(1, 10, 2, 4) - i)
+        c.length = 7
+    k, v = head.storage(1)  # the buffer as GroupQueryAttention reads it: [1, kv, capacity, hd], one run per head
+    assert k.is_contiguous() and k.shape == (1, 2, 10, 4) and torch.equal(k[0, 1, 3], token.keys[1][0, 3, 1])
+    assert head.storage(0)[0].data_ptr() == head.keys[0].data_ptr()
+    with pytest.raises(ValueError, match="not stored head-major"):
+        head.storage(2)
+    keep = torch.tensor([0, 2, 5, 6])
+    token.keep(keep)
+    head.keep(keep)
+    for i in range(3):
+        assert torch.equal(head.past(i)[0], token.past(i)[0]) and torch.equal(head.past(i)[1], token.past(i)[1])

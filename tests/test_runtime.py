@@ -67,7 +67,7 @@ def run_recorded(r: Reasoner, n: int, **visual):
     embeds, _ = r._embed(prompt)
     t = r.cfg.text
     cache = KVCache.allocate(t.num_hidden_layers, len(prompt.ids) + n, t.num_key_value_heads, t.head_dim,
-                             r.dtype, r.device)
+                             r.dtype, r.device, head_major=r.backend.head_major_layers)
     first = ([k.data_ptr() for k in cache.keys], [v.data_ptr() for v in cache.values])
     rec = Recorder()
     loop = Loop(r.backend, r.head, rec)

@@ -9,6 +9,12 @@ Static decode (one token, every shape and address the same at every step):
           token's entries go, past_key.i / past_value.i = the whole cache buffers [1,C,kv,hd]
   outputs hidden [1,1,H], key.i / value.i = staging buffers [1,1,kv,hd], copied into the cache at the
           index on the device afterwards (an engine's output may not alias its input)
+Head-major (the ort backend's fused trunk on CPU, ``ort_trunk``; dynamic and static decode alike):
+  inputs  inputs_embeds, position_ids, cache_length [1] = the entries before the new ones (``cache.length``, or
+          the static step's device index), cache_key.i / cache_value.i = the layer's whole head-major buffers
+          [1,kv,C,hd] (``KVCache.storage``)
+  outputs hidden, present_key.i / present_value.i = the same buffers: GroupQueryAttention writes the new
+          entries at cache_length in place and reads nothing past them
 Families with DeepStack (Qwen3-VL) add ``deepstack_embeds`` [K,1,S,H]: the prefill's features, zeros at decode
 (``DeepStackFeed``). The vision graph's outputs are ``embeds`` [M,H] and, with DeepStack, ``deepstack`` [K,M,H].
 All tensors are contiguous views of preallocated torch buffers, so a backend passes data pointers only.
@@ -89,6 +95,22 @@ def static_trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torc
     for i in range(num_layers):
         inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = cache.keys[i], cache.values[i]
         outputs[f"key.{i}"], outputs[f"value.{i}"] = staging[2 * i], staging[2 * i + 1]
+    return _checked(inputs, outputs)
+
+
+def head_major_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
+                        cache: KVCache, hidden: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bindings of the head-major trunk form; ``length`` [1]: where the new entries go."""
+    s = embeds.shape[1]
+    if hidden.shape[:2] != (1, s):
+        raise ValueError(f"hidden buffer {list(hidden.shape)} does not fit {s} tokens")
+    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": length, **(extra or {})}
+    outputs = {"hidden": hidden}
+    for i in range(num_layers):
+        k, v = cache.storage(i)
+        inputs[f"cache_key.{i}"], inputs[f"cache_value.{i}"] = k, v
+        outputs[f"present_key.{i}"], outputs[f"present_value.{i}"] = k, v
     return _checked(inputs, outputs)
 
 

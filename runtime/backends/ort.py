@@ -11,6 +11,7 @@ from runtime.backends.bindings import (
     DEEPSTACK_INPUT,
     DEEPSTACK_OUTPUT,
     DeepStackFeed,
+    head_major_bindings,
     hidden_view,
     scatter_staging,
     staging_buffers,
@@ -30,7 +31,9 @@ class OrtBackend:
         """``text`` (the family's text config) and ``trunk_graph``: on CPU, "fused" runs the ORT-only form of the
         trunk graph (``ort_trunk``) where it can restate it, "standard" the exported graph, "auto" the fused form
         where the export keeps its weights in ``trunk.onnx.data`` (there it costs no memory); ``self.trunk_form``
-        says which ran ("fused", or "standard" with the reason)."""
+        says which ran ("fused", or "standard" with the reason). The fused form reads the trunk layers' KV
+        cache head-major: ``self.head_major_layers`` says how many layers a cache for it stores so
+        (``KVCache.allocate``)."""
         import onnxruntime as ort
 
         if dtype == torch.bfloat16:
@@ -67,7 +70,9 @@ class OrtBackend:
         if self.trunk_session is None:
             self.trunk_session = _session(ort, engine_dir / "trunk.onnx", options(threads), providers)
         trunk_inputs = {i.name: i.shape for i in self.trunk_session.get_inputs()}
-        self.num_layers = sum(1 for n in trunk_inputs if n.startswith("past_key."))
+        self.num_layers = sum(1 for n in trunk_inputs if n.startswith(("past_key.", "cache_key.")))
+        # the fused form's attention (GroupQueryAttention) reads and writes the trunk layers' cache head-major
+        self.head_major_layers = self.num_layers if self.trunk_form == "fused" else 0
         ds = trunk_inputs.get(DEEPSTACK_INPUT)
         self.deepstack = DeepStackFeed(int(ds[0]) if ds else 0, int(ds[3]) if ds else 0)
         out = {o.name: o.shape for o in self.vision.get_outputs()}
@@ -94,8 +99,14 @@ class OrtBackend:
         s = embeds.shape[1]
         self._hidden, hidden = hidden_view(self._hidden, s, embeds.shape[2], self.dtype, self.device)
         extra = self.deepstack.inputs(deepstack, s, self.dtype, self.device)
-        inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache, hidden,
-                                         extra)
+        if self.head_major_layers:
+            cache.slot(0, s)  # the overflow check
+            length = torch.tensor([cache.length], dtype=torch.long, device=self.device)
+            inputs, outputs = head_major_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), length,
+                                                  cache, hidden, extra)
+        else:
+            inputs, outputs = trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), cache,
+                                             hidden, extra)
         self._bind(self.trunk_session, inputs, outputs)
         return hidden
 
@@ -103,6 +114,12 @@ class OrtBackend:
                    index: torch.Tensor) -> torch.Tensor:
         """Static decode of one token over the whole fixed-capacity cache (see ``bindings``)."""
         self._hidden, hidden = hidden_view(self._hidden, 1, embeds.shape[2], self.dtype, self.device)
+        if self.head_major_layers:  # the new entries are written at the index in place
+            inputs, outputs = head_major_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), index,
+                                                  cache, hidden, self.deepstack.inputs(None, 1, self.dtype,
+                                                                                       self.device))
+            self._bind(self.trunk_session, inputs, outputs)
+            return hidden
         self._staging = staging_buffers(self._staging, self.num_layers, cache)
         inputs, outputs = static_trunk_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), index,
                                                 cache, hidden, self._staging,

@@ -30,6 +30,11 @@ class GraphBuilder:
                                                 **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def name(self, kind: str) -> str:
+        """A fresh tensor name."""
+        self.n += 1
+        return f"t{self.n}_{kind}"
+
     def const(self, name: str, values, dtype=np.int64) -> str:
         """A constant initializer (made once per name)."""
         from onnx import numpy_helper
@@ -63,6 +68,23 @@ def attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin:
     out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), vt])
     return g.op("Reshape", [g.op("Transpose", [out], perm=[0, 3, 1, 2, 4]),
                             g.const("shape_attn", [1, -1, heads * head_dim])])
+
+
+def grouped_query_attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin: str,
+                            cache: tuple[str, str], present: tuple[str, str], seqlens: str, total: str, heads: int,
+                            kv: int) -> str:
+    """A layer's attention over a head-major cache in ONNX Runtime's ``GroupQueryAttention``: q [1,S,heads*hd]
+    and k [1,S,kv*hd] rotated by ``RotaryEmbedding`` as in ``attention``, v [1,S,kv*hd]; ``cache`` (key, value
+    [1,kv,capacity,hd]) holds ``seqlens`` + 1 - S entries before the new ones, and the outputs ``present`` are
+    the same buffers when the caller binds them to the same memory: the kernel writes the S new entries at that
+    offset in place and each query attends causally over what precedes it, so nothing of the past is copied.
+    ``seqlens`` int32 [1] and ``total`` int32 scalar: the entries after this call, minus one and as is.
+    Returns the heads' output [1, S, heads*hd]."""
+    q = g.op("RotaryEmbedding", [q, rows, cos, sin], domain="com.microsoft", num_heads=heads, interleaved=0)
+    k = g.op("RotaryEmbedding", [k, rows, cos, sin], domain="com.microsoft", num_heads=kv, interleaved=0)
+    out, _, _ = g.op("GroupQueryAttention", [q, k, v, cache[0], cache[1], seqlens, total],
+                     [g.name("attention"), *present], domain="com.microsoft", num_heads=heads, kv_num_heads=kv)
+    return out
 
 
 def silu_gate(g: GraphBuilder, gate: str, up: str) -> str:

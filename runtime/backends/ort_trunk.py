@@ -1,13 +1,20 @@
-"""An ONNX Runtime-only form of an export's trunk graph, derived at load: the same contract (inputs, outputs,
-weights) in ONNX Runtime's fused CPU operators, for the ort backend on CPU.
+"""An ONNX Runtime-only form of an export's trunk graph, derived at load: the same weights and math in ONNX
+Runtime's fused CPU operators, over a head-major KV cache, for the ort backend on CPU.
 
 The exported ``trunk.onnx`` stays standard ONNX (what TensorRT builds): a Qwen decoder layer traces into about
 60 small operators (RMSNorm alone is seven, rotary a Slice/Neg/Concat chain per tensor, the causal mask rebuilt
-per layer), and on a 2-core CPU their dispatch costs as much as the int4 weights' reads. Here each layer is
-about 25 nodes: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one), the trunk's own
-fused q/k/v and gate/up matmuls as exported (MatMul, the int4 QDQ pair ONNX Runtime fuses into MatMulNBits, or
-MatMulNBits), RotaryEmbedding over cos/sin tables computed once per call from the M-RoPE positions, and the
-grouped-query attention and causal mask of the standard graph (the mask built once, not per layer).
+per layer, every layer's past concatenated with the new entries and transposed at every step), and on a
+2-core CPU their dispatch and copies cost as much as the int4 weights' reads. Here each layer is about 20
+nodes: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one), the trunk's own fused q/k/v and
+gate/up matmuls as exported (MatMul, the int4 QDQ pair ONNX Runtime fuses into MatMulNBits, or MatMulNBits),
+RotaryEmbedding over cos/sin tables computed once per call from the M-RoPE positions, and GroupQueryAttention.
+
+The cache contract is the head-major one of ``bindings``: inputs ``inputs_embeds``, ``position_ids``,
+``cache_length`` (the entries before the new ones), [``deepstack_embeds``], ``cache_key.i``/``cache_value.i``
+[1,kv,capacity,hd]; outputs ``hidden`` and ``present_key.i``/``present_value.i``, bound to the same buffers as
+the inputs: GroupQueryAttention writes the S new entries at ``cache_length`` in place and attends causally over
+what precedes them, so nothing of the past is copied (entries at or after ``cache_length`` + S are never read:
+the static form's unfilled end needs no mask).
 
 Nothing is written: the graph is serialized in memory and its weight initializers are the export's own
 TensorProtos, external data references included, which ONNX Runtime resolves in the export folder
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.ort_graph import GraphBuilder, attention, silu_gate
+from runtime.backends.ort_graph import GraphBuilder, grouped_query_attention, silu_gate
 
 
 class Unsupported(Exception):
@@ -122,10 +129,8 @@ def build(trunk: Path, text) -> bytes:
     qk_norm = bool(getattr(text, "qk_norm", False))
     b = _Builder(proto)
 
-    # once per call: positions -> rotary tables, and the mask of new token i over the T = P + S entries
+    # once per call: positions -> rotary tables, and the cache's entry count after it (GroupQueryAttention's)
     s = b.op("Gather", [b.op("Shape", ["inputs_embeds"]), b.const("one", 1)])
-    p = b.op("Gather", [b.op("Shape", ["past_key.0"]), "one"])
-    t = b.op("Add", [p, s])
     freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", ["position_ids"], to=TensorProto.FLOAT),
                                             b.const("last_axis", [-1])]), b.init("trunk.rotary.inv_freq")])
     section = list(text.mrope_section)
@@ -134,16 +139,10 @@ def build(trunk: Path, text) -> bytes:
     angles = b.op("Reshape", [b.op("ReduceSum", [b.op("Mul", [freqs, pick]), b.const("axis_0", [0])], keepdims=0),
                               b.const("shape_table", [-1, hd // 2])])  # [S, hd/2]
     cos, sin = b.op("Cos", [angles]), b.op("Sin", [angles])
-    zero = b.const("zero", 0)
-    rows = b.op("Unsqueeze", [b.op("Range", [zero, s, "one"]), b.const("axis_0", [0])])  # [1, S]: table rows
-    j = b.op("Range", [zero, t, "one"])  # [T]
-    i = b.op("Unsqueeze", [b.op("Range", [zero, s, "one"]), b.const("axis_1", [1])])  # [S, 1]
-    causal = b.op("LessOrEqual", [j, b.op("Add", [i, p])])
-    past = b.op("Less", [j, p])
-    valid = b.op("And", [past, b.op("Less", [j, "cache_length"])])
-    allowed = b.op("Or", [valid, b.op("And", [causal, b.op("Not", [past])])])
-    mask = b.op("Where", [allowed, b.const("mask_open", 0.0, np.float32),
-                          b.const("mask_shut", np.finfo(np.float32).min, np.float32)])  # [S, T]
+    rows = b.op("Unsqueeze", [b.op("Range", [b.const("zero", 0), s, "one"]), b.const("axis_0", [0])])  # [1, S]
+    after = b.op("Cast", [b.op("Add", ["cache_length", s])], to=TensorProto.INT32)  # [1]
+    seqlens = b.op("Sub", [after, b.const("one_i32", [1], np.int32)])
+    total = b.op("Squeeze", [after, b.const("axis_0", [0])])
     deepstack = "deepstack_embeds" in ins
     levels = ins["deepstack_embeds"].type.tensor_type.shape.dim[0].dim_value if deepstack else 0
 
@@ -152,9 +151,9 @@ def build(trunk: Path, text) -> bytes:
         eps = float(text.rms_norm_eps)
         if skip is None:
             return b.op("SimplifiedLayerNormalization", [x, b.init(weight)], axis=-1, epsilon=eps), x
-        normed, _, _, total = b.op("SkipSimplifiedLayerNormalization", [x, skip, b.init(weight)], 4,
-                                   domain="com.microsoft", epsilon=eps)
-        return normed, total
+        normed, _, _, summed = b.op("SkipSimplifiedLayerNormalization", [x, skip, b.init(weight)], 4,
+                                    domain="com.microsoft", epsilon=eps)
+        return normed, summed
 
     residual, delta = "inputs_embeds", None
     for layer in range(layers):
@@ -167,8 +166,8 @@ def build(trunk: Path, text) -> bytes:
                                      pre + "self_attn.q_norm.weight")[0], b.const("shape_q_flat", [1, -1, heads * hd])])
             k = b.op("Reshape", [rms(b.op("Reshape", [k, b.const("shape_k", [1, -1, kv, hd])]),
                                      pre + "self_attn.k_norm.weight")[0], b.const("shape_k_flat", [1, -1, kv * hd])])
-        out = attention(b, q, k, v, rows, cos, sin, (f"past_key.{layer}", f"past_value.{layer}"),
-                        (f"key.{layer}", f"value.{layer}"), mask, heads, kv, hd)
+        out = grouped_query_attention(b, q, k, v, rows, cos, sin, (f"cache_key.{layer}", f"cache_value.{layer}"),
+                                      (f"present_key.{layer}", f"present_value.{layer}"), seqlens, total, heads, kv)
         attn = b.linear(out, pre + "self_attn.o_proj")
         m, residual = rms(attn, pre + "post_attention_layernorm.weight", residual)
         gate, up = b.op("Split", [b.linear(m, pre + "mlp.gate_up_proj"), b.const("mlp_sizes", [inter, inter])], 2,
@@ -177,7 +176,14 @@ def build(trunk: Path, text) -> bytes:
         if layer < levels:  # DeepStack: row ``layer`` of the features joins this layer's output
             delta = b.op("Add", [delta, b.op("Gather", ["deepstack_embeds", b.const(f"level_{layer}", layer)])])
     b.op("Add", [residual, delta], ["hidden"])
-    graph = helper.make_graph(b.nodes, "trunk_ort", list(proto.graph.input), list(proto.graph.output),
+    f = TensorProto.FLOAT
+    cache = [helper.make_tensor_value_info(f"{kind}_{side}.{layer}", f, [1, kv, "capacity", hd])
+             for layer in range(layers) for kind in ("cache", "present") for side in ("key", "value")]
+    inputs = [i for i in proto.graph.input if not i.name.startswith("past_")]
+    inputs += [c for c in cache if c.name.startswith("cache_")]
+    outputs = [o for o in proto.graph.output if o.name == "hidden"]
+    outputs += [c for c in cache if c.name.startswith("present_")]
+    graph = helper.make_graph(b.nodes, "trunk_ort", inputs, outputs,
                               [*b.used.values(), *b.consts.values()])
     opsets = {o.domain: o.version for o in proto.opset_import}
     opsets[""] = max(opsets.get("", 18), 18)

@@ -36,6 +36,7 @@ def model_from_export(export_dir: Path, manifest: dict, dtype: torch.dtype, devi
 
 class TorchBackend:
     name = "torch"
+    head_major_layers = 0  # the KV cache layers it reads head-major (``KVCache.allocate``): none
 
     def __init__(self, model, dtype: torch.dtype, device: str = "cpu") -> None:
         self.model = model

@@ -87,6 +87,7 @@ class _Engine:
 
 class TrtBackend:
     name = "trt"
+    head_major_layers = 0  # the KV cache layers it reads head-major (``KVCache.allocate``): none
     # prefill switches the context to another optimization profile between answers; whether a CUDA graph
     # captured under the decode profile stays valid after that is not verified here, so static decode
     # captures its graphs again for every answer on this backend

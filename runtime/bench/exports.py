@@ -86,7 +86,7 @@ def run_once(r, prompt, new_tokens: int, method: str = "base") -> dict:
     embeds, deepstack, vision_s, _ = r._prefill_inputs(prompt)
     t = r.cfg.text
     cache = KVCache.allocate(t.num_hidden_layers, len(prompt.ids) + new_tokens, t.num_key_value_heads, t.head_dim,
-                             r.dtype, r.device)
+                             r.dtype, r.device, head_major=r.backend.head_major_layers)
     state = DecodeState(r.head, cache, prompt.video_token_index.to(r.device), deepstack=deepstack)
     steering = r.steering_for(method, None, state)
     timed = TimedSteering(steering) if steering is not None else None
