@@ -271,7 +271,32 @@ def test_peer_builds_and_runs_the_same_decoder_shape(quantized, tmp_path, capsys
     pytest.importorskip("onnxruntime_genai")
     from runtime.bench.peer import main as peer_main
 
-    assert peer_main(["--engine", str(quantized["gqa2", "int4"]), "--precision", "int4", "--prompt-tokens", "20",
-                      "--new-tokens", "4", "--repeats", "1", "--work", str(tmp_path), "--json"]) == 0
+    engine = quantized["gqa2", "int4"]
+    assert peer_main(["--engine", str(engine), "--precision", "int4", "--prompt-tokens", "20", "--new-tokens", "4",
+                      "--repeats", "1", "--work", str(tmp_path), "--against", str(engine), "--rounds", "3",
+                      "--seconds", "1", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["decode_s_per_token"] > 0 and rep["export_bytes"] > 0 and rep["precision"] == "int4"
+    sbs = rep["side_by_side"]  # the export on ort and the peer, alternated in one process
+    assert sbs["engine"] == str(engine) and sbs["rounds"] == 3 and sbs["trunk"] == "fused"
+    assert sbs["ratio_min"] <= sbs["ratio"] <= sbs["ratio_max"] and sbs["decode_tokens_per_s"] > 0
+
+
+def test_peer_ratio_is_the_alternated_one_where_measured():
+    from runtime.bench.exports import peer_ratios, side_note
+
+    def run(engine, quantize, tps):
+        return {"engine": engine, "weights": {"precision": "fp32", "quantize": quantize},
+                "decode_tokens_per_s": {"ort": tps}}
+
+    peer = {"ttft_s": 1.0, "prompt_tokens": 10, "peak_memory_bytes": 1, "export_bytes": 1}
+    rep = {"runs": {"fp32": run("e32", "none", 10.0), "int4": run("e4", "int4", 50.0)}, "transformers": None,
+           "peer": {"fp32": {**peer, "decode_s_per_token": 1 / 20},
+                    "int4": {**peer, "decode_s_per_token": 1 / 40,
+                             "side_by_side": {"engine": "e4", "ratio": 0.97, "ratio_min": 0.9, "ratio_max": 1.1,
+                                              "rounds": 8, "decode_tokens_per_s": 55.0,
+                                              "peer_decode_tokens_per_s": 56.0}}}}
+    assert peer_ratios(rep) == {("fp32", "ort"): 0.5, ("int4", "ort"): 0.97}
+    assert peer_ratios(rep, apart=True) == {("fp32", "ort"): 0.5, ("int4", "ort"): 1.25}
+    assert side_note(rep, "int4", "ort").startswith(" (alternated in one process, 8 rounds: x0.90-x1.10, 55.0 against")
+    assert side_note(rep, "fp32", "ort") == ""

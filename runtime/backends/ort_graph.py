@@ -70,20 +70,19 @@ def attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin:
                             g.const("shape_attn", [1, -1, heads * head_dim])])
 
 
-def grouped_query_attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin: str,
-                            cache: tuple[str, str], present: tuple[str, str], seqlens: str, total: str, heads: int,
-                            kv: int) -> str:
-    """A layer's attention over a head-major cache in ONNX Runtime's ``GroupQueryAttention``: q [1,S,heads*hd]
-    and k [1,S,kv*hd] rotated by ``RotaryEmbedding`` as in ``attention``, v [1,S,kv*hd]; ``cache`` (key, value
-    [1,kv,capacity,hd]) holds ``seqlens`` + 1 - S entries before the new ones, and the outputs ``present`` are
-    the same buffers when the caller binds them to the same memory: the kernel writes the S new entries at that
-    offset in place and each query attends causally over what precedes it, so nothing of the past is copied.
-    ``seqlens`` int32 [1] and ``total`` int32 scalar: the entries after this call, minus one and as is.
-    Returns the heads' output [1, S, heads*hd]."""
-    q = g.op("RotaryEmbedding", [q, rows, cos, sin], domain="com.microsoft", num_heads=heads, interleaved=0)
-    k = g.op("RotaryEmbedding", [k, rows, cos, sin], domain="com.microsoft", num_heads=kv, interleaved=0)
-    out, _, _ = g.op("GroupQueryAttention", [q, k, v, cache[0], cache[1], seqlens, total],
-                     [g.name("attention"), *present], domain="com.microsoft", num_heads=heads, kv_num_heads=kv)
+def grouped_query_attention(g: GraphBuilder, qkv: list[str], cos: str, sin: str, cache: tuple[str, str],
+                            present: tuple[str, str], seqlens: str, total: str, heads: int, kv: int) -> str:
+    """A layer's attention over a head-major cache in ONNX Runtime's ``GroupQueryAttention``, rotary included:
+    ``qkv`` is [q, k, v] ([1,S,heads*hd], [1,S,kv*hd] twice) or [the three packed, [1,S,(heads+2kv)*hd]]; the
+    kernel rotates q and k with row j of ``cos``/``sin`` [T, hd/2] for the token whose entry goes to cache
+    position j (the caller fills rows ``seqlens`` + 1 - S onwards). ``cache`` (key, value [1,kv,capacity,hd])
+    holds ``seqlens`` + 1 - S entries before the new ones, and the outputs ``present`` are the same buffers when
+    the caller binds them to the same memory: the kernel writes the S new entries at that offset in place and
+    each query attends causally over what precedes it, so nothing of the past is copied. ``seqlens`` int32 [1]
+    and ``total`` int32 scalar: the entries after this call, minus one and as is. Returns [1, S, heads*hd]."""
+    inputs = [*qkv, *([""] * (3 - len(qkv))), cache[0], cache[1], seqlens, total, cos, sin]
+    out, _, _ = g.op("GroupQueryAttention", inputs, [g.name("attention"), *present], domain="com.microsoft",
+                     num_heads=heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0)
     return out
 
 
@@ -94,6 +93,11 @@ def silu_gate(g: GraphBuilder, gate: str, up: str) -> str:
 
 def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], device) -> None:
     """Run ``session`` reading and writing the tensors in place (IO binding by address)."""
+    session.run_with_iobinding(bind(session, inputs, outputs, device))
+
+
+def bind(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], device):
+    """An IO binding of ``session`` to the tensors' memory (by address: a later run reads what they hold then)."""
     device = torch.device(device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     io = session.io_binding()
@@ -101,4 +105,4 @@ def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch
         io.bind_input(name, kind, device.index or 0, NP_TYPES[t.dtype], list(t.shape), t.data_ptr())
     for name, t in outputs.items():
         io.bind_output(name, kind, device.index or 0, NP_TYPES[t.dtype], list(t.shape), t.data_ptr())
-    session.run_with_iobinding(io)
+    return io

@@ -138,8 +138,9 @@ def build(trunk: Path, text) -> bytes:
                    np.float32)
     angles = b.op("Reshape", [b.op("ReduceSum", [b.op("Mul", [freqs, pick]), b.const("axis_0", [0])], keepdims=0),
                               b.const("shape_table", [-1, hd // 2])])  # [S, hd/2]
-    cos, sin = b.op("Cos", [angles]), b.op("Sin", [angles])
-    rows = b.op("Unsqueeze", [b.op("Range", [b.const("zero", 0), s, "one"]), b.const("axis_0", [0])])  # [1, S]
+    # GroupQueryAttention reads the row of each token's cache position: the S rows after cache_length zero rows
+    pads = b.op("Concat", ["cache_length", b.const("pads_rest", [0, 0, 0])], axis=0)
+    cos, sin = (b.op("Pad", [b.op(f, [angles]), pads]) for f in ("Cos", "Sin"))  # [cache_length + S, hd/2]
     after = b.op("Cast", [b.op("Add", ["cache_length", s])], to=TensorProto.INT32)  # [1]
     seqlens = b.op("Sub", [after, b.const("one_i32", [1], np.int32)])
     total = b.op("Squeeze", [after, b.const("axis_0", [0])])
@@ -159,14 +160,15 @@ def build(trunk: Path, text) -> bytes:
     for layer in range(layers):
         pre = f"trunk.layers.{layer}."
         a, residual = rms(delta or residual, pre + "input_layernorm.weight", residual if delta else None)
-        qkv = b.linear(a, pre + "self_attn.qkv_proj")
-        q, k, v = b.op("Split", [qkv, b.const("qkv_sizes", [heads * hd, kv * hd, kv * hd])], 3, axis=-1)
+        qkv = [b.linear(a, pre + "self_attn.qkv_proj")]  # packed, as the attention takes it
         if qk_norm:
+            q, k, v = b.op("Split", [qkv[0], b.const("qkv_sizes", [heads * hd, kv * hd, kv * hd])], 3, axis=-1)
             q = b.op("Reshape", [rms(b.op("Reshape", [q, b.const("shape_q", [1, -1, heads, hd])]),
                                      pre + "self_attn.q_norm.weight")[0], b.const("shape_q_flat", [1, -1, heads * hd])])
             k = b.op("Reshape", [rms(b.op("Reshape", [k, b.const("shape_k", [1, -1, kv, hd])]),
                                      pre + "self_attn.k_norm.weight")[0], b.const("shape_k_flat", [1, -1, kv * hd])])
-        out = grouped_query_attention(b, q, k, v, rows, cos, sin, (f"cache_key.{layer}", f"cache_value.{layer}"),
+            qkv = [q, k, v]
+        out = grouped_query_attention(b, qkv, cos, sin, (f"cache_key.{layer}", f"cache_value.{layer}"),
                                       (f"present_key.{layer}", f"present_value.{layer}"), seqlens, total, heads, kv)
         attn = b.linear(out, pre + "self_attn.o_proj")
         m, residual = rms(attn, pre + "post_attention_layernorm.weight", residual)

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                     help="with several --engine: also measure onnxruntime-genai's fp32 and int4 CPU models of the "
                          "same decoder shape (default: when onnxruntime-genai is installed)")
+    ap.add_argument("--peer-rounds", type=int, default=8,
+                    help="with --peer: rounds in which each export and the peer model of its weights alternate one "
+                    "request each in one process (the ratio reported is the median of the rounds')")
     ap.add_argument("--synthetic", metavar="NAME",
                     help="measure a random-weight model of a shipped config instead of an export: qwen2.5-vl-7b, "
                     "qwen2.5-vl-3b, qwen3-vl-8b, qwen3-vl-4b, qwen3-vl-2b, or small / qwen3-vl-small on CPU (static vs "
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         checks.check_number("--new-tokens", args.new_tokens, lo=2, integer=True)
         checks.check_number("--repeats", args.repeats, lo=1, integer=True)
         checks.check_number("--warmup", args.warmup, lo=0, integer=True)
+        checks.check_number("--peer-rounds", args.peer_rounds, lo=1, integer=True)
         checks.check_number("--seconds", args.seconds, lo=0.5, hi=600)
         if args.synthetic:
             from runtime.bench.synthetic import run_synthetic, synthetic_table

@@ -358,27 +358,51 @@ def run_many(args) -> dict:
     peer = {}
     if args.peer:
         for precision in ("fp32", "int4"):
+            # the export of the same weights, if one was measured on ort: alternated with the peer in its process
+            same = [r["engine"] for r in reps if "ort" in r["backends"] and r["weights"]["precision"] == "fp32"
+                    and r["weights"]["quantize"] == ("none" if precision == "fp32" else precision)]
+            against = ["--against", same[0], "--rounds", str(args.peer_rounds), "--seconds", str(args.seconds),
+                       "--ort-trunk", args.ort_trunk] if same else []
             peer[precision] = child(["-m", "runtime.bench.peer", "--engine", args.engine[0], "--precision", precision,
                                      "--prompt-tokens", str(prompt), "--new-tokens", str(args.new_tokens),
                                      "--repeats", str(args.repeats), "--work", str(Path(args.work) / "peer"),
-                                     "--json"], f"onnxruntime-genai {precision}")
+                                     *against, "--json"], f"onnxruntime-genai {precision}")
     rep = {"runs": runs, "peer": peer, "transformers": first["backends"].get("transformers")}
     rep["decode_vs_peer"] = {f"{name} {b}": v for (name, b), v in peer_ratios(rep).items()}
+    rep["decode_vs_peer_apart"] = {f"{name} {b}": v for (name, b), v in peer_ratios(rep, apart=True).items()}
     return rep
 
 
-def peer_ratios(rep: dict) -> dict[tuple[str, str], float]:
+def peer_ratios(rep: dict, apart: bool = False) -> dict[tuple[str, str], float]:
     """Decode speed of each export row over onnxruntime-genai's model of the same weights (fp32 rows over its fp32,
-    int4 rows over its int4), keyed by (row, backend)."""
+    int4 rows over its int4), keyed by (row, backend): the median per-round ratio of the two alternated in one
+    process where the peer's run did that (``side_by_side``, the ort row of that export), else (and with
+    ``apart``) the ratio of the two measured apart, minutes from each other."""
     out = {}
     for name, r in rep["runs"].items():
         peer = rep["peer"].get(r["weights"]["quantize"] if r["weights"]["quantize"] != "none" else "fp32")
         if peer is None or r["weights"]["precision"] != "fp32":
             continue
+        sbs = peer.get("side_by_side")
         for b, d in r["decode_tokens_per_s"].items():
-            if b != "transformers":
+            if b == "transformers":
+                continue
+            if not apart and b == "ort" and sbs and sbs["engine"] == r["engine"]:
+                out[name, b] = sbs["ratio"]
+            else:
                 out[name, b] = d * peer["decode_s_per_token"]
     return out
+
+
+def side_note(rep: dict, name: str, backend: str) -> str:
+    """How a row's ratio to the peer was measured, where it was alternated with the peer."""
+    r = rep["runs"][name]
+    peer = rep["peer"].get(r["weights"]["quantize"] if r["weights"]["quantize"] != "none" else "fp32") or {}
+    sbs = peer.get("side_by_side")
+    if backend != "ort" or not sbs or sbs["engine"] != r["engine"]:
+        return ""
+    return (f" (alternated in one process, {sbs['rounds']} rounds: x{sbs['ratio_min']:.2f}-x{sbs['ratio_max']:.2f}, "
+            f"{sbs['decode_tokens_per_s']:.1f} against {sbs['peer_decode_tokens_per_s']:.1f} tokens/s)")
 
 
 def vs(decode: float, baseline: float) -> str:
@@ -408,10 +432,12 @@ def table_many(rep: dict) -> str:
         rows.append(f"| fp32 | transformers eager | - | - | - | {tf_decode:.1f} | "
                     f"{tf['peak_memory_bytes'] / 1e6:.0f} | - | 1.00x |")
     rows.append("")
-    peer = peer_ratios(rep)
+    peer, apart = peer_ratios(rep), peer_ratios(rep, apart=True)
     if peer:
         rows.append("decode against onnxruntime-genai at the same weights (this run): " + ", ".join(
-            f"{name} {b} x{v:.2f}" for (name, b), v in peer.items()))
+            f"{name} {b} x{v:.2f}" + side_note(rep, name, b) for (name, b), v in peer.items()))
+        rows.append("the same measured apart (each model in its own process, minutes from each other): " + ", ".join(
+            f"{name} {b} x{v:.2f}" for (name, b), v in apart.items()))
     for name, r in rep["runs"].items():
         rows.append(f"V-Reason on {name} ({r['vreason_backend']}): "
                     f"per-token time x{r['vreason_token_time_ratio']:.2f}, "

@@ -5,6 +5,12 @@ speed is compared).
 ``python -m runtime.bench.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
 one model: prefill of ``--prompt-tokens`` random ids, then ``--new-tokens`` greedy tokens; medians of
 ``--repeats``. Runs in its own process (``runtime.bench`` starts it) so that its peak memory is its own.
+
+With ``--against EXPORT`` it then also loads that export on the ort backend in the same process and alternates
+requests, one of each per round (which goes first alternates too), for ``--rounds`` rounds: this machine's
+speed drifts by 10-15% over minutes, so two models measured one after the other can differ by more than they
+differ; within one round they see the same machine. The report's ``side_by_side`` holds each side's median and
+the median and range of the per-round ratios (the peer's memory and TTFT are measured before the export loads).
 Needs the optional ``onnxruntime-genai`` package (``pip install -e .[peer]``) and its builder's ``onnx_ir``.
 """
 
@@ -98,7 +104,40 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
     files = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".onnx", ".data"))
     return {"ttft_s": statistics.median(r[0] for r in runs),
             "decode_s_per_token": statistics.median(r[1] for r in runs), "prompt_tokens": prompt_tokens,
-            "peak_memory_bytes": peak_rss(), "export_bytes": files}
+            "peak_memory_bytes": peak_rss(), "export_bytes": files, "once": once}
+
+
+def side_by_side(once, engine: Path, new_tokens: int, rounds: int, seconds: float, work: Path,
+                 ort_trunk: str = "auto") -> dict:
+    """Decode of ``engine`` on the ort backend (the benchmark's request: its clip and question) and of the peer
+    (``once``, from ``measure``), alternating one request each per round; see the module docstring."""
+    from models.samples import sample_video
+    from runtime.bench.exports import WORKLOAD, run_once
+    from runtime.reasoner import Reasoner
+
+    r = Reasoner.load(engine, backend="ort", reuse_mb=0, ort_trunk=ort_trunk)
+    video = sample_video(work / "bench-clip.mp4", "circle", "red", "right", seconds=seconds, size=(224, 224))
+    prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=new_tokens)
+
+    def ours() -> float:
+        return run_once(r, prompt, new_tokens)["decode_s_per_token"]
+
+    ours()  # warm-up
+    pairs = []
+    for i in range(rounds):
+        if i % 2:
+            o = ours()
+            p = once()[1]
+        else:
+            p = once()[1]
+            o = ours()
+        pairs.append((o, p))
+    ratios = [p / o for o, p in pairs]
+    return {"engine": str(engine), "rounds": rounds, "prompt_tokens": len(prompt.ids),
+            "decode_tokens_per_s": 1 / statistics.median(o for o, _ in pairs),
+            "peer_decode_tokens_per_s": 1 / statistics.median(p for _, p in pairs),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "trunk": r.backend.trunk_form}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="generated tokens per measured request")
     ap.add_argument("--repeats", type=int, default=3, help="measured requests (the median is reported)")
     ap.add_argument("--work", default="work/peer", help="where the checkpoint and built models are kept")
+    ap.add_argument("--against", metavar="EXPORT",
+                    help="then alternate requests with this export on the ort backend in the same process")
+    ap.add_argument("--rounds", type=int, default=8, help="with --against: rounds of one request each")
+    ap.add_argument("--seconds", type=float, default=2.0, help="with --against: length of the benchmark clip")
+    ap.add_argument("--ort-trunk", choices=("auto", "fused", "standard"), default="auto",
+                    help="with --against: the ort backend's trunk form")
     ap.add_argument("--json", action="store_true", help="print the measurement as JSON")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -126,12 +171,23 @@ def main(argv: list[str] | None = None) -> int:
         text = read_manifest(checks.input_dir(args.engine, "--engine"))["config"]["text"]
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
+        against = checks.input_dir(args.against, "--against") if args.against else None
+        checks.check_number("--rounds", args.rounds, lo=1, integer=True)
         rep = measure(build(text, args.precision, work), args.prompt_tokens, args.new_tokens, args.repeats,
                       text["vocab_size"])
+        once = rep.pop("once")
         rep["precision"] = args.precision
-        print(json.dumps(rep) if args.json else
-              f"onnxruntime-genai {args.precision}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
-              f"TTFT {rep['ttft_s']:.3f} s, peak memory {rep['peak_memory_bytes'] / 1e6:.0f} MB")
+        if against is not None:
+            rep["side_by_side"] = side_by_side(once, against, args.new_tokens, args.rounds, args.seconds, work,
+                                               args.ort_trunk)
+        line = (f"onnxruntime-genai {args.precision}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
+                f"TTFT {rep['ttft_s']:.3f} s, peak memory {rep['peak_memory_bytes'] / 1e6:.0f} MB")
+        if against is not None:
+            sbs = rep["side_by_side"]
+            line += (f"\nalternating with {against} (ort): {sbs['decode_tokens_per_s']:.1f} against "
+                     f"{sbs['peer_decode_tokens_per_s']:.1f} tokens/s, x{sbs['ratio']:.2f} (rounds "
+                     f"x{sbs['ratio_min']:.2f}-x{sbs['ratio_max']:.2f})")
+        print(json.dumps(rep) if args.json else line)
         return 0
 
     return run_cli(go, ap.parse_args(argv))
