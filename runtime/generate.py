@@ -94,17 +94,18 @@ class Loop:
     def head_step(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor,
                   write: bool = True) -> torch.Tensor:
         """Last layer + LM head for ``hidden`` [1,S,H]; appends this layer's new entries unless ``write`` is off
-        (a recompute of a token already cached). Returns the last position's logits [V]. Without a controller,
-        a backend that carries the head as its own graph (``base_head``: ONNX Runtime on CPU) runs it there."""
+        (a recompute of a token already cached). Returns the last position's logits [V]. A backend that carries
+        the head as its own graph (``base_head``: ONNX Runtime on CPU) runs it wherever nothing differentiable
+        is asked for: without a controller, and on a controller's steps without autograd where it reads the
+        cached values as they are (V-Reason between updates: the cache already holds its injected values)."""
         cache, layer = state.cache, state.head_layer
-        base_head = getattr(self.backend, "base_head", None) if self.steering is None else None
-        if base_head is not None:
-            return base_head(hidden, positions, cache, layer, write)
         length = cache.length if write else cache.length - hidden.shape[1]
         keys = cache.keys[layer][:, :length]
-        values = cache.values[layer][:, :length]
-        if self.steering is not None:
-            values = self.steering.head_values(state, values)
+        cached = cache.values[layer][:, :length]
+        values = cached if self.steering is None else self.steering.head_values(state, cached)
+        base_head = getattr(self.backend, "base_head", None)
+        if base_head is not None and values is cached and not torch.is_grad_enabled():
+            return base_head(hidden, positions, cache, layer, write)
         logits, k, v = self.head(hidden, positions, keys, values, last_only=True)
         if write:
             nk, nv = cache.slot(layer, hidden.shape[1])

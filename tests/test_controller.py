@@ -118,14 +118,16 @@ def test_update_touches_only_last_layer_video_values_and_keeps_norms(reasoners, 
 @pytest.mark.parametrize("setting", [{"steps": 0}, {"lr": 0.0}])
 def test_no_op_settings_equal_the_base_method(reasoners, frames, setting):
     r = reasoners["ort"]
-    # the base method through the same PyTorch head the controller steers (on ort, base requests otherwise run
-    # the head's ONNX Runtime graph, equal to it to float rounding: tests/test_ort_head.py)
+    # both through the PyTorch head the controller steers (on ort, steps without autograd otherwise run the
+    # head's ONNX Runtime graph, equal to it to float rounding: tests/test_ort_head.py); what is checked is the
+    # controller with the head held fixed
     graph, r.backend.base_head = r.backend.base_head, None
     try:
         base = r.ask(frames=frames, fps=2.0, question=QUESTION, max_new_tokens=10)
+        vr = r.ask(frames=frames, fps=2.0, question=QUESTION, max_new_tokens=10, method="vreason",
+                   controller=setting)
     finally:
         r.backend.base_head = graph
-    vr = r.ask(frames=frames, fps=2.0, question=QUESTION, max_new_tokens=10, method="vreason", controller=setting)
     assert vr.token_ids == base.token_ids
     assert vr.entropy == base.entropy  # bit-identical logits give bit-identical entropies
     if "lr" in setting:

@@ -82,7 +82,7 @@ class OrtBackend:
         self._staging: list[torch.Tensor] = []
         self._step: _Step | None = None  # the fused form's one-token binding, kept while the cache is the same
         self.threads = threads
-        self.base_head = None  # the head as an ONNX Runtime graph, for requests without a controller
+        self.base_head = None  # the head as an ONNX Runtime graph, for steps without autograd (Loop.head_step)
 
     def attach_head(self, head) -> None:
         """Run ``head``'s base forward (no controller) in ONNX Runtime too, where ``ort_head`` supports it (fp32 on

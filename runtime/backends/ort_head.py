@@ -1,8 +1,9 @@
 """The head's base forward (last decoder layer, final norm, LM head) as one ONNX Runtime graph, for the ort
-backend on CPU when no controller needs the head to be differentiable.
+backend on CPU wherever nothing needs the head to be differentiable.
 
-The PyTorch head stays the one V-Reason steers (its backward needs autograd). Without a controller, a
-decode step on the ort backend used to leave ONNX Runtime after the trunk and run about 30 small PyTorch ops
+The PyTorch head stays the one V-Reason's updates backpropagate through (autograd); requests without a
+controller, and V-Reason's steps between updates (they read the cache, which holds the injected values, as
+it is: ``Loop.head_step``), run this graph. Without it, a decode step on the ort backend used to leave ONNX Runtime after the trunk and run about 30 small PyTorch ops
 plus one ONNX Runtime call per quantized linear (seven for the layer, one for the LM head); here the same
 math is one session run, in ONNX Runtime's fused CPU operators (SimplifiedLayerNormalization for RMSNorm,
 RotaryEmbedding, MatMulNBits for quantized linears). The graph is built at load from the head's own modules,

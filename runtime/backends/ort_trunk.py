@@ -4,10 +4,13 @@ Runtime's fused CPU operators, over a head-major KV cache, for the ort backend o
 The exported ``trunk.onnx`` stays standard ONNX (what TensorRT builds): a Qwen decoder layer traces into about
 60 small operators (RMSNorm alone is seven, rotary a Slice/Neg/Concat chain per tensor, the causal mask rebuilt
 per layer, every layer's past concatenated with the new entries and transposed at every step), and on a
-2-core CPU their dispatch and copies cost as much as the int4 weights' reads. Here each layer is about 20
-nodes: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one), the trunk's own fused q/k/v and
+2-core CPU their dispatch and copies cost as much as the int4 weights' reads. Here each layer is about a
+dozen nodes: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one), the trunk's own fused q/k/v and
 gate/up matmuls as exported (MatMul, the int4 QDQ pair ONNX Runtime fuses into MatMulNBits, or MatMulNBits),
-RotaryEmbedding over cos/sin tables computed once per call from the M-RoPE positions, and GroupQueryAttention.
+and GroupQueryAttention with the rotary embedding inside it: q/k/v packed as the fused matmul produces them
+(Qwen3-VL: split for its q/k norms), rotated with cos/sin tables computed once per call from the M-RoPE
+positions and placed at the rows of the tokens' cache positions (the kernel indexes its tables by cache
+position; the M-RoPE position of a visual or later token is another number).
 
 The cache contract is the head-major one of ``bindings``: inputs ``inputs_embeds``, ``position_ids``,
 ``cache_length`` (the entries before the new ones), [``deepstack_embeds``], ``cache_key.i``/``cache_value.i``
