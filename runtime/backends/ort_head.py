@@ -3,11 +3,11 @@ backend on CPU wherever nothing needs the head to be differentiable.
 
 The PyTorch head stays the one V-Reason's updates backpropagate through (autograd); requests without a
 controller, and V-Reason's steps between updates (they read the cache, which holds the injected values, as
-it is: ``Loop.head_step``), run this graph. Without it, a decode step on the ort backend used to leave ONNX Runtime after the trunk and run about 30 small PyTorch ops
-plus one ONNX Runtime call per quantized linear (seven for the layer, one for the LM head); here the same
-math is one session run, in ONNX Runtime's fused CPU operators (SimplifiedLayerNormalization for RMSNorm,
-RotaryEmbedding, MatMulNBits for quantized linears). The graph is built at load from the head's own modules,
-so nothing is added to the export:
+it is: ``Loop.head_step``), run this graph. Without it, a decode step on the ort backend would leave ONNX
+Runtime after the trunk and run about 30 small PyTorch ops plus one ONNX Runtime call per quantized linear
+(seven for the layer, one for the LM head); here the same math is one session run, in ONNX Runtime's fused
+CPU operators (SimplifiedLayerNormalization for RMSNorm, RotaryEmbedding, MatMulNBits for quantized linears).
+The graph is built at load from the head's own modules, so nothing is added to the export:
 
 - float weights are graph inputs bound to the PyTorch head's tensors (no copy: one copy of each weight);
 - quantized linears are MatMulNBits initializers holding the head's codes and scales (ONNX Runtime repacks
