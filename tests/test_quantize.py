@@ -272,9 +272,17 @@ def test_peer_builds_and_runs_the_same_decoder_shape(quantized, tmp_path, capsys
     from runtime.bench.peer import main as peer_main
 
     engine = quantized["gqa2", "int4"]
-    assert peer_main(["--engine", str(engine), "--precision", "int4", "--prompt-tokens", "20", "--new-tokens", "4",
-                      "--repeats", "1", "--work", str(tmp_path), "--against", str(engine), "--rounds", "3",
-                      "--seconds", "1", "--json"]) == 0
+
+    def peer(prompt_tokens) -> int:
+        return peer_main(["--engine", str(engine), "--precision", "int4", "--prompt-tokens", str(prompt_tokens),
+                          "--new-tokens", "4", "--repeats", "1", "--work", str(tmp_path), "--against", str(engine),
+                          "--rounds", "3", "--seconds", "1", "--json"])
+
+    # the two sides must prefill as many tokens: a mismatch is one line naming the length to pass
+    assert peer(20) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (before it: the peer builder's first-build output)
+    assert err.startswith("error: ") and "1 s clip and the peer's is 20" in err
+    assert peer(int(err.rsplit(" ", 1)[1])) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["decode_s_per_token"] > 0 and rep["export_bytes"] > 0 and rep["precision"] == "int4"
     sbs = rep["side_by_side"]  # the export on ort and the peer, alternated in one process

@@ -108,7 +108,7 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
 
 
 def side_by_side(once, engine: Path, new_tokens: int, rounds: int, seconds: float, work: Path,
-                 ort_trunk: str = "auto") -> dict:
+                 ort_trunk: str = "auto", prompt_tokens: int | None = None) -> dict:
     """Decode of ``engine`` on the ort backend (the benchmark's request: its clip and question) and of the peer
     (``once``, from ``measure``), alternating one request each per round; see the module docstring."""
     from models.samples import sample_video
@@ -118,6 +118,9 @@ def side_by_side(once, engine: Path, new_tokens: int, rounds: int, seconds: floa
     r = Reasoner.load(engine, backend="ort", reuse_mb=0, ort_trunk=ort_trunk)
     video = sample_video(work / "bench-clip.mp4", "circle", "red", "right", seconds=seconds, size=(224, 224))
     prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=new_tokens)
+    if prompt_tokens is not None and len(prompt.ids) != prompt_tokens:
+        raise UserError(f"the benchmark request on {engine} is {len(prompt.ids)} prompt tokens with a {seconds:g} s "
+                        f"clip and the peer's is {prompt_tokens}: pass --prompt-tokens {len(prompt.ids)}")
 
     def ours() -> float:
         return run_once(r, prompt, new_tokens)["decode_s_per_token"]
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         rep["precision"] = args.precision
         if against is not None:
             rep["side_by_side"] = side_by_side(once, against, args.new_tokens, args.rounds, args.seconds, work,
-                                               args.ort_trunk)
+                                               args.ort_trunk, args.prompt_tokens)
         line = (f"onnxruntime-genai {args.precision}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
                 f"TTFT {rep['ttft_s']:.3f} s, peak memory {rep['peak_memory_bytes'] / 1e6:.0f} MB")
         if against is not None:
