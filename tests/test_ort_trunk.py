@@ -1,6 +1,7 @@
-"""The ORT-only form of the trunk graph (``runtime.backends.ort_trunk``): every output equal to the standard
-graph's on both families, fp32 and int4, for prefill, a later chunk, decode and the fixed-capacity (static)
-form; the ort backend runs it where it costs no memory (or when asked) and falls back where it cannot."""
+"""The ORT-only form of the trunk graph (``runtime.backends.ort_trunk``): the hidden states and new cache entries
+of the standard graph on both families, fp32 and int4, for prefill, a later chunk, decode and the fixed-capacity
+(static) form, written in place into a head-major cache that is otherwise left untouched; the ort backend runs
+it where it costs no memory (or when asked) and falls back where it cannot."""
 
 from __future__ import annotations
 
