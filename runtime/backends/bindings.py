@@ -70,8 +70,7 @@ def trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tenso
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``extra``: further inputs of the family's trunk contract (``DeepStackFeed.inputs``)."""
     s = embeds.shape[1]
-    if hidden.shape[:2] != (1, s):
-        raise ValueError(f"hidden buffer {list(hidden.shape)} does not fit {s} tokens")
+    _check_hidden(hidden, s)
     inputs = {"inputs_embeds": embeds, "position_ids": positions,
               "cache_length": torch.tensor([cache.length], dtype=torch.long, device=embeds.device), **(extra or {})}
     outputs = {"hidden": hidden}
@@ -102,9 +101,7 @@ def head_major_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.
                         cache: KVCache, hidden: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Bindings of the head-major trunk form; ``length`` [1]: where the new entries go."""
-    s = embeds.shape[1]
-    if hidden.shape[:2] != (1, s):
-        raise ValueError(f"hidden buffer {list(hidden.shape)} does not fit {s} tokens")
+    _check_hidden(hidden, embeds.shape[1])
     inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": length, **(extra or {})}
     outputs = {"hidden": hidden}
     for i in range(num_layers):
@@ -129,6 +126,11 @@ def scatter_staging(num_layers: int, cache: KVCache, index: torch.Tensor, stagin
     for i in range(num_layers):
         cache.keys[i].index_copy_(1, index, staging[2 * i])
         cache.values[i].index_copy_(1, index, staging[2 * i + 1])
+
+
+def _check_hidden(hidden: torch.Tensor, s: int) -> None:
+    if hidden.shape[:2] != (1, s):
+        raise ValueError(f"hidden buffer {list(hidden.shape)} does not fit {s} tokens")
 
 
 def _checked(inputs: dict, outputs: dict) -> tuple[dict, dict]:

@@ -18,6 +18,13 @@ from runtime.bench.measure import median_of, peak_rss, ratio, read_bandwidth, re
 WORKLOAD = "Which direction does the red circle move?"
 
 
+def bench_clip(work: Path, seconds: float) -> Path:
+    """The benchmark's clip (the red circle of ``WORKLOAD``), written under ``work``."""
+    from models.samples import sample_video
+
+    return sample_video(work / "bench-clip.mp4", "circle", "red", "right", seconds=seconds, size=(224, 224))
+
+
 def weight_bytes_per_token(engine: Path, reasoner) -> int:
     """Trunk weights + the head's last layer, norm and LM head: what every decode step reads (quantized
     weights as stored: codes plus scales; the embedding's one row is left out)."""
@@ -167,14 +174,13 @@ def bench_transformers(src: Path, prompt, new_tokens: int, repeats: int, dtype: 
 
 
 def run(args) -> dict:
-    from models.samples import sample_video
     from runtime.backends import tensorrt_usable
     from runtime.reasoner import Reasoner
 
     engine = Path(args.engine)
     backends = args.backend or (["trt"] if tensorrt_usable(engine)[0] else []) + ["ort"]
     work = Path(args.work)
-    video = sample_video(work / "bench-clip.mp4", "circle", "red", "right", seconds=args.seconds, size=(224, 224))
+    video = bench_clip(work, args.seconds)
     results: dict[str, dict] = {}
     reasoners = {}
     bandwidth = read_bandwidth()
@@ -359,8 +365,7 @@ def run_many(args) -> dict:
     if args.peer:
         for precision in ("fp32", "int4"):
             # the export of the same weights, if one was measured on ort: alternated with the peer in its process
-            same = [r["engine"] for r in reps if "ort" in r["backends"] and r["weights"]["precision"] == "fp32"
-                    and r["weights"]["quantize"] == ("none" if precision == "fp32" else precision)]
+            same = [r["engine"] for r in reps if "ort" in r["backends"] and peer_precision(r) == precision]
             against = ["--against", same[0], "--rounds", str(args.peer_rounds), "--seconds", str(args.seconds),
                        "--ort-trunk", args.ort_trunk] if same else []
             peer[precision] = child(["-m", "runtime.bench.peer", "--engine", args.engine[0], "--precision", precision,
@@ -380,26 +385,37 @@ def peer_ratios(rep: dict, apart: bool = False) -> dict[tuple[str, str], float]:
     ``apart``) the ratio of the two measured apart, minutes from each other."""
     out = {}
     for name, r in rep["runs"].items():
-        peer = rep["peer"].get(r["weights"]["quantize"] if r["weights"]["quantize"] != "none" else "fp32")
-        if peer is None or r["weights"]["precision"] != "fp32":
+        peer = rep["peer"].get(peer_precision(r))
+        if peer is None:
             continue
-        sbs = peer.get("side_by_side")
         for b, d in r["decode_tokens_per_s"].items():
             if b == "transformers":
                 continue
-            if not apart and b == "ort" and sbs and sbs["engine"] == r["engine"]:
-                out[name, b] = sbs["ratio"]
-            else:
-                out[name, b] = d * peer["decode_s_per_token"]
+            sbs = None if apart else alternated(rep, name, b)
+            out[name, b] = sbs["ratio"] if sbs else d * peer["decode_s_per_token"]
     return out
+
+
+def peer_precision(run: dict) -> str | None:
+    """Which onnxruntime-genai model has a row's weights: "fp32" for unquantized fp32 rows, the scheme for
+    quantized rows with fp32 activations, None for rows it has no model of."""
+    w = run["weights"]
+    if w["precision"] != "fp32":
+        return None
+    return "fp32" if w["quantize"] == "none" else w["quantize"]
+
+
+def alternated(rep: dict, name: str, backend: str) -> dict | None:
+    """The peer's measurement alternated with row ``name`` on ``backend`` (``side_by_side``), where there is one."""
+    r = rep["runs"][name]
+    sbs = (rep["peer"].get(peer_precision(r)) or {}).get("side_by_side")
+    return sbs if backend == "ort" and sbs and sbs["engine"] == r["engine"] else None
 
 
 def side_note(rep: dict, name: str, backend: str) -> str:
     """How a row's ratio to the peer was measured, where it was alternated with the peer."""
-    r = rep["runs"][name]
-    peer = rep["peer"].get(r["weights"]["quantize"] if r["weights"]["quantize"] != "none" else "fp32") or {}
-    sbs = peer.get("side_by_side")
-    if backend != "ort" or not sbs or sbs["engine"] != r["engine"]:
+    sbs = alternated(rep, name, backend)
+    if sbs is None:
         return ""
     return (f" (alternated in one process, {sbs['rounds']} rounds: x{sbs['ratio_min']:.2f}-x{sbs['ratio_max']:.2f}, "
             f"{sbs['decode_tokens_per_s']:.1f} against {sbs['peer_decode_tokens_per_s']:.1f} tokens/s)")

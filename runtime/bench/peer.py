@@ -111,13 +111,11 @@ def side_by_side(once, engine: Path, new_tokens: int, rounds: int, seconds: floa
                  ort_trunk: str = "auto", prompt_tokens: int | None = None) -> dict:
     """Decode of ``engine`` on the ort backend (the benchmark's request: its clip and question) and of the peer
     (``once``, from ``measure``), alternating one request each per round; see the module docstring."""
-    from models.samples import sample_video
-    from runtime.bench.exports import WORKLOAD, run_once
+    from runtime.bench.exports import WORKLOAD, bench_clip, run_once
     from runtime.reasoner import Reasoner
 
     r = Reasoner.load(engine, backend="ort", reuse_mb=0, ort_trunk=ort_trunk)
-    video = sample_video(work / "bench-clip.mp4", "circle", "red", "right", seconds=seconds, size=(224, 224))
-    prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=new_tokens)
+    prompt = r.prepare(question=WORKLOAD, video=bench_clip(work, seconds), max_new_tokens=new_tokens)
     if prompt_tokens is not None and len(prompt.ids) != prompt_tokens:
         raise UserError(f"the benchmark request on {engine} is {len(prompt.ids)} prompt tokens with a {seconds:g} s "
                         f"clip and the peer's is {prompt_tokens}: pass --prompt-tokens {len(prompt.ids)}")
