@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,6 +68,22 @@ class Timings:
                 "decode_s": self.decode_s, "decode_tokens_per_s": tps, "ttft_s": self.ttft_s,
                 "reused_prompt_tokens": self.reused_prompt_tokens,
                 "reused_vision_patches": self.reused_vision_patches}
+
+
+@contextmanager
+def torch_threads(n: int):
+    """PyTorch's intra-op threads set to ``n`` for the block, then restored (0: left as they are). The loops
+    enter it only around their own work, never across a ``yield``: the caller's code between tokens runs with
+    its own setting."""
+    before = torch.get_num_threads()
+    if not n or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Cancelled(Exception):
@@ -143,39 +160,52 @@ class Loop:
         self.timings.prefill_s = time.perf_counter() - t0
         return logits
 
+    def threads(self):
+        """The PyTorch thread setting for this loop's own work: the backend's ``torch_threads`` (ONNX Runtime on
+        CPU asks for one, see ``OrtBackend``), else PyTorch's as it is."""
+        return torch_threads(getattr(self.backend, "torch_threads", 0))
+
     def run(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor, next_position: int,
             max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token]:
         """Prefill ``embeds`` [1,S,H] at ``positions`` [3,1,S], then generate; yields one Token per step."""
         dev = embeds.device
         gen = generator(params, dev)
-        logits = self.prefill(state, embeds, positions)
+        with self.threads():
+            logits = self.prefill(state, embeds, positions)
         t0 = time.perf_counter()
         try:
             for k in range(max_new_tokens):
-                state.step = k
-                alpha = 0.0
-                if self.steering is not None:
-                    logits, alpha = self.steering.step(state, logits, self._recompute)
-                h = entropy(logits)
-                token = int(sample(logits, params, gen))  # the one host sync per token
+                with self.threads():
+                    state.step = k
+                    alpha = 0.0
+                    if self.steering is not None:
+                        logits, alpha = self.steering.step(state, logits, self._recompute)
+                    h = entropy(logits)
+                    token = int(sample(logits, params, gen))  # the one host sync per token
                 self.timings.decode_tokens = k + 1
                 yield Token(token, h, alpha)
                 if token in stop_ids or k + 1 == max_new_tokens:
                     break
-                with torch.no_grad():
-                    pos = torch.full((3, 1, 1), next_position + k, dtype=torch.long, device=dev)
-                    emb = self.head.embed(torch.tensor([[token]], device=dev))
-                    hidden = self.backend.trunk(emb, pos, state.cache)
-                # an update at the next step backpropagates through this very forward of the head (one
-                # head pass saved per update); the trunk's output stays outside the graph
-                graph = self.steering is not None and self.steering.needs_graph(k + 1)
-                with torch.enable_grad() if graph else torch.no_grad():
-                    logits = self.head_step(state, hidden, pos)
-                state.cache.length += 1
-                state.hidden, state.positions = hidden.clone(), pos
+                with self.threads():
+                    logits = self._advance(state, token, next_position + k, k, dev)
         finally:
             _sync(dev)
             self.timings.decode_s = time.perf_counter() - t0
+
+    def _advance(self, state: DecodeState, token: int, position: int, k: int, dev: torch.device) -> torch.Tensor:
+        """Trunk and head for the token just sampled at step ``k``; returns its logits [V]."""
+        with torch.no_grad():
+            pos = torch.full((3, 1, 1), position, dtype=torch.long, device=dev)
+            emb = self.head.embed(torch.tensor([[token]], device=dev))
+            hidden = self.backend.trunk(emb, pos, state.cache)
+        # an update at the next step backpropagates through this very forward of the head (one
+        # head pass saved per update); the trunk's output stays outside the graph
+        graph = self.steering is not None and self.steering.needs_graph(k + 1)
+        with torch.enable_grad() if graph else torch.no_grad():
+            logits = self.head_step(state, hidden, pos)
+        state.cache.length += 1
+        state.hidden, state.positions = hidden.clone(), pos
+        return logits
 
     def _recompute(self, state: DecodeState) -> torch.Tensor:
         """The current token's logits again (after the controller changed the head's values)."""

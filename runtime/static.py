@@ -46,7 +46,8 @@ class StaticLoop(Loop):
             max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token]:
         dev = embeds.device
         gen = generator(params, dev)
-        first = self.prefill(state, embeds, positions)
+        with self.threads():
+            first = self.prefill(state, embeds, positions)
         t0 = time.perf_counter()
         greedy = params.temperature <= 0
         key = (id(state.cache), max_new_tokens, greedy, self.compile, _steering_key(self.steering))
@@ -74,17 +75,19 @@ class StaticLoop(Loop):
         try:
             while k < n:
                 start, end = k, min(k + max(self.chunk, 1), n)
-                for k in range(start, end):
-                    state.step = k
-                    update = steer is not None and steer.scheduled(k)
-                    if k == 0:
-                        steps.update(first) if update else steps.first(first)
-                    elif graphs is not None:
-                        graphs.run("update" if update else "plain", steps.update_step if update else steps.plain_step)
-                    else:
-                        (steps.update_step if update else steps.plain_step)()
-                    if not steps.greedy:
-                        steps.pick(sample(steps.logits, params, gen))
+                with self.threads():
+                    for k in range(start, end):
+                        state.step = k
+                        update = steer is not None and steer.scheduled(k)
+                        if k == 0:
+                            steps.update(first) if update else steps.first(first)
+                        elif graphs is not None:
+                            graphs.run("update" if update else "plain",
+                                       steps.update_step if update else steps.plain_step)
+                        else:
+                            (steps.update_step if update else steps.plain_step)()
+                        if not steps.greedy:
+                            steps.pick(sample(steps.logits, params, gen))
                 k = end
                 for j, tok in enumerate(steps.ids[start:end].tolist()):  # the one host sync per chunk
                     self.timings.decode_tokens = start + j + 1

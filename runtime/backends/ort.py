@@ -82,6 +82,10 @@ class OrtBackend:
         self._staging: list[torch.Tensor] = []
         self._step: _Step | None = None  # the fused form's one-token binding, kept while the cache is the same
         self.threads = threads
+        # PyTorch's work between this backend's calls (embedding, entropy, sampling, the controller) on one
+        # thread: an OpenMP worker spins for milliseconds after each parallel op and would take a core from
+        # the next graph run (``Loop.threads``)
+        self.torch_threads = 1 if device == "cpu" else 0
         self.base_head = None  # the head as an ONNX Runtime graph, for steps without autograd (Loop.head_step)
 
     def attach_head(self, head) -> None:
@@ -188,10 +192,13 @@ def options(threads: int = 0, accuracy_level: int | None = None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # the head's PyTorch ops run on the same cores between trunk calls, and the trunk and the head graph each
-    # have a thread pool: spin-waiting threads would take the cores from whichever runs next (measured on the
-    # bench export, 2 cores: int4 decode 53 tokens/s without spinning, 20 with it in both sessions)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # a pool's threads spin between the nodes of one run (no wake-up per operator) and stop when the run
+    # returns: the trunk and the head graph each have a pool, and a pool still spinning after its run would
+    # take the cores from the next (measured on the bench export, 2 cores: spinning left on in both sessions
+    # cut int4 decode from 53 to 20 tokens/s). With this and PyTorch on one thread between the calls
+    # (``OrtBackend.torch_threads``), int4 decode went from 60 to 74 tokens/s (docs/benchmarks.md)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         opts.intra_op_num_threads = threads
     # an int4 QDQ trunk is fused into MatMulNBits at load; this is the accuracy level that fusion gets
