@@ -180,8 +180,7 @@ class Loop:
                     alpha = 0.0
                     if self.steering is not None:
                         logits, alpha = self.steering.step(state, logits, self._recompute)
-                    h = entropy(logits)
-                    token = int(sample(logits, params, gen))  # the one host sync per token
+                    h, token = self.pick(logits, params, gen)
                 self.timings.decode_tokens = k + 1
                 yield Token(token, h, alpha)
                 if token in stop_ids or k + 1 == max_new_tokens:
@@ -191,6 +190,16 @@ class Loop:
         finally:
             _sync(dev)
             self.timings.decode_s = time.perf_counter() - t0
+
+    def pick(self, logits: torch.Tensor, params: SamplingParams, gen) -> tuple[torch.Tensor, int]:
+        """The entropy of ``logits`` (0-dim, on their device) and the token sampled from them (the one host sync
+        per token). Where the backend's head graph computed both with these very logits (``OrtHead.picked``),
+        a greedy step takes them from it."""
+        head = getattr(self.backend, "base_head", None)
+        done = head.picked(logits) if head is not None else None
+        if done is not None and params.temperature <= 0:
+            return done
+        return (entropy(logits) if done is None else done[0]), int(sample(logits, params, gen))
 
     def _advance(self, state: DecodeState, token: int, position: int, k: int, dev: torch.device) -> torch.Tensor:
         """Trunk and head for the token just sampled at step ``k``; returns its logits [V]."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from controller.vreason import entropy
 from models import load_model
 from models.quantized import QuantLinear, rtn_quantize
 from runtime.backends.ort import options
@@ -79,6 +80,20 @@ def test_graph_equals_the_pytorch_head(heads, s, past):
     before = cache.keys[0].clone()
     again = graph(hidden, pos, cache, 0, write=False)
     assert torch.allclose(again, logits, atol=1e-6) and torch.equal(cache.keys[0], before)
+
+
+def test_the_graph_picks_what_the_loop_would(heads):
+    """The entropy and greedy token the graph computes with its logits equal the loop's own (controller entropy,
+    torch.argmax); they are handed out only for the graph's own output, untouched since it wrote it."""
+    head, graph = heads
+    hidden = torch.randn(1, 1, head.layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(3))
+    logits = graph(hidden, positions(1, 30), filled_cache(head, 25, 30, seed=4), 0)
+    h, top = graph.picked(logits)
+    assert abs(h.item() - entropy(logits).item()) <= 1e-5 * max(1.0, entropy(logits).item())
+    assert top == int(logits.argmax()) and h.dim() == 0
+    assert graph.picked(logits.clone()) is None  # not the graph's output
+    logits[top] -= 100.0  # written through PyTorch after the graph: its picks no longer describe it
+    assert graph.picked(logits) is None
 
 
 def test_what_the_graph_does_not_take(checkpoints):

@@ -98,9 +98,13 @@ def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch
 
 def bind(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], device):
     """An IO binding of ``session`` to the tensors' memory (by address: a later run reads what they hold then)."""
+    return rebind(session.io_binding(), inputs, outputs, device)
+
+
+def rebind(io, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], device):
+    """``io`` with these names (re)bound to the tensors' memory; its other bindings stay as they were."""
     device = torch.device(device)
     kind = "cuda" if device.type == "cuda" else "cpu"
-    io = session.io_binding()
     for name, t in inputs.items():
         io.bind_input(name, kind, device.index or 0, NP_TYPES[t.dtype], list(t.shape), t.data_ptr())
     for name, t in outputs.items():
