@@ -11,6 +11,7 @@ import torch
 from controller.vreason import entropy
 from models import load_model
 from models.quantized import QuantLinear, rtn_quantize
+from runtime import generate
 from runtime.backends.ort import options
 from runtime.backends.ort_head import OrtHead, supported
 from runtime.cache import KVCache
@@ -104,7 +105,8 @@ def test_what_the_graph_does_not_take(checkpoints):
 
 
 @pytest.mark.parametrize("fixture", ["engine_dir", "int4_engine"])
-def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(fixture, request, tmp_path):
+def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(fixture, request, tmp_path,
+                                                                                  monkeypatch):
     from models.samples import sample_video
 
     video = sample_video(tmp_path / "clip.mp4", seconds=1.5)
@@ -113,8 +115,11 @@ def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(
     calls = []
     run = r.backend.base_head.session.run_with_iobinding
     r.backend.base_head.session.run_with_iobinding = lambda io: (calls.append(1), run(io))
+    torch_entropies = []
+    monkeypatch.setattr(generate, "entropy", lambda x: (torch_entropies.append(1), entropy(x))[1])
     fast = r.ask(video=str(video), question=QUESTION, max_new_tokens=10)
     assert len(calls) >= len(fast.token_ids) > 0  # prefill, the first logits and every decode step
+    assert not torch_entropies  # every step's entropy and token came from the graph (OrtHead.picked)
     graph, r.backend.base_head = r.backend.base_head, None  # the PyTorch head for the same request
     slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=10)
     assert fast.token_ids == slow.token_ids

@@ -143,6 +143,28 @@ def test_cache_buffers_keep_their_storage(reasoners, frames_dir):
     assert bool(cache.keys[0][0, cache.length - 1].abs().sum() > 0)  # ORT wrote the last step into place
 
 
+def test_ort_loop_runs_pytorch_on_one_thread_and_hands_the_caller_its_own(reasoners):
+    """On the CPU ort backend the loop's own work (trunk calls included) sees one PyTorch thread; the caller's code
+    between tokens, and after the loop, sees the setting it had; the torch backend leaves it alone."""
+    before = torch.get_num_threads()
+    assert before > 1  # tests/conftest.py sets 2, or the check below proves nothing
+    for name, inside in (("ort", 1), ("torch", before)):
+        r = reasoners[name]
+        seen, trunk = [], r.backend.trunk
+
+        def counted(*a, seen=seen, trunk=trunk, **k):
+            seen.append(torch.get_num_threads())
+            return trunk(*a, **k)
+
+        r.backend.trunk = counted
+        try:
+            between = [torch.get_num_threads() for _ in r.stream(question=QUESTION, max_new_tokens=4)]
+        finally:
+            r.backend.trunk = trunk
+        assert seen and set(seen) == {inside}  # prefill and every decode step
+        assert set(between) == {before} and torch.get_num_threads() == before
+
+
 def test_stream_yields_the_text_in_pieces(reasoners):
     r = reasoners["ort"]
     s = r.stream(question=QUESTION, max_new_tokens=6)
