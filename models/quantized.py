@@ -180,9 +180,12 @@ class Int4Packed:
 
 class Int8Rows:
     """x [M, K] @ W^T with W as int8 rows and one scale per row. On CUDA the rows are widened to the activation
-    dtype inside the call (``F.linear(x, rows.to(dtype)) * scales``; under torch.compile the widening fuses into
-    the matmul): PyTorch's fused ``torch._weight_int8pack_mm`` exists on CUDA in 2.11 but measured 15.5 decode
-    tokens/s at the Qwen2.5-VL-7B shape on an H200, against 146 for bf16. On CPU the fused kernel runs."""
+    dtype inside the call (``F.linear(x, rows.to(dtype)) * scales``): PyTorch's fused ``torch._weight_int8pack_mm``
+    exists on CUDA in 2.11 but measured 15.5 decode tokens/s at the Qwen2.5-VL-7B shape on an H200, against 146
+    for bf16. Eager, a call writes and reads a widened copy (about 5 bytes of traffic per weight against bf16's 2);
+    the compiled trunk step asks inductor to fuse the widening into a one-row reduction
+    (``runtime.backends.torch_ref.compile_options``), which reads each weight's byte once. Neither form is measured
+    on a GPU yet. On CPU the fused kernel runs."""
 
     def __init__(self, rows: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, device) -> None:
         self.rows = rows.to(device)  # [N, K] int8

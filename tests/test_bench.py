@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from runtime.bench.__main__ import main as bench_main
+from runtime.bench.exports import first_difference, reuse_line
 
 
 def test_bench_json_fields(engine_dir, tiny, tmp_path, capsys):
@@ -19,6 +20,22 @@ def test_bench_json_fields(engine_dir, tiny, tmp_path, capsys):
     assert rep["weight_bytes_per_token"] > 0 and rep["machine"]["read_bandwidth_gb_s"] > 0
     u = rep["reuse"]  # what reuse saves, measured in the same run (ratios reported, not asserted)
     assert u["tokens_equal_without_reuse"] and u["max_entropy_difference"] <= 1e-6
+    assert u["first_different_token"] is None
     assert u["reused_vision_patches_half_overlap"] == 4  # of the shifted window's 8 temporal patches
     assert 0 < u["reused_prompt_tokens_second_question"] < u["prompt_tokens"]
     assert u["second_question_ttft_ratio"] > 0 and u["half_overlap_vision_ratio"] > 0
+
+
+def test_reuse_line_says_where_answers_part():
+    """Answers that part (an int4 export: ONNX Runtime's int8-activation kernel rounds a row a little differently
+    by batch size) are reported by the first token that differs and the entropy distance before it."""
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+    u = {"prompt_tokens": 669, "ttft_first_s": 2.0, "second_question_ttft_ratio": 0.2, "same_question_ttft_ratio": 0.02,
+         "reused_prompt_tokens_second_question": 547, "half_overlap_vision_ratio": 0.5,
+         "reused_vision_patches_half_overlap": 4, "tokens_equal_without_reuse": False, "first_different_token": 20,
+         "max_entropy_difference": 4.8e-4}
+    assert reuse_line(u, "ort").endswith("answers without reuse part at token 20 (entropy within 4.8e-04 before that)")
+    u.update(tokens_equal_without_reuse=True, first_different_token=None, max_entropy_difference=0.0)
+    assert reuse_line(u, "ort").endswith("answers equal without reuse (entropy within 0.0e+00)")

@@ -79,6 +79,25 @@ def test_packed_layer_computes_the_dequantized_weight(bits):
     assert cos > (0.97 if bits == 4 else 0.999)
 
 
+def test_compile_options_fuse_only_widened_int8_rows():
+    """Coordinate descent tuning (inductor then computes a one-row matmul as a reduction that can take in the int8
+    widening) is asked for only where int8 rows are widened per call, as on CUDA; the widened form computes what
+    the fused CPU kernel computes; the option is one this PyTorch's inductor knows."""
+    from runtime.backends.torch_ref import compile_options
+
+    int8, _ = _layer(8)
+    int4, _ = _layer(4)
+    model = torch.nn.Sequential(int4.pack("cpu", torch.float32), int8.pack("cpu", torch.float32))
+    assert compile_options(model) == {}  # on CPU: PyTorch's fused int8 kernel, nothing to fuse
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(4))
+    fused = int8(x)
+    int8.packed["forward"].fused = False  # the CUDA form
+    assert torch.allclose(int8(x), fused, rtol=1e-5, atol=1e-6)
+    assert compile_options(model) == {"coordinate_descent_tuning": True}
+    assert compile_options(torch.nn.Sequential(int4)) == {}
+    assert set(compile_options(model)) <= set(torch._inductor.list_options())
+
+
 def test_int4_pack_applies_zero_points():
     """A MatMulNBits weight with stored zero points (not what this exporter writes) still packs exactly."""
     g = torch.Generator().manual_seed(5)

@@ -4,6 +4,7 @@ the synthetic benchmark on a small CPU shape."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -173,6 +174,36 @@ def test_synthetic_bench_on_a_small_cpu_shape(capsys):
     assert set(rep["decode_tokens_per_s"]) == {"dynamic", "static", "vreason", "vreason-lite", "transformers"}
     assert rep["tokens_identical_to_dynamic"] == {"static": True}
     assert rep["weight_bytes_per_token"]["none"] > 0 and rep["vreason_token_time_ratio"]["none"] > 0
+
+
+def test_synthetic_bench_saves_each_row_as_it_goes(tmp_path, monkeypatch, capsys):
+    """--save: a run stopped part way (here by an error in the transformers row) leaves every row it measured;
+    a finished run leaves the whole report."""
+    import runtime.bench.synthetic as syn
+
+    out = tmp_path / "rows.json"
+    args = ["--synthetic", "small", "--device", "cpu", "--prompt-tokens", "64", "--new-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--save", str(out)]
+
+    def stopped(*a, **k):
+        raise MemoryError("stopped here")
+
+    with monkeypatch.context() as m:
+        m.setattr(syn, "transformers_decode", stopped)
+        with pytest.raises(MemoryError):
+            syn.run_synthetic(argparse.Namespace(
+                synthetic="small", device="cpu", dtype=None, prompt_tokens=64, new_tokens=4, repeats=1, warmup=0,
+                quantize=["none"], compile=False, transformers=True, save=out))
+    part = json.loads(out.read_text())
+    assert part["complete"] is False and set(part["rows"]) == {"dynamic", "static", "vreason", "vreason-lite"}
+    assert part["rows"]["static"]["decode_tokens_per_s"] > 0 and part["by_scheme"]["none"]["weights_bytes"] > 0
+    assert bench_main(args + ["--no-transformers"]) == 0
+    done = json.loads(out.read_text())
+    assert done["complete"] is True and set(done["decode_tokens_per_s"]) == set(part["rows"])
+    assert not list(tmp_path.glob("*.part"))
+    capsys.readouterr()
+    assert bench_main(args[:-1] + [str(tmp_path / "rows.txt")]) == 1
+    assert "must end in .json" in capsys.readouterr().err
 
 
 def test_synthetic_bench_errors_are_one_line(capsys):

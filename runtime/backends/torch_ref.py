@@ -34,6 +34,19 @@ def model_from_export(export_dir: Path, manifest: dict, dtype: torch.dtype, devi
     return model.eval().requires_grad_(False)
 
 
+def compile_options(module: torch.nn.Module) -> dict:
+    """Inductor settings for compiling ``module``'s decode step. Where it holds int8 rows widened per call
+    (``models.quantized.Int8Rows`` on CUDA), coordinate descent tuning: under it inductor computes a one-row
+    matmul as a reduction (``torch._inductor.decomposition.mm``) into which it fuses the widening, so a step
+    reads each weight's byte once instead of widening a bf16 copy and reading that. Otherwise inductor's
+    defaults (what the bf16 and int4 rows were measured with). Not yet measured on a GPU (docs/benchmarks.md)."""
+    from models.quantized import Int8Rows, QuantLinear
+
+    widened = any(isinstance(k, Int8Rows) and not k.fused for m in module.modules() if isinstance(m, QuantLinear)
+                  for k in m.packed.values())
+    return {"coordinate_descent_tuning": True} if widened else {}
+
+
 class TorchBackend:
     name = "torch"
     head_major_layers = 0  # the KV cache layers it reads head-major (``KVCache.allocate``): none
@@ -49,7 +62,8 @@ class TorchBackend:
     def compile_step(self) -> None:
         """torch.compile the static decode step (inductor; compiled on first use, per shape)."""
         if not self.compiled:
-            self._step = torch.compile(self.model.trunk.step, dynamic=False)
+            self._step = torch.compile(self.model.trunk.step, dynamic=False,
+                                       options=compile_options(self.model.trunk) or None)
             self.compiled = True
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import sys
 from models import checks
 from models.errors import UserError, run_cli
 from runtime.bench.exports import run, run_many, table, table_many
+from runtime.bench.measure import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the transformers generate baseline")
     ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--save", metavar="PATH",
+                    help="also write the report to PATH as JSON; with --synthetic it is rewritten after every measured "
+                    "row, so a run stopped early (a time limit) keeps the rows it finished (\"complete\": false)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     def go(args) -> int:
         checks.check_number("--new-tokens", args.new_tokens, lo=2, integer=True)
@@ -63,14 +67,22 @@ def main(argv: list[str] | None = None) -> int:
         checks.check_number("--warmup", args.warmup, lo=0, integer=True)
         checks.check_number("--peer-rounds", args.peer_rounds, lo=1, integer=True)
         checks.check_number("--seconds", args.seconds, lo=0.5, hi=600)
+        if args.save:
+            args.save = checks.output_file(args.save, "--save", suffix=".json")
+
+        def report(rep: dict, text: str) -> int:
+            if args.save:
+                write_report(args.save, rep)
+            print(json.dumps(rep, indent=2) if args.json else text)
+            return 0
+
         if args.synthetic:
             from runtime.bench.synthetic import run_synthetic, synthetic_table
 
             checks.check_number("--prompt-tokens", args.prompt_tokens, lo=32, integer=True)
             args.device = checks.check_device(args.device)
             rep = run_synthetic(args)
-            print(json.dumps(rep, indent=2) if args.json else synthetic_table(rep))
-            return 0
+            return report(rep, synthetic_table(rep))
         if not args.engine:
             raise UserError("pass --engine DIR (an export) or --synthetic NAME")
         for e in args.engine:
@@ -81,12 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                 import importlib.util
                 args.peer = importlib.util.find_spec("onnxruntime_genai") is not None
             rep = run_many(args)
-            print(json.dumps(rep, indent=2) if args.json else table_many(rep))
-            return 0
+            return report(rep, table_many(rep))
         args.engine = args.engine[0]
         rep = run(args)
-        print(json.dumps(rep, indent=2) if args.json else table(rep))
-        return 0
+        return report(rep, table(rep))
 
     return run_cli(go, ap.parse_args(argv))
 

@@ -1,7 +1,9 @@
-"""Measurement helpers shared by the benchmarks: read bandwidth, peak resident memory, medians and ratios."""
+"""Measurement helpers shared by the benchmarks: read bandwidth, peak resident memory, medians and ratios, and
+the report file (``--save``)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -50,3 +52,11 @@ def ratio(a: list[dict], b: list[dict], key: str) -> float:
 def sync(device) -> None:
     if getattr(device, "type", "cpu") == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_report(path, report: dict) -> None:
+    """``report`` as JSON at ``path``, replaced whole (a reader never sees half a file)."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(report, indent=2) + "\n")
+    part.replace(path)

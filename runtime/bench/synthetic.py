@@ -320,9 +320,10 @@ def transformers_decode(raw_config: dict, dtype, device, ids: torch.Tensor, new_
             "decode_s_per_token": statistics.median(r[1] for r in runs), "peak_memory_bytes": peak, "capture_s": 0.0}
 
 
-def measure_scheme(cfg, scheme: str, dtype, device, prompt, args, dynamic: bool) -> dict:
+def measure_scheme(cfg, scheme: str, dtype, device, prompt, args, dynamic: bool, measured=None) -> dict:
     """Every row of one weight scheme (none, int8, int4) on a fresh random decoder: decode loops, V-Reason and
-    Lite, the head pass, bytes read per step and weights held."""
+    Lite, the head pass, bytes read per step and weights held. ``measured(name, runs)`` is called after each
+    row."""
     from runtime.reasoner import fuse_projections
 
     torch.manual_seed(0)
@@ -343,6 +344,8 @@ def measure_scheme(cfg, scheme: str, dtype, device, prompt, args, dynamic: bool)
         first_capture[label + name] = (warm or rows[label + name])[0]["capture_s"]
         tps = 1 / statistics.median(r["decode_s_per_token"] for r in rows[label + name])
         print(f"measured {label + name}: {tps:.1f} decode tokens/s", file=sys.stderr)
+        if measured is not None:
+            measured(label + name, rows[label + name])
 
     if dynamic:
         measure("dynamic", "dynamic")
@@ -378,9 +381,14 @@ def run_synthetic(args) -> dict:
         raise UserError(f"--quantize {bad[0]!r}: choose from {', '.join(SCHEMES)}")
     prompt = synthetic_prompt(cfg, args.prompt_tokens, device)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else _cpu_read_bandwidth()
+    save = Progress(getattr(args, "save", None), {
+        "synthetic": args.synthetic, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__, "prompt_tokens": len(prompt[0]), "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "schemes": schemes, "bandwidth_gb_s": bandwidth / 1e9})
     per = {}
     for i, q in enumerate(schemes):  # one decoder at a time on the device
-        per[q] = measure_scheme(cfg, q, dtype, device, prompt, args, dynamic=(i == 0))
+        per[q] = measure_scheme(cfg, q, dtype, device, prompt, args, dynamic=(i == 0), measured=save.row)
+        save.scheme(q, per[q])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rows = {k: v for p in per.values() for k, v in p["rows"].items()}
@@ -391,6 +399,7 @@ def run_synthetic(args) -> dict:
                                                     visual_ids)]
         scheme_of["transformers"] = "none"
         print("measured transformers", file=sys.stderr)
+        save.row("transformers", rows["transformers"])
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_s", "decode_s_per_token",
                                                                "peak_memory_bytes", "capture_s")}
            for k, v in rows.items()}
@@ -443,7 +452,37 @@ def run_synthetic(args) -> dict:
         "vreason_update_s": update_s,
         "vreason_update_cost_head_passes": {q: update_s[q] / per[q]["head_pass_s"] for q in schemes},
         "tokens_identical_to_dynamic": per[first]["identical"],
+        "complete": True,
     }
+
+
+class Progress:
+    """``--save PATH``: what has been measured so far, rewritten to PATH (JSON) after every row and every weight
+    scheme, so that a run stopped before its end (a time limit on a lent GPU) leaves each row it finished, with
+    "complete": false; the caller writes the whole report over it at the end (``write_report``)."""
+
+    def __init__(self, path, head: dict) -> None:
+        self.path = path
+        self.report = {**head, "complete": False, "rows": {}, "by_scheme": {}}
+
+    def row(self, name: str, runs: list[dict]) -> None:
+        self.report["rows"][name] = {
+            "decode_tokens_per_s": 1.0 / statistics.median(r["decode_s_per_token"] for r in runs),
+            "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+            "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in runs),
+            "capture_s": statistics.median(r["capture_s"] for r in runs)}
+        self._write()
+
+    def scheme(self, q: str, measured: dict) -> None:
+        self.report["by_scheme"][q] = {k: measured[k] for k in ("build_s", "compile_s", "kernels", "head_pass_s",
+                                                                "bytes_per_token", "weights_bytes")}
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is not None:
+            from runtime.bench.measure import write_report
+
+            write_report(self.path, self.report)
 
 
 def synthetic_table(rep: dict) -> str:
