@@ -75,24 +75,25 @@ class _Graph(GraphBuilder):
         self.inputs.append(self.helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)))
         return name
 
-    def linear(self, x: str, m, name: str) -> str:
+    def linear(self, x: str, m, name: str, out: str | None = None) -> str:
         """x [M, K] -> [M, N] for an nn.Linear (weight [N, K], read in place; a column-major weight, as the
-        CPU head's LM head is stored, is read as the [K, N] matrix it is) or a QuantLinear (MatMulNBits)."""
+        CPU head's LM head is stored, is read as the [K, N] matrix it is) or a QuantLinear (MatMulNBits); ``out``
+        names the result (a graph output written by the matmul itself, without a copy)."""
         from onnx import numpy_helper
 
+        y = out if m.bias is None and out is not None else self.name("linear")
         if isinstance(m, QuantLinear):
-            y = f"{name}.y"
             node, arrays = matmul_nbits(x, y, f"{name}.", *m.nbits_args())
             self.nodes.append(node)
             self.initializers += [numpy_helper.from_array(a.numpy(), key) for key, a in arrays.items()]
         else:
             w = m.weight.detach()
             if w.t().is_contiguous() and not w.is_contiguous():
-                y = self.op("MatMul", [x, self.weight(f"{name}.weight_t", w.t())])
+                self.op("MatMul", [x, self.weight(f"{name}.weight_t", w.t())], [y])
             else:
-                y = self.op("Gemm", [x, self.weight(f"{name}.weight", w)], transB=1)
+                self.op("Gemm", [x, self.weight(f"{name}.weight", w)], [y], transB=1)
         if m.bias is not None:
-            y = self.op("Add", [y, self.weight(f"{name}.bias", m.bias)])
+            y = self.op("Add", [y, self.weight(f"{name}.bias", m.bias)], [out] if out is not None else 1)
         return y
 
     def rms(self, x: str, norm, name: str) -> str:
@@ -140,7 +141,7 @@ def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
     up = g.linear(m, mlp.up_proj, "layer.mlp.up_proj")
     x = g.op("Add", [x, g.linear(silu_gate(g, gate, up), mlp.down_proj, "layer.mlp.down_proj")])
     last = g.op("Slice", [x, g.const("last_start", [-1]), g.const("last_end", [2**62]), g.const("axis_0", [0])])
-    g.op("Identity", [g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head")], ["logits"])
+    g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head", out="logits")
     # what the decode loop takes from every step's logits: their entropy, H = log(sum e^z) - sum(e^z z) / sum e^z
     # with z = logits - max, and the greedy pick (first index of the largest logit, as torch.argmax)
     z = g.op("Sub", ["logits", g.op("ReduceMax", ["logits"], keepdims=1)])
