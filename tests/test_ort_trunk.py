@@ -15,7 +15,7 @@ import torch
 from export.exporter import export_model
 from models.errors import UserError
 from models.registry import family
-from runtime.backends import ort_trunk
+from runtime.backends import ort_graph, ort_trunk
 from runtime.backends.ort import OrtBackend, options
 from runtime.backends.ort_graph import run_bound
 from runtime.reasoner import Reasoner
@@ -161,9 +161,9 @@ def test_a_token_major_cache_is_refused_clearly(exports):
 
 def test_mrope_selection_follows_each_family_rule():
     # Qwen2.5-VL: contiguous bands t, h, w; Qwen3-VL: interleaved h/w up to their sections, t elsewhere
-    band = ort_trunk.mrope_selection(8, [2, 3, 3], False).reshape(3, 8).argmax(0)
+    band = ort_graph.mrope_selection(8, [2, 3, 3], False).reshape(3, 8).argmax(0)
     assert band.tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
-    inter = ort_trunk.mrope_selection(8, [4, 2, 2], True).reshape(3, 8).argmax(0)
+    inter = ort_graph.mrope_selection(8, [4, 2, 2], True).reshape(3, 8).argmax(0)
     assert inter.tolist() == [0, 1, 2, 0, 1, 2, 0, 0]
 
 

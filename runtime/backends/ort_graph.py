@@ -44,6 +44,34 @@ class GraphBuilder:
         return name
 
 
+def mrope_selection(half: int, section: list[int], interleaved: bool) -> np.ndarray:
+    """[3, 1, 1, half] one-hot: which position axis (t, h, w) each rotary frequency follows (``MRoPE``)."""
+    axis = np.zeros(half, dtype=np.int64)
+    if interleaved:
+        j = np.arange(half)
+        axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
+        axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    else:
+        start = 0
+        for i, n in enumerate(section):
+            axis[start:start + n] = i % 3
+            start += n
+    return (axis[None, :] == np.arange(3)[:, None]).astype(np.float32).reshape(3, 1, 1, half)
+
+
+def rotary_angles(g: GraphBuilder, positions: str, inv_freq: str, half: int, section: list[int],
+                  interleaved: bool) -> str:
+    """The rotary angles [S, half] of M-RoPE positions [3, 1, S] (int64): each frequency of ``inv_freq`` [half]
+    times the position on the axis it follows (``MRoPE``: the one-hot pick and sum select it exactly)."""
+    from onnx import TensorProto
+
+    freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [positions], to=TensorProto.FLOAT),
+                                            g.const("last_axis", [-1])]), inv_freq])  # [3, 1, S, half]
+    pick = g.const("mrope_pick", mrope_selection(half, section, interleaved), np.float32)
+    return g.op("Reshape", [g.op("ReduceSum", [g.op("Mul", [freqs, pick]), g.const("axis_0", [0])], keepdims=0),
+                            g.const("shape_table", [-1, half])])
+
+
 def attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin: str, past: tuple[str, str],
               new: tuple[str, str], mask: str, heads: int, kv: int, head_dim: int) -> str:
     """A layer's grouped-query attention, as the exported graph computes it: q [1,S,heads*hd] and k [1,S,kv*hd]

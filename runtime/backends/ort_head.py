@@ -12,10 +12,11 @@ The graph is built at load from the head's own modules, so nothing is added to t
 - float weights are graph inputs bound to the PyTorch head's tensors (no copy: one copy of each weight);
 - quantized linears are MatMulNBits initializers holding the head's codes and scales (ONNX Runtime repacks
   them for its kernel, as the head's own per-linear sessions do);
-- the rotary tables come from the head's own ``rotary`` (either family's M-RoPE) as RotaryEmbedding's cos/sin
-  caches with positions 0..S-1; the causal mask is an input (S > 1: a prefill chunk).
+- the rotary tables are computed in the graph from the tokens' M-RoPE positions and the head's own
+  ``rotary`` (its frequencies and either family's axis rule, as the fused trunk computes them), as
+  RotaryEmbedding's cos/sin caches read at rows 0..S-1; the causal mask is an input (S > 1: a prefill chunk).
 
-Inputs: hidden [1,S,H], cos/sin [S,hd/2], positions [1,S], mask [S,P+S] (additive), past_key/past_value
+Inputs: hidden [1,S,H], position_ids [3,1,S], mask [S,P+S] (additive), past_key/past_value
 [1,P,kv,hd]; outputs: logits [1,V] of the last position, their entropy [1,1] and greedy pick [1] (what the
 decode loop takes from them, without its own PyTorch ops: ``OrtHead.picked``), key/value [1,S,kv,hd] (the
 layer's new entries, bound straight into the cache). Same numbers as the PyTorch head to float rounding
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from models.quantized import IR_VERSION, QuantLinear, matmul_nbits
-from runtime.backends.ort_graph import GraphBuilder, attention, bind, rebind, run_bound, silu_gate
+from runtime.backends.ort_graph import GraphBuilder, attention, bind, rebind, rotary_angles, run_bound, silu_gate
 from runtime.cache import KVCache
 
 _FLOAT_MIN = float(torch.finfo(torch.float32).min)
@@ -113,9 +114,7 @@ def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
     g = _Graph()
     f = TensorProto.FLOAT
     g.inputs += [helper.make_tensor_value_info("hidden", f, [1, "S", hidden_size]),
-                 helper.make_tensor_value_info("cos", f, ["S", hd // 2]),
-                 helper.make_tensor_value_info("sin", f, ["S", hd // 2]),
-                 helper.make_tensor_value_info("positions", TensorProto.INT64, [1, "S"]),
+                 helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, 1, "S"]),
                  helper.make_tensor_value_info("mask", f, ["S", "T"]),
                  helper.make_tensor_value_info("past_key", f, [1, "P", kv, hd]),
                  helper.make_tensor_value_info("past_value", f, [1, "P", kv, hd])]
@@ -131,7 +130,13 @@ def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
                                    "layer.self_attn.q_norm"), "shape_q_flat"])
         k = g.op("Reshape", [g.rms(g.op("Reshape", [k, g.const("shape_k", [1, -1, kv, hd])]), attn.k_norm,
                                    "layer.self_attn.k_norm"), "shape_k_flat"])
-    out = attention(g, q, k, v, "positions", "cos", "sin", ("past_key", "past_value"), ("key", "value"), "mask",
+    rot = head.rotary
+    angles = rotary_angles(g, "position_ids", g.const("inv_freq", rot.inv_freq.detach().cpu().numpy(), np.float32),
+                           hd // 2, rot.section, rot.interleaved)  # [S, hd/2]
+    cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
+    s = g.op("Gather", [g.op("Shape", ["hidden"]), g.const("one", 1)])
+    rows = g.op("Unsqueeze", [g.op("Range", [g.const("zero", 0), s, "one"]), g.const("axis_0", [0])])  # [1, S]
+    out = attention(g, q, k, v, rows, cos, sin, ("past_key", "past_value"), ("key", "value"), "mask",
                     heads, kv, hd)  # [1, S, heads*hd]
     out = g.linear(g.op("Reshape", [out, g.const("shape_heads_flat", [-1, heads * hd])]), attn.o_proj,
                    "layer.self_attn.o_proj")
@@ -171,7 +176,6 @@ class OrtHead:
         self.head = head
         blob, self.bound = build(head)
         self.session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-        self.half = head.layer.self_attn.head_dim // 2
         self.logits = torch.empty(1, head.lm_head.out_features)
         self.out = self.logits[0]  # the one tensor every call returns (``picked`` knows its own output by it)
         self._entropy = torch.empty(1, 1)
@@ -196,26 +200,23 @@ class OrtHead:
             if self._scratch.numel() < n:
                 self._scratch = torch.empty(n)
             new_k, new_v = self._scratch[:n].view(2, *shape).unbind(0)
-        cos, sin = self.head.rotary(positions, torch.float32)  # [1, S, 1, hd]: the halves repeat
-        cos, sin = cos[0, :, 0, : self.half], sin[0, :, 0, : self.half]
         past = {"past_key": keys, "past_value": values}
         new = {"key": new_k, "value": new_v}
         if s == 1:  # a decode step or its recompute: the kept binding, with what moved bound again
             t = self._token
             if t is None:
-                t = self._token = _Token(hidden, self.half)
-                t.io = bind(self.session, {"hidden": t.hidden, "cos": t.cos, "sin": t.sin,
-                                           "positions": t.positions, **self.bound}, self._outputs(), "cpu")
+                t = self._token = _Token(hidden)
+                t.io = bind(self.session, {"hidden": t.hidden, "position_ids": t.positions, **self.bound},
+                            self._outputs(), "cpu")
             t.hidden.copy_(hidden)
-            t.cos.copy_(cos)
-            t.sin.copy_(sin)
+            t.positions.copy_(positions)
             rebind(t.io, {**past, "mask": t.mask(length + 1)}, new, "cpu")
             self.session.run_with_iobinding(t.io)
         else:
             j = torch.arange(length + s).unsqueeze(0)
             mask = torch.zeros(s, length + s).masked_fill_(j > torch.arange(s).unsqueeze(1) + length, _FLOAT_MIN)
-            inputs = {"hidden": hidden.contiguous(), "cos": cos.contiguous(), "sin": sin.contiguous(),
-                      "positions": torch.arange(s).view(1, s), "mask": mask, **past, **self.bound}
+            inputs = {"hidden": hidden.contiguous(), "position_ids": positions.contiguous(), "mask": mask, **past,
+                      **self.bound}
             run_bound(self.session, inputs, {**self._outputs(), **new}, "cpu")
         self._written = self.out._version  # a write through PyTorch after this would move it on
         return self.out
@@ -235,10 +236,9 @@ class _Token:
     """``OrtHead``'s buffers for one-token calls: bound once, refilled per call (binding the head's ~20 tensors
     afresh cost about 0.3 ms a step on the bench export)."""
 
-    def __init__(self, hidden: torch.Tensor, half: int) -> None:
+    def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = torch.empty(1, 1, hidden.shape[2])
-        self.cos, self.sin = torch.empty(1, half), torch.empty(1, half)
-        self.positions = torch.zeros(1, 1, dtype=torch.long)  # the rotary table's row 0
+        self.positions = torch.zeros(3, 1, 1, dtype=torch.long)  # the token's M-RoPE position
         self.zeros = torch.zeros(1, 0)  # the additive mask: nothing hidden from the one query
         self.io = None
 

@@ -32,26 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.ort_graph import GraphBuilder, grouped_query_attention, silu_gate
+from runtime.backends.ort_graph import GraphBuilder, grouped_query_attention, rotary_angles, silu_gate
 
 
 class Unsupported(Exception):
     """The trunk graph is not one this module can restate (the standard graph is used)."""
-
-
-def mrope_selection(half: int, section: list[int], interleaved: bool) -> np.ndarray:
-    """[3, 1, 1, half] one-hot: which position axis (t, h, w) each rotary frequency follows (``MRoPE``)."""
-    axis = np.zeros(half, dtype=np.int64)
-    if interleaved:
-        j = np.arange(half)
-        axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
-        axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
-    else:
-        start = 0
-        for i, n in enumerate(section):
-            axis[start:start + n] = i % 3
-            start += n
-    return (axis[None, :] == np.arange(3)[:, None]).astype(np.float32).reshape(3, 1, 1, half)
 
 
 class _Builder(GraphBuilder):
@@ -134,13 +119,8 @@ def build(trunk: Path, text) -> bytes:
 
     # once per call: positions -> rotary tables, and the cache's entry count after it (GroupQueryAttention's)
     s = b.op("Gather", [b.op("Shape", ["inputs_embeds"]), b.const("one", 1)])
-    freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", ["position_ids"], to=TensorProto.FLOAT),
-                                            b.const("last_axis", [-1])]), b.init("trunk.rotary.inv_freq")])
-    section = list(text.mrope_section)
-    pick = b.const("mrope_pick", mrope_selection(hd // 2, section, bool(getattr(text, "mrope_interleaved", False))),
-                   np.float32)
-    angles = b.op("Reshape", [b.op("ReduceSum", [b.op("Mul", [freqs, pick]), b.const("axis_0", [0])], keepdims=0),
-                              b.const("shape_table", [-1, hd // 2])])  # [S, hd/2]
+    angles = rotary_angles(b, "position_ids", b.init("trunk.rotary.inv_freq"), hd // 2, list(text.mrope_section),
+                           bool(getattr(text, "mrope_interleaved", False)))  # [S, hd/2]
     # GroupQueryAttention reads the row of each token's cache position: the S rows after cache_length zero rows
     pads = b.op("Concat", ["cache_length", b.const("pads_rest", [0, 0, 0])], axis=0)
     cos, sin = (b.op("Pad", [b.op(f, [angles]), pads]) for f in ("Cos", "Sin"))  # [cache_length + S, hd/2]
