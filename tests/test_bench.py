@@ -17,6 +17,7 @@ def test_bench_json_fields(engine_dir, tiny, tmp_path, capsys):
     assert set(rep["decode_roofline_fraction"]) == {"ort", "transformers"}
     for key in ("vreason_token_time_ratio", "vreason_peak_memory_ratio", "vreason_update_cost_head_passes"):
         assert rep[key] > 0
+    assert isinstance(rep["vreason_first_use_bytes"], int)  # what V-Reason's first request left held
     assert rep["weight_bytes_per_token"] > 0 and rep["machine"]["read_bandwidth_gb_s"] > 0
     u = rep["reuse"]  # what reuse saves, measured in the same run (ratios reported, not asserted)
     assert u["tokens_equal_without_reuse"] and u["max_entropy_difference"] <= 1e-6

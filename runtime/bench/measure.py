@@ -40,6 +40,23 @@ def peak_rss() -> int:
     return process_memory("VmHWM")
 
 
+def resident_bytes(device) -> int:
+    """Memory held now: PyTorch's allocated bytes on CUDA; on CPU the process's resident set after collecting
+    garbage and handing freed heap back to the system (glibc's ``malloc_trim``, where there is one)."""
+    import gc
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return process_memory()
+
+
 def median_of(runs: list[dict], key: str) -> float:
     vals = [x[key] for x in runs if x[key] is not None]
     return statistics.median(vals) if vals else float("nan")
