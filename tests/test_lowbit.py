@@ -98,6 +98,35 @@ def test_compile_options_fuse_only_widened_int8_rows():
     assert set(compile_options(model)) <= set(torch._inductor.list_options())
 
 
+def test_quantized_sessions_read_the_codes_in_place(monkeypatch):
+    """A MatMulNBits session is handed the layer's own codes and scales (the model carries placeholders, so ONNX
+    Runtime holds only its repacked form); where the placeholders are refused, the serialized form computes the
+    same."""
+    import pathlib
+
+    import onnxruntime as ort
+
+    from models.quantized import _nbits_session
+
+    layer, deq = _layer(4)
+    x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
+    real, loaded = ort.InferenceSession, []
+
+    def spy(model, *a, **k):
+        loaded.append(type(model))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    sess, keep = _nbits_session(*layer.nbits_args())
+    assert loaded == [str]  # the model file beside its placeholder: no serialized weights
+    y = sess.run(None, {"x": x})[0]
+    assert np.abs(y - x @ deq.numpy().T).max() < 2e-2 * np.abs(x @ deq.numpy().T).max()
+    monkeypatch.setattr(pathlib.Path, "touch", lambda self, *a, **k: None)  # no placeholder file: refused
+    sess2, keep2 = _nbits_session(*layer.nbits_args())
+    assert loaded == [str, str, bytes]
+    assert np.array_equal(sess2.run(None, {"x": x})[0], y)
+
+
 def test_int4_pack_applies_zero_points():
     """A MatMulNBits weight with stored zero points (not what this exporter writes) still packs exactly."""
     g = torch.Generator().manual_seed(5)

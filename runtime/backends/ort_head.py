@@ -10,8 +10,8 @@ CPU operators (SimplifiedLayerNormalization for RMSNorm, RotaryEmbedding, MatMul
 The graph is built at load from the head's own modules, so nothing is added to the export:
 
 - float weights are graph inputs bound to the PyTorch head's tensors (no copy: one copy of each weight);
-- quantized linears are MatMulNBits initializers holding the head's codes and scales (ONNX Runtime repacks
-  them for its kernel, as the head's own per-linear sessions do);
+- quantized linears are MatMulNBits over the head's own codes and scales, handed to ONNX Runtime as they lie
+  (``models.quantized.handed_session``; it keeps only its repacked form, as the head's per-linear sessions do);
 - the rotary tables are computed in the graph from the tokens' M-RoPE positions and the head's own
   ``rotary`` (its frequencies and either family's axis rule, as the fused trunk computes them), as
   RotaryEmbedding's cos/sin caches read at rows 0..S-1; the causal mask is an input (S > 1: a prefill chunk).
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.quantized import IR_VERSION, QuantLinear, matmul_nbits
+from models.quantized import IR_VERSION, QuantLinear, handed_session, matmul_nbits, placeholder
 from runtime.backends.ort_graph import GraphBuilder, attention, bind, rebind, rotary_angles, run_bound, silu_gate
 from runtime.cache import KVCache
 
@@ -62,7 +62,8 @@ class _Graph(GraphBuilder):
     def __init__(self) -> None:
         super().__init__()
         self.inputs: list = []
-        self.initializers: list = []  # the quantized linears' codes and scales
+        self.initializers: list = []  # the quantized linears' codes and scales, as placeholders
+        self.handed: dict[str, torch.Tensor] = {}  # ... and the tensors handed over in their place
         self.bound: dict[str, torch.Tensor] = {}  # weight inputs -> the PyTorch tensors bound to them
 
     def weight(self, name: str, t: torch.Tensor) -> str:
@@ -80,13 +81,13 @@ class _Graph(GraphBuilder):
         """x [M, K] -> [M, N] for an nn.Linear (weight [N, K], read in place; a column-major weight, as the
         CPU head's LM head is stored, is read as the [K, N] matrix it is) or a QuantLinear (MatMulNBits); ``out``
         names the result (a graph output written by the matmul itself, without a copy)."""
-        from onnx import numpy_helper
 
         y = out if m.bias is None and out is not None else self.name("linear")
         if isinstance(m, QuantLinear):
             node, arrays = matmul_nbits(x, y, f"{name}.", *m.nbits_args())
             self.nodes.append(node)
-            self.initializers += [numpy_helper.from_array(a.numpy(), key) for key, a in arrays.items()]
+            self.initializers += [placeholder(key, a) for key, a in arrays.items()]
+            self.handed.update(arrays)
         else:
             w = m.weight.detach()
             if w.t().is_contiguous() and not w.is_contiguous():
@@ -102,8 +103,9 @@ class _Graph(GraphBuilder):
                        epsilon=float(norm.eps))
 
 
-def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """The serialized head graph and the PyTorch tensors its weight inputs are bound to."""
+def build(head) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The head graph (an onnx ModelProto), the PyTorch tensors its weight inputs are bound to, and the ones
+    handed over for its quantized initializers."""
     from onnx import TensorProto, helper
 
     layer = head.layer
@@ -163,7 +165,7 @@ def build(head) -> tuple[bytes, dict[str, torch.Tensor]]:
     graph = helper.make_graph(g.nodes, "head", g.inputs, outputs, [*g.initializers, *g.consts.values()])
     model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21),
                                                                           helper.make_opsetid("com.microsoft", 1)])
-    return model.SerializeToString(), g.bound
+    return model, g.bound, g.handed
 
 
 class OrtHead:
@@ -171,11 +173,9 @@ class OrtHead:
 
     def __init__(self, head, opts) -> None:
         """``opts``: the session options (the ort backend's ``options``)."""
-        import onnxruntime as ort
-
         self.head = head
-        blob, self.bound = build(head)
-        self.session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+        model, self.bound, handed = build(head)
+        self.session, self._handed = handed_session(model, handed, opts)
         self.logits = torch.empty(1, head.lm_head.out_features)
         self.out = self.logits[0]  # the one tensor every call returns (``picked`` knows its own output by it)
         self._entropy = torch.empty(1, 1)
