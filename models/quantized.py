@@ -139,7 +139,7 @@ def handed_session(model, arrays: dict[str, torch.Tensor], opts, providers=("CPU
     those initializers from the CPU tensors themselves (``add_initializer``: ONNX Runtime uses the caller's
     buffer instead of deserializing one). It then holds only its prepacked form of them: an initializer
     serialized into the model stays held as well (the bench LM head's int4 MatMulNBits, 81 MB of codes and
-    scales: 109 MB resident for the session against 192 MB with the data serialized, 209 MB with ONNX Runtime
+    scales: 109-113 MB resident for the session against 192 MB with the data serialized, 209 MB with ONNX Runtime
     owning it). An ONNX Runtime that will not take the placeholders gets the data serialized (the same session,
     more memory). Returns (session, the values that must outlive it)."""
     import tempfile

@@ -81,7 +81,6 @@ class _Graph(GraphBuilder):
         """x [M, K] -> [M, N] for an nn.Linear (weight [N, K], read in place; a column-major weight, as the
         CPU head's LM head is stored, is read as the [K, N] matrix it is) or a QuantLinear (MatMulNBits); ``out``
         names the result (a graph output written by the matmul itself, without a copy)."""
-
         y = out if m.bias is None and out is not None else self.name("linear")
         if isinstance(m, QuantLinear):
             node, arrays = matmul_nbits(x, y, f"{name}.", *m.nbits_args())
