@@ -103,8 +103,7 @@ def _nbits_session(codes, scales, zero_points, bits: int, block_size: int, k: in
     node, arrays = matmul_nbits("x", "y", "", codes, scales, zero_points, bits, block_size, k, n, accuracy_level)
     graph = helper.make_graph(
         [node], "matmul_nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
-        [placeholder(name, a) for name, a in arrays.items()])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               ir_version=IR_VERSION)
@@ -118,7 +117,7 @@ def _nbits_session(codes, scales, zero_points, bits: int, block_size: int, k: in
 PLACEHOLDER = "handed-over.bin"  # the file a placeholder initializer names: empty, never read
 
 
-def placeholder(name: str, t: torch.Tensor):
+def _placeholder(name: str, t: torch.Tensor):
     """An initializer declared without its data (an external reference to an empty placeholder file), for
     ``handed_session`` to hand ONNX Runtime the tensor itself in its place."""
     from onnx import TensorProto, helper
@@ -135,9 +134,10 @@ def placeholder(name: str, t: torch.Tensor):
 
 
 def handed_session(model, arrays: dict[str, torch.Tensor], opts, providers=("CPUExecutionProvider",)):
-    """An ONNX Runtime session of ``model`` whose initializers named in ``arrays`` are ``placeholder``s, reading
-    those initializers from the CPU tensors themselves (``add_initializer``: ONNX Runtime uses the caller's
-    buffer instead of deserializing one). It then holds only its prepacked form of them: an initializer
+    """An ONNX Runtime session of ``model`` with ``arrays`` (CPU tensors, by initializer name; ``model`` names them
+    without holding them) as its initializers, read from the tensors themselves: the model declares them as
+    placeholders and ONNX Runtime is handed the tensors (``add_initializer``: it uses the caller's buffer
+    instead of deserializing one). It then holds only its prepacked form of them: an initializer
     serialized into the model stays held as well (the bench LM head's int4 MatMulNBits, 81 MB of codes and
     scales: 109-113 MB resident for the session against 192 MB with the data serialized, 209 MB with ONNX Runtime
     owning it). An ONNX Runtime that will not take the placeholders gets the data serialized (the same session,
@@ -150,16 +150,16 @@ def handed_session(model, arrays: dict[str, torch.Tensor], opts, providers=("CPU
     values = {name: ort.OrtValue.ortvalue_from_numpy(a.numpy()) for name, a in arrays.items()}
     for name, v in values.items():
         opts.add_initializer(name, v)
+    inits = model.graph.initializer
+    inits.extend(_placeholder(name, a) for name, a in arrays.items())
     try:  # loaded from a file beside its (empty) placeholder: the folder is only read while loading
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / PLACEHOLDER).touch()
             (Path(folder) / "model.onnx").write_bytes(model.SerializeToString())
             return ort.InferenceSession(str(Path(folder) / "model.onnx"), opts, providers=list(providers)), values
     except Exception:  # onnxruntime's own error types; the serialized form is the one every version reads
-        named = set(arrays)
-        kept = [t for t in model.graph.initializer if t.name not in named]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend([*kept, *(numpy_helper.from_array(a.numpy(), n) for n, a in arrays.items())])
+        del inits[len(inits) - len(arrays):]
+        inits.extend(numpy_helper.from_array(a.numpy(), name) for name, a in arrays.items())
         return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers)), values
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.quantized import IR_VERSION, QuantLinear, handed_session, matmul_nbits, placeholder
+from models.quantized import IR_VERSION, QuantLinear, handed_session, matmul_nbits
 from runtime.backends.ort_graph import GraphBuilder, attention, bind, rebind, rotary_angles, run_bound, silu_gate
 from runtime.cache import KVCache
 
@@ -62,8 +62,7 @@ class _Graph(GraphBuilder):
     def __init__(self) -> None:
         super().__init__()
         self.inputs: list = []
-        self.initializers: list = []  # the quantized linears' codes and scales, as placeholders
-        self.handed: dict[str, torch.Tensor] = {}  # ... and the tensors handed over in their place
+        self.handed: dict[str, torch.Tensor] = {}  # the quantized linears' codes and scales (``handed_session``)
         self.bound: dict[str, torch.Tensor] = {}  # weight inputs -> the PyTorch tensors bound to them
 
     def weight(self, name: str, t: torch.Tensor) -> str:
@@ -85,7 +84,6 @@ class _Graph(GraphBuilder):
         if isinstance(m, QuantLinear):
             node, arrays = matmul_nbits(x, y, f"{name}.", *m.nbits_args())
             self.nodes.append(node)
-            self.initializers += [placeholder(key, a) for key, a in arrays.items()]
             self.handed.update(arrays)
         else:
             w = m.weight.detach()
@@ -104,7 +102,7 @@ class _Graph(GraphBuilder):
 
 def build(head) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The head graph (an onnx ModelProto), the PyTorch tensors its weight inputs are bound to, and the ones
-    handed over for its quantized initializers."""
+    its quantized initializers are (named in the graph, handed over by ``handed_session``)."""
     from onnx import TensorProto, helper
 
     layer = head.layer
@@ -161,7 +159,7 @@ def build(head) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor
                helper.make_tensor_value_info("top", TensorProto.INT64, [1]),
                helper.make_tensor_value_info("key", f, [1, "S", kv, hd]),
                helper.make_tensor_value_info("value", f, [1, "S", kv, hd])]
-    graph = helper.make_graph(g.nodes, "head", g.inputs, outputs, [*g.initializers, *g.consts.values()])
+    graph = helper.make_graph(g.nodes, "head", g.inputs, outputs, list(g.consts.values()))
     model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21),
                                                                           helper.make_opsetid("com.microsoft", 1)])
     return model, g.bound, g.handed
