@@ -107,9 +107,12 @@ class VReason:
             self.tracker.record(float(entropy(logits)), 0.0)
             return logits, 0.0
         _, _, alpha = self.tracker.preview(float(entropy(logits.detach())))
+        # the first step starts from this token's own logits: with their graph when they were computed with
+        # autograd on, else handed to the differentiable recompute as its LM head's output. Lite's first logits
+        # come from the prefill before its pruning: recomputed whole
+        current = None if self.lite and state.step == 0 else logits
         for i in range(self.cfg.steps):
-            # the first step reuses this token's own forward when it was computed with autograd on
-            self._update(state, alpha, recompute, logits if i == 0 and logits.requires_grad else None)
+            self._update(state, alpha, recompute, current if i == 0 else None)
         with torch.no_grad():
             logits = recompute(state)
         self.tracker.record(float(entropy(logits)), alpha)
@@ -118,10 +121,12 @@ class VReason:
     # -- one optimizer step ----------------------------------------------------------------------------------
 
     def _update(self, state, alpha: float, recompute, logits: torch.Tensor | None = None) -> None:
+        """One optimizer step on the switching loss of the current token. ``logits``: its logits over the cache
+        as it is (used as they are where they carry autograd's graph; else handed to ``recompute``)."""
         last_good = self.delta.detach().clone()
         with torch.enable_grad():
-            if logits is None:
-                logits = recompute(state)
+            if logits is None or not logits.requires_grad:
+                logits = recompute(state, logits)
             loss = switching_loss(logits, alpha)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

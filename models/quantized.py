@@ -289,7 +289,7 @@ class _LowBitMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.layer._run("backward", grad), None
+        return ctx.layer.input_grad(grad), None
 
 
 class QuantLinear(nn.Module):
@@ -371,6 +371,13 @@ class QuantLinear(nn.Module):
         flat = x.detach().reshape(-1, shape[-1]).contiguous().numpy()
         y = torch.from_numpy(self._session(which).run(None, {"x": flat})[0])
         return y.view(*shape[:-1], y.shape[-1])
+
+    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """d(loss)/dx from d(loss)/dy (``grad @ W``): the transposed copy's kernel where ``forward`` runs the
+        low-bit kernels, else the dequantized weights."""
+        if self.packed or (grad.device.type == "cpu" and grad.dtype == torch.float32):
+            return self._run("backward", grad)
+        return grad @ self.dequantized().to(grad.device, grad.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed or (x.device.type == "cpu" and x.dtype == torch.float32):

@@ -45,7 +45,9 @@ class Steering(Protocol):
         """Called once after prefill (Lite pruning goes here)."""
 
     def step(self, state: DecodeState, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
-        """Possibly update, then return the logits to sample from and alpha (0: no update)."""
+        """Possibly update, then return the logits to sample from and alpha (0: no update). ``recompute(state,
+        logits=None)`` runs the head again for the current token; given the token's logits as computed over the
+        cache as it is, a recompute with autograd on runs the last layer only (``Loop.head_step``)."""
 
     def needs_graph(self, step: int) -> bool:
         """Whether step ``step``'s logits should be computed with autograd on (its update reuses them)."""
@@ -109,12 +111,14 @@ class Loop:
     restored_hidden: torch.Tensor | None = None  # the whole prompt's cache was restored: its last token's trunk output
 
     def head_step(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor,
-                  write: bool = True) -> torch.Tensor:
+                  write: bool = True, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Last layer + LM head for ``hidden`` [1,S,H]; appends this layer's new entries unless ``write`` is off
         (a recompute of a token already cached). Returns the last position's logits [V]. A backend that carries
         the head as its own graph (``base_head``: ONNX Runtime on CPU) runs it wherever nothing differentiable
         is asked for: without a controller, and on a controller's steps without autograd where it reads the
-        cached values as they are (V-Reason between updates: the cache already holds its injected values)."""
+        cached values as they are (V-Reason between updates: the cache already holds its injected values).
+        ``logits``: this token's logits as already computed over the cache as it is; a differentiable
+        recompute then runs the last layer only and takes them as the LM head's output (see ``Head.forward``)."""
         cache, layer = state.cache, state.head_layer
         length = cache.length if write else cache.length - hidden.shape[1]
         keys = cache.keys[layer][:, :length]
@@ -123,7 +127,7 @@ class Loop:
         base_head = getattr(self.backend, "base_head", None)
         if base_head is not None and values is cached and not torch.is_grad_enabled():
             return base_head(hidden, positions, cache, layer, write)
-        logits, k, v = self.head(hidden, positions, keys, values, last_only=True)
+        logits, k, v = self.head(hidden, positions, keys, values, last_only=True, logits=logits)
         if write:
             nk, nv = cache.slot(layer, hidden.shape[1])
             nk.copy_(k.detach())
@@ -207,18 +211,22 @@ class Loop:
             pos = torch.full((3, 1, 1), position, dtype=torch.long, device=dev)
             emb = self.head.embed(torch.tensor([[token]], device=dev))
             hidden = self.backend.trunk(emb, pos, state.cache)
-        # an update at the next step backpropagates through this very forward of the head (one
-        # head pass saved per update); the trunk's output stays outside the graph
-        graph = self.steering is not None and self.steering.needs_graph(k + 1)
+        # an update at the next step backpropagates through this very forward of the head (one head pass saved
+        # per update); the trunk's output stays outside the graph. A backend with the head as its own graph runs
+        # that graph instead: the update then recomputes the last layer alone and takes these logits as its LM
+        # head's output (``_recompute``), so the LM head's forward runs once, in the graph
+        graph = (self.steering is not None and self.steering.needs_graph(k + 1)
+                 and getattr(self.backend, "base_head", None) is None)
         with torch.enable_grad() if graph else torch.no_grad():
             logits = self.head_step(state, hidden, pos)
         state.cache.length += 1
         state.hidden, state.positions = hidden.clone(), pos
         return logits
 
-    def _recompute(self, state: DecodeState) -> torch.Tensor:
-        """The current token's logits again (after the controller changed the head's values)."""
-        return self.head_step(state, state.hidden, state.positions, write=False)
+    def _recompute(self, state: DecodeState, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The current token's logits again (after the controller changed the head's values). ``logits``: the
+        ones already computed over the cache as it is, for a differentiable recompute (see ``head_step``)."""
+        return self.head_step(state, state.hidden, state.positions, write=False, logits=logits)
 
 
 def generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

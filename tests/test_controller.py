@@ -94,6 +94,28 @@ def test_one_step_moves_entropy_in_the_direction_of_alpha(reasoners, frames, alp
     assert (after - before) * alpha > 0
 
 
+@pytest.mark.parametrize("lite", [False, True])
+def test_an_update_starts_from_the_tokens_logits_only_where_they_stand_for_the_cache(reasoners, frames, lite):
+    """The first token's logits come from the prefill: V-Reason's first update takes them as its LM head's output
+    (only the last layer runs again, ``Head.forward(logits=...)``), Lite's recomputes them whole (they were
+    computed before its pruning)."""
+    r = reasoners["ort"]
+    v = VReason(VReasonConfig(lr=1e-2), None, lite=lite)
+    _, state, loop = prefilled(r, frames, v)
+    with torch.no_grad():
+        logits = loop._recompute(state).clone()
+    v.after_prefill(state)
+    given = []
+
+    def recompute(state, logits=None):
+        given.append(logits is not None)
+        return loop._recompute(state, logits)
+
+    _, alpha = v.step(state, logits, recompute)
+    assert alpha != 0
+    assert given == [not lite, False]  # the update's forward, then the recompute it samples from
+
+
 def test_update_touches_only_last_layer_video_values_and_keeps_norms(reasoners, frames):
     r = reasoners["ort"]
     v = VReason(VReasonConfig(lr=1e-2), None)

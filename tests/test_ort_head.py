@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from controller.vreason import entropy
+from controller.vreason import entropy, switching_loss
 from models import load_model
 from models.quantized import QuantLinear, rtn_quantize
 from runtime import generate
 from runtime.backends.ort import options
-from runtime.backends.ort_head import OrtHead, supported
+from runtime.backends.ort_head import DenseInputGrad, OrtHead, supported
 from runtime.cache import KVCache
 from runtime.reasoner import Reasoner
 
@@ -97,6 +97,55 @@ def test_the_graph_picks_what_the_loop_would(heads):
     assert graph.picked(logits) is None
 
 
+def test_an_update_from_the_graphs_logits_has_the_pytorch_heads_gradient(heads):
+    """V-Reason's backward on the ort backend: the LM head's output comes from the graph and only the last layer
+    runs again in PyTorch (``Head.forward(logits=...)``), the gradient through the LM head from its input gradient
+    (a quantized head's transposed copy, or ``DenseInputGrad`` for a float one), against autograd through the
+    whole PyTorch head. A quantized LM head never runs forward in PyTorch then (no session of its own for it)."""
+    head, graph = heads
+    past = 21
+    hidden = torch.randn(1, 1, head.layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(7))
+    pos = positions(1, past + 5)
+    cache = filled_cache(head, past + 1, past + 4, seed=9)  # the token's own entry at ``past``: a recompute
+    keys = cache.keys[0][:, :past]
+    given = graph(hidden, pos, cache, 0, write=False).clone()
+    quantized = isinstance(head.lm_head, QuantLinear)
+    if not quantized:
+        head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options())
+
+    def grad(logits=None):
+        values = cache.values[0][:, :past].clone().requires_grad_(True)
+        out, _, _ = head(hidden, pos, keys, values, last_only=True, logits=logits)
+        switching_loss(out[0, -1], -1.0).backward()
+        return out[0, -1].detach(), values.grad
+
+    try:
+        out, fast = grad(given)
+        if quantized:
+            assert "forward" not in head.lm_head._sessions  # the backward's session only
+        ref_logits, ref = grad()
+    finally:
+        head.lm_head_input_grad = None
+    assert torch.equal(out, given)
+    assert (given - ref_logits).abs().max() <= 1e-5 * max(ref_logits.abs().max().item(), 1)
+    assert ref.abs().max() > 0
+    assert torch.allclose(fast, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_dense_input_grad_is_grad_times_the_weight(layout):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 48, generator=g)
+    if layout == "columns":
+        w = w.t().contiguous().t()
+    grad = torch.randn(1, 2, 300, generator=g)
+    got = DenseInputGrad(w, options())(grad)
+    assert got.shape == (1, 2, 48)
+    assert torch.allclose(got, grad @ w, atol=1e-4)
+    with pytest.raises(ValueError, match="row- nor column-major"):
+        DenseInputGrad(torch.randn(8, 6)[:, ::2], options())
+
+
 def test_what_the_graph_does_not_take(checkpoints):
     head = load_model(checkpoints["gqa2"]).head
     assert "fp32 on CPU" in supported(head, torch.float16, "cpu")
@@ -128,9 +177,26 @@ def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(
     # update) read the cache as it is, and run the graph
     r.backend.base_head = graph
     calls.clear()
+    lm_head = r.head.lm_head
+    quantized = isinstance(lm_head, QuantLinear)
+    lm_runs = []  # the LM head's own PyTorch-side calls: "forward", "backward" (a quantized one's sessions)
+    if quantized:
+        run_lm = lm_head._run
+        lm_head._run = lambda which, x: (lm_runs.append(which), run_lm(which, x))[1]
+    else:  # the update's backward through the float LM head runs in ONNX Runtime
+        own = r.head.lm_head_input_grad
+        assert isinstance(own, DenseInputGrad)
+        r.head.lm_head_input_grad = lambda g: (lm_runs.append("backward"), own(g))[1]
     vr_fast = r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method="vreason")
     updates = sum(1 for a in vr_fast.alpha if a != 0)
-    assert updates and len(calls) >= len(vr_fast.token_ids) - updates
+    # every token's logits, the updated ones included, came from the graph; the updates ran the last layer in
+    # PyTorch with the graph's logits as the LM head's output, never the LM head's forward
+    assert updates and len(calls) >= len(vr_fast.token_ids) + updates
+    assert lm_runs == ["backward"] * updates
+    if quantized:
+        del lm_head._run
+    else:
+        r.head.lm_head_input_grad = own
     r.backend.base_head = None
     vr_slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method="vreason")
     r.backend.base_head = graph

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.qwen2_5_vl.config import TextConfig
-from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary, upcast
+from models.qwen2_5_vl.layers import GatedMLP, RMSNorm, apply_rotary, given_output, upcast
 
 # every linear of a decoder layer, by module path (what weight-only quantization quantizes)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -279,6 +279,9 @@ class Head(nn.Module):
         self.tied = decoder.cfg.tie_word_embeddings
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
+        # d(loss)/d(input) of the LM head where a backend computes it faster than PyTorch (the ort backend on CPU:
+        # ``ort_head.DenseInputGrad``); used with given logits (``forward``)
+        self.lm_head_input_grad = None
 
     @classmethod
     def standalone(cls, cfg: TextConfig) -> Head:
@@ -329,11 +332,20 @@ class Head(nn.Module):
         past_key: torch.Tensor,  # [B, P, kv_heads, head_dim]
         past_value: torch.Tensor,
         last_only: bool = False,
+        logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``: a long prefill then never
-        materializes S x vocab logits) and this layer's new key and value entries."""
+        materializes S x vocab logits) and this layer's new key and value entries. ``logits``: the last
+        position's logits already computed for these very inputs (the head's ONNX Runtime graph); they are
+        returned as they are, differentiable through the LM head's input gradient, and the LM head's forward is
+        not run again (``last_only`` only)."""
         cos, sin = self.rotary(position_ids, hidden.dtype)
         x, k, v = self.layer(hidden, cos, sin, past_key, past_value)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)), k, v
+        x = self.norm(x)
+        if logits is not None:
+            if not last_only:
+                raise ValueError("given logits stand for the last position only: pass last_only=True")
+            return given_output(self.lm_head, x, logits, self.lm_head_input_grad), k, v
+        return self.lm_head(x), k, v

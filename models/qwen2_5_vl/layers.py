@@ -34,6 +34,35 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+class _GivenOutput(torch.autograd.Function):
+    """``linear(x)`` whose value was already computed for this very ``x`` elsewhere: the forward hands that value
+    back without reading the weights; the backward is the linear's own gradient with respect to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, linear: nn.Module, grad_fn) -> torch.Tensor:
+        ctx.linear, ctx.grad_fn = linear, grad_fn
+        return y.clone()  # the caller's buffer may be written again (a graph's bound output) before the backward
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g = ctx.grad_fn(grad) if ctx.grad_fn is not None else input_grad(ctx.linear, grad)
+        return g, None, None, None
+
+
+def given_output(linear: nn.Module, x: torch.Tensor, y: torch.Tensor, grad_fn=None) -> torch.Tensor:
+    """``linear(x)`` with its value ``y`` already known (any shape holding x's rows of outputs): the LM head's
+    logits computed by the head's ONNX Runtime graph, differentiated in PyTorch without its forward again.
+    ``grad_fn(grad)``: d(loss)/dx where something computes it faster than ``input_grad`` (the same math)."""
+    return _GivenOutput.apply(x, y.detach().reshape(*x.shape[:-1], -1).to(x.dtype), linear, grad_fn)
+
+
+def input_grad(linear: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """d(loss)/dx of ``y = linear(x)`` from d(loss)/dy: the layer's own ``input_grad`` where it has one (a
+    quantized linear reads its transposed copy), else ``grad @ W``."""
+    own = getattr(linear, "input_grad", None)
+    return own(grad) if own is not None else grad @ linear.weight.to(grad.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -92,10 +92,12 @@ class OrtBackend:
         """Run ``head``'s base forward (no controller) in ONNX Runtime too, where ``ort_head`` supports it (fp32 on
         CPU): one session run instead of ~30 PyTorch ops and one call per quantized linear (measured on the bench
         export, 2 cores, one head pass: fp32 29.4 -> 22.4 ms, int4 5.6 -> 3.8 ms)."""
-        from runtime.backends.ort_head import OrtHead, supported
+        from runtime.backends.ort_head import DenseInputGrad, OrtHead, supported
 
         if supported(head, self.dtype, self.device) is None:
             self.base_head = OrtHead(head, options(self.threads))
+            if type(head.lm_head) is torch.nn.Linear:  # V-Reason's backward through it (a quantized one has its own)
+                head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options(self.threads))
 
     def _bind(self, session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         run_bound(session, inputs, outputs, self.device)

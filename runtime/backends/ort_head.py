@@ -2,8 +2,11 @@
 backend on CPU wherever nothing needs the head to be differentiable.
 
 The PyTorch head stays the one V-Reason's updates backpropagate through (autograd); requests without a
-controller, and V-Reason's steps between updates (they read the cache, which holds the injected values, as
-it is: ``Loop.head_step``), run this graph. Without it, a decode step on the ort backend would leave ONNX
+controller, V-Reason's steps between updates and the recompute after each (they read the cache, which holds
+the injected values, as it is: ``Loop.head_step``), run this graph. An update takes the token's logits from
+this graph as its LM head's output and runs only the last layer again in PyTorch (``Head.forward(logits=...)``):
+the LM head's forward runs once, here; its backward is the quantized head's transposed copy or, for a float
+LM head, ``DenseInputGrad``. Without it, a decode step on the ort backend would leave ONNX
 Runtime after the trunk and run about 30 small PyTorch ops plus one ONNX Runtime call per quantized linear
 (seven for the layer, one for the LM head); here the same math is one session run, in ONNX Runtime's fused
 CPU operators (SimplifiedLayerNormalization for RMSNorm, RotaryEmbedding, MatMulNBits for quantized linears).
@@ -227,6 +230,44 @@ class OrtHead:
         if logits is not self.out or logits._version != self._written:
             return None
         return self._entropy[0, 0].clone(), int(self._top[0])
+
+
+class DenseInputGrad:
+    """``grad @ W`` for a float linear's weight W [N, K] (the LM head's, in V-Reason's backward, where the
+    logits came from the head graph: ``layers.given_output``), as one ONNX Runtime MatMul reading the PyTorch
+    weight in place (bound as an input: no copy, nothing prepacked). PyTorch runs this matrix-vector product on
+    one core whatever its thread setting; measured on the bench export's LM head (151936 x 896, column-major as
+    ``Head.prefer_column_major_lm_head`` stores it): 24 ms in PyTorch on one or two threads, 11-13 ms here on
+    two."""
+
+    def __init__(self, weight: torch.Tensor, opts) -> None:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        w = weight.detach()
+        n, k = w.shape
+        self.k = k
+        if w.is_contiguous():  # [N, K] as it lies: grad [M, N] @ W
+            self.weight, trans = w, 0
+        elif w.t().is_contiguous():  # column-major: its storage is W^T [K, N], read transposed
+            self.weight, trans = w.t(), 1
+        else:
+            raise ValueError("the weight is neither row- nor column-major")
+        g = GraphBuilder()
+        g.op("Gemm", ["grad", "weight"], ["out"], transB=trans)
+        f = TensorProto.FLOAT
+        graph = helper.make_graph(g.nodes, "input_grad", [helper.make_tensor_value_info("grad", f, ["M", n]),
+                                                          helper.make_tensor_value_info("weight", f,
+                                                                                        list(self.weight.shape))],
+                                  [helper.make_tensor_value_info("out", f, ["M", k])])
+        model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21)])
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        rows = grad.detach().reshape(-1, grad.shape[-1]).float().contiguous()
+        out = torch.empty(rows.shape[0], self.k)
+        run_bound(self.session, {"grad": rows, "weight": self.weight}, {"out": out}, "cpu")
+        return out.view(*grad.shape[:-1], out.shape[-1]).to(grad.dtype)
 
 
 class _Token:
