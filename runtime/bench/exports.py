@@ -111,16 +111,32 @@ def run_once(r, prompt, new_tokens: int, method: str = "base") -> dict:
 
 
 def head_pass_seconds(r, prompt_len: int, repeats: int = 20) -> float:
-    """Median time of one head forward for one token over a cache of ``prompt_len`` entries."""
+    """Median time of one head forward for one token over a cache of ``prompt_len`` entries, in the form a decode
+    step runs it: the backend's head graph where it has one (``base_head``: ONNX Runtime on CPU), else the
+    PyTorch head."""
+    from runtime.cache import KVCache
+
     t = r.cfg.text
     h = torch.randn(1, 1, t.hidden_size, dtype=r.dtype, device=r.device)
     pos = torch.full((3, 1, 1), prompt_len, dtype=torch.long, device=r.device)
     k = torch.randn(1, prompt_len, t.num_key_value_heads, t.head_dim, dtype=r.dtype, device=r.device)
+    graph = getattr(r.backend, "base_head", None)
+    if graph is not None:
+        cache = KVCache.allocate(1, prompt_len + 1, t.num_key_value_heads, t.head_dim, r.dtype, r.device)
+        cache.keys[0][:, :prompt_len] = k
+        cache.values[0][:, :prompt_len] = k
+        cache.length = prompt_len + 1
+
+        def one():
+            graph(h, pos, cache, 0, write=False)
+    else:
+        def one():
+            r.head(h, pos, k, k, last_only=True)
     times = []
     with torch.no_grad():
         for i in range(repeats + 3):
             t0 = time.perf_counter()
-            r.head(h, pos, k, k, last_only=True)
+            one()
             sync(r.device)
             if i >= 3:
                 times.append(time.perf_counter() - t0)
