@@ -109,8 +109,11 @@ class VReason:
         _, _, alpha = self.tracker.preview(float(entropy(logits.detach())))
         # the first step starts from this token's own logits: with their graph when they were computed with
         # autograd on, else handed to the differentiable recompute as its LM head's output. Lite's first logits
-        # come from the prefill before its pruning: recomputed whole
-        current = None if self.lite and state.step == 0 else logits
+        # come from the prefill before its pruning: computed again over the pruned cache first
+        current = logits
+        if self.lite and state.step == 0:
+            with torch.no_grad():
+                current = recompute(state)
         for i in range(self.cfg.steps):
             self._update(state, alpha, recompute, current if i == 0 else None)
         with torch.no_grad():

@@ -97,23 +97,26 @@ def test_one_step_moves_entropy_in_the_direction_of_alpha(reasoners, frames, alp
 @pytest.mark.parametrize("lite", [False, True])
 def test_an_update_starts_from_the_tokens_logits_only_where_they_stand_for_the_cache(reasoners, frames, lite):
     """The first token's logits come from the prefill: V-Reason's first update takes them as its LM head's output
-    (only the last layer runs again, ``Head.forward(logits=...)``), Lite's recomputes them whole (they were
-    computed before its pruning)."""
+    (only the last layer runs again, ``Head.forward(logits=...)``); Lite's were computed before its pruning, so
+    its first update takes the ones over the pruned cache."""
     r = reasoners["ort"]
     v = VReason(VReasonConfig(lr=1e-2), None, lite=lite)
     _, state, loop = prefilled(r, frames, v)
     with torch.no_grad():
         logits = loop._recompute(state).clone()
-    v.after_prefill(state)
+        v.after_prefill(state)
+        pruned = loop._recompute(state).clone()
+    assert torch.equal(pruned, logits) != lite  # Lite's pruning moved them
     given = []
 
     def recompute(state, logits=None):
-        given.append(logits is not None)
+        if logits is not None:
+            given.append(logits.clone())
         return loop._recompute(state, logits)
 
     _, alpha = v.step(state, logits, recompute)
-    assert alpha != 0
-    assert given == [not lite, False]  # the update's forward, then the recompute it samples from
+    assert alpha != 0 and len(given) == 1  # the update's forward took the token's logits
+    assert torch.equal(given[0], pruned)
 
 
 def test_update_touches_only_last_layer_video_values_and_keeps_norms(reasoners, frames):

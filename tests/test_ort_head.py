@@ -173,33 +173,34 @@ def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(
     slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=10)
     assert fast.token_ids == slow.token_ids
     assert np.allclose(fast.entropy, slow.entropy, atol=1e-4)
-    # V-Reason: its updates need the differentiable head; the steps between them (and the recompute after an
-    # update) read the cache as it is, and run the graph
-    r.backend.base_head = graph
-    calls.clear()
+    # V-Reason and Lite: their updates need the differentiable head; the steps between them (and the recompute
+    # after an update) read the cache as it is, and run the graph
     lm_head = r.head.lm_head
     quantized = isinstance(lm_head, QuantLinear)
-    lm_runs = []  # the LM head's own PyTorch-side calls: "forward", "backward" (a quantized one's sessions)
-    if quantized:
-        run_lm = lm_head._run
-        lm_head._run = lambda which, x: (lm_runs.append(which), run_lm(which, x))[1]
-    else:  # the update's backward through the float LM head runs in ONNX Runtime
-        own = r.head.lm_head_input_grad
-        assert isinstance(own, DenseInputGrad)
-        r.head.lm_head_input_grad = lambda g: (lm_runs.append("backward"), own(g))[1]
-    vr_fast = r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method="vreason")
-    updates = sum(1 for a in vr_fast.alpha if a != 0)
-    # every token's logits, the updated ones included, came from the graph; the updates ran the last layer in
-    # PyTorch with the graph's logits as the LM head's output, never the LM head's forward
-    assert updates and len(calls) >= len(vr_fast.token_ids) + updates
-    assert lm_runs == ["backward"] * updates
-    if quantized:
-        del lm_head._run
-    else:
-        r.head.lm_head_input_grad = own
-    r.backend.base_head = None
-    vr_slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method="vreason")
-    r.backend.base_head = graph
-    assert vr_fast.token_ids == vr_slow.token_ids and vr_fast.alpha == vr_slow.alpha
-    assert np.allclose(vr_fast.entropy, vr_slow.entropy, atol=1e-4)
+    for method in ("vreason", "vreason-lite"):
+        r.backend.base_head = graph
+        calls.clear()
+        lm_runs = []  # the LM head's own PyTorch-side calls: "forward", "backward" (a quantized one's sessions)
+        if quantized:
+            run_lm = lm_head._run
+            lm_head._run = lambda which, x, runs=lm_runs, run=run_lm: (runs.append(which), run(which, x))[1]
+        else:  # the update's backward through the float LM head runs in ONNX Runtime
+            own = r.head.lm_head_input_grad
+            assert isinstance(own, DenseInputGrad)
+            r.head.lm_head_input_grad = lambda g, runs=lm_runs, run=own: (runs.append("backward"), run(g))[1]
+        vr_fast = r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method=method)
+        updates = sum(1 for a in vr_fast.alpha if a != 0)
+        # every token's logits, the updated ones included, came from the graph; the updates ran the last layer
+        # in PyTorch with the graph's logits as the LM head's output, never the LM head's forward
+        assert updates and len(calls) >= len(vr_fast.token_ids) + updates
+        assert lm_runs == ["backward"] * updates
+        if quantized:
+            del lm_head._run
+        else:
+            r.head.lm_head_input_grad = own
+        r.backend.base_head = None
+        vr_slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method=method)
+        r.backend.base_head = graph
+        assert vr_fast.token_ids == vr_slow.token_ids and vr_fast.alpha == vr_slow.alpha
+        assert np.allclose(vr_fast.entropy, vr_slow.entropy, atol=1e-4)
 

@@ -6,7 +6,7 @@ controller, V-Reason's steps between updates and the recompute after each (they 
 the injected values, as it is: ``Loop.head_step``), run this graph. An update takes the token's logits from
 this graph as its LM head's output and runs only the last layer again in PyTorch (``Head.forward(logits=...)``):
 the LM head's forward runs once, here; its backward is the quantized head's transposed copy or, for a float
-LM head, ``DenseInputGrad``. Without it, a decode step on the ort backend would leave ONNX
+LM head, ``DenseInputGrad``. Without this graph, a decode step on the ort backend would leave ONNX
 Runtime after the trunk and run about 30 small PyTorch ops plus one ONNX Runtime call per quantized linear
 (seven for the layer, one for the LM head); here the same math is one session run, in ONNX Runtime's fused
 CPU operators (SimplifiedLayerNormalization for RMSNorm, RotaryEmbedding, MatMulNBits for quantized linears).
