@@ -110,6 +110,11 @@ class Loop:
     after_fill: Callable[[KVCache, torch.Tensor], None] | None = None  # (cache, last hidden) right after prefill
     restored_hidden: torch.Tensor | None = None  # the whole prompt's cache was restored: its last token's trunk output
 
+    @property
+    def head_graph(self):
+        """The backend's head as a graph of its own (``base_head``: ONNX Runtime on CPU), or None."""
+        return getattr(self.backend, "base_head", None)
+
     def head_step(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor,
                   write: bool = True, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Last layer + LM head for ``hidden`` [1,S,H]; appends this layer's new entries unless ``write`` is off
@@ -124,9 +129,9 @@ class Loop:
         keys = cache.keys[layer][:, :length]
         cached = cache.values[layer][:, :length]
         values = cached if self.steering is None else self.steering.head_values(state, cached)
-        base_head = getattr(self.backend, "base_head", None)
-        if base_head is not None and values is cached and not torch.is_grad_enabled():
-            return base_head(hidden, positions, cache, layer, write)
+        graph = self.head_graph
+        if graph is not None and values is cached and not torch.is_grad_enabled():
+            return graph(hidden, positions, cache, layer, write)
         logits, k, v = self.head(hidden, positions, keys, values, last_only=True, logits=logits)
         if write:
             nk, nv = cache.slot(layer, hidden.shape[1])
@@ -199,8 +204,8 @@ class Loop:
         """The entropy of ``logits`` (0-dim, on their device) and the token sampled from them (the one host sync
         per token). Where the backend's head graph computed both with these very logits (``OrtHead.picked``),
         a greedy step takes them from it."""
-        head = getattr(self.backend, "base_head", None)
-        done = head.picked(logits) if head is not None else None
+        graph = self.head_graph
+        done = graph.picked(logits) if graph is not None else None
         if done is not None and params.temperature <= 0:
             return done
         return (entropy(logits) if done is None else done[0]), int(sample(logits, params, gen))
@@ -216,7 +221,7 @@ class Loop:
         # that graph instead: the update then recomputes the last layer alone and takes these logits as its LM
         # head's output (``_recompute``), so the LM head's forward runs once, in the graph
         graph = (self.steering is not None and self.steering.needs_graph(k + 1)
-                 and getattr(self.backend, "base_head", None) is None)
+                 and self.head_graph is None)
         with torch.enable_grad() if graph else torch.no_grad():
             logits = self.head_step(state, hidden, pos)
         state.cache.length += 1

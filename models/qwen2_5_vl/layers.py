@@ -6,6 +6,8 @@ modules trace into standard ONNX operators that TensorRT's parser accepts.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -39,21 +41,21 @@ class _GivenOutput(torch.autograd.Function):
     back without reading the weights; the backward is the linear's own gradient with respect to ``x``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, linear: nn.Module, grad_fn) -> torch.Tensor:
-        ctx.linear, ctx.grad_fn = linear, grad_fn
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, grad_fn) -> torch.Tensor:
+        ctx.grad_fn = grad_fn
         return y.clone()  # the caller's buffer may be written again (a graph's bound output) before the backward
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g = ctx.grad_fn(grad) if ctx.grad_fn is not None else input_grad(ctx.linear, grad)
-        return g, None, None, None
+        return ctx.grad_fn(grad), None, None
 
 
 def given_output(linear: nn.Module, x: torch.Tensor, y: torch.Tensor, grad_fn=None) -> torch.Tensor:
     """``linear(x)`` with its value ``y`` already known (any shape holding x's rows of outputs): the LM head's
     logits computed by the head's ONNX Runtime graph, differentiated in PyTorch without its forward again.
     ``grad_fn(grad)``: d(loss)/dx where something computes it faster than ``input_grad`` (the same math)."""
-    return _GivenOutput.apply(x, y.detach().reshape(*x.shape[:-1], -1).to(x.dtype), linear, grad_fn)
+    return _GivenOutput.apply(x, y.detach().reshape(*x.shape[:-1], -1).to(x.dtype),
+                              grad_fn or functools.partial(input_grad, linear))
 
 
 def input_grad(linear: nn.Module, grad: torch.Tensor) -> torch.Tensor:
