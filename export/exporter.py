@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from export.calibration import table as calibration_table
-from export.graph_weights import name_graph_weights
+from export.graph_weights import name_graph_weights, record_weight_aliases
 from export.manifest import ExportError, graph_io, write_manifest
 from export.onnx_graphs import export_graph, name_dynamic_dims
 from export.quantize import (
@@ -188,6 +188,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
                 ran = executed_ops(tmp / "trunk.onnx", model.trunk.num_layers, cfg.text, precision)
                 quant_summary["onnxruntime_ran"] = {op: ran.get(op, 0) for op in ("MatMulNBits", "DequantizeLinear",
                                                                                    "MatMul")}
+        for spec in specs:  # after quantization: which initializer holds each weight of equal value to another's
+            record_weight_aliases(tmp / f"{spec.name}.onnx", spec.module)
         with stages.stage("write head.safetensors and tokenizer files"):
             from safetensors.torch import save_file
             head_tensors = quantize_head(model.head, quant) if quant.enabled else model.head.weights()

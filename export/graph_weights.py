@@ -8,12 +8,20 @@ graph holds it as it is (norms, biases, Gemm weights); a weight the graph holds 
 quantized linear ``<path>_DQ_Q4`` (int4 QDQ, with ``<path>_DQ_scales``) or ``<path>_Q8`` (MatMulNBits). Paths
 are relative to the module each graph was exported from (the trunk graph's start with ``trunk.``).
 
+Parameters of equal value (a checkpoint fresh from its config: every bias zeros, every norm weight ones) are
+held once: the ONNX exporter keeps one initializer for tensors of equal value. The exporter therefore records,
+in the graph's ``weight_aliases`` metadata, which initializer holds each parameter that has none of its own name
+(``record_weight_aliases``); the loaders look a name up there when the graph has no initializer of that name.
+An all-zero bias may not be in the graph at all (the exporter drops a Gemm's zero bias): those are listed in
+``weight_zeros``, and loaded as zeros.
+
 Tensors are read one at a time (external data through a memory map), so loading holds at most one tensor on
 the host beside what is already on the device.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +32,9 @@ import torch
 from models.errors import CheckpointError
 
 _SUFFIX = re.compile(r"(_DQ)?_Q[48]$")
+ALIASES_KEY = "weight_aliases"  # graph metadata: {name a loader looks up: the initializer holding that weight}
+ZEROS_KEY = "weight_zeros"  # graph metadata: names of all-zero weights the graph folded away (a Gemm's bias)
+_FLOAT_TYPES = (1, 10, 11, 16)  # float32, float16, float64, bfloat16
 
 
 def _fingerprint(a: np.ndarray) -> tuple:
@@ -78,6 +89,81 @@ def name_matmul_weights(model_proto, module: torch.nn.Module, base_dir: Path | N
         raise CheckpointError(f"the exported graph holds no weight of {', '.join(missing[:3])}"
                               f"{' ...' if len(missing) > 3 else ''}; cannot name its weights")
     return nodes
+
+
+def _metadata(proto, key: str, kind: type):
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            try:
+                value = json.loads(prop.value)
+            except json.JSONDecodeError:
+                value = None
+            items = value.items() if isinstance(value, dict) else ((v, "") for v in value or ())
+            if not (isinstance(value, kind) and all(isinstance(k, str) and isinstance(v, str) for k, v in items)):
+                raise CheckpointError(f"the graph's {key} metadata is not a {kind.__name__} of names; re-export")
+            return value
+    return kind()
+
+
+def weight_aliases(proto) -> dict[str, str]:
+    """The graph's recorded aliases (``{}`` for a graph that has none)."""
+    return _metadata(proto, ALIASES_KEY, dict)
+
+
+def weight_zeros(proto) -> list[str]:
+    """The parameters the graph holds no initializer for because they are zeros it folded away."""
+    return _metadata(proto, ZEROS_KEY, list)
+
+
+def record_weight_aliases(path: Path, module: torch.nn.Module) -> dict[str, str]:
+    """Record in the graph at ``path`` (exported from ``module``; named, and quantized where it is) which
+    initializer holds each parameter the graph has no initializer of that name for, matched by value. The name
+    is the one ``fill_from_graph`` looks up: the parameter's own, or a MatMul-held linear's module path (its
+    weight transposed). A parameter matched by nothing that is all zeros was folded away by the exporter (a Gemm's
+    zero bias) and is listed as such. Returns the aliases; a parameter matched by nothing else is left to the
+    loader to report."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    held = set(quantized_linears(proto))
+    lins = linears(module)
+    wanted: dict[str, np.ndarray] = {}  # lookup name -> the value, as the graph holds it
+    for name, p in module.named_parameters():
+        owner = name.rpartition(".")[0]
+        if name in inits:
+            continue
+        if name.endswith(".weight") and owner in lins:
+            if owner not in inits and owner not in held:  # a quantized one's codes are named after it
+                wanted[owner] = p.detach().float().cpu().t().contiguous().numpy()
+            continue
+        wanted[name] = p.detach().float().cpu().numpy()
+    aliases: dict[str, str] = {}
+    if wanted:
+        by_print: dict[tuple, list[str]] = {}
+        for name, a in wanted.items():
+            by_print.setdefault(_fingerprint(a), []).append(name)
+        shapes = {a.shape for a in wanted.values()}
+        maps: dict[str, np.memmap] = {}
+        for init in proto.graph.initializer:
+            if init.data_type not in _FLOAT_TYPES or tuple(init.dims) not in shapes:
+                continue
+            a = read_initializer(init, path.parent, maps).float().numpy()
+            for name in by_print.get(_fingerprint(a), []):
+                if name not in aliases and np.array_equal(a, wanted[name]):
+                    aliases[name] = init.name
+        del maps
+    zeros = sorted(n for n, a in wanted.items() if n not in aliases and not a.any())
+    kept = [p for p in proto.metadata_props if p.key not in (ALIASES_KEY, ZEROS_KEY)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    if aliases:
+        proto.metadata_props.add(key=ALIASES_KEY, value=json.dumps(aliases, sort_keys=True))
+    if zeros:
+        proto.metadata_props.add(key=ZEROS_KEY, value=json.dumps(zeros))
+    onnx.save(proto, str(path))
+    return aliases
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
@@ -189,6 +275,9 @@ def fill_from_graph(module: torch.nn.Module, path: Path, dtype: torch.dtype, dev
     proto = onnx.load(str(path), load_external_data=False)
     params = dict(module.named_parameters())
     lin_paths = set(linears(module))
+    serves: dict[str, list[str]] = {}  # initializer -> the other names it holds the weight of
+    for alias, init_name in weight_aliases(proto).items():
+        serves.setdefault(init_name, []).append(alias)
     quant = quantized_linears(proto) if quantized else {}
     owner = {entry[k]: p for p, entry in quant.items() for k in ("codes", "scales", "zero_points") if entry[k]}
     pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -216,21 +305,31 @@ def fill_from_graph(module: torch.nn.Module, path: Path, dtype: torch.dtype, dev
                 module.set_submodule(p, layer)
                 report["quantized_linears"] += 1
             continue
-        if name in params:
-            key = name
-        elif name in lin_paths:  # a MatMul operand: W^T
-            key, t = f"{name}.weight", t.t()
-        else:
-            continue  # buffers (recomputed from the config) and graph constants
-        if key in params:
-            state[key] = t.to(device=device, dtype=dtype).contiguous()
-            report["float_bytes"] += state[key].numel() * state[key].element_size()
+        for held in (name, *serves.get(name, ())):
+            if held in params:
+                key, value = held, t
+            elif held in lin_paths:  # a MatMul operand: W^T
+                key, value = f"{held}.weight", t.t()
+            else:
+                continue  # buffers (recomputed from the config) and graph constants
+            if key in params and key not in state:
+                if tuple(value.shape) != tuple(params[key].shape):
+                    raise CheckpointError(f"{path.name}: initializer {name} holds {list(value.shape)} for {key}, "
+                                          f"which is {list(params[key].shape)}; re-export")
+                value = value if held == name else value.clone()  # each parameter its own storage
+                state[key] = value.to(device=device, dtype=dtype).contiguous()
+                report["float_bytes"] += state[key].numel() * state[key].element_size()
+    for key in weight_zeros(proto):  # folded away by the exporter as no-ops
+        name = f"{key}.weight" if key in lin_paths else key
+        if name in params and name not in state:
+            state[name] = torch.zeros(params[name].shape, device=device, dtype=dtype)
     expected = {k for k, v in module.named_parameters() if v.device.type == "meta"}
     missing = sorted(expected - set(state))
     if missing or pending:
         shown = ", ".join((missing or sorted(pending))[:4])
-        raise CheckpointError(f"{path.name} lacks the weights of {shown} (an export older than format 4, or a "
-                              "graph not written by this exporter); re-export with `python -m export --force`")
+        raise CheckpointError(f"{path.name} lacks the weights of {shown} (an export written before weights of "
+                              "equal value were recorded, or a graph not written by this exporter); re-export with "
+                              "`python -m export --force`")
     module.load_state_dict(state, strict=False, assign=True)
     report["kernels"] = sorted(report["kernels"])
     return report

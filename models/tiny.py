@@ -70,13 +70,15 @@ FAMILIES = {"qwen2_5_vl": "models.tiny", "qwen3_vl": "models.qwen3_vl.tiny"}
 
 def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: str = "transformers",
                     text_overrides: dict | None = None, vision_overrides: dict | None = None,
-                    family: str = "qwen2_5_vl") -> Path:
-    """Write a random checkpoint of ``family`` to ``out`` and return its path."""
+                    family: str = "qwen2_5_vl", fresh: bool = False) -> Path:
+    """Write a random checkpoint of ``family`` to ``out`` and return its path. ``fresh``: the weights as
+    ``from_config`` leaves them (biases zeros, norm weights ones: many parameters of equal value), where by
+    default every norm and bias is randomized."""
     if family != "qwen2_5_vl":
         import importlib
 
         return importlib.import_module(FAMILIES[family]).make_checkpoint(out, size, seed, layout, text_overrides,
-                                                                          vision_overrides)
+                                                                          vision_overrides, fresh)
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -99,7 +101,8 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: 
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    randomize(model, seed, spec["tie"], spec["logit_scale"])
+    if not fresh:
+        randomize(model, seed, spec["tie"], spec["logit_scale"])
     model.save_pretrained(out, safe_serialization=True)
     rename_weights(out, layout)
     if layout == "original":
@@ -198,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny: seconds to build, for tests; bench: a 0.5B-sized decoder of the family, for benchmarks")
     ap.add_argument("--layout", choices=("transformers", "original"), default="transformers",
                     help="config/weight naming: transformers-5 save (default) or the original release's")
+    ap.add_argument("--fresh", action="store_true",
+                    help="weights as a model fresh from its config has them (biases zeros, norms ones), not "
+                         "randomized norms and biases")
     args = ap.parse_args(argv)
-    path = make_checkpoint(args.out, args.size, args.seed, args.layout, family=args.family)
+    path = make_checkpoint(args.out, args.size, args.seed, args.layout, family=args.family, fresh=args.fresh)
     print(f"wrote {args.size} {args.family} checkpoint to {path}")
     return 0
 

@@ -40,8 +40,9 @@ MEAN_STD = [0.5, 0.5, 0.5]
 
 
 def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: str = "transformers",
-                    text_overrides: dict | None = None, vision_overrides: dict | None = None) -> Path:
-    """Write a random Qwen3-VL checkpoint to ``out`` and return its path."""
+                    text_overrides: dict | None = None, vision_overrides: dict | None = None,
+                    fresh: bool = False) -> Path:
+    """Write a random Qwen3-VL checkpoint to ``out`` and return its path (``fresh``: see ``models.tiny``)."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -65,7 +66,8 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, layout: 
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(cfg).eval()
-    randomize(model, seed, spec["tie"], spec["logit_scale"])
+    if not fresh:
+        randomize(model, seed, spec["tie"], spec["logit_scale"])
     model.save_pretrained(out, safe_serialization=True)
     if layout == "original":
         to_original_layout(out)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.graph_weights import weight_aliases
 from runtime.backends.ort_graph import GraphBuilder, grouped_query_attention, rotary_angles, silu_gate
 
 
@@ -45,13 +46,19 @@ class _Builder(GraphBuilder):
     def __init__(self, proto) -> None:
         super().__init__()
         self.inits = {i.name: i for i in proto.graph.initializer}
+        # a weight held under another's name (parameters of equal value share one initializer)
+        self.aliases = {k: v for k, v in weight_aliases(proto).items() if k not in self.inits}
         self.consumers: dict[str, list] = {}
         for n in proto.graph.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.used: dict[str, object] = {}  # the export's initializers the new graph takes over
 
+    def has(self, name: str) -> bool:
+        return name in self.inits or name in self.aliases
+
     def init(self, name: str) -> str:
+        name = self.aliases.get(name, name)
         if name not in self.inits:
             raise Unsupported(f"the trunk graph has no initializer {name}")
         self.used[name] = self.inits[name]
@@ -88,7 +95,7 @@ class _Builder(GraphBuilder):
             y = self.op(node.op_type, [x, *node.input[1:]], domain=node.domain, **attrs(node))
         else:
             raise Unsupported(f"{weight} feeds a {node.op_type}")
-        if f"{path}.bias" in self.inits:
+        if self.has(f"{path}.bias"):
             y = self.op("Add", [y, self.init(f"{path}.bias")])
         return y
 
