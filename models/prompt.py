@@ -7,7 +7,7 @@ Two templates of the user turn:
 
 from __future__ import annotations
 
-import functools
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,145 +54,38 @@ def load_chat_template(path: str | Path) -> str:
     raise CheckpointError(f"{d} carries no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
-TEMPLATE_MAX_CHARS = 1 << 20  # rendered prompt text (a prompt within any export's limits is far shorter)
-TEMPLATE_MAX_SECONDS = 2.0  # rendering one prompt
-_BIG_NUMBER = 10**7  # any larger number handed to a filter or a format width is refused
-
-
-class TemplateBudgetError(Exception):
-    """A chat template went over its output or time budget."""
-
-
-def _sandbox():
-    """jinja2's immutable sandbox, bounded: a repetition, power, filter argument or format width that would build
-    more than ``TEMPLATE_MAX_CHARS`` is refused before it runs."""
-    import re
-
-    from jinja2.exceptions import SecurityError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    wide = re.compile(r"\d{8,}")
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "%"})
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
-                        raise SecurityError(f"repetition to {len(seq) * n} items is over the template budget")
-            if operator == "%" and isinstance(left, str) and wide.search(left):
-                raise SecurityError("a format width this large is over the template budget")
-            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256 \
-                    and isinstance(left, (int, float)) and abs(left) not in (0, 1):
-                raise SecurityError("a power this large is over the template budget")
-            return super().call_binop(context, operator, left, right)
-
-        def wrap_str_format(self, value):
-            fmt = super().wrap_str_format(value)
-            if fmt is not None and isinstance(getattr(value, "__self__", None), str) and wide.search(value.__self__):
-                raise SecurityError("a format width this large is over the template budget")
-            return fmt
-
-    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-
-    def bounded(name, fn):
-        def call(*args, **kwargs):
-            for x in (*args, *kwargs.values()):
-                if (isinstance(x, int) and not isinstance(x, bool) and abs(x) > _BIG_NUMBER) or \
-                        (name == "format" and isinstance(x, str) and wide.search(x)):
-                    raise SecurityError(f"filter {name} with {str(x)[:20]} is over the template budget")
-            return fn(*args, **kwargs)
-        for attr in ("jinja_pass_arg",):  # keep how jinja passes the environment or context to the filter
-            if hasattr(fn, attr):
-                setattr(call, attr, getattr(fn, attr))
-        return call
-
-    env.filters = {k: bounded(k, f) for k, f in env.filters.items()}
-    return env
-
-
-def _too_big(frame) -> bool:
-    from jinja2.utils import Namespace
-
-    for v in frame.f_locals.values():
-        if isinstance(v, str) and len(v) > TEMPLATE_MAX_CHARS:
-            return True
-        if isinstance(v, Namespace):
-            if any(isinstance(x, str) and len(x) > TEMPLATE_MAX_CHARS
-                   for x in object.__getattribute__(v, "_Namespace__attrs").values()):
-                return True
-    return False
-
-
-def _render_within_budget(template, context: dict) -> str:
-    """Render, stopping (``TemplateBudgetError``) past ``TEMPLATE_MAX_SECONDS`` or ``TEMPLATE_MAX_CHARS``: a line
-    tracer on the template's own compiled code checks the clock and its strings' sizes as it runs."""
-    import sys
-    import time
-
-    deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
-    filename = template.root_render_func.__code__.co_filename
-
-    def local(frame, event, arg):
-        if event == "line" and (time.monotonic() > deadline or _too_big(frame)):
-            raise TemplateBudgetError("over its time or size budget")
-        return local
-
-    def calls(frame, event, arg):
-        return local if frame.f_code.co_filename == filename else None
-
-    previous = sys.gettrace()
-    sys.settrace(calls)
-    try:
-        out, n = [], 0
-        for piece in template.generate(**context):
-            n += len(piece)
-            if n > TEMPLATE_MAX_CHARS or time.monotonic() > deadline:
-                raise TemplateBudgetError("over its time or size budget")
-            out.append(piece)
-        return "".join(out)
-    finally:
-        sys.settrace(previous)
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(chat_template: str):
-    """The template compiled once (per text) in its bounded sandbox."""
-
-    def raise_exception(message):
-        raise CheckpointError(f"the checkpoint's chat template refused the prompt: {message}")
-
-    env = _sandbox()
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(chat_template)
-
-
 def render(chat_template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render in jinja2's immutable sandbox: template text from a checkpoint never runs as code, and rendering is
-    bounded in time (``TEMPLATE_MAX_SECONDS``) and output (``TEMPLATE_MAX_CHARS``)."""
-    from jinja2 import TemplateError
-    from jinja2.exceptions import SecurityError
+    """Render in jinja2's immutable sandbox, in a child process capped in memory and time
+    (``models.template_sandbox``): template text from a checkpoint never runs as code, and whatever it builds
+    cannot exhaust this process."""
+    from models.template_sandbox import (
+        TEMPLATE_MAX_BYTES,
+        TEMPLATE_MAX_CHARS,
+        TEMPLATE_MAX_SECONDS,
+        TemplateBudgetError,
+        TemplateForbidden,
+        TemplateRefused,
+    )
+    from models.template_sandbox import render as render_sandboxed
 
     try:
-        template = _compiled(chat_template)
-        return _render_within_budget(template, {"messages": messages, "add_generation_prompt": add_generation_prompt})
-    except SecurityError as e:
-        raise CheckpointError(f"the chat template tried something the sandbox forbids ({e}); refusing it") from None
-    except TemplateError as e:
-        raise CheckpointError(f"the chat template is not valid Jinja ({e})") from None
+        return render_sandboxed(chat_template, messages, add_generation_prompt)
+    except TemplateRefused as e:
+        raise CheckpointError(f"the checkpoint's chat template refused the prompt: {e}") from None
+    except TemplateForbidden as e:
+        raise CheckpointError(str(e)) from None
     except TemplateBudgetError:
         raise CheckpointError(f"the chat template went over its budget ({TEMPLATE_MAX_SECONDS:g} s, "
-                              f"{TEMPLATE_MAX_CHARS} characters) rendering one prompt; refusing it") from None
-    except (OverflowError, MemoryError, RecursionError, ValueError, TypeError, ArithmeticError) as e:
-        raise CheckpointError(f"the chat template failed ({type(e).__name__}: {e}); refusing it") from None
+                              f"{TEMPLATE_MAX_CHARS} characters, {TEMPLATE_MAX_BYTES >> 20} MiB) rendering one "
+                              "prompt; refusing it") from None
 
 
 def messages_for(question: str, visual_kinds: list[str], template: str, options: list[str] | None = None) -> list[dict]:
-    content = [{"type": k} for k in visual_kinds]
-    content.append({"type": "text", "text": user_text(question, template, options)})
-    return [{"role": "user", "content": content}]
+    return _messages(user_text(question, template, options), visual_kinds)
+
+
+def _messages(text: str, visual_kinds: list[str]) -> list[dict]:
+    return [{"role": "user", "content": [*({"type": k} for k in visual_kinds), {"type": "text", "text": text}]}]
 
 
 def expand_pads(text: str, counts: list[tuple]) -> str:
@@ -238,9 +131,30 @@ class Tokenizer:
             self._tok = _Tok.from_file(str(f))
         except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
             raise CheckpointError(f"{f} is not a readable tokenizer file ({' '.join(str(e).split())[:200]})") from None
+        self._text_tok = None
+        self._specials: tuple[str, ...] | None = None
 
     def encode(self, text: str) -> list[int]:
+        """Ids of ``text``, its special tokens' strings (a chat template's markers) parsed as those tokens."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` read as text: a special token's string in it (``<|im_end|>`` typed by a user) becomes
+        the ordinary tokens that spell it, never that control token (tokenizers' ``encode_special_tokens``, on a
+        second instance, so that ``encode`` from another thread is not affected)."""
+        if self._text_tok is None:
+            from tokenizers import Tokenizer as _Tok
+
+            tok = _Tok.from_str(self._tok.to_str())
+            tok.encode_special_tokens = True
+            self._text_tok = tok
+        return self._text_tok.encode(text, add_special_tokens=False).ids
+
+    def has_special(self, text: str) -> bool:
+        """Whether ``text`` holds the string of a special token (one ``encode`` would turn into a control token)."""
+        if self._specials is None:
+            self._specials = tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+        return any(s in text for s in self._specials)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -257,9 +171,32 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
 
+_USER_TEXT = f"\ue000user text {secrets.token_hex(8)}\ue001"  # stands in for the user's text while rendering
+
+
 def prompt_ids(tokenizer: Tokenizer, chat_template: str, question: str, visuals: list[tuple],
                template: str = "reasoning", options: list[str] | None = None) -> list[int]:
     """Token ids of one user turn plus the assistant prefix; ``visuals`` is [(kind, merged tokens)] in order
-    (with a third item, the timestamps of a video's temporal patches, where the family writes them)."""
-    text = render(chat_template, messages_for(question, [v[0] for v in visuals], template, options))
-    return tokenizer.encode(expand_pads(text, visuals))
+    (with a third item, the timestamps of a video's temporal patches, where the family writes them).
+
+    The user's text (question and options) is tokenized as text: the template renders around a stand-in for it,
+    so a ``<|im_end|>`` typed by a user spells those characters instead of closing the turn, while the
+    template's own markers stay control tokens. Text without such strings gets exactly the ids of the whole
+    rendered prompt tokenized at once (as transformers' processor tokenizes it)."""
+    text = user_text(question, template, options)
+    kinds = [v[0] for v in visuals]
+    if _USER_TEXT in text:
+        raise InputError("the question holds the runtime's private-use marker characters; remove them")
+    shell = expand_pads(render(chat_template, _messages(_USER_TEXT, kinds)), visuals)
+    parts = shell.split(_USER_TEXT)
+    if len(parts) < 2:  # the template rewrote its user text: render the text itself
+        if tokenizer.has_special(text):
+            raise CheckpointError("the chat template rewrites the user's text, so the control-token strings in the "
+                                  "question cannot be kept as text; remove them from the question")
+        return tokenizer.encode(expand_pads(render(chat_template, _messages(text, kinds)), visuals))
+    if not tokenizer.has_special(text):
+        return tokenizer.encode(text.join(parts))
+    ids = tokenizer.encode(parts[0])
+    for part in parts[1:]:
+        ids += tokenizer.encode_text(text) + tokenizer.encode(part)
+    return ids
