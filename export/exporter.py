@@ -155,6 +155,9 @@ def export_model(model_dir: str | Path, out_dir: str | Path, precision: str = "f
     dtype = resolve_dtype(precision)
     quant = (quantization or Quantization()).resolve(family.Config.from_dict(read_config(model_dir)).text, precision,
                                                      tensorrt)
+    if quant.scheme == "int4" and quant.block_size not in (32, 64, 128, 256) and not quiet:
+        print(f"note: int4 in blocks of {quant.block_size} runs on ONNX Runtime only; the GPU path (--backend torch "
+              "on CUDA) refuses it at load (its int4 kernel takes blocks of 32 to 256)", file=sys.stderr)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

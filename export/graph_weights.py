@@ -296,7 +296,7 @@ def fill_from_graph(module: torch.nn.Module, path: Path, dtype: torch.dtype, dev
                 layer = QuantLinear(entry["k"], entry["n"], entry["bits"], entry["block_size"], tensors,
                                     backward_block(entry["n"], entry["block_size"]))
                 if on_cuda:
-                    layer.pack(device, dtype)
+                    layer.pack(device, dtype, p)
                     report["quantized_bytes"] += layer.packed_bytes()
                     report["kernels"] |= layer.kernels()
                 else:

@@ -18,7 +18,9 @@ On CUDA (``QuantLinear.pack``) the layer keeps only packed low-bit weights in GP
 activations (no int8 rounding of activations: that is ONNX Runtime CPU's numerics, not the GPU's):
 - int4: PyTorch's own int4 weight-only kernel (``aten._weight_int4pack_mm``, the tinygemm kernel every CUDA
   build carries), bf16 activations, one scale per block (the export's blocks, 32 to 256 wide) and zero 0 for
-  the symmetric codes; a layer whose shape the kernel cannot take dequantizes its codes per call instead.
+  the symmetric codes; a layer whose shape the kernel cannot take (int4 blocks of 16) is refused at load with
+  one line, never rebuilt from its codes on every call. Packing converts a slice of rows at a time
+  (``kernel_nibbles``): the transient device memory is one slice beside the packed result.
 - int8: int8 rows with one scale per output row, widened to the activation dtype inside each call (see
   ``Int8Rows`` for why not PyTorch's fused int8 kernel). The export's int8 codes have one scale per block, so
   they are requantized per row at load (a second rounding, at most half a row step).
@@ -192,6 +194,25 @@ def int4_inner_tiles(n: int, k: int, block_size: int) -> int | None:
     return next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
 
 
+PACK_ROWS = 8192  # rows of a weight converted at a time while packing: bounded transient device memory
+
+
+def kernel_nibbles(codes: torch.Tensor, k: int, device) -> torch.Tensor:
+    """uint8 [N, K / 2] on ``device``: the int4 kernel's input (two codes per byte, the even column in the high
+    nibble) from MatMulNBits codes (the even column in the low nibble): each byte's nibbles swapped, a slice of
+    rows at a time. Transient memory: one slice, against whole-matrix int16 and uint8 copies of the codes
+    unpacked one per byte (about 1.6 GB for a 151936 x 3584 LM head)."""
+    n = codes.shape[0]
+    flat = codes.reshape(n, -1)
+    if flat.shape[1] * 2 != k:
+        raise ValueError(f"int4 codes of {flat.shape[1] * 2} columns for K = {k}")
+    out = torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+    for a in range(0, n, PACK_ROWS):
+        part = flat[a: a + PACK_ROWS].to(device)
+        out[a: a + PACK_ROWS] = (part << 4) | (part >> 4)
+    return out
+
+
 class Int4Packed:
     """x [M, K] @ W^T with W held as PyTorch's packed int4 layout (``aten._convert_weight_to_int4pack``)."""
 
@@ -200,13 +221,12 @@ class Int4Packed:
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                  block_size: int, k: int, tiles: int, device) -> None:
         n = codes.shape[0]
-        u = unpack_codes(codes.to(device), 4)[:, :k]  # [N, K] codes 0..15
         self.cpu = torch.device(device).type == "cpu"  # the CPU twin of the kernel (tests of the layout on CPU)
         if self.cpu:
+            u = unpack_codes(codes.to(device), 4)[:, :k]  # [N, K] codes 0..15
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), tiles)
-        else:  # two codes per byte, the even column in the high nibble
-            u = u.to(torch.uint8)
-            self.packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), tiles)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(kernel_nibbles(codes, k, device), tiles)
         s = scales.to(device).float().reshape(n, -1)[:, : k // block_size]  # [N, blocks]
         z = zero_point_values(zero_points, 4, n, s.shape[1], device)
         # the kernel computes (code - 8) * scale + zero; MatMulNBits (code - z) * scale
@@ -247,30 +267,20 @@ class Int8Rows:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.scales))
 
 
-class DequantizedPerCall:
-    """x @ W^T with W dequantized from its codes for each call and dropped after (no copy held): the fallback
-    for a shape the packed kernels cannot take."""
-
-    kernel = "dequantized per call"
-
-    def __init__(self, codes, scales, zero_points, bits: int, block_size: int, k: int, device) -> None:
-        self.args = (codes.to(device), scales.to(device), None if zero_points is None else zero_points.to(device),
-                     bits, block_size, k)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, dequantize(*self.args).to(x.dtype))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.args[:3] if t is not None)
-
-
-def pack_for_cuda(codes, scales, zero_points, bits: int, block_size: int, k: int, dtype: torch.dtype, device):
-    """The GPU form of one MatMulNBits weight [N, K] (see the module docstring)."""
+def pack_for_cuda(codes, scales, zero_points, bits: int, block_size: int, k: int, dtype: torch.dtype, device,
+                  name: str = "a linear"):
+    """The GPU form of one MatMulNBits weight [N, K] (see the module docstring). An int4 weight the kernel cannot
+    take is refused (``CheckpointError``), never run by rebuilding the whole float weight on every call."""
     if bits == 4:
         tiles = int4_inner_tiles(codes.shape[0], k, block_size)
-        if tiles is not None:
-            return Int4Packed(codes, scales, zero_points, block_size, k, tiles, device)
-        return DequantizedPerCall(codes, scales, zero_points, bits, block_size, k, device)
+        if tiles is None:
+            from models.errors import CheckpointError
+
+            raise CheckpointError(
+                f"{name}: int4 in blocks of {block_size} over a [{codes.shape[0]}, {k}] weight, which PyTorch's int4 "
+                "GPU kernel cannot take (blocks of 32, 64, 128 or 256, outputs a multiple of 8, inputs a multiple "
+                "of the block); re-export with --block-size 32 or larger, or run --backend ort")
+        return Int4Packed(codes, scales, zero_points, block_size, k, tiles, device)
     parts = []
     for a in range(0, codes.shape[0], 8192):  # dequantized a slice of rows at a time: bounded transient memory
         part = slice(a, a + 8192)
@@ -316,14 +326,16 @@ class QuantLinear(nn.Module):
             raise RuntimeError("the codes were packed for the GPU kernels and released")
         return dequantize(self.codes, self.scales, self.zero_points, self.bits, self.block_size, self.in_features)
 
-    def pack(self, device, dtype: torch.dtype) -> QuantLinear:
+    def pack(self, device, dtype: torch.dtype, name: str = "a linear") -> QuantLinear:
         """Pack the weights (and the transposed copy, when stored) for the GPU kernels on ``device`` and release
-        the MatMulNBits codes: one low-bit copy of each weight stays in GPU memory."""
+        the MatMulNBits codes: one low-bit copy of each weight stays in GPU memory. ``name``: the linear's path,
+        for the one line that refuses a weight the kernels cannot take."""
         self.packed["forward"] = pack_for_cuda(self.codes, self.scales, self.zero_points, self.bits, self.block_size,
-                                               self.in_features, dtype, device)
+                                               self.in_features, dtype, device, name)
         if self.bwd_codes is not None:
             self.packed["backward"] = pack_for_cuda(self.bwd_codes, self.bwd_scales, self.bwd_zero_points, self.bits,
-                                                    self.backward_block_size, self.out_features, dtype, device)
+                                                    self.backward_block_size, self.out_features, dtype, device,
+                                                    f"{name} (its transposed copy, for V-Reason's backward)")
         for name in ("codes", "scales", "zero_points", "bwd_codes", "bwd_scales", "bwd_zero_points"):
             setattr(self, name, None)
         if self.bias is not None:
@@ -420,8 +432,10 @@ class QuantEmbedding(nn.Module):
 
 
 def backward_block(n: int, block_size: int) -> int:
-    """Block size of a linear's transposed copy (its blocks run along the outputs, N)."""
-    return next((b for b in (block_size, 64, 32, 16) if n % b == 0), block_size)
+    """Block size of a linear's transposed copy (its blocks run along the outputs, N): the forward's where it
+    divides N, else the largest of 128, 64 and 32 that does (what the GPU's int4 kernel takes); 16 only where
+    none does, which the GPU path then refuses at load."""
+    return next((b for b in (block_size, 128, 64, 32, 16) if n % b == 0), block_size)
 
 
 def install_quantized(module: nn.Module, state: dict[str, torch.Tensor], linears: list[str], bits: int,
@@ -440,7 +454,7 @@ def install_quantized(module: nn.Module, state: dict[str, torch.Tensor], linears
             parts["bias"] = parts["bias"].to(device, dtype)
         layer = QuantLinear(lin.in_features, lin.out_features, bits, block_size, parts,
                             backward_block(lin.out_features, block_size))
-        module.set_submodule(name, layer.pack(device, dtype) if torch.device(device).type == "cuda" else layer)
+        module.set_submodule(name, layer.pack(device, dtype, name) if torch.device(device).type == "cuda" else layer)
     if "embed_tokens.codes" in rest:
         module.embed_tokens = QuantEmbedding(rest.pop("embed_tokens.codes").to(device),
                                              rest.pop("embed_tokens.scales").to(device, dtype))

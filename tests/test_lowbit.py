@@ -225,3 +225,34 @@ def test_synthetic_bench_quantized_rows_on_cpu(capsys):
     assert m["none"] == 1.0 and m["int4"] < m["int8"] < 1.0
     assert rep["kernels"]["int4"] == ["int4 aten._weight_int4pack_mm"]
     assert all(r > 0 for r in rep["vreason_token_time_ratio"].values())
+
+
+def test_kernel_nibbles_are_the_unpacked_codes_repacked_a_slice_at_a_time(monkeypatch):
+    """The int4 kernel's input built from the codes by swapping nibbles, a few rows at a time, equals the whole
+    matrix unpacked one code per byte and repacked (the even column in the high nibble)."""
+    import models.quantized as quantized
+    from models.quantized import kernel_nibbles, unpack_codes
+
+    g = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, 256, (40, 128 // BLOCK, BLOCK // 2), generator=g, dtype=torch.uint8)
+    u = unpack_codes(codes, 4).to(torch.uint8)  # [N, K], the even column from the low nibble
+    whole = (u[:, ::2] << 4 | u[:, 1::2]).contiguous()
+    monkeypatch.setattr(quantized, "PACK_ROWS", 16)  # 3 slices, the last one short
+    assert torch.equal(kernel_nibbles(codes, 128, "cpu"), whole)
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_int4_blocks_the_gpu_kernel_cannot_take_are_refused_at_load(which):
+    """Blocks of 16 (the exporter takes them; the GPU kernel does not): one line naming the linear and the limit,
+    never a whole float weight rebuilt on every call."""
+    from models.errors import CheckpointError
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    fwd, bwd = (16, 32) if which == "forward" else (32, 16)
+    t = rtn_quantize(w, 4, fwd)
+    t.update({f"bwd_{key}": v for key, v in rtn_quantize(w.t(), 4, bwd).items()})
+    layer = QuantLinear(128, 64, 4, fwd, t, bwd)
+    with pytest.raises(CheckpointError, match=r"lm_head.*blocks of 16 .*--block-size 32"):
+        layer.pack("cpu", torch.float32, "lm_head")
+    assert backward_block(64, 16) == 16 and backward_block(96, 64) == 32 and backward_block(1024, 256) == 256

@@ -142,16 +142,19 @@ def weights_in_memory(model) -> int:
     return packed + sum(t.numel() * t.element_size() for t in tensors)
 
 
-def quantize_decoder(model, scheme: str, dtype: torch.dtype, device) -> list[str]:
+def quantize_decoder(model, scheme: str, dtype: torch.dtype, device) -> tuple[list[str], int | None]:
     """Replace every linear of the decoder (trunk and head) by a ``QuantLinear`` rounded as the export rounds
     (``rtn_quantize``; the head's with the transposed copy V-Reason's backward uses), packed for ``device``,
-    and the embedding by an int8-per-row table, as a quantized export holds them. Returns the kernels used."""
+    and the embedding by an int8-per-row table, as a quantized export holds them. Returns the kernels used and,
+    on CUDA, the most device memory packing one linear took beyond what it holds after (the transient a load
+    adds on top of the weights; None elsewhere)."""
     from export.quantize import DEFAULT_BLOCK, Quantization
     from models.quantized import QuantEmbedding, QuantLinear, backward_block, rtn_quantize
 
     q = Quantization(scheme, DEFAULT_BLOCK).resolve(model.decoder.cfg, "fp16")
     d = model.decoder
     kernels: set[str] = set()
+    transient: int | None = None
     last = len(d.layers) - 1
     jobs = [(layer, name, i == last) for i, layer in enumerate(d.layers)
             for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)] + [(d, "lm_head", True)]
@@ -164,7 +167,15 @@ def quantize_decoder(model, scheme: str, dtype: torch.dtype, device) -> list[str
             t.update({f"bwd_{k}": v for k, v in rtn_quantize(w.t(), q.bits, bwd).items()})
         if lin.bias is not None:
             t["bias"] = lin.bias.detach()
-        layer = QuantLinear(lin.in_features, lin.out_features, q.bits, q.block_size, t, bwd).pack(device, dtype)
+        layer = QuantLinear(lin.in_features, lin.out_features, q.bits, q.block_size, t, bwd)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        layer.pack(device, dtype, name)
+        if device.type == "cuda":
+            after = torch.cuda.memory_allocated(device)
+            transient = max(transient or 0, torch.cuda.max_memory_allocated(device) - max(before, after))
         kernels |= layer.kernels()
         owner.set_submodule(name, layer)
         del lin, w, t
@@ -174,7 +185,7 @@ def quantize_decoder(model, scheme: str, dtype: torch.dtype, device) -> list[str
     model.head.lm_head, model.head.tied = d.lm_head, False
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return sorted(kernels)
+    return sorted(kernels), transient
 
 
 class Runner:
@@ -331,7 +342,7 @@ def measure_scheme(cfg, scheme: str, dtype, device, prompt, args, dynamic: bool,
     model = random_decoder(cfg, dtype, device)
     if device.type == "cuda":
         fuse_projections(model)
-    kernels = quantize_decoder(model, scheme, dtype, device) if scheme != "none" else []
+    kernels, pack_transient = quantize_decoder(model, scheme, dtype, device) if scheme != "none" else ([], None)
     build_s = time.perf_counter() - t0
     runner = Runner(model, cfg, dtype, device, prompt, args.new_tokens)
     rows: dict[str, list[dict]] = {}
@@ -361,7 +372,8 @@ def measure_scheme(cfg, scheme: str, dtype, device, prompt, args, dynamic: bool,
     measure("vreason-lite", "static", "vreason-lite", compile=args.compile)
     out = {"rows": rows, "first_capture": first_capture, "compile_s": compile_s, "best": best,
            "head_pass_s": head_pass_seconds(runner), "bytes_per_token": decode_bytes(model),
-           "weights_bytes": weights_in_memory(model), "build_s": build_s, "kernels": kernels}
+           "weights_bytes": weights_in_memory(model), "build_s": build_s, "kernels": kernels,
+           "pack_transient_bytes": pack_transient}
     if dynamic:
         out["identical"] = {k: rows[k][0]["tokens"] == rows[label + "dynamic"][0]["tokens"] for k in rows
                             if k.startswith(label + "static")}
@@ -426,6 +438,7 @@ def run_synthetic(args) -> dict:
         "new_tokens": args.new_tokens, "repeats": args.repeats, "schemes": schemes,
         "build_s": {q: p["build_s"] for q, p in per.items()},
         "kernels": {q: p["kernels"] for q, p in per.items()},
+        "pack_transient_bytes": {q: p["pack_transient_bytes"] for q, p in per.items()},
         "bandwidth_gb_s": bandwidth / 1e9, "bandwidth_kind": "copy (read + write)" if device.type == "cuda" else "read",
         "weight_bytes_per_token": {q: p["bytes_per_token"] for q, p in per.items()},
         "weights_in_memory_bytes": {q: p["weights_bytes"] for q, p in per.items()},
@@ -474,8 +487,9 @@ class Progress:
         self._write()
 
     def scheme(self, q: str, measured: dict) -> None:
-        self.report["by_scheme"][q] = {k: measured[k] for k in ("build_s", "compile_s", "kernels", "head_pass_s",
-                                                                "bytes_per_token", "weights_bytes")}
+        self.report["by_scheme"][q] = {k: measured[k] for k in (
+            "build_s", "compile_s", "kernels", "head_pass_s", "bytes_per_token", "weights_bytes",
+            "pack_transient_bytes")}
         self._write()
 
     def _write(self) -> None:
@@ -498,8 +512,10 @@ def synthetic_table(rep: dict) -> str:
                      f"{rep['prefill_tokens_per_s'][k]:.0f} | {rep['peak_memory_bytes'][k] / 1e9:.2f} |")
     lines += ["", f"bandwidth {rep['bandwidth_gb_s']:.0f} GB/s ({rep['bandwidth_kind']})", "",
               "| weights | GB read per step | roofline tok/s | weights in memory (GB) | vs unquantized: memory | "
-              "decode | V-Reason / Lite per token | V-Reason / Lite peak memory | update (head passes) | kernels |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "decode | V-Reason / Lite per token | V-Reason / Lite peak memory | update (head passes) | kernels | "
+              "packing transient (MB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    transient = rep.get("pack_transient_bytes", {})
     for q in rep["schemes"]:
         mem_ratio = rep["weights_in_memory_ratio"].get(q)
         speed = rep["speedup_over_unquantized"].get(q)
@@ -509,7 +525,8 @@ def synthetic_table(rep: dict) -> str:
             f"{'-' if speed is None else f'x{speed:.2f}'} | x{rep['vreason_token_time_ratio'][q]:.3f} / "
             f"x{rep['vreason_lite_token_time_ratio'][q]:.3f} | x{rep['vreason_peak_memory_ratio'][q]:.3f} / "
             f"x{rep['vreason_lite_peak_memory_ratio'][q]:.3f} | {rep['vreason_update_cost_head_passes'][q]:.2f} "
-            f"({1e3 * rep['head_pass_s'][q]:.2f} ms each) | {', '.join(rep['kernels'][q]) or 'dense'} |")
+            f"({1e3 * rep['head_pass_s'][q]:.2f} ms each) | {', '.join(rep['kernels'][q]) or 'dense'} | "
+            f"{'-' if transient.get(q) is None else f'{transient[q] / 1e6:.0f}'} |")
     lines += ["", f"V-Reason rows run on each scheme's best static row ({', '.join(rep['vreason_base'].values())}); "
               f"static tokens identical to dynamic: {rep['tokens_identical_to_dynamic']}; graph capture (first "
               "request only; later requests of the same shape replay): "
