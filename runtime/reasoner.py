@@ -265,8 +265,9 @@ class Reasoner:
             f, d = self._encode_grid(rows, fam.vision_inputs((len(group), h, w), self.cfg.vision), tokens * len(group))
             for j, i in enumerate(group):
                 got[i] = (f[j * tokens:(j + 1) * tokens], None if d is None else d[:, j * tokens:(j + 1) * tokens])
-                if keys[i] is not None:
-                    self.reuse.put(keys[i], got[i], nbytes(*got[i]))
+                if keys[i] is not None:  # a compact copy: a view would keep the whole group's output alive
+                    kept = tuple(None if x is None else x.clone() for x in got[i])
+                    self.reuse.put(keys[i], kept, nbytes(*kept))
         feats = torch.cat([g[0] for g in got])
         deep = None if got[0][1] is None else torch.cat([g[1] for g in got], dim=1)
         return feats, deep, t - len(missing)

@@ -16,9 +16,9 @@ Two kinds of entries:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
+import cachetools
 import numpy as np
 import torch
 
@@ -55,14 +55,35 @@ class Prefix:
         return nbytes(*self.keys, *self.values, self.hidden)
 
 
+def held_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes the tensors really keep alive: each distinct storage whole (a view keeps all of its base)."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+class _Entries(cachetools.LRUCache):
+    """cachetools' LRU, each value ``(entry, bytes)``, counting what it evicts to make room."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(maxsize=budget, getsizeof=lambda item: item[1])
+        self.evicted = 0
+
+    def popitem(self):
+        self.evicted += 1
+        return super().popitem()
+
+
 class ReuseStore:
-    """An LRU of entries with known sizes; ``budget`` bytes in all (0: keeps nothing)."""
+    """An LRU of entries with known sizes; ``budget`` bytes in all (0: keeps nothing). An entry's size is what it
+    holds: callers store compact tensors (copies, never views into a larger buffer)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = max(0, int(budget))
-        self.used = 0
-        self._items: OrderedDict = OrderedDict()  # key -> (value, bytes)
-        self.evicted = 0
+        self._items = _Entries(self.budget)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -71,36 +92,34 @@ class ReuseStore:
     def enabled(self) -> bool:
         return self.budget > 0
 
+    @property
+    def used(self) -> int:
+        return int(self._items.currsize)
+
+    @property
+    def evicted(self) -> int:
+        return self._items.evicted
+
     def get(self, key):
-        item = self._items.get(key)
-        if item is None:
-            return None
-        self._items.move_to_end(key)
-        return item[0]
+        item = self._items.get(key)  # marks it most recently used
+        return None if item is None else item[0]
 
     def put(self, key, value, size: int) -> bool:
         """Keep ``value`` (evicting the least recently used entries to make room); False when it alone is over
         the budget."""
-        if size > self.budget:
+        if not self.enabled or size > self.budget:
             return False
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.used -= old[1]
-        while self._items and self.used + size > self.budget:
-            _, (_, freed) = self._items.popitem(last=False)
-            self.used -= freed
-            self.evicted += 1
         self._items[key] = (value, size)
-        self.used += size
         return True
 
     def values(self, kind: str):
-        """The entries whose key starts with ``kind`` (no LRU update)."""
-        return [v for k, (v, _) in self._items.items() if k[0] == kind]
+        """The entries whose key starts with ``kind`` (no LRU update: read through the base class)."""
+        return [cachetools.Cache.__getitem__(self._items, k)[0] for k in list(self._items) if k[0] == kind]
 
     def clear(self) -> None:
-        self._items.clear()
-        self.used = 0
+        evicted = self._items.evicted
+        self._items = _Entries(self.budget)
+        self._items.evicted = evicted
 
     # -- prompt prefixes -----------------------------------------------------------------------------------------
 
