@@ -8,9 +8,13 @@ window; a tick that comes while the model is still answering the previous one is
 queued. Consecutive windows share frames, and questions share the clip: the Reasoner's reuse store
 (``reuse_mb``) skips the vision encoding and prefill they have in common.
 
-One dict (the command: one JSON line) per answer: source, window_start_s, window_end_s (stream time),
-question, answer, text, ttft_s, total_s, reused_prompt_tokens, skipped_ticks and dropped_frames (running
-totals), alert (the trigger matched the answer), entropy_mean. Stream time is the frame's own time for a file
+One dict (the command: one JSON line) per answer: event ("answer"), timestamp (wall clock, UTC, ISO 8601),
+source, window_start_s, window_end_s (stream time), question, answer, text, ttft_s, total_s,
+reused_prompt_tokens, skipped_ticks, dropped_frames and reconnects (running totals), alert (the trigger matched
+the answer), entropy_mean. A live source's health is reported in lines of their own: event "reconnecting"
+(attempt, of, wait_s), "reconnected" (reconnects) and "gave_up" (attempts, message), each with source and
+timestamp. Every argument and question is checked before capture starts; a source that ends before its first
+window fills is refused (``SourceError``), not answered with nothing. Stream time is the frame's own time for a file
 (read at its frame rate, as if live, unless ``realtime=False``) and a folder (``fps`` images per second), and
 seconds since the first frame for a camera or URL. dropped_frames counts sampled frames no answered window
 contained: frames that left the ring before a tick used them, and samples a live source did not deliver
@@ -27,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -82,10 +87,13 @@ class Capture:
         self.error: str | None = None
         self.dropped = 0  # sampled frames no answered window contained
         self.reconnects = 0
+        self.samples = 0  # frames sampled into the ring so far
+        self.health: deque[dict] = deque()  # reconnecting / reconnected / gave_up, for the consumer to report
         self._used = -1  # newest sample number an answered window contained
         self._next_t = 0.0  # stream time of the next sample
         self._seq = 0
         self._pending_t = -math.inf  # offline: the stream time the consumer waits for (the reader stops there)
+        self._down = False  # a live source is being reopened
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
 
@@ -162,6 +170,9 @@ class Capture:
                     i += 1
                     got += 1
                     failures = 0
+                    if self._down:  # the first frame after a reconnect
+                        self._down = False
+                        self._note("reconnected", reconnects=self.reconnects)
                     self._offer(t, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
             finally:
                 if cap is not None:
@@ -172,10 +183,22 @@ class Capture:
                 return  # a file ends
             failures += 1
             if failures > self.reconnect:
-                raise SourceError(f"source {self.src} failed {failures} times in a row (gave up after --reconnect "
-                                  f"{self.reconnect})")
+                why = (f"source {self.src} stopped and {self.reconnect} reopening{'s' if self.reconnect != 1 else ''} "
+                       f"in a row failed: gave up (--reconnect {self.reconnect})") if self.reconnect else \
+                    f"source {self.src} stopped: gave up without reopening it (--reconnect 0)"
+                self._note("gave_up", attempts=failures - 1, message=why)
+                raise SourceError(why)
+            delay = min(BACKOFF_MAX_S, self.backoff_s * 2 ** (failures - 1))
+            self._note("reconnecting", attempt=failures, of=self.reconnect, wait_s=delay)
             self.reconnects += 1
-            self._stop.wait(min(BACKOFF_MAX_S, self.backoff_s * 2 ** (failures - 1)))
+            self._stop.wait(delay)
+            self._down = True
+
+    def _note(self, event: str, **fields) -> None:
+        """A source health event, reported by ``watch`` as a line of its own."""
+        with self.cond:
+            self.health.append({"event": event, "source": self.src, "timestamp": wall_clock(), **fields})
+            self.cond.notify_all()
 
     def _pace(self, start: float, t: float) -> bool:
         """Hold a file or folder frame until its time (realtime), or until the consumer caught up (offline);
@@ -201,6 +224,7 @@ class Capture:
             self._next_t += (missed + 1) / self.fps
             self.ring.append(Frame(t, rgb, self._seq))
             self._seq += 1
+            self.samples += 1
             while len(self.ring) > self.size:
                 old = self.ring.popleft()
                 if old.seq > self._used:
@@ -217,6 +241,8 @@ class Capture:
             self._pending_t = t
             self.cond.notify_all()
             while not (self.now >= t - 1e-9 and len(self.ring) >= self.size) and not self.ended:
+                if self.health and timeout is not None:
+                    return False  # a health event to report first
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -237,12 +263,47 @@ class Capture:
             self.cond.notify_all()
 
 
+def wall_clock() -> str:
+    """Now, UTC, ISO 8601 to the millisecond: the ``timestamp`` of every line."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+WATCH_MAX_NEW_TOKENS, WATCH_TEMPLATE = 64, "plain"  # short answers to standing questions; the CLI's defaults too
+
+
+def check_requests(reasoner, questions: list[str], fps: float, size: int, method: str, max_new_tokens: int,
+                   template: str, ask: dict) -> None:
+    """Every question as a request on a window of ``size`` small frames, before capture starts: a bad argument or
+    a question too long for the export is refused now, not once the first window has filled. (A window of the
+    source's real frames can still be over the prompt limit; that is refused when it comes.)"""
+    import inspect
+
+    from runtime.reasoner import METHODS
+
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "base" and hasattr(reasoner, "controller_config"):
+        reasoner.controller_config(ask.get("controller"))
+    sampling = ask.get("sampling")
+    if sampling is not None:
+        sampling.validate()
+    prepare = getattr(reasoner, "prepare", None)
+    if prepare is None:
+        return
+    known = inspect.signature(prepare).parameters
+    extra = {k: v for k, v in ask.items() if k in known}
+    blank = [np.zeros((64, 64, 3), np.uint8)] * size
+    for q in questions:
+        prepare(question=q, frames=blank, fps=fps, template=template, max_new_tokens=max_new_tokens, **extra)
+
+
 def watch(reasoner, source: str, questions: list[str], window: float, every: float, fps: float = 2.0,
           method: str = "base", trigger: str | None = None, max_windows: int | None = None,
-          realtime: bool = True, reconnect: int = 5, max_new_tokens: int = 256, template: str = "reasoning",
-          **ask) -> Iterator[dict]:
+          realtime: bool = True, reconnect: int = 5, max_new_tokens: int = WATCH_MAX_NEW_TOKENS,
+          template: str = WATCH_TEMPLATE, **ask) -> Iterator[dict]:
     """Answer each question on the latest ``window`` seconds of ``source`` every ``every`` seconds; yields one dict
-    per answer (the JSON line ``python -m runtime.watch`` writes). See the module docstring."""
+    per answer (``"event": "answer"``, the JSON line ``python -m runtime.watch`` writes) and one per source health
+    event (``"event"``: ``reconnecting``, ``reconnected`` or ``gave_up``). See the module docstring."""
     window = checks.check_number("window", window, lo=0, lo_open=True, hi=3600)
     every = checks.check_number("every", every, lo=0, lo_open=True, hi=3600)
     fps = checks.check_number("fps", fps, lo=0, lo_open=True, hi=60)
@@ -255,6 +316,7 @@ def watch(reasoner, source: str, questions: list[str], window: float, every: flo
     except re.error as e:
         raise InputError(f"--trigger {trigger!r} is not a regular expression: {e}") from None
     size = max(1, round(window * fps))
+    check_requests(reasoner, questions, fps, size, method, max_new_tokens, template, ask)
     cap = Capture(source, fps, size, realtime=realtime, reconnect=reconnect).start()
     skipped, answered, tick = 0, 0, size / fps - 0.5 / fps  # the first tick: when the first window is full
     try:
@@ -263,7 +325,13 @@ def watch(reasoner, source: str, questions: list[str], window: float, every: flo
                 late = math.floor((cap.now - tick) / every + 1e-9) + 1
                 skipped += late
                 tick += late * every
-            if not cap.wait_for(tick) or cap.error:
+            while True:
+                ready = cap.wait_for(tick, timeout=0.5)
+                while cap.health:
+                    yield cap.health.popleft()
+                if ready or cap.ended:
+                    break
+            if not ready or cap.error:
                 break
             frames = cap.window()
             for q in questions:
@@ -271,10 +339,11 @@ def watch(reasoner, source: str, questions: list[str], window: float, every: flo
                 res = reasoner.ask(frames=[f.rgb for f in frames], fps=fps, question=q, method=method,
                                    max_new_tokens=max_new_tokens, template=template, **ask)
                 yield {
+                    "event": "answer", "timestamp": wall_clock(),
                     "source": source, "window_start_s": round(frames[0].t, 3), "window_end_s": round(frames[-1].t, 3),
                     "question": q, "answer": res.answer, "text": res.text, "ttft_s": res.timings["ttft_s"],
                     "total_s": time.perf_counter() - t0, "reused_prompt_tokens": res.timings["reused_prompt_tokens"],
-                    "skipped_ticks": skipped, "dropped_frames": cap.dropped,
+                    "skipped_ticks": skipped, "dropped_frames": cap.dropped, "reconnects": cap.reconnects,
                     "alert": bool(pattern.search(res.answer)) if pattern else False,
                     "entropy_mean": float(np.mean(res.entropy)) if res.entropy else 0.0,
                 }
@@ -283,5 +352,11 @@ def watch(reasoner, source: str, questions: list[str], window: float, every: flo
             cap.release()
     finally:
         cap.stop()
+    while cap.health:
+        yield cap.health.popleft()
     if cap.error:
         raise SourceError(cap.error)
+    if answered == 0 and cap.ended:
+        raise SourceError(f"source {source} ended after {cap.samples} sampled frame{'s' if cap.samples != 1 else ''} "
+                          f"({max(cap.now, 0.0):.1f} s), before a {window:g} s window at {fps:g} fps ({size} frames) "
+                          "filled: nothing was answered; use a shorter --window or a lower --fps")

@@ -307,8 +307,9 @@ class Reasoner:
     def watch(self, source: str | int, questions: str | list[str], window: float = 4.0, every: float = 2.0,
               fps: float = 2.0, **kwargs):
         """Standing questions on the latest ``window`` seconds of a live source, every ``every`` seconds: an
-        iterator of one dict per answer, the lines ``python -m runtime.watch`` writes (see ``runtime.live.watch``
-        for the options: method, trigger, max_windows, realtime, reconnect, max_new_tokens, template)."""
+        iterator of one dict per answer and per source health event, the lines ``python -m runtime.watch`` writes
+        (see ``runtime.live.watch`` for the options: method, trigger, max_windows, realtime, reconnect,
+        max_new_tokens (default 64), template (default plain): the command's defaults)."""
         from runtime.live import watch
 
         return watch(self, str(source), [questions] if isinstance(questions, str) else list(questions), window,

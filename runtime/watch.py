@@ -16,7 +16,7 @@ import sys
 from models import checks
 from models.checks import process_memory
 from models.errors import InputError, run_cli
-from runtime.live import source_kind, watch
+from runtime.live import WATCH_MAX_NEW_TOKENS, WATCH_TEMPLATE, source_kind, watch
 from runtime.reasoner import Reasoner
 
 
@@ -31,9 +31,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--every", type=float, default=2.0, help="seconds of stream time between ticks")
     ap.add_argument("--fps", type=float, default=2.0, help="frames per second sampled into the window")
     ap.add_argument("--method", choices=("base", "vreason", "vreason-lite"), default="base")
-    ap.add_argument("--template", choices=("reasoning", "plain"), default="plain",
+    ap.add_argument("--template", choices=("reasoning", "plain"), default=WATCH_TEMPLATE,
                     help="plain (default): the question only, short answers; reasoning: think, then answer")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    ap.add_argument("--max-new-tokens", type=int, default=WATCH_MAX_NEW_TOKENS, help="answer length limit")
     ap.add_argument("--trigger", help="regular expression (case-insensitive); alert is true when it matches the answer")
     ap.add_argument("--max-windows", type=int, default=None, help="stop after this many ticks answered")
     ap.add_argument("--jsonl", help="also append each line to this file")
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
                        args.trigger, args.max_windows, realtime=not args.as_fast_as_possible,
                        reconnect=args.reconnect, max_new_tokens=args.max_new_tokens, template=args.template)
         answers, first_rss, last = 0, None, None
+        health = {"reconnecting": 0, "reconnected": 0, "gave_up": 0}
         try:
             for event in events:
                 line = json.dumps(event, ensure_ascii=False)
@@ -72,12 +73,17 @@ def run(args: argparse.Namespace) -> int:
                 if out is not None:
                     out.write(line + "\n")
                     out.flush()
-                answers, last = answers + 1, event
-                first_rss = first_rss or process_memory()
+                if event["event"] == "answer":
+                    answers, last = answers + 1, event
+                    first_rss = first_rss or process_memory()
+                else:
+                    health[event["event"]] += 1
         finally:
             if last is not None:  # what the run cost, on stderr (stdout stays JSON lines)
+                gave_up = "gave up" if health["gave_up"] else "no give-up"
                 print(f"{answers} answers; {last['skipped_ticks']} ticks skipped, {last['dropped_frames']} frames "
-                      f"dropped; resident memory {first_rss / 2**20:.0f} MiB after the first answer, "
+                      f"dropped; {health['reconnecting']} reconnect attempts, {health['reconnected']} reconnected, "
+                      f"{gave_up}; resident memory {first_rss / 2**20:.0f} MiB after the first answer, "
                       f"{process_memory() / 2**20:.0f} MiB at the end; reuse store "
                       f"{reasoner.reuse.used / 2**20:.0f} of {reasoner.reuse_mb} MiB", file=sys.stderr)
     finally:

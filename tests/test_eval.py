@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from models.errors import InputError
@@ -192,29 +193,45 @@ def test_a_bad_sample_is_recorded_and_the_run_goes_on(engine_dir, tmp_path):
 
 # -- Video-R1's numbers: MRA bit for bit, rescoring, its frame and pixel budget, robust runs ------------------
 
-def _reward_fn_mra(pred: float, gt: float) -> float:
-    """The script's mean_relative_accuracy, written out here independently of the project's scorer."""
-    import torch
+def _mra_float32(pred: float, gt: float) -> float:
+    """Video-R1's mean relative accuracy worked out in numpy float32, apart from the project's scorer (which runs
+    it in torch, as the script does): rel = |p - g| / (|g| + 1e-8), thresholds 0.50, 0.55, ..., 0.95 each the
+    float32 nearest to 0.5 + 0.05 i (what a float32 arange holds), the share of thresholds with rel < 1 - t."""
+    f = np.float32
+    p, g = f(pred), f(gt)
+    rel = np.abs(p - g) / (np.abs(g) + f(1e-8))
+    thresholds = [f(0.5 + 0.05 * i) for i in range(10)]
+    return sum(bool(rel < f(1) - t) for t in thresholds) / 10
 
-    p, g = torch.tensor(pred, dtype=torch.float32), torch.tensor(gt, dtype=torch.float32)
-    rel = torch.abs(p - g) / (torch.abs(g) + 1e-8)
-    th = torch.arange(0.5, 0.95 + 0.05 / 2, 0.05, dtype=torch.float32)
-    return (rel < (1 - th)).float().mean().item()
 
-
-@pytest.mark.parametrize("pred,gt,want", [(9, 10, 0.9), (11, 10, 0.9), (19, 20, 1.0), (21, 20, 1.0), (0, 0, 1.0),
-                                          (1, 0, 0.0), (4.32, 4, 0.9), (1000, 1000.0, 1.0)])
-def test_mra_is_the_scripts_bit_for_bit(pred, gt, want):
+@pytest.mark.parametrize("pred,gt,want", [
+    # worked by hand, rel away from every threshold: rel < 1 - t for t in 0.50 ... 0.95, i.e. rel under
+    # 0.50, 0.45, ..., 0.05; the score is how many of those ten bounds rel is under, over ten
+    (100, 100, 1.0),  # rel 0
+    (103, 100, 1.0),  # rel 0.03: under all ten
+    (107, 100, 0.9),  # rel 0.07: under 0.50 ... 0.10 (9), not 0.05
+    (88, 100, 0.8),  # rel 0.12: under 0.50 ... 0.15 (8)
+    (132, 100, 0.4),  # rel 0.32: under 0.50, 0.45, 0.40, 0.35
+    (52, 100, 0.1),  # rel 0.48: under 0.50 alone
+    (150, 100, 0.0),  # rel 0.50: not under 0.50 (strict <)
+    (-96, -100, 1.0),  # rel 0.04: signs cancel
+    (0, 0, 1.0),  # zero ground truth: rel 0 / 1e-8
+    (1, 0, 0.0),  # rel 1e8
+    # on a threshold, where float32 rounding decides: the values Video-R1's script gives (torch float32)
+    (9, 10, 0.9), (11, 10, 0.9), (19, 20, 1.0), (21, 20, 1.0), (4.32, 4, 0.9), (1000, 1000.0, 1.0),
+])
+def test_mra_against_hand_worked_values_and_the_formula(pred, gt, want):
     from runtime.eval.protocol import video_r1_mra
 
-    assert video_r1_mra(pred, gt) == _reward_fn_mra(pred, gt)
-    assert video_r1_mra(pred, gt) == pytest.approx(want)
+    assert video_r1_mra(pred, gt) == pytest.approx(want, abs=1e-6)
+    assert _mra_float32(pred, gt) == pytest.approx(want, abs=1e-6)
 
 
+MRA_09 = float(np.float32(0.9))  # 9 of 10 thresholds, as the script's float32 mean gives it
 VIDEO_R1_ROWS = [  # (problem_type, output, solution, reward of reward_fn)
-    ("regression", "<answer>9</answer>", "<answer>10</answer>", _reward_fn_mra(9, 10)),
-    ("regression", "<answer>11</answer>", "<answer>10</answer>", _reward_fn_mra(11, 10)),
-    ("regression", "<answer>19</answer>", "<answer>20</answer>", _reward_fn_mra(19, 20)),
+    ("regression", "<answer>9</answer>", "<answer>10</answer>", MRA_09),
+    ("regression", "<answer>11</answer>", "<answer>10</answer>", MRA_09),
+    ("regression", "<answer>19</answer>", "<answer>20</answer>", 1.0),
     ("regression", "<answer>3</answer>", "<answer>0</answer>", 0.0),
     ("numerical", "<answer>1,000</answer>", "<answer>1,000</answer>", 1.0),
     ("numerical", "1000", "<answer>1,000</answer>", 0.0),  # no tags: the whole output; decimal-ness differs
@@ -263,9 +280,55 @@ def test_duplicate_ids_all_count_and_samples_jsonl_rescores(engine_dir, tmp_path
     assert [r["index"] for r in recs] == [0, 1, 2] and all(r["id"] == "7" for r in recs)
     assert json.loads((out / "summary.json").read_text())["methods"]["base"]["n"] == 3
     assert recs[0]["video_frames"] > 0 and len(recs[0]["frame_size"]) == 2 and recs[0]["prompt_tokens"] > 0
-    assert eval_main(["--rescore", str(out / "samples.jsonl"), "--json"]) == 0
+
+
+SAMPLES = [  # (method, problem_type, text, solution, reward under video-r1-reward, under video-r1)
+    ("base", "multiple choice", "<think>it moves</think><answer>B</answer>", "<answer>B</answer>", 1.0, 1.0),
+    ("base", "multiple choice", "<answer>A</answer>", "<answer>B</answer>", 0.0, 0.0),
+    ("base", "numerical", "<answer>3</answer>", "<answer>3</answer>", 1.0, 1.0),
+    ("base", "numerical", "<answer>4</answer>", "<answer>3</answer>", 0.0, 0.0),
+    ("base", "regression", "<answer>107</answer>", "<answer>100</answer>", MRA_09, MRA_09),
+    ("base", "OCR", "<answer>stop here</answer>", "<answer>stop here</answer>", 1.0, 0.0),
+    ("base", "free-form", "<answer>a red ball</answer>", "<answer>a red ball</answer>", 1.0, 0.0),
+    ("vreason", "multiple choice", "<answer>B</answer>", "<answer>B</answer>", 1.0, 1.0),
+    ("vreason", "numerical", "<answer>2.5</answer>", "<answer>3</answer>", 0.0, 0.0),
+    ("vreason", "regression", "<answer>100</answer>", "<answer>100</answer>", 1.0, 1.0),
+    ("vreason", "OCR", "<answer>go</answer>", "<answer>stop here</answer>", 0.0, 0.0),
+    ("vreason", "free-form", "<answer>nothing</answer>", "<answer>a red ball</answer>", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("protocol", ["video-r1-reward", "video-r1"])
+def test_rescore_of_a_samples_file_with_known_right_and_wrong_answers(tmp_path, capsys, protocol):
+    """samples.jsonl records (as runtime.eval writes them) with answers known right or wrong for every problem
+    type and two methods: the rewards, the means and the per-method split."""
+    col = 4 if protocol == "video-r1-reward" else 5
+    f = tmp_path / "samples.jsonl"
+    f.write_text("".join(json.dumps({"index": i, "method": m, "problem_type": t, "text": text, "solution": sol,
+                                     "options": [], "answer": extract_answer(text)}) + "\n"
+                         for i, (m, t, text, sol, *_) in enumerate(SAMPLES)))
+    assert eval_main(["--rescore", str(f), "--protocol", protocol, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["files"][0]
-    assert got["rewards"] == [r["score"] for r in recs]
+    assert got["rewards"] == [row[col] for row in SAMPLES]
+    for method in ("base", "vreason"):
+        rows = [row for row in SAMPLES if row[0] == method]
+        acc = [row[col] for row in rows if row[1] != "regression"]
+        part = got["methods"][method]
+        assert part["n"] == len(rows) and part["acc"] == pytest.approx(sum(acc) / len(acc))
+        assert part["mra"] == [row[col] for row in rows if row[1] == "regression"][0]
+    assert eval_main(["--rescore", str(f), "--protocol", protocol]) == 0
+    table = capsys.readouterr().out
+    assert "| base | 7 |" in table and "| vreason | 5 |" in table
+
+
+def test_a_broken_jsonl_line_is_named_by_its_number(tmp_path, capsys):
+    f = tmp_path / "samples.jsonl"
+    good = json.dumps({"method": "base", "problem_type": "numerical", "text": "<answer>1</answer>",
+                       "solution": "<answer>1</answer>"})
+    f.write_text(f"{good}\n\n{good}\n{{half a record\n")
+    assert eval_main(["--rescore", str(f)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 4 is not JSON" in err[0]
 
 
 def test_the_question_is_not_stripped_under_video_r1():

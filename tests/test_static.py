@@ -60,9 +60,11 @@ def test_strong_controller_changes_the_static_trace(any_checkpoint):
 def test_reasoner_static_matches_dynamic_and_reuses_buffers(both, frames, method):
     dyn, sta = both
     other = [f[:, ::-1].copy() for f in frames]
-    for fr in (frames, other, frames):
+    for i, fr in enumerate((frames, other, frames)):
         kw = dict(question=QUESTION, frames=fr, fps=2.0, method=method, max_new_tokens=12, controller=STRONG)
         a, b = dyn.ask(**kw), sta.ask(**kw)
+        if i == 2:  # the first clip again: its whole prompt restored from the reuse store, on both paths
+            assert a.timings["reused_prompt_tokens"] == b.timings["reused_prompt_tokens"] == len(b.prompt_token_ids)
         assert a.token_ids == b.token_ids and a.alpha == b.alpha
         assert max(abs(x - y) for x, y in zip(a.entropy, b.entropy)) <= 1e-4
         assert max(abs(x - y) for x, y in zip(a.ema, b.ema)) <= 1e-4

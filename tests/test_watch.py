@@ -4,8 +4,10 @@ drops the connection once), reconnects, skipped ticks, one-line failures."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
@@ -77,21 +79,31 @@ def lines(text: str) -> list[dict]:
 def test_watch_a_file_offline(engine_dir, tmp_path, capsys):
     video = sample_video(tmp_path / "v.mp4", "circle", "red", "right", seconds=6, fps=8)
     out = tmp_path / "w.jsonl"
-    assert watch_main(["--engine", str(engine_dir), "--source", str(video), "--question", Q1, "--question", Q2,
-                       "--window", "2", "--every", "1", "--fps", "2", "--max-new-tokens", "4",
-                       "--as-fast-as-possible", "--jsonl", str(out), "--trigger", ".", "--no-verify"]) == 0
+    args = ["--engine", str(engine_dir), "--source", str(video), "--question", Q1, "--question", Q2, "--window", "2",
+            "--every", "1", "--fps", "2", "--max-new-tokens", "4", "--as-fast-as-possible", "--no-verify"]
+    assert watch_main([*args, "--jsonl", str(out)]) == 0
     got = lines(capsys.readouterr().out)
     assert got == lines(out.read_text())
+    assert not any(x["alert"] for x in got)  # no trigger, no alert
+    # a trigger: the first answer, in the other case, anchored (case-insensitive search of each answer)
+    first = got[0]["answer"]
+    trigger = f"^{re.escape(first.swapcase())}$"
+    assert watch_main([*args, "--trigger", trigger]) == 0
+    alerts = lines(capsys.readouterr().out)
+    assert [x["answer"] for x in alerts] == [x["answer"] for x in got]
+    assert [x["alert"] for x in alerts] == [x["answer"].lower() == first.lower() for x in got]
+    assert alerts[0]["alert"]
+    stamps = [datetime.fromisoformat(x["timestamp"].replace("Z", "+00:00")) for x in got]
+    assert stamps == sorted(stamps) and all(abs(time.time() - t.timestamp()) < 600 for t in stamps)
     # windows of 4 samples (0.5 s apart), a tick every second of stream time, both questions each tick
     assert [(x["window_start_s"], x["window_end_s"]) for x in got[::2]] == [(0.0, 1.5), (1.0, 2.5), (2.0, 3.5),
                                                                            (3.0, 4.5), (4.0, 5.5)]
     assert [x["question"] for x in got] == [Q1, Q2] * 5
     assert all(x["skipped_ticks"] == 0 and x["dropped_frames"] == 0 for x in got)
     assert all(x["reused_prompt_tokens"] > 0 for x in got[1::2])  # the second question reuses the clip's prefix
-    assert all(x["alert"] == bool(x["answer"]) for x in got)
-    assert set(got[0]) == {"source", "window_start_s", "window_end_s", "question", "answer", "text", "ttft_s",
-                           "total_s", "reused_prompt_tokens", "skipped_ticks", "dropped_frames", "alert",
-                           "entropy_mean"}
+    assert set(got[0]) == {"event", "timestamp", "source", "window_start_s", "window_end_s", "question", "answer",
+                           "text", "ttft_s", "total_s", "reused_prompt_tokens", "skipped_ticks", "dropped_frames",
+                           "reconnects", "alert", "entropy_mean"}
 
 
 def test_watch_skips_ticks_while_busy(reasoner, tmp_path):
@@ -115,6 +127,9 @@ class SlowReasoner:
     def __init__(self, inner, seconds):
         self.inner, self.seconds = inner, seconds
 
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
     def ask(self, **kw):
         t = time.monotonic()
         res = self.inner.ask(**kw)
@@ -129,7 +144,12 @@ def test_watch_an_mjpeg_stream_reconnects(engine_dir, capsys):
                            "--no-verify"])
         assert code == 0
         assert cam.connections == 2  # the cut connection was reopened
-    got = lines(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    events = lines(out)
+    got = [x for x in events if x["event"] == "answer"]
+    health = [x["event"] for x in events if x["event"] != "answer"]
+    assert health[:2] == ["reconnecting", "reconnected"]  # the cut, reported where it happened
+    assert "1 reconnected, no give-up" in err  # (the second connection may end too before the watch stops)
     assert len(got) == 4 and all(x["source"] == cam.url for x in got)
     assert all(0.6 <= x["window_end_s"] - x["window_start_s"] <= 1.5 for x in got)
     assert got[-1]["window_end_s"] > 1.5  # past the cut: read from the second connection
@@ -140,8 +160,49 @@ def test_watch_gives_up_on_a_dead_stream(engine_dir, capsys):
     with MJPEG(rate=20, cut=10, connections=1) as cam:
         code = watch_main(["--engine", str(engine_dir), "--source", cam.url, "--question", Q1, "--window", "2",
                            "--reconnect", "1", "--no-verify"])
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert f"source {cam.url} stopped and 1 reopening in a row failed: gave up (--reconnect 1)" in err[0]
+    assert [x["event"] for x in lines(out)] == ["reconnecting", "gave_up"]
+
+
+def test_watch_checks_every_argument_before_capture_and_says_when_no_window_filled(engine_dir, tmp_path, capsys):
+    video = sample_video(tmp_path / "short.mp4", seconds=1, fps=8)
+    base = ["--engine", str(engine_dir), "--source", str(video), "--question", Q1, "--no-verify"]
+    assert watch_main([*base, "--window", "4", "--as-fast-as-possible"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "gave up after --reconnect 1" in err[0]
+    assert len(err) == 1 and "before a 4 s window at 2 fps (8 frames) filled" in err[0]
+    started = []
+    import runtime.live as live
+
+    class NoCapture(live.Capture):
+        def start(self):
+            started.append(self)
+            return super().start()
+
+    for bad, why in ((["--max-new-tokens", "-1"], "max_new_tokens"),
+                     (["--question", "why " * 5000], "prompt limit")):
+        live.Capture, original = NoCapture, live.Capture
+        try:
+            assert watch_main([*base, "--window", "1", *bad]) == 1
+        finally:
+            live.Capture = original
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0]
+    assert not started  # refused before the source was opened
+
+
+def test_reasoner_watch_and_the_command_share_their_defaults():
+    import inspect
+
+    from runtime.live import watch
+    from runtime.watch import parser
+
+    defaults = parser().parse_args(["--engine", "e", "--source", "s", "--question", "q"])
+    params = inspect.signature(watch).parameters
+    assert params["max_new_tokens"].default == defaults.max_new_tokens == 64
+    assert params["template"].default == defaults.template == "plain"
 
 
 def test_watch_refuses_bad_sources_in_one_line(engine_dir, tmp_path, capsys):
@@ -157,7 +218,7 @@ def test_watch_refuses_bad_sources_in_one_line(engine_dir, tmp_path, capsys):
     assert "--trigger" in capsys.readouterr().err
 
 
-def test_frames_of_a_window_are_rgb(reasoner, tmp_path):
+def test_frames_of_a_window_are_rgb(tmp_path):
     """The capture converts OpenCV's BGR: a pure red file frame reaches the model red."""
     from runtime.live import Capture
 
