@@ -210,3 +210,29 @@ def test_control_bytes_are_escaped_on_a_terminal():
     from runtime.__main__ import printable
 
     assert printable("a\x02b\x1b[31mc\nd") == "a\\x02b\\x1b[31mc\nd"
+
+
+@pytest.mark.parametrize("name", ["models", "export", "controller"])
+def test_an_apps_package_that_shadows_the_projects_is_named_in_one_line(tmp_path, name):
+    """An app with its own top-level package of one of the project's names, first on sys.path (its own folder):
+    ``import runtime`` says which package shadows which, and the way out, instead of a missing submodule."""
+    import subprocess
+    import sys
+
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("")
+    done = subprocess.run([sys.executable, "-c", "from runtime import Reasoner"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1
+    assert last.startswith(f"ImportError: the package '{name}' Python finds ({tmp_path / name}) is not vreason-edge's")
+    assert "Rename the app's package" in last
+
+
+def test_the_error_classes_an_app_catches_come_from_runtime():
+    import runtime
+    from export.manifest import ExportError
+    from models.errors import CheckpointError, InputError, UserError
+
+    assert runtime.InputError is InputError and runtime.ExportError is ExportError
+    assert runtime.CheckpointError is CheckpointError and issubclass(runtime.SourceError, UserError)
