@@ -30,8 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda a: demo(a, Path(a.out)), args)
 
 
+# vision patches the demo export takes: what Video-R1's protocol (runtime.eval's default: 16 frames of at most
+# 100352 pixels, 8 temporal patches of 512 patches for 14-pixel patches) asks of any clip, so that
+# ``python -m runtime.eval --engine work/demo/tiny-engine --sample`` answers every sample as written (the limit
+# derived from the tiny checkpoint's own processor settings, 1024, refuses its videos)
+DEMO_VISION_PATCHES = 4096
+
+
+def _vision_patches(engine: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((engine / "manifest.json").read_text())["limits"]["max_vision_patches"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def demo(args, out: Path) -> int:
-    from export.exporter import export_model
+    from export.exporter import Limits, export_model
     from models.samples import sample_video
     from models.tiny import make_checkpoint
     from runtime.__main__ import main as runtime_main
@@ -50,18 +66,22 @@ def demo(args, out: Path) -> int:
         make_checkpoint(ckpt, family=args.family)
     video = sample_video(out / "circle-right.mp4", "circle", "red", "right", seconds=3)
     engine = out / f"tiny-engine{suffix}"
-    if (engine / "manifest.json").is_file():
+    if _vision_patches(engine) >= DEMO_VISION_PATCHES:
         print(f"reusing the export in {engine} (delete it to export again)", file=sys.stderr)
     else:
-        export_model(ckpt, engine, force=True)
+        if (engine / "manifest.json").is_file():
+            print(f"exporting again: {engine} takes fewer vision patches than runtime.eval's default protocol asks "
+                  "for on the sample set", file=sys.stderr)
+        export_model(ckpt, engine, force=True, limits=Limits(max_vision_patches=DEMO_VISION_PATCHES))
     # at the paper's default settings the controller's steps are small on a random tiny model; these are large
     steer = ["--vreason-lr", "0.5", "--vreason-every", "1"] if args.method != "base" else []
     if steer:
         print("V-Reason with lr 0.5 and an update every token, so that the steering is plain to see: at the "
               "defaults (lr 1e-3, every 2) the tiny model's entropy moves by about 0.1 nats", file=sys.stderr)
-    return runtime_main(["--engine", str(engine), "--video", str(video), "--question",
-                         "Which direction does the red circle move?", "--method", args.method,
-                         "--max-new-tokens", str(args.max_new_tokens), "--stream", *steer,
+    question = "Which direction does the red circle move?"
+    print(f"question: {question}", file=sys.stderr)
+    return runtime_main(["--engine", str(engine), "--video", str(video), "--question", question,
+                         "--method", args.method, "--max-new-tokens", str(args.max_new_tokens), "--stream", *steer,
                          "--plot", str(out / f"entropy{suffix}.png")])
 
 

@@ -62,7 +62,8 @@ class Timings:
     decode_tokens: int = 0
     ttft_s: float = 0.0  # request start (the ``stream``/``ask`` call) to the first answer token
     reused_prompt_tokens: int = 0  # prompt tokens whose cache was restored instead of prefilled
-    reused_vision_patches: int = 0  # temporal patches whose vision features were reused instead of encoded
+    reused_vision_patches: int = 0  # temporal patches not encoded: features from the reuse store, or (all of
+    # them) every visual token inside the restored prompt prefix
 
     def as_dict(self) -> dict:
         tps = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0

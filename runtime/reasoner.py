@@ -216,7 +216,8 @@ class Reasoner:
     def _prefill_inputs(self, prompt: Prompt, start: int = 0, cancelled=None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, float, int]:
         """(inputs_embeds [1, S - start, H], DeepStack features [K, 1, S - start, H] or None, seconds spent,
-        temporal patches reused) of the prompt from token ``start`` on: token embeddings with the vision
+        temporal patches reused: from the reuse store, or all of them where the restored prefix holds every
+        visual token) of the prompt from token ``start`` on: token embeddings with the vision
         encoder's output at the visual pad tokens; for a family with DeepStack, its features scattered to the
         same positions (zero elsewhere). Visual inputs are encoded only where their tokens lie at or after
         ``start``. ``cancelled()`` is checked between vision encoder calls."""
@@ -239,6 +240,8 @@ class Reasoner:
                 if feats[0][1] is not None:
                     deepstack = scatter_deepstack([torch.cat([d for _, d in feats], dim=1)[:, skip:]], pad,
                                                   embeds.dtype)
+            elif prompt.visuals:  # every visual token lies in the restored prefix: every patch reused, none encoded
+                reused = sum(int(v.span.grid_thw[0]) for v in prompt.visuals)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return embeds, deepstack, time.perf_counter() - t0, reused

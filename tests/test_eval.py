@@ -117,7 +117,11 @@ def test_changed_settings_never_mix_with_earlier_results(engine_dir, tmp_path, c
         assert eval_main(args + changed) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "other settings" in err[0] and name in err[0] and "--overwrite" in err[0]
+        assert "..." not in err[0]  # the fields that differ, not a truncated dump
         assert (out / "samples.jsonl").read_text() == before
+    capsys.readouterr()
+    assert eval_main(args + ["--vreason-lr", "0.5"]) == 1
+    assert "(controller.lr: 0.001 -> 0.5)" in capsys.readouterr().err
     assert eval_main(args + ["--max-new-tokens", "5", "--overwrite"]) == 0
     recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and json.loads((out / "run.json").read_text())["max_new_tokens"] == 5
@@ -415,3 +419,38 @@ def test_a_refusal_names_the_binding_limit(engine_dir):
         r.prepare(question="x " * (r.limits["max_prompt"] + 10), template="plain")
     with pytest.raises(InputError, match="context limit .* --max-context"):
         r.prepare(question="x", template="plain", max_new_tokens=r.limits["max_context"])
+
+
+def test_a_run_where_every_sample_was_refused_fails_and_a_rerun_says_refused_earlier(engine_dir, tmp_path, capsys):
+    """Videos under Video-R1's frame and pixel budget on an export that takes 1024 vision patches: every sample is
+    refused. The run exits 1 naming the limit; a rerun says they were refused earlier and how to retry them."""
+    from models.samples import sample_video
+
+    sample_video(tmp_path / "clip.mp4", seconds=2.0, fps=8.0)
+    rows = [{"problem_id": i, "problem": "Which way?", "solution": "<answer>A</answer>", "path": "clip.mp4",
+             "problem_type": "multiple choice", "data_type": "video", "options": ["A. left", "B. right"]}
+            for i in range(2)]
+    data = tmp_path / "videos.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "o"
+    args = ["--engine", str(engine_dir), "--data", str(data), "--out", str(out), "--method", "base"]
+    assert eval_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "none of the 2 answers was given" in err[-1] and "this export takes at most 1024" in err[-1]
+    assert eval_main(args) == 1
+    err = capsys.readouterr().err
+    assert "0 to run, 0 done earlier, 2 refused or failed earlier" in err and "--retry-refused" in err
+    assert eval_main([*args, "--retry-refused", *TINY_BUDGET]) == 1  # the budget is a setting: another run
+    assert "other settings" in capsys.readouterr().err
+    assert eval_main([*args, "--retry-refused"]) == 1
+    assert "2 to run, 0 done earlier" in capsys.readouterr().err
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4  # the retries appended, the last counts
+
+
+def test_a_broken_line_of_a_jsonl_data_file_is_named(tmp_path):
+    good = json.dumps({"problem": "q", "solution": "<answer>A</answer>", "path": "a.mp4",
+                       "problem_type": "multiple choice", "data_type": "video"})
+    f = tmp_path / "set.jsonl"
+    f.write_text(f"{good}\n{good}\n\n{{oops\n")
+    with pytest.raises(InputError, match="line 4 is not JSON"):
+        load_samples(f)

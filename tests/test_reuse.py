@@ -85,10 +85,12 @@ def test_reuse_changes_no_answer(engine_dir, frames, backend, method):
     t = second.timings
     common = next(i for i, (a, b) in enumerate(zip(first.prompt_token_ids, second.prompt_token_ids)) if a != b)
     assert t["reused_prompt_tokens"] == common > first.prompt_token_ids.index(on.cfg.video_token_id)
-    assert t["reused_vision_patches"] == 0  # every visual token was in the restored prefix: nothing encoded
+    patches = len(frames) // 2  # temporal patches of two frames
+    assert t["reused_vision_patches"] == patches  # every visual token was in the restored prefix: none encoded
     again = on.ask(question=Q1, **kw)  # the same request: restored whole, bit-identical
     same_answer(again, first, exact=True)
     assert again.timings["reused_prompt_tokens"] == len(first.prompt_token_ids)
+    assert again.timings["reused_vision_patches"] == patches
 
 
 @pytest.mark.parametrize("method", ["base", "vreason", "vreason-lite"])

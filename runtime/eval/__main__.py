@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
                     help="score saved outputs instead of running a model: this project's samples.jsonl or "
                     "Video-R1's output files ({\"results\": [{\"problem_type\", \"solution\", \"output\", ...}]})")
     ap.add_argument("--json", action="store_true", help="with --rescore: print one JSON object")
+    ap.add_argument("--retry-refused", action="store_true",
+                    help="run again the samples an earlier run in --out refused or failed on (after fixing the cause: "
+                         "a larger export, readable media); without it they stay as recorded, scored 0")
     ap.add_argument("--overwrite", action="store_true",
                     help="delete the results already in --out (made with other settings) and start again")
     ap.add_argument("--protocol", choices=proto.PROTOCOLS, default="video-r1",
@@ -142,14 +145,32 @@ def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
         return
-    shown = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(settings.get(k))}" for k in diff)
+    old, new = _leaves(before), _leaves(settings)
+    fields = [k for k in sorted(set(old) | set(new)) if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    shown = "; ".join(f"{k}: {_shown(old.get(k, _ABSENT))} -> {_shown(new.get(k, _ABSENT))}" for k in fields)
     raise UserError(f"{out} holds results made with other settings ({shown}); use another --out, or --overwrite "
                     "to delete them")
 
 
-def _short(v) -> str:
+_ABSENT = object()
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    """A nested settings dict as {dotted.path: value}: a difference is named by the field that differs."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _shown(v) -> str:
+    if v is _ABSENT:
+        return "(none)"
     s = json.dumps(v, sort_keys=True)
-    return s if len(s) <= 60 else s[:57] + "..."
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def run(args) -> dict:
@@ -245,10 +266,17 @@ def _evaluate(args, out, samples, controller, sampling, settings, reasoner, pool
     log = out / "samples.jsonl"
     wanted = {(s.dataset, sha, s.index, m) for s, _, sha in samples for m in args.method}
     done = {(r["dataset"], r.get("file_sha"), r.get("index"), r["method"]): r for r in read_records(log)}
+    if getattr(args, "retry_refused", False):  # their new records, appended, replace them (the last one counts)
+        done = {k: r for k, r in done.items() if not r.get("error")}
     todo = [(s, root, sha, m) for s, root, sha in samples for m in args.method
             if (s.dataset, sha, s.index, m) not in done]
+    earlier = [done[k] for k in wanted if k in done]
+    refused_earlier = sum(1 for r in earlier if r.get("error"))
     print(f"{len(samples)} samples x {len(args.method)} methods; {len(todo)} to run, "
-          f"{len(wanted) - len(todo)} done earlier (backend {settings['backend']}, protocol {args.protocol}"
+          f"{len(earlier) - refused_earlier} done earlier"
+          + (f", {refused_earlier} refused or failed earlier (kept, scored 0; after fixing the cause, "
+             "--retry-refused runs them again)" if refused_earlier else "")
+          + f" (backend {settings['backend']}, protocol {args.protocol}"
           + (f", {pool.n} Ray replicas" if pool else "") + ")",
           file=sys.stderr)
     with open(log, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="eval", unit="answer",
@@ -278,6 +306,10 @@ def _evaluate(args, out, samples, controller, sampling, settings, reasoner, pool
     summary = write_reports(records, out, settings, plots=plots)
     print(markdown(summary, settings))
     warn_failures(summary)
+    if records and all(r.get("error") for r in records):
+        first = next(r["error"] for r in records if r.get("error"))
+        raise UserError(f"none of the {len(records)} answers was given: every sample was refused or failed "
+                        f"(first: {first}); results in {out}")
     return summary
 
 

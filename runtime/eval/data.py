@@ -33,13 +33,21 @@ def load_samples(path: str | Path, dataset: str | None = None) -> list[Sample]:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError(f"evaluation file {p} is not UTF-8") from None
-    try:
-        if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):
+        try:
             rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise InputError(f"evaluation file {p} is neither a JSON list nor JSONL ({e})") from None
+        except json.JSONDecodeError as e:
+            raise InputError(f"evaluation file {p} is not a valid JSON list ({e})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):  # JSONL: the error names the file's own line
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"evaluation file {p} is neither a JSON list nor JSONL: line {n} is not JSON "
+                                 f"({e.msg} at column {e.colno})") from None
     name = dataset or p.stem
     if not isinstance(rows, list):
         raise InputError(f"evaluation file {p} holds a JSON {type(rows).__name__}, not a list of samples")
