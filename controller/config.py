@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, fields
 
+METHODS = ("base", "vreason", "vreason-lite")  # decoding methods: none, V-Reason, V-Reason Lite
 LITE_SCORES = ("mean_value_norm",)
 OPTIMIZERS = ("adam", "sgd")
 

@@ -23,6 +23,10 @@ class ResourceError(UserError):
     """A request does not fit the device's memory; what it allocated has been released."""
 
 
+class SourceError(UserError):
+    """A live video source could not be opened or kept open (``runtime.watch``)."""
+
+
 def run_cli(fn, args, interrupted: str = "interrupted") -> int:
     """Run a CLI's typed function: a UserError becomes one ``error: ...`` line on stderr and exit code 1; any
     other exception one ``internal error: <type>: <message>`` line and exit code 2 (a bug, or a failure this

@@ -42,8 +42,7 @@ def _check_own_packages() -> None:
 _check_own_packages()
 
 from export.manifest import ExportError  # noqa: E402  (after the check: these import the packages it checks)
-from models.errors import CheckpointError, InputError, ResourceError, UserError  # noqa: E402
-from runtime.live import SourceError  # noqa: E402
+from models.errors import CheckpointError, InputError, ResourceError, SourceError, UserError  # noqa: E402
 from runtime.reasoner import Reasoner, Result  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 

@@ -37,15 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from models import checks
-from models.errors import InputError, UserError
+from models.errors import InputError, SourceError, UserError
 from models.video import _cv2, frame_files, read_image
 
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 8.0
 URL_TIMEOUT_S = 5.0  # opening a URL source, and each read from it
-
-
-class SourceError(UserError):
-    """A source could not be opened or kept open."""
 
 
 @dataclass
@@ -278,7 +274,7 @@ def check_requests(reasoner, questions: list[str], fps: float, size: int, method
     source's real frames can still be over the prompt limit; that is refused when it comes.)"""
     import inspect
 
-    from runtime.reasoner import METHODS
+    from controller.config import METHODS
 
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

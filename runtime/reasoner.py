@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from controller.config import METHODS
 from export.manifest import check_export, weight_format
 from models.checkpoint import resolve_dtype
 from models.checks import available_memory, check_device, check_number, device_memory
@@ -33,7 +34,6 @@ from runtime.stream import Result, Stream, TokenEvent
 
 __all__ = ["Reasoner", "Result", "Stream", "TokenEvent"]
 
-METHODS = ("base", "vreason", "vreason-lite")
 DECODE = ("auto", "static", "dynamic")
 VISION_GROUP = 4  # temporal patches per vision encoder call (a cancel is seen between calls)
 

@@ -17,15 +17,26 @@ from runtime import Reasoner
 FRAMES = [np.full((64, 64, 3), 30 * i, np.uint8) for i in range(4)]
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def fresh(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"fresh-{request.param}")
-    return request.param, make_checkpoint(root / "ckpt", family=request.param, fresh=True)
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fresh")
+    made = {}
+
+    def get(family, layout):
+        if (family, layout) not in made:
+            made[family, layout] = make_checkpoint(root / f"{family}-{layout}", family=family, layout=layout,
+                                                   fresh=True)
+        return made[family, layout]
+    return get
 
 
-@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
-def test_torch_backend_loads_an_export_of_equal_parameters(fresh, scheme, tmp_path):
-    family, ckpt = fresh
+@pytest.mark.parametrize("family, layout, scheme", [
+    ("qwen2_5_vl", "transformers", "none"), ("qwen2_5_vl", "transformers", "int8"),
+    ("qwen2_5_vl", "transformers", "int4"), ("qwen2_5_vl", "original", "none"),
+    ("qwen3_vl", "transformers", "none"), ("qwen3_vl", "transformers", "int8"), ("qwen3_vl", "transformers", "int4"),
+])
+def test_torch_backend_loads_an_export_of_equal_parameters(fresh, family, layout, scheme, tmp_path):
+    ckpt = fresh(family, layout)
     quant = None if scheme == "none" else Quantization(scheme, 32)
     engine = export_model(ckpt, tmp_path / "engine", quiet=True, quantization=quant, validate=False)
     vision = onnx.load(str(engine / "vision.onnx"), load_external_data=False)

@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from controller.config import METHODS
 from models import checks
 from models.errors import UserError, run_cli
 from runtime.eval import protocol as proto
@@ -26,7 +27,6 @@ from runtime.eval.data import Sample, load_samples
 from runtime.eval.report import markdown, write_reports
 from runtime.eval.step import evaluate_one, failed
 
-METHODS = ("base", "vreason", "vreason-lite")
 RESULT_FILES = ("samples.jsonl", "run.json", "summary.json", "results.md", "entropy_curves.png",
                 "accuracy_vs_tokens.png")
 
