@@ -56,6 +56,7 @@ class Steering(Protocol):
 @dataclass
 class Timings:
     prepare_s: float = 0.0  # decoding, resizing and patching the visual input, building the prompt
+    queue_s: float = 0.0  # waiting for the engine's thread (runtime.engine)
     vision_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -67,8 +68,9 @@ class Timings:
 
     def as_dict(self) -> dict:
         tps = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-        return {"prepare_s": self.prepare_s, "vision_s": self.vision_s, "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s, "decode_tokens_per_s": tps, "ttft_s": self.ttft_s,
+        return {"prepare_s": self.prepare_s, "queue_s": self.queue_s, "vision_s": self.vision_s,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s, "decode_tokens_per_s": tps,
+                "ttft_s": self.ttft_s,
                 "reused_prompt_tokens": self.reused_prompt_tokens,
                 "reused_vision_patches": self.reused_vision_patches}
 

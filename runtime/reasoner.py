@@ -9,9 +9,7 @@ share one Reasoner, and their requests run one after the other.
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from models.prompt import Tokenizer, load_chat_template, prompt_ids
 from models.registry import family
 from runtime.backends import resolve
 from runtime.cache import KVCache
+from runtime.engine import Engine
 from runtime.generate import Cancelled, DecodeState, Loop
 from runtime.reuse import ReuseStore, default_reuse_mb, nbytes
 from runtime.sampling import SamplingParams
@@ -57,7 +56,7 @@ class Reasoner:
         self.dtype = backend.dtype
         self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
         self._sessions: dict = {}  # static decode: the last request's cache, buffers and captured graphs
-        self._lock = threading.Lock()
+        self.engine = Engine(f"engine {engine_dir.name}")  # the thread that runs this model's requests
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
         self.reuse = ReuseStore(self.reuse_mb * 2**20)
         self.frame_local_vision = bool(getattr(family(manifest["model_type"]), "FRAME_LOCAL_VISION", False))
@@ -317,19 +316,6 @@ class Reasoner:
 
         return watch(self, str(source), [questions] if isinstance(questions, str) else list(questions), window,
                      every, fps, **kwargs)
-
-    def _note_active(self, gen) -> None:
-        self._active = (weakref.ref(gen), threading.get_ident())
-
-    def _close_abandoned(self) -> None:
-        """A stream this thread started and left unfinished still holds the lock: cancel it, so that the
-        next request neither deadlocks nor waits for garbage collection."""
-        active = getattr(self, "_active", None)
-        if active is None:
-            return
-        gen, thread = active[0](), active[1]
-        if gen is not None and thread == threading.get_ident() and not gen.gi_running:
-            gen.close()  # runs the stream's cleanup and releases the lock; a no-op for a finished one
 
     def loop(self, steering=None, chunk: int = 8) -> Loop:
         """The decode loop this Reasoner runs (static or dynamic, see ``load``)."""

@@ -1,4 +1,4 @@
-"""One request as it runs: ``Stream`` (iterating runs it under the Reasoner's lock and yields text pieces or
+"""One request as it runs: ``Stream`` (iterating submits it to the Reasoner's engine and yields text pieces or
 ``TokenEvent``s), and its ``Result``. The Reasoner (``runtime.reasoner``) prepares requests and owns the model,
 the cache it keeps between requests and the reuse store; this module only calls them."""
 
@@ -55,7 +55,7 @@ class TokenEvent:
 
 
 class Stream:
-    """Iterating runs the request (holding the Reasoner's lock) and yields decoded text pieces (or ``TokenEvent``s)."""
+    """Iterating runs the request on the Reasoner's engine and yields decoded text pieces (or ``TokenEvent``s)."""
 
     def __init__(self, reasoner, prompt: Prompt, method: str, max_new_tokens: int,
                  sampling: SamplingParams, stop: list[str], controller, chunk: int = 1, events: bool = False,
@@ -66,12 +66,15 @@ class Stream:
         self.start = time.perf_counter() if start is None else start
         self.prepare_s = prepare_s
         self.result: Result | None = None
+        self.queue_s = 0.0  # time the request waited for the engine's thread
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
         """Stop the request: during vision encoding (between groups of frames), prefill (between chunks of
-        ``PREFILL_CHUNK`` tokens) or decoding (after the current token). The result holds what was generated so
-        far (nothing, when stopped before the first token); safe to call from another thread."""
+        ``PREFILL_CHUNK`` tokens) or decoding (after the token the engine is computing: it runs ahead of its
+        consumer, so pieces made before the cancel arrived are still yielded). The result holds what was
+        generated so far, a prefix of the whole answer (nothing, when stopped before the first token); safe to
+        call from another thread; a queued request never starts."""
         self._cancel.set()
 
     @property
@@ -79,30 +82,39 @@ class Stream:
         return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[str | TokenEvent]:
-        self.r._close_abandoned()
-        gen = self._run()
-        self.r._note_active(gen)
-        return gen
+        """Submit the request to the Reasoner's engine and yield its pieces as they come; closing or dropping the
+        iterator before the end cancels the request (``runtime.engine``)."""
+        engine = self.r.engine
+        if engine.on_engine_thread:  # made from inside the engine's own work: run here, it cannot wait for itself
+            yield from self._run(0.0)
+            return
+        finished = False
+        try:
+            yield from engine.submit(self._run)
+            finished = True
+        finally:
+            if not finished:
+                self.cancel()
 
-    def _run(self) -> Iterator[str | TokenEvent]:
+    def _run(self, queue_s: float = 0.0) -> Iterator[str | TokenEvent]:
         r = self.r
-        with r._lock:
-            failed = False
-            try:
-                yield from self._generate()
-            except torch.OutOfMemoryError:
-                failed = True  # raised below, once this frame no longer holds the request's tensors
-            if failed:
-                r._sessions.clear()
-                r.reuse.clear()
-                if r.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                p = self.prompt
-                raise ResourceError(
-                    f"out of {r.device.type} memory for this request (prompt {len(p.ids)} tokens, "
-                    f"max_new_tokens {self.max_new_tokens}, {r.manifest['precision']} weights); use fewer frames, "
-                    "fewer new tokens, an export in lower precision, or a smaller reuse_mb; nothing of the request "
-                    "is kept")
+        self.queue_s = queue_s
+        failed = False
+        try:
+            yield from self._generate()
+        except torch.OutOfMemoryError:
+            failed = True  # raised below, once this frame no longer holds the request's tensors
+        if failed:
+            r._sessions.clear()
+            r.reuse.clear()
+            if r.device.type == "cuda":
+                torch.cuda.empty_cache()
+            p = self.prompt
+            raise ResourceError(
+                f"out of {r.device.type} memory for this request (prompt {len(p.ids)} tokens, "
+                f"max_new_tokens {self.max_new_tokens}, {r.manifest['precision']} weights); use fewer frames, "
+                "fewer new tokens, an export in lower precision, or a smaller reuse_mb; nothing of the request "
+                "is kept")
 
     def _reusable(self) -> tuple:
         """(saved prefix or None, tokens to restore, the prompt's visual key, where its first visual token is)."""
@@ -137,6 +149,7 @@ class Stream:
             steering = r.steering_for(self.method, self.controller, state)
             loop = r.loop(steering, chunk=self.chunk)
             loop.timings.prepare_s, loop.timings.vision_s = self.prepare_s, vision_s
+            loop.timings.queue_s = self.queue_s
             loop.timings.reused_prompt_tokens, loop.timings.reused_vision_patches = reused, patches
             loop.cancelled = stopped
             if getattr(r.backend, "suffix_prefill", True):
@@ -175,7 +188,7 @@ class Stream:
     def _result(self, loop, ids, ents, alphas, text) -> Result:
         r = self.r
         steering = loop.steering if loop is not None else None
-        timings = loop.timings if loop is not None else Timings(prepare_s=self.prepare_s)
+        timings = loop.timings if loop is not None else Timings(prepare_s=self.prepare_s, queue_s=self.queue_s)
         entropy = torch.stack(ents).float().cpu().tolist() if ents else []
         if alphas and torch.is_tensor(alphas[0]):  # static decode: read once, at the end
             alphas = torch.stack(alphas).cpu().tolist()

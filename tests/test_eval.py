@@ -189,7 +189,7 @@ def test_a_bad_sample_is_recorded_and_the_run_goes_on(engine_dir, tmp_path):
     data = tmp_path / "set.json"
     data.write_text(json.dumps(rows))
     assert eval_main(["--engine", str(engine_dir), "--data", str(data), "--out", str(tmp_path / "o"),
-                      "--method", "base"]) == 0
+                      "--method", "base"]) == 1  # both recorded; nothing answered: exit 1
     recs = [json.loads(x) for x in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
     assert "leaves --video-root" in recs[0]["error"] and "does not exist" in recs[1]["error"]
     assert all(r["score"] == 0 for r in recs)
@@ -400,7 +400,7 @@ def test_a_crash_inside_a_sample_is_recorded_and_a_half_written_line_is_redone(e
     (out / "samples.jsonl").write_text(text[: -len(text.splitlines()[-1]) // 2 - 1])
     assert eval_main(args) == 0
     err = capsys.readouterr().err
-    assert "half-written line" in err and "1 to run, 2 done earlier" in err
+    assert "half-written line" in err and "1 to run, 1 done earlier, 1 refused or failed earlier" in err
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3
     # a corrupt run.json: one line naming it and --overwrite
     (out / "run.json").write_text("{")

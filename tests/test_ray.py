@@ -61,7 +61,7 @@ def local(engine_dir, tmp_path_factory):
 
 def args_for(engine_dir, out, *extra):
     return ["--engine", str(engine_dir), "--sample", "--out", str(out), "--max-new-tokens", "6", "--method",
-            "base", "vreason", *extra]
+            "base", "vreason", "--video-min-pixels", "3136", "--video-max-pixels", "12544", *extra]
 
 
 def records(out) -> dict:

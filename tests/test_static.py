@@ -150,7 +150,7 @@ def test_out_of_memory_is_one_line_and_the_next_request_works(engine_dir, frames
         r.ask(question=QUESTION, frames=frames, fps=2.0, max_new_tokens=6)
     msg = str(e.value)
     assert "\n" not in msg and "fewer frames" in msg and "fewer new tokens" in msg and "lower precision" in msg
-    assert not r._lock.locked() and r._sessions == {}
+    assert r.engine.waiting == 0 and r._sessions == {}
     monkeypatch.setattr(rc.KVCache, "allocate", classmethod(real))
     assert len(r.ask(question=QUESTION, frames=frames, fps=2.0, max_new_tokens=6).token_ids) >= 1
 
