@@ -356,3 +356,81 @@ def watch(reasoner, source: str, questions: list[str], window: float, every: flo
         raise SourceError(f"source {source} ended after {cap.samples} sampled frame{'s' if cap.samples != 1 else ''} "
                           f"({max(cap.now, 0.0):.1f} s), before a {window:g} s window at {fps:g} fps ({size} frames) "
                           "filled: nothing was answered; use a shorter --window or a lower --fps")
+
+
+def watch_many(reasoner, sources: list[tuple[str, list[str]]], window: float, every: float, fps: float = 2.0,
+               **options) -> Iterator[dict]:
+    """Several sources on one model: ``watch`` of each ``(source, questions)`` on a thread of its own, their lines
+    merged as they come. Their requests share the Reasoner's engine (first in, first out: one source's answers
+    wait for another's, and its ticks are skipped while they wait, counted per source). A source that fails
+    (gives up, ends before its window fills, cannot be read) is reported as a ``"source_failed"`` line and the
+    others go on; once every source has stopped, ``SourceError`` names the failures, if any. Stopping the
+    iteration stops every source's capture (after the answer each is computing)."""
+    import queue
+
+    if not sources:
+        raise InputError("give at least one source")
+    for src, questions in sources:  # every source and question checked before any capture starts
+        source_kind(src)
+        if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise InputError(f"source {src} has no question")
+    if len(sources) == 1:
+        yield from watch(reasoner, sources[0][0], sources[0][1], window, every, fps, **options)
+        return
+    size = max(1, round(checks.check_number("window", window, lo=0, lo_open=True, hi=3600) *
+                        checks.check_number("fps", fps, lo=0, lo_open=True, hi=60)))
+    checked = set()
+    for _, questions in sources:
+        if tuple(questions) not in checked:
+            check_requests(reasoner, questions, fps, size, options.get("method", "base"),
+                           options.get("max_new_tokens", WATCH_MAX_NEW_TOKENS),
+                           options.get("template", WATCH_TEMPLATE),
+                           {k: v for k, v in options.items() if k not in WATCH_OPTIONS})
+            checked.add(tuple(questions))
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def run(src: str, questions: list[str]) -> None:
+        gen = watch(reasoner, src, questions, window, every, fps, **options)
+        try:
+            for line in gen:
+                lines.put(line)
+                if stop.is_set():
+                    break
+        except UserError as e:
+            failures.append(f"{src}: {e}")
+            lines.put({"event": "source_failed", "source": src, "timestamp": wall_clock(), "message": str(e)})
+        except Exception as e:  # noqa: BLE001 (one source's failure ends that source, reported as a line)
+            failures.append(f"{src}: {type(e).__name__}: {e}")
+            lines.put({"event": "source_failed", "source": src, "timestamp": wall_clock(),
+                       "message": f"{type(e).__name__}: {e}"})
+        finally:
+            gen.close()
+            lines.put(None)
+
+    threads = [threading.Thread(target=run, args=(src, list(qs)), name=f"watch {src}", daemon=True)
+               for src, qs in sources]
+    for t in threads:
+        t.start()
+    running = len(threads)
+    try:
+        while running:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                running -= 1
+            else:
+                yield line
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    if failures:
+        raise SourceError(f"{len(failures)} of {len(sources)} sources failed; first: {failures[0]}")
+
+
+# watch's own keyword options (the rest go to each request)
+WATCH_OPTIONS = ("method", "trigger", "max_windows", "realtime", "reconnect", "max_new_tokens", "template")

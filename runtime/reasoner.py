@@ -306,16 +306,27 @@ class Reasoner:
             pass
         return s.result
 
-    def watch(self, source: str | int, questions: str | list[str], window: float = 4.0, every: float = 2.0,
+    def watch(self, source, questions: str | list[str] | None = None, window: float = 4.0, every: float = 2.0,
               fps: float = 2.0, **kwargs):
         """Standing questions on the latest ``window`` seconds of a live source, every ``every`` seconds: an
         iterator of one dict per answer and per source health event, the lines ``python -m runtime.watch`` writes
         (see ``runtime.live.watch`` for the options: method, trigger, max_windows, realtime, reconnect,
-        max_new_tokens (default 64), template (default plain): the command's defaults)."""
-        from runtime.live import watch
+        max_new_tokens (default 64), template (default plain): the command's defaults).
 
-        return watch(self, str(source), [questions] if isinstance(questions, str) else list(questions), window,
-                     every, fps, **kwargs)
+        Several sources: ``source`` a list of sources (each asked ``questions``) or of ``(source, questions)``
+        pairs (``questions`` then omitted); each is captured on its own thread and their requests share this
+        Reasoner's engine (``runtime.live.watch_many``)."""
+        from runtime.live import watch_many
+
+        def listed(qs):
+            return [qs] if isinstance(qs, str) else list(qs or [])
+
+        if isinstance(source, (list, tuple)):
+            pairs = [(str(s[0]), listed(s[1])) if isinstance(s, (list, tuple)) else (str(s), listed(questions))
+                     for s in source]
+        else:
+            pairs = [(str(source), listed(questions))]
+        return watch_many(self, pairs, window, every, fps, **kwargs)
 
     def loop(self, steering=None, chunk: int = 8) -> Loop:
         """The decode loop this Reasoner runs (static or dynamic, see ``load``)."""

@@ -5,6 +5,8 @@
 
 Capture, ticks, skipping, reconnects and the line format are ``runtime.live``'s (``Reasoner.watch``); this is its
 command line: one JSON line per answer on stdout (and appended to ``--jsonl``), a summary line on stderr.
+``--source`` repeated watches several sources on one model (``--question`` before the first ``--source``: every
+source's; after a ``--source``: that source's alone).
 """
 
 from __future__ import annotations
@@ -16,17 +18,50 @@ import sys
 from models import checks
 from models.checks import process_memory
 from models.errors import InputError, run_cli
-from runtime.live import WATCH_MAX_NEW_TOKENS, WATCH_TEMPLATE, source_kind, watch
+from runtime.live import WATCH_MAX_NEW_TOKENS, WATCH_TEMPLATE, source_kind, watch_many
 from runtime.reasoner import Reasoner
+
+
+class Ordered(argparse.Action):
+    """``--source`` and ``--question`` in the order given (``args.order``), which says whose question is whose."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        order = getattr(namespace, "order", None) or []
+        order.append((self.dest, values))
+        namespace.order = order
+        setattr(namespace, self.dest, values)
+
+
+def sources_of(order: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """[(source, its questions)]: questions before the first --source go to every source, a question after a
+    --source to that source."""
+    common: list[str] = []
+    pairs: list[tuple[str, list[str]]] = []
+    for kind, value in order:
+        if kind == "source":
+            pairs.append((value, []))
+        elif pairs:
+            pairs[-1][1].append(value)
+        else:
+            common.append(value)
+    out = [(src, common + own) for src, own in pairs]
+    bare = [src for src, qs in out if not qs]
+    if bare:
+        raise InputError(f"--source {bare[0]} has no --question (give one before the first --source for every "
+                         "source, or after this --source for it alone)")
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m runtime.watch", description=checks.description(__doc__),
                                  formatter_class=checks.HelpFormatter)
     ap.add_argument("--engine", required=True, help="export directory made by `python -m export`")
-    ap.add_argument("--source", required=True,
-                    help="video file, folder of frames, camera index (0) or RTSP/HTTP URL (whatever OpenCV opens)")
-    ap.add_argument("--question", action="append", required=True, help="a standing question (repeatable)")
+    ap.add_argument("--source", action=Ordered, required=True,
+                    help="video file, folder of frames, camera index (0) or RTSP/HTTP URL (whatever OpenCV opens); "
+                         "repeat it for several sources on one model")
+    ap.add_argument("--question", action=Ordered, required=True,
+                    help="a standing question (repeatable): one given before the first --source is asked of every "
+                         "source, one given after a --source of that source only")
     ap.add_argument("--window", type=float, default=4.0, help="seconds of video each answer looks at")
     ap.add_argument("--every", type=float, default=2.0, help="seconds of stream time between ticks")
     ap.add_argument("--fps", type=float, default=2.0, help="frames per second sampled into the window")
@@ -58,13 +93,15 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise InputError(f"--jsonl {args.jsonl}: {e.strerror}") from None
     try:
-        source_kind(args.source)
+        sources = sources_of(args.order)
+        for src, _ in sources:
+            source_kind(src)
         reasoner = Reasoner.load(args.engine, backend=args.backend, device=args.device, verify=not args.no_verify,
                                  reuse_mb=args.reuse_mb)
-        events = watch(reasoner, args.source, args.question, args.window, args.every, args.fps, args.method,
-                       args.trigger, args.max_windows, realtime=not args.as_fast_as_possible,
-                       reconnect=args.reconnect, max_new_tokens=args.max_new_tokens, template=args.template)
-        answers, first_rss, last = 0, None, None
+        events = watch_many(reasoner, sources, args.window, args.every, args.fps, method=args.method,
+                            trigger=args.trigger, max_windows=args.max_windows, realtime=not args.as_fast_as_possible,
+                            reconnect=args.reconnect, max_new_tokens=args.max_new_tokens, template=args.template)
+        answers, first_rss, last = 0, None, {}
         health = {"reconnecting": 0, "reconnected": 0, "gave_up": 0}
         try:
             for event in events:
@@ -74,14 +111,17 @@ def run(args: argparse.Namespace) -> int:
                     out.write(line + "\n")
                     out.flush()
                 if event["event"] == "answer":
-                    answers, last = answers + 1, event
+                    answers, last[event["source"]] = answers + 1, event
                     first_rss = first_rss or process_memory()
                 else:
-                    health[event["event"]] += 1
+                    health[event["event"]] = health.get(event["event"], 0) + 1
         finally:
-            if last is not None:  # what the run cost, on stderr (stdout stays JSON lines)
+            if last:  # what the run cost, on stderr (stdout stays JSON lines); running totals are per source
                 gave_up = "gave up" if health["gave_up"] else "no give-up"
-                print(f"{answers} answers; {last['skipped_ticks']} ticks skipped, {last['dropped_frames']} frames "
+                skipped = sum(e["skipped_ticks"] for e in last.values())
+                dropped = sum(e["dropped_frames"] for e in last.values())
+                several = f" over {len(sources)} sources" if len(sources) > 1 else ""
+                print(f"{answers} answers{several}; {skipped} ticks skipped, {dropped} frames "
                       f"dropped; {health['reconnecting']} reconnect attempts, {health['reconnected']} reconnected, "
                       f"{gave_up}; resident memory {first_rss / 2**20:.0f} MiB after the first answer, "
                       f"{process_memory() / 2**20:.0f} MiB at the end; reuse store "

@@ -234,3 +234,51 @@ def test_frames_of_a_window_are_rgb(tmp_path):
         assert a.rgb[0, 0].tolist() == [255, 0, 0] and (a.t, b.t) == (0.0, 0.5)
     finally:
         cap.stop()
+
+
+def test_several_sources_on_one_model(engine_dir, tmp_path, capsys):
+    """Two sources on one Reasoner, a question for both and one for each: every line names its source, each
+    source's answers are the ones it gets watched alone, and a third source that never fills its window is
+    reported as a line of its own while the others go on; the run then exits 1 naming it."""
+    left = sample_video(tmp_path / "left.mp4", "square", "blue", "left", seconds=3, fps=8)
+    right = sample_video(tmp_path / "right.mp4", "circle", "red", "right", seconds=3, fps=8)
+    short = sample_video(tmp_path / "short.mp4", seconds=1, fps=8)
+    common = ["--engine", str(engine_dir), "--window", "2", "--every", "1", "--fps", "2", "--max-new-tokens", "4",
+              "--as-fast-as-possible", "--no-verify"]
+    alone = {}
+    for src, asked in ((left, [Q1]), (right, [Q1, Q2])):
+        assert watch_main([*common, "--source", str(src), *(a for q in asked for a in ("--question", q))]) == 0
+        alone[str(src)] = [(x["window_end_s"], x["question"], x["answer"], x["text"])
+                           for x in lines(capsys.readouterr().out)]
+    assert watch_main([*common, "--question", Q1, "--source", str(left), "--source", str(right), "--question",
+                       Q2]) == 0
+    out, err = capsys.readouterr()
+    got = lines(out)
+    assert {x["source"] for x in got} == {str(left), str(right)}
+    for src in (left, right):
+        mine = [(x["window_end_s"], x["question"], x["answer"], x["text"]) for x in got if x["source"] == str(src)]
+        assert mine == alone[str(src)]  # left asked Q1 (the common question), right Q1 and its own Q2
+    assert "over 2 sources" in err
+    code = watch_main([*common, "--question", Q1, "--source", str(left), "--source", str(short)])
+    out, err = capsys.readouterr()
+    events = lines(out)
+    failed = [x for x in events if x["event"] == "source_failed"]
+    assert code == 1 and len(failed) == 1 and failed[0]["source"] == str(short)
+    assert [x["answer"] for x in events if x["event"] == "answer"] == [a[2] for a in alone[str(left)]]
+    assert "1 of 2 sources failed" in err.strip().splitlines()[-1]
+
+
+def test_a_source_without_a_question_is_refused(engine_dir, tmp_path, capsys):
+    video = sample_video(tmp_path / "v.mp4", seconds=2, fps=8)
+    assert watch_main(["--engine", str(engine_dir), "--source", str(video), "--question", Q1, "--source",
+                       str(video), "--no-verify"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no --question" in err[0]
+
+
+def test_reasoner_watch_takes_a_list_of_sources(reasoner, tmp_path):
+    a = sample_video(tmp_path / "a.mp4", seconds=2, fps=8)
+    b = sample_video(tmp_path / "b.mp4", "circle", "red", "right", seconds=2, fps=8)
+    got = list(reasoner.watch([str(a), (str(b), [Q2])], Q1, window=1.0, every=1.0, max_windows=1, realtime=False,
+                              max_new_tokens=2))
+    assert sorted((x["source"], x["question"]) for x in got) == [(str(a), Q1), (str(b), Q2)]
