@@ -40,3 +40,18 @@ def test_reuse_line_says_where_answers_part():
     assert reuse_line(u, "ort").endswith("answers without reuse part at token 20 (entropy within 4.8e-04 before that)")
     u.update(tokens_equal_without_reuse=True, first_different_token=None, max_entropy_difference=0.0)
     assert reuse_line(u, "ort").endswith("answers equal without reuse (entropy within 0.0e+00)")
+
+
+def test_concurrency_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
+    from runtime.bench.__main__ import main as bench
+
+    assert bench(["--engine", str(engine_dir), "--concurrency", "1", "3", "--new-tokens", "4", "--repeats", "2",
+                  "--work", str(tmp_path), "--backend", "ort", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    for method in ("base", "vreason"):
+        one, three = rep["methods"][method]
+        assert (one["clients"], one["requests"], three["clients"], three["requests"]) == (1, 2, 3, 6)
+        assert one["identical_to_solo"] and three["identical_to_solo"]
+        assert three["tokens"] == 3 * one["tokens"] and three["aggregate_over_one_client"] > 0
+        assert 0 <= three["queue_p50_s"] and three["ttft_p50_s"] <= three["ttft_p95_s"]
+    assert bench(["--engine", str(engine_dir), "--concurrency", "0"]) == 1

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-transformers", dest="transformers", action="store_false",
                     help="skip the transformers generate baseline")
     ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
+    ap.add_argument("--concurrency", type=int, nargs="+", metavar="N",
+                    help="with one --engine: N clients at once on one loaded model, for each N (base and V-Reason): "
+                         "aggregate and per-request tokens/s, TTFT p50/p95, queue time")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--save", metavar="PATH",
                     help="also write the report to PATH as JSON; with --synthetic it is rewritten after every measured "
@@ -88,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         for e in args.engine:
             checks.input_dir(e, "--engine")
         checks.writable_dir(args.work, "--work")
+        if args.concurrency:
+            from runtime.bench.concurrency import concurrency_table, run_concurrency
+
+            if len(args.engine) > 1:
+                raise UserError("--concurrency measures one export: pass one --engine")
+            for n in args.concurrency:
+                checks.check_number("--concurrency", n, lo=1, hi=256, integer=True)
+            args.engine = args.engine[0]
+            rep = run_concurrency(args)
+            return report(rep, concurrency_table(rep))
         if len(args.engine) > 1:
             if args.peer is None:
                 import importlib.util
