@@ -53,9 +53,10 @@ class Engine:
     generator) and returns its ``Channel``. A request runs with the PyTorch thread setting of the thread that
     submitted it (OpenMP keeps that setting per thread)."""
 
-    def __init__(self, name: str = "engine") -> None:
+    def __init__(self, name: str = "engine", device=None) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._name = name
+        self._device = device  # a CUDA device is made the engine thread's current one (it is per thread)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.waiting = 0  # requests queued, not started
@@ -84,6 +85,8 @@ class Engine:
     def _serve(self) -> None:
         import torch
 
+        if self._device is not None and torch.device(self._device).type == "cuda":
+            torch.cuda.set_device(torch.device(self._device))
         while True:
             run, channel, queued, threads = self._queue.get()
             with self._start_lock:

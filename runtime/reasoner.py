@@ -56,7 +56,7 @@ class Reasoner:
         self.dtype = backend.dtype
         self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
         self._sessions: dict = {}  # static decode: the last request's cache, buffers and captured graphs
-        self.engine = Engine(f"engine {engine_dir.name}")  # the thread that runs this model's requests
+        self.engine = Engine(f"engine {engine_dir.name}", self.device)  # the thread that runs this model's requests
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
         self.reuse = ReuseStore(self.reuse_mb * 2**20)
         self.frame_local_vision = bool(getattr(family(manifest["model_type"]), "FRAME_LOCAL_VISION", False))
