@@ -1,0 +1,64 @@
+"""python -m runtime.serve: an OpenAI-style chat endpoint with video over an export.
+
+    python -m runtime.serve --engine work/demo/tiny-engine --media-root work/demo --port 8000
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "circle-right.mp4"}},
+             {"type": "text", "text": "Which way does the circle move?"}]}], "max_tokens": 32}'
+
+Binds 127.0.0.1 unless --host says otherwise. With --api-key (or VREASON_API_KEY), every route but the health
+checks needs ``Authorization: Bearer KEY``. Routes and fields: docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from models import checks
+from models.errors import UserError, run_cli
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m runtime.serve", description=checks.description(__doc__),
+                                 formatter_class=checks.HelpFormatter)
+    ap.add_argument("--engine", required=True, help="export directory made by `python -m export`")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on")
+    ap.add_argument("--api-key", default=os.environ.get("VREASON_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every route but /health/* (default: the "
+                         "VREASON_API_KEY environment variable; none: no key)")
+    ap.add_argument("--media-root", help="folder whose files requests may name by path (nothing outside it)")
+    ap.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (data: URLs included)")
+    ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
+    ap.add_argument("--reuse-mb", type=int, default=None, help="memory for reuse across requests (see runtime)")
+    ap.add_argument("--no-verify", action="store_true", help="skip hashing the export's files")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("runtime.serve needs uvicorn and starlette: pip install 'vreason-edge[serve]'") from None
+    from runtime.serve.app import app
+
+    checks.check_number("--port", args.port, lo=0, hi=65535, integer=True)
+    checks.check_number("--max-body-mb", args.max_body_mb, lo=0, lo_open=True)
+    service = app(args.engine, api_key=args.api_key or None, media_root=args.media_root,
+                  max_body_mb=args.max_body_mb, backend=args.backend, device=args.device, reuse_mb=args.reuse_mb,
+                  verify=not args.no_verify)
+    print(f"serving {args.engine} on http://{args.host}:{args.port} (key {'required' if args.api_key else 'none'})",
+          file=sys.stderr)
+    uvicorn.run(service, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""python -m runtime.serve: a real uvicorn server on 127.0.0.1 over the tiny export, driven by the official
+``openai`` client and by plain HTTP. Answers equal the Python API's; bad input gets OpenAI-style errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from models.samples import sample_video  # noqa: E402
+from runtime.reasoner import Reasoner  # noqa: E402
+from runtime.serve import app  # noqa: E402
+
+KEY = "test-key"
+QUESTION = "Which way does the circle move?"
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    sample_video(root / "clip.mp4", "circle", "red", "right", seconds=2, fps=8)
+    outside = tmp_path_factory.mktemp("outside")
+    sample_video(outside / "secret.mp4", seconds=1, fps=8)
+    (root / "link.mp4").symlink_to(outside / "secret.mp4")
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def reasoner(engine_dir):
+    return Reasoner.load(engine_dir, backend="ort", reuse_mb=0)
+
+
+@pytest.fixture(scope="module")
+def server(reasoner, media):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app(reasoner=reasoner, api_key=KEY, media_root=media[0], max_body_mb=1),
+                            host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=15)
+
+
+def client(url: str, key: str = KEY):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def video_message(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": QUESTION}]}]
+
+
+def test_chat_with_a_video_equals_the_python_api(server, reasoner, media):
+    want = reasoner.ask(video=str(media[0] / "clip.mp4"), question=QUESTION, max_new_tokens=8, template="plain")
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [reasoner.engine_dir.name]
+    got = c.chat.completions.create(model=reasoner.engine_dir.name, messages=video_message("clip.mp4"), max_tokens=8)
+    assert got.choices[0].message.content == want.text
+    assert got.usage.completion_tokens == len(want.token_ids) and got.usage.prompt_tokens == len(want.prompt_token_ids)
+    ext = got.model_extra["vreason"]
+    assert ext["entropy"] == pytest.approx(want.entropy, abs=1e-5) and "ttft_s" in ext["timings"]
+    # streamed: the chunks' text is the same answer, the last chunk carries usage and the extension
+    pieces, last = [], None
+    for chunk in c.chat.completions.create(model=reasoner.engine_dir.name, messages=video_message("clip.mp4"),
+                                           max_tokens=8, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        last = chunk
+    assert "".join(pieces) == want.text and last.choices[0].finish_reason in ("stop", "length")
+    # the same clip as a data: URL, and V-Reason through the extra fields
+    data = base64.b64encode((media[0] / "clip.mp4").read_bytes()).decode()
+    steered = c.chat.completions.create(model=reasoner.engine_dir.name,
+                                        messages=video_message(f"data:video/mp4;base64,{data}"), max_tokens=8,
+                                        extra_body={"method": "vreason", "vreason_lr": 0.5, "vreason_every": 1})
+    solo = reasoner.ask(video=str(media[0] / "clip.mp4"), question=QUESTION, max_new_tokens=8, template="plain",
+                        method="vreason", controller={"lr": 0.5, "every": 1})
+    assert steered.choices[0].message.content == solo.text and steered.model_extra["vreason"]["method"] == "vreason"
+
+
+def _post(url: str, body, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(f"{url}/v1/chat/completions", content=raw if raw is not None else json.dumps(body),
+                      headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("no key", 401, "API key"),
+    ("bad json", 400, "not JSON"),
+    ("no messages", 400, "messages"),
+    ("unknown model", 404, "not served here"),
+    ("outside", 403, "outside --media-root"),
+    ("link out", 403, "outside --media-root"),
+    ("remote", 403, "remote media"),
+    ("too big", 413, "--max-body-mb"),
+    ("bad video", 400, "video"),
+    ("bad tokens", 400, "max_tokens"),
+])
+def test_bad_requests_get_openai_style_errors(server, media, tmp_path, case, status, words):
+    body = {"messages": video_message("clip.mp4"), "max_tokens": 4}
+    key, raw = KEY, None
+    if case == "no key":
+        key = None
+    elif case == "bad json":
+        raw = b"{not json"
+    elif case == "no messages":
+        body = {"messages": []}
+    elif case == "unknown model":
+        body["model"] = "gpt-4o"
+    elif case == "outside":
+        body["messages"] = video_message(str(media[1] / "secret.mp4"))
+    elif case == "link out":
+        body["messages"] = video_message("link.mp4")
+    elif case == "remote":
+        body["messages"] = video_message("https://example.com/a.mp4")
+    elif case == "too big":
+        body["pad"] = "x" * (2 << 20)
+    elif case == "bad video":
+        (media[0] / "broken.mp4").write_bytes(b"not a video")
+        body["messages"] = video_message("broken.mp4")
+    elif case == "bad tokens":
+        body["max_tokens"] = -1
+    r = _post(server, body, key, raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and "Traceback" not in r.text and "\n" not in err["message"]
+
+
+def test_health_needs_no_key_and_the_rest_does(server):
+    assert httpx.get(f"{server}/health/live", timeout=10).json()["status"] == "live"
+    assert httpx.get(f"{server}/health/ready", timeout=10).json()["status"] == "ready"
+    assert httpx.get(f"{server}/v1/models", timeout=10).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "wrong").models.list()
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_request(server, reasoner, monkeypatch):
+    """The stream is closed after two chunks: the request stops in the engine long before its 200 tokens."""
+    seen = []
+    original = reasoner.stream
+
+    def recording(**kw):
+        s = original(**kw)
+        seen.append(s)
+        return s
+
+    monkeypatch.setattr(reasoner, "stream", recording)
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+    assert any(x.startswith("data: ") for x in got)
+    deadline = time.monotonic() + 30
+    while (not seen or seen[0].result is None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen[0].cancelled and len(seen[0].result.token_ids) < 200  # cancelled only by the disconnect
