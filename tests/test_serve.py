@@ -38,25 +38,32 @@ def reasoner(engine_dir):
     return Reasoner.load(engine_dir, backend="ort", reuse_mb=0)
 
 
-@pytest.fixture(scope="module")
-def server(reasoner, media):
+def serving(asgi):
+    """(url, stop) of a uvicorn server on a free loopback port."""
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(app(reasoner=reasoner, api_key=KEY, media_root=media[0], max_body_mb=1),
-                            host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=15)
+
+    def stop():
+        srv.should_exit = True
+        thread.join(timeout=15)
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server(reasoner, media):
+    url, stop = serving(app(reasoner=reasoner, api_key=KEY, media_root=media[0], max_body_mb=1))
+    yield url
+    stop()
 
 
 def client(url: str, key: str = KEY):
@@ -174,3 +181,53 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(server, reason
     while (not seen or seen[0].result is None) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert seen[0].cancelled and len(seen[0].result.token_ids) < 200  # cancelled only by the disconnect
+
+
+def test_metrics_count_what_was_answered(server):
+    before = _metric(server, "vreason_requests_total", 'outcome="ok"')
+    c = client(server)
+    c.chat.completions.create(model="fp32", messages=[{"role": "user", "content": QUESTION}], max_tokens=3)
+    assert _metric(server, "vreason_requests_total", 'outcome="ok"') == before + 1
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    for name in ("vreason_generated_tokens_total", "vreason_ttft_seconds_bucket", "vreason_token_seconds_count",
+                 "vreason_queue_depth", "vreason_requests_in_flight", "vreason_reuse_store_bytes"):
+        assert name in text
+    assert httpx.get(f"{server}/metrics", timeout=10).status_code == 401
+
+
+def _metric(url: str, name: str, label: str = "") -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name) and label in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_more_waiting_requests_than_max_queue_get_429(reasoner, monkeypatch):
+    """--max-queue 0: while one request is being answered (held here until released), the next gets 429 with
+    Retry-After; once it is done, requests are served again."""
+    release, entered = threading.Event(), threading.Event()
+    real = reasoner.stream
+
+    def held(**kw):
+        entered.set()
+        release.wait(30)
+        return real(**kw)
+
+    url, stop = serving(app(reasoner=reasoner, max_queue=0))
+    try:
+        monkeypatch.setattr(reasoner, "stream", held)
+        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
+        first = threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
+        first.start()
+        assert entered.wait(30)
+        busy = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+        assert "--max-queue 0" in busy.json()["error"]["message"]
+        release.set()
+        first.join(60)
+        monkeypatch.setattr(reasoner, "stream", real)
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    finally:
+        release.set()
+        stop()

@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
                          "VREASON_API_KEY environment variable; none: no key)")
     ap.add_argument("--media-root", help="folder whose files requests may name by path (nothing outside it)")
     ap.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (data: URLs included)")
+    ap.add_argument("--max-queue", type=int, default=64,
+                    help="chat requests that may wait behind the one being answered; more get 429 with Retry-After")
     ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
     ap.add_argument("--reuse-mb", type=int, default=None, help="memory for reuse across requests (see runtime)")
@@ -47,9 +49,17 @@ def run(args) -> int:
 
     checks.check_number("--port", args.port, lo=0, hi=65535, integer=True)
     checks.check_number("--max-body-mb", args.max_body_mb, lo=0, lo_open=True)
+    checks.check_number("--max-queue", args.max_queue, lo=0, integer=True)
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    log = logging.getLogger("runtime.serve")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # one JSON line per chat request
     service = app(args.engine, api_key=args.api_key or None, media_root=args.media_root,
-                  max_body_mb=args.max_body_mb, backend=args.backend, device=args.device, reuse_mb=args.reuse_mb,
-                  verify=not args.no_verify)
+                  max_body_mb=args.max_body_mb, max_queue=args.max_queue, backend=args.backend, device=args.device,
+                  reuse_mb=args.reuse_mb, verify=not args.no_verify)
     print(f"serving {args.engine} on http://{args.host}:{args.port} (key {'required' if args.api_key else 'none'})",
           file=sys.stderr)
     uvicorn.run(service, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)

@@ -138,15 +138,69 @@ def request_options(body: dict, reasoner) -> dict:
             "template": body.get("template", "plain"), "controller": controller or None}
 
 
+class Metrics:
+    """Prometheus metrics of one app, in a registry of its own (``prometheus-client``)."""
+
+    def __init__(self, service) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("vreason_requests", "Chat requests by outcome (ok, client_error, cancelled, "
+                                "refused_busy, error)", ["outcome"], registry=self.registry)
+        self.tokens = Counter("vreason_generated_tokens", "Tokens generated", registry=self.registry)
+        self.prompt_tokens = Counter("vreason_prompt_tokens", "Prompt tokens", registry=self.registry)
+        self.reused = Counter("vreason_reused_prompt_tokens", "Prompt tokens restored from the reuse store",
+                              registry=self.registry)
+        self.ttft = Histogram("vreason_ttft_seconds", "Time to the first token (queueing included)",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.per_token = Histogram("vreason_token_seconds", "Decode time per token",
+                                   buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1), registry=self.registry)
+        self.queue = Histogram("vreason_queue_seconds", "Time a request waited for the engine",
+                               buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        depth = Gauge("vreason_queue_depth", "Requests queued for the engine, not started", registry=self.registry)
+        depth.set_function(lambda: service.r.engine.waiting)
+        active = Gauge("vreason_requests_in_flight", "Chat requests being answered or waiting",
+                       registry=self.registry)
+        active.set_function(lambda: service.in_flight)
+        memory = Gauge("vreason_reuse_store_bytes", "Bytes held by the reuse store", registry=self.registry)
+        memory.set_function(lambda: service.r.reuse.used)
+
+    def answered(self, result) -> None:
+        t = result.timings
+        self.tokens.inc(len(result.token_ids))
+        self.prompt_tokens.inc(len(result.prompt_token_ids))
+        self.reused.inc(t.get("reused_prompt_tokens", 0))
+        self.queue.observe(t.get("queue_s", 0.0))
+        if result.token_ids:
+            self.ttft.observe(t["ttft_s"])
+        if t.get("decode_tokens_per_s"):
+            self.per_token.observe(1.0 / t["decode_tokens_per_s"])
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
 class Service:
     """The routes over one Reasoner (see the module docstring)."""
 
     def __init__(self, reasoner, model_name: str, api_key: str | None = None, media_root: Path | None = None,
-                 max_body_mb: float = 64.0) -> None:
+                 max_body_mb: float = 64.0, max_queue: int = 64) -> None:
         self.r, self.model, self.api_key = reasoner, model_name, api_key
         self.media_root = media_root
         self.max_body = int(max_body_mb * 2**20)
+        self.max_queue = max_queue
+        self.in_flight = 0  # chat requests admitted and not finished (answered in turn by the engine)
         self.created = int(time.time())
+        self.metrics = Metrics(self)
+
+    def admit(self) -> None:
+        """Refuse (429) a request that would wait behind more than ``max_queue`` others."""
+        if self.in_flight > self.max_queue:
+            self.metrics.requests.labels("refused_busy").inc()
+            raise ApiError(429, f"{self.in_flight} requests are waiting or running, over --max-queue "
+                                f"{self.max_queue}; retry later", "rate_limit_error", code="queue_full")
 
     def check_key(self, request) -> None:
         if self.api_key is None:
@@ -201,12 +255,12 @@ def extension(result) -> dict:
 
 
 def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | None = None,
-        media_root: str | Path | None = None, max_body_mb: float = 64.0, **load):
+        media_root: str | Path | None = None, max_body_mb: float = 64.0, max_queue: int = 64, **load):
     """The ASGI app (any ASGI server can run it): over ``reasoner``, or the export at ``engine_dir`` loaded with
     ``Reasoner.load(engine_dir, **load)``."""
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     if reasoner is None:
@@ -216,7 +270,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
     root = Path(media_root).expanduser() if media_root is not None else None
     if root is not None and not root.is_dir():
         raise InputError(f"--media-root {root} is not a folder")
-    svc = Service(reasoner, Path(reasoner.engine_dir).name, api_key, root, max_body_mb)
+    svc = Service(reasoner, Path(reasoner.engine_dir).name, api_key, root, max_body_mb, max_queue)
 
     def guarded(handler, keyed: bool = True):
         async def endpoint(request):
@@ -225,7 +279,11 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                     svc.check_key(request)
                 return await handler(request)
             except ApiError as e:
-                return JSONResponse(e.body(), status_code=e.status)
+                headers = {"Retry-After": "1"} if e.status == 429 else None
+                if request.url.path == "/v1/chat/completions" and e.status != 429:
+                    svc.metrics.requests.labels("client_error").inc()
+                    log_request(request, e.status, error=str(e))
+                return JSONResponse(e.body(), status_code=e.status, headers=headers)
         return endpoint
 
     async def live(request):
@@ -237,7 +295,20 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
     async def models(request):
         return JSONResponse(svc.models())
 
+    async def metrics(request):
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(svc.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
     async def chat(request):
+        svc.admit()
+        svc.in_flight += 1
+        try:
+            return await answer(request)
+        finally:
+            svc.in_flight -= 1
+
+    async def answer(request):
         body = await svc.read_json(request)
         if body.get("model") not in (None, svc.model):
             raise ApiError(404, f"model {body.get('model')!r} is not served here; GET /v1/models lists "
@@ -261,11 +332,15 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                 raise ApiError(400, str(e).splitlines()[0]) from None
             finally:
                 _remove(tmp)
+            svc.metrics.requests.labels("ok").inc()
+            svc.metrics.answered(stream.result)
+            log_request(request, 200, rid=rid, result=stream.result)
             return JSONResponse(svc.completion(rid, stream.result, options["max_new_tokens"]))
-        return StreamingResponse(sse(rid, stream, tmp, options["max_new_tokens"]), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        svc.in_flight += 1  # until the stream ends (the handler returns before it does)
+        return StreamingResponse(sse(rid, stream, tmp, options["max_new_tokens"], request),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def sse(rid: str, stream, tmp: Path, limit: int):
+    async def sse(rid: str, stream, tmp: Path, limit: int, request):
         created = int(time.time())
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -281,14 +356,22 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                     yield chunk({"content": piece})
             finished = True
             result = stream.result
+            svc.metrics.requests.labels("ok").inc()
+            svc.metrics.answered(result)
+            log_request(request, 200, rid=rid, result=result, streamed=True)
             yield chunk({}, finish_reason(result, limit), usage=usage(result), vreason=extension(result))
             yield "data: [DONE]\n\n"
         except UserError as e:
             finished = True
+            svc.metrics.requests.labels("client_error").inc()
+            log_request(request, 400, rid=rid, error=str(e).splitlines()[0], streamed=True)
             yield "data: " + json.dumps(ApiError(400, str(e).splitlines()[0]).body()) + "\n\n"
         finally:
+            svc.in_flight -= 1
             if not finished:  # the client went away: the request stops in the engine after its current token
                 stream.cancel()
+                svc.metrics.requests.labels("cancelled").inc()
+                log_request(request, 499, rid=rid, error="client disconnected", streamed=True)
             try:
                 pieces.close()
             except ValueError:  # a worker thread is inside it still; it ends once the engine has stopped
@@ -296,8 +379,26 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
             _remove(tmp)
 
     routes = [Route("/health/live", guarded(live, keyed=False)), Route("/health/ready", guarded(ready, keyed=False)),
-              Route("/v1/models", guarded(models)), Route("/v1/chat/completions", guarded(chat), methods=["POST"])]
+              Route("/metrics", guarded(metrics)), Route("/v1/models", guarded(models)),
+              Route("/v1/chat/completions", guarded(chat), methods=["POST"])]
     return Starlette(routes=routes)
+
+
+def log_request(request, status: int, rid: str | None = None, result=None, error: str | None = None,
+                streamed: bool = False) -> None:
+    """One structured line (JSON) per chat request on the ``runtime.serve`` logger."""
+    import logging
+
+    line = {"event": "chat", "status": status, "id": rid, "client": request.client.host if request.client else None,
+            "streamed": streamed}
+    if result is not None:
+        line.update(method=result.method, prompt_tokens=len(result.prompt_token_ids),
+                    completion_tokens=len(result.token_ids), ttft_s=round(result.timings["ttft_s"], 4),
+                    queue_s=round(result.timings.get("queue_s", 0.0), 4),
+                    decode_tokens_per_s=round(result.timings["decode_tokens_per_s"], 2))
+    if error is not None:
+        line["error"] = error
+    logging.getLogger("runtime.serve").log(logging.WARNING if status >= 400 else logging.INFO, json.dumps(line))
 
 
 def _remove(tmp: Path) -> None:
