@@ -25,6 +25,19 @@ class Sample:
     index: int = 0  # position in its file: what a record is keyed by (ids may repeat, and every row counts)
 
 
+def json_lines(text: str, what: str) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of JSONL ``text``; a line that is not JSON is one error:
+    ``what``, then the file's own line number."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{what}: line {n} is not JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
 def load_samples(path: str | Path, dataset: str | None = None) -> list[Sample]:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -39,15 +52,7 @@ def load_samples(path: str | Path, dataset: str | None = None) -> list[Sample]:
         except json.JSONDecodeError as e:
             raise InputError(f"evaluation file {p} is not a valid JSON list ({e})") from None
     else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):  # JSONL: the error names the file's own line
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"evaluation file {p} is neither a JSON list nor JSONL: line {n} is not JSON "
-                                 f"({e.msg} at column {e.colno})") from None
+        rows = [row for _, row in json_lines(text, f"evaluation file {p} is neither a JSON list nor JSONL")]
     name = dataset or p.stem
     if not isinstance(rows, list):
         raise InputError(f"evaluation file {p} holds a JSON {type(rows).__name__}, not a list of samples")

@@ -17,6 +17,7 @@ from pathlib import Path
 from models.errors import InputError
 from runtime.answer import extract_answer
 from runtime.eval import protocol as proto
+from runtime.eval.data import json_lines
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -37,16 +38,8 @@ def read_rows(path: Path) -> list[dict]:
         rows = whole if isinstance(whole, list) else [whole]
         out_key = "output" if rows and isinstance(rows[0], dict) and "output" in rows[0] else "text"
     else:
-        rows, lines = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} is neither a Video-R1 output file nor a samples.jsonl: line {n} is not "
-                                 f"JSON ({e.msg} at column {e.colno})") from None
-            lines.append(n)
+        numbered = json_lines(text, f"{path} is neither a Video-R1 output file nor a samples.jsonl")
+        lines, rows = [n for n, _ in numbered], [row for _, row in numbered]
         out_key = "text"
     where = (lambda i: f"line {lines[i]}") if out_key == "text" and not isinstance(whole, (dict, list)) \
         else (lambda i: f"row {i}")
