@@ -231,3 +231,40 @@ def test_more_waiting_requests_than_max_queue_get_429(reasoner, monkeypatch):
     finally:
         release.set()
         stop()
+
+
+def test_sigterm_stops_accepting_finishes_the_running_request_and_exits_0(engine_dir, tmp_path):
+    """python -m runtime.serve as users run it: SIGTERM during a streamed answer lets that answer finish (uvicorn's
+    graceful shutdown, 10 s at most), then the process exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--engine", str(engine_dir), "--port", str(port),
+                             "--no-verify", "--backend", "ort"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert first.startswith("data: ") and "data: [DONE]" in rest  # the running answer finished
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert "Traceback" not in out and '"status": 200' in out  # the answer finished and was logged
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -6,7 +6,8 @@
              {"type": "text", "text": "Which way does the circle move?"}]}], "max_tokens": 32}'
 
 Binds 127.0.0.1 unless --host says otherwise. With --api-key (or VREASON_API_KEY), every route but the health
-checks needs ``Authorization: Bearer KEY``. Routes and fields: docs/serve.md.
+checks needs ``Authorization: Bearer KEY``. SIGTERM stops accepting, lets running requests finish (10 s at most)
+and exits 0. Routes and fields: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def run(args) -> int:
         raise UserError("runtime.serve needs uvicorn and starlette: pip install 'vreason-edge[serve]'") from None
     from runtime.serve.app import app
 
+    Server = _server_class()
+
     checks.check_number("--port", args.port, lo=0, hi=65535, integer=True)
     checks.check_number("--max-body-mb", args.max_body_mb, lo=0, lo_open=True)
     checks.check_number("--max-queue", args.max_queue, lo=0, integer=True)
@@ -62,8 +65,30 @@ def run(args) -> int:
                   reuse_mb=args.reuse_mb, verify=not args.no_verify)
     print(f"serving {args.engine} on http://{args.host}:{args.port} (key {'required' if args.api_key else 'none'})",
           file=sys.stderr)
-    uvicorn.run(service, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(service, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=GRACE_S)
+    Server(config).run()
     return 0
+
+
+GRACE_S = 10  # SIGTERM: running requests get this long to finish
+
+
+def _server_class():
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM (a service manager's stop) drains and then exits 0 instead of
+        re-raising the signal once shut down; Ctrl-C keeps uvicorn's behaviour."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM:
+                self.should_exit = True
+                return
+            super().handle_exit(sig, frame)
+    return Server
 
 
 def main(argv: list[str] | None = None) -> int:
