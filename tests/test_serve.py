@@ -268,3 +268,42 @@ def test_sigterm_stops_accepting_finishes_the_running_request_and_exits_0(engine
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_remote_media_only_with_the_flag_and_private_addresses_only_when_listed(reasoner, media):
+    """A clip served over HTTP on 127.0.0.1: refused without --allow-remote-media (403), refused with it while
+    127.0.0.1 is not listed (a loopback address, 403), fetched once listed (the answer equals the path's); a
+    redirect is not followed."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if self.path == "/moved.mp4":
+                self.send_response(302)
+                self.send_header("Location", "/clip.mp4")
+                self.end_headers()
+                return
+            super().do_GET()
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(media[0])))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    clip = f"http://127.0.0.1:{files.server_address[1]}/clip.mp4"
+    want = reasoner.ask(video=str(media[0] / "clip.mp4"), question=QUESTION, max_new_tokens=4, template="plain")
+    body = {"messages": video_message(clip), "max_tokens": 4}
+    refused, stop_refused = serving(app(reasoner=reasoner, allow_remote_media=True))
+    listed, stop_listed = serving(app(reasoner=reasoner, allow_remote_media=True, media_hosts=["127.0.0.1"]))
+    try:
+        r = _post(refused, body, key=None)
+        assert r.status_code == 403 and "resolves to 127.0.0.1" in r.json()["error"]["message"]
+        r = _post(listed, body, key=None)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want.text
+        r = _post(listed, {**body, "messages": video_message(clip.replace("clip.mp4", "moved.mp4"))}, key=None)
+        assert r.status_code == 400 and "redirects are not followed" in r.json()["error"]["message"]
+    finally:
+        stop_refused()
+        stop_listed()
+        files.shutdown()

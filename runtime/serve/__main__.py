@@ -30,7 +30,13 @@ def parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' on every route but /health/* (default: the "
                          "VREASON_API_KEY environment variable; none: no key)")
     ap.add_argument("--media-root", help="folder whose files requests may name by path (nothing outside it)")
-    ap.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (data: URLs included)")
+    ap.add_argument("--allow-remote-media", action="store_true",
+                    help="fetch http(s) media URLs (public addresses only, no redirects, at most --max-body-mb)")
+    ap.add_argument("--allow-media-host", action="append", default=[], metavar="HOST",
+                    help="with --allow-remote-media: a host or address that may be fetched although loopback, "
+                         "link-local or private (repeatable)")
+    ap.add_argument("--max-body-mb", type=float, default=64.0,
+                    help="largest request body (data: URLs included) and largest fetched media file")
     ap.add_argument("--max-queue", type=int, default=64,
                     help="chat requests that may wait behind the one being answered; more get 429 with Retry-After")
     ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
@@ -61,7 +67,9 @@ def run(args) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)  # one JSON line per chat request
     service = app(args.engine, api_key=args.api_key or None, media_root=args.media_root,
-                  max_body_mb=args.max_body_mb, max_queue=args.max_queue, backend=args.backend, device=args.device,
+                  max_body_mb=args.max_body_mb, max_queue=args.max_queue,
+                  allow_remote_media=args.allow_remote_media, media_hosts=args.allow_media_host,
+                  backend=args.backend, device=args.device,
                   reuse_mb=args.reuse_mb, verify=not args.no_verify)
     print(f"serving {args.engine} on http://{args.host}:{args.port} (key {'required' if args.api_key else 'none'})",
           file=sys.stderr)

@@ -6,8 +6,10 @@ Starlette (with uvicorn in ``python -m runtime.serve``): small, no model layer o
 are checked here, with the runtime's own one-line errors), and what FastAPI is built on.
 
 A request is one user turn: its text parts are the question, and at most one ``image_url`` or ``video_url`` part
-the visual input, given as a ``data:`` URL (base64) or a path / ``file://`` URL under ``--media-root`` (a path
-that leaves it, through ``..`` or a link, is refused with 403; remote URLs are not fetched). The answer runs on
+the visual input, given as a ``data:`` URL (base64), a path / ``file://`` URL under ``--media-root`` (a path
+that leaves it, through ``..`` or a link, is refused with 403), or with ``--allow-remote-media`` an http(s) URL
+(fetched from public addresses only: loopback, link-local and private ones are refused unless listed with
+``--allow-media-host``; no redirects; at most ``--max-body-mb``). The answer runs on
 the Reasoner's engine (``runtime.engine``); a client that disconnects mid-stream cancels its request.
 """
 
@@ -77,8 +79,69 @@ def _data_url(url: str, tmp: Path) -> Path:
     return path
 
 
-def parse_messages(messages, media_root: Path | None, tmp: Path) -> tuple[str, dict]:
-    """(question, visual keyword for ``Reasoner.ask``) of a chat request's messages."""
+def _blocked_address(host: str, port: int, allowed: set[str]) -> str | None:
+    """The first address ``host`` resolves to that is loopback, link-local, private or otherwise not public, unless
+    the host or that address is listed in ``allowed``; None when every address may be fetched."""
+    import ipaddress
+    import socket
+
+    if host in allowed:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except OSError as e:
+        raise ApiError(400, f"media host {host!r} does not resolve ({e.strerror or e})", param="messages") from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if str(addr) in allowed:
+            continue
+        if not addr.is_global or addr.is_multicast:
+            return str(addr)
+    return None
+
+
+def _remote(url: str, tmp: Path, allowed: set[str], max_bytes: int) -> Path:
+    """A remote image or video fetched to a file the request owns: public addresses only (unless listed), no
+    redirects, at most ``max_bytes``."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ApiError(400, f"media URL {url!r} has no host", param="messages")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    blocked = _blocked_address(parts.hostname, port, allowed)
+    if blocked is not None:
+        raise ApiError(403, f"media host {parts.hostname} resolves to {blocked}, a loopback, link-local or private "
+                            "address; refused unless listed with --allow-media-host", "permission_error", "messages")
+    try:
+        with httpx.stream("GET", url, follow_redirects=False, timeout=30) as r:
+            if r.status_code != 200:
+                raise ApiError(400, f"media URL answered HTTP {r.status_code} (redirects are not followed)",
+                               param="messages")
+            mime = r.headers.get("content-type", "").split(";")[0].strip().lower()
+            suffix = MEDIA_SUFFIX.get(mime) or next((x for x in set(MEDIA_SUFFIX.values())
+                                                     if parts.path.lower().endswith(x)), None)
+            if suffix is None:
+                raise ApiError(400, f"media URL of type {mime or 'unknown'}: an image or a video is needed",
+                               param="messages")
+            path, size = tmp / f"media{suffix}", 0
+            with open(path, "wb") as f:
+                for chunk in r.iter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ApiError(413, f"media at {url} is over --max-body-mb ({max_bytes / 2**20:g} MiB)")
+                    f.write(chunk)
+    except httpx.HTTPError as e:
+        raise ApiError(400, f"media URL could not be fetched ({type(e).__name__})", param="messages") from None
+    return path
+
+
+def parse_messages(messages, media_root: Path | None, tmp: Path, remote: set[str] | None = None,
+                   max_bytes: int = 64 << 20) -> tuple[str, dict]:
+    """(question, visual keyword for ``Reasoner.ask``) of a chat request's messages. ``remote``: None, remote URLs
+    refused; else the hosts and addresses that may be fetched although not public."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
@@ -101,9 +164,14 @@ def parse_messages(messages, media_root: Path | None, tmp: Path) -> tuple[str, d
             if visual:
                 raise ApiError(400, "at most one image or video per request", param="messages")
             if url.startswith(("http://", "https://")):
-                raise ApiError(403, "remote media URLs are not fetched by this server; send a data: URL or a path "
-                                    "under --media-root", "permission_error", "messages")
-            path = _data_url(url, tmp) if url.startswith("data:") else _media_path(url, media_root)
+                if remote is None:
+                    raise ApiError(403, "remote media URLs are not fetched without --allow-remote-media; send a "
+                                        "data: URL or a path under --media-root", "permission_error", "messages")
+                path = _remote(url, tmp, remote, max_bytes)
+            elif url.startswith("data:"):
+                path = _data_url(url, tmp)
+            else:
+                path = _media_path(url, media_root)
             visual = {"image" if kind == "image_url" else "video": str(path)}
         else:
             raise ApiError(400, f"unsupported content part {kind!r}: text, image_url or video_url", param="messages")
@@ -186,9 +254,10 @@ class Service:
     """The routes over one Reasoner (see the module docstring)."""
 
     def __init__(self, reasoner, model_name: str, api_key: str | None = None, media_root: Path | None = None,
-                 max_body_mb: float = 64.0, max_queue: int = 64) -> None:
+                 max_body_mb: float = 64.0, max_queue: int = 64, remote: set[str] | None = None) -> None:
         self.r, self.model, self.api_key = reasoner, model_name, api_key
         self.media_root = media_root
+        self.remote = remote  # None: remote media refused; else the non-public hosts and addresses allowed
         self.max_body = int(max_body_mb * 2**20)
         self.max_queue = max_queue
         self.in_flight = 0  # chat requests admitted and not finished (answered in turn by the engine)
@@ -255,9 +324,11 @@ def extension(result) -> dict:
 
 
 def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | None = None,
-        media_root: str | Path | None = None, max_body_mb: float = 64.0, max_queue: int = 64, **load):
+        media_root: str | Path | None = None, max_body_mb: float = 64.0, max_queue: int = 64,
+        allow_remote_media: bool = False, media_hosts: list[str] | tuple = (), **load):
     """The ASGI app (any ASGI server can run it): over ``reasoner``, or the export at ``engine_dir`` loaded with
-    ``Reasoner.load(engine_dir, **load)``."""
+    ``Reasoner.load(engine_dir, **load)``. ``allow_remote_media``: fetch http(s) media URLs, from public
+    addresses only, or from the hosts and addresses in ``media_hosts``."""
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -270,7 +341,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
     root = Path(media_root).expanduser() if media_root is not None else None
     if root is not None and not root.is_dir():
         raise InputError(f"--media-root {root} is not a folder")
-    svc = Service(reasoner, Path(reasoner.engine_dir).name, api_key, root, max_body_mb, max_queue)
+    svc = Service(reasoner, Path(reasoner.engine_dir).name, api_key, root, max_body_mb, max_queue,
+                  set(media_hosts) if allow_remote_media else None)
 
     def guarded(handler, keyed: bool = True):
         async def endpoint(request):
@@ -315,7 +387,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                                 f"{svc.model!r}", code="model_not_found", param="model")
         tmp = Path(tempfile.mkdtemp(prefix="vreason-serve-"))
         try:
-            question, visual = parse_messages(body.get("messages"), svc.media_root, tmp)
+            question, visual = await run_in_threadpool(parse_messages, body.get("messages"), svc.media_root, tmp,
+                                                       svc.remote, svc.max_body)
             options = request_options(body, reasoner)
             try:
                 stream = await run_in_threadpool(lambda: reasoner.stream(question=question, **options, **visual))
