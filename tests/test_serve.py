@@ -85,13 +85,18 @@ def test_chat_with_a_video_equals_the_python_api(server, reasoner, media):
     ext = got.model_extra["vreason"]
     assert ext["entropy"] == pytest.approx(want.entropy, abs=1e-5) and "ttft_s" in ext["timings"]
     # streamed: the chunks' text is the same answer, the last chunk carries usage and the extension
-    pieces, last = [], None
+    pieces, tokens, last = [], [], None
     for chunk in c.chat.completions.create(model=reasoner.engine_dir.name, messages=video_message("clip.mp4"),
                                            max_tokens=8, stream=True):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
+        token = (chunk.model_extra or {}).get("vreason", {})
+        if "token_id" in token:
+            tokens.append((token["token_id"], token["entropy"]))
         last = chunk
     assert "".join(pieces) == want.text and last.choices[0].finish_reason in ("stop", "length")
+    ids = [t for t, _ in tokens][: len(want.token_ids)]  # (a held-back character's piece repeats the last id)
+    assert ids == want.token_ids and [h for _, h in tokens][: len(ids)] == pytest.approx(want.entropy, abs=1e-5)
     # the same clip as a data: URL, and V-Reason through the extra fields
     data = base64.b64encode((media[0] / "clip.mp4").read_bytes()).decode()
     steered = c.chat.completions.create(model=reasoner.engine_dir.name,

@@ -391,7 +391,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                                                        svc.remote, svc.max_body)
             options = request_options(body, reasoner)
             try:
-                stream = await run_in_threadpool(lambda: reasoner.stream(question=question, **options, **visual))
+                stream = await run_in_threadpool(lambda: reasoner.stream(question=question, events=True, **options,
+                                                                         **visual))
             except UserError as e:
                 raise ApiError(400, str(e).splitlines()[0]) from None
         except BaseException:
@@ -424,9 +425,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
         finished = False
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for piece in iterate_in_threadpool(pieces):
-                if piece:
-                    yield chunk({"content": piece})
+            async for event in iterate_in_threadpool(pieces):  # a chunk per token, with its entropy
+                yield chunk({"content": event.text}, vreason={"token_id": event.id, "entropy": event.entropy})
             finished = True
             result = stream.result
             svc.metrics.requests.labels("ok").inc()
