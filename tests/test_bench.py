@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from runtime.bench.__main__ import main as bench_main
 from runtime.bench.exports import first_difference, reuse_line
 
@@ -55,3 +57,14 @@ def test_concurrency_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
         assert three["tokens"] == 3 * one["tokens"] and three["aggregate_over_one_client"] > 0
         assert 0 <= three["queue_p50_s"] and three["ttft_p50_s"] <= three["ttft_p95_s"]
     assert bench(["--engine", str(engine_dir), "--concurrency", "0"]) == 1
+
+
+def test_serve_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
+    pytest.importorskip("uvicorn")
+    from runtime.bench.serve import main as serve_bench
+
+    assert serve_bench(["--engine", str(engine_dir), "--backend", "ort", "--rounds", "2", "--new-tokens", "4",
+                        "--clients", "2", "--work", str(tmp_path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rounds"] == 2 and rep["ttft_api_s"] > 0 and rep["ttft_server_s"] > 0
+    assert rep["decode_server_over_api"] > 0 and rep["aggregate_server_over_api"] > 0
