@@ -3,8 +3,9 @@
     reasoner = Reasoner.load("engines/q7")
     result = reasoner.ask(frames=[rgb0, rgb1, ...], question="What happens?", method="vreason")
 
-One Reasoner serves many requests without reloading. Requests are serialized by a lock: two threads may
-share one Reasoner, and their requests run one after the other.
+One Reasoner serves many requests without reloading. Its requests run on one engine thread
+(``runtime.engine``): any number of threads may share it; each request's pieces come back through a channel of
+its own, so no consumer waits for another's, and the requests are answered one after the other.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ class Reasoner:
         prompt = self.prepare(question=question, template=template, max_new_tokens=max_new_tokens, **visual)
         if self.reuse.enabled:
             for v in prompt.visuals:
-                v.patch_digests()  # the reuse keys, hashed here, outside the lock
+                v.patch_digests()  # the reuse keys, hashed here on the caller's thread, not the engine's
         return Stream(self, prompt, method, max_new_tokens, sampling, stop or [], controller, chunk, events=events,
                       start=start, prepare_s=time.perf_counter() - start)
 
