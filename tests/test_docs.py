@@ -114,3 +114,15 @@ def test_the_embeddable_core_loads_no_tool():
             "'runtime.demo', 'runtime.plot', 'runtime.live'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_dependency_floors_are_the_real_ones():
+    """torch >= 2.5: the GPU int4 packing hands uint8 to aten._convert_weight_to_int4pack, which earlier releases
+    refuse; jinja2 >= 3.1.6: the 3.1.x releases before it have published sandbox escapes."""
+    import re
+
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = text[text.index("dependencies = ["): text.index("]", text.index("dependencies = ["))]
+    floors = {name: tuple(int(x) for x in version.split("."))
+              for name, version in re.findall(r'"([a-z0-9_-]+)>=([0-9.]+)"', deps)}
+    assert floors["torch"] >= (2, 5) and floors["jinja2"] >= (3, 1, 6)
