@@ -25,8 +25,9 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def run_level(r, clip: Path, method: str, n: int, repeats: int, new_tokens: int, solo: list[int]) -> dict:
-    """N threads, ``repeats`` requests each, started together."""
+def at_once(fn, n: int) -> tuple[list, float]:
+    """``fn()`` on ``n`` threads started together: (their return values, wall seconds from the start to the last
+    return). The first error any raised is raised here."""
     start = threading.Barrier(n + 1)
     results: list = []
     errors: list = []
@@ -34,10 +35,8 @@ def run_level(r, clip: Path, method: str, n: int, repeats: int, new_tokens: int,
     def client() -> None:
         try:
             start.wait()
-            for _ in range(repeats):
-                results.append(r.ask(video=str(clip), question=QUESTION, method=method, max_new_tokens=new_tokens,
-                                     template="plain"))
-        except BaseException as e:  # noqa: BLE001 (reported below)
+            results.append(fn())
+        except BaseException as e:  # noqa: BLE001 (raised below, in the caller)
             errors.append(e)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(n)]
@@ -50,6 +49,17 @@ def run_level(r, clip: Path, method: str, n: int, repeats: int, new_tokens: int,
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
+    return results, wall
+
+
+def run_level(r, clip: Path, method: str, n: int, repeats: int, new_tokens: int, solo: list[int]) -> dict:
+    """N threads, ``repeats`` requests each, started together."""
+    def client() -> list:
+        return [r.ask(video=str(clip), question=QUESTION, method=method, max_new_tokens=new_tokens, template="plain")
+                for _ in range(repeats)]
+
+    per_client, wall = at_once(client, n)
+    results = [res for batch in per_client for res in batch]
     tokens = sum(len(res.token_ids) for res in results)
     ttft = [res.timings["ttft_s"] for res in results]
     return {

@@ -60,20 +60,11 @@ def _server(url: str, clip: str, new_tokens: int) -> tuple[float, float, int]:
 
 
 def _together(fn, clients: int) -> float:
-    tokens, threads = [], []
-    start = threading.Barrier(clients + 1)
+    """Aggregate tokens per second of ``clients`` requests at once."""
+    from runtime.bench.concurrency import at_once
 
-    def one():
-        start.wait()
-        tokens.append(fn()[2])
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return sum(tokens) / (time.perf_counter() - t0)
+    results, wall = at_once(fn, clients)
+    return sum(n for _, _, n in results) / wall
 
 
 def serve_in_thread(asgi) -> tuple[str, object]:
