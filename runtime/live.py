@@ -83,7 +83,6 @@ class Capture:
         self.error: str | None = None
         self.dropped = 0  # sampled frames no answered window contained
         self.reconnects = 0
-        self.samples = 0  # frames sampled into the ring so far
         self.health: deque[dict] = deque()  # reconnecting / reconnected / gave_up, for the consumer to report
         self._used = -1  # newest sample number an answered window contained
         self._next_t = 0.0  # stream time of the next sample
@@ -190,6 +189,11 @@ class Capture:
             self._stop.wait(delay)
             self._down = True
 
+    @property
+    def samples(self) -> int:
+        """Frames sampled into the ring so far."""
+        return self._seq
+
     def _note(self, event: str, **fields) -> None:
         """A source health event, reported by ``watch`` as a line of its own."""
         with self.cond:
@@ -220,7 +224,6 @@ class Capture:
             self._next_t += (missed + 1) / self.fps
             self.ring.append(Frame(t, rgb, self._seq))
             self._seq += 1
-            self.samples += 1
             while len(self.ring) > self.size:
                 old = self.ring.popleft()
                 if old.seq > self._used:
