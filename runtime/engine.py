@@ -60,6 +60,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.waiting = 0  # requests queued, not started
+        self.running = 0  # requests being run (0 or 1: a batch of one)
 
     def submit(self, run: Callable[[float], Iterator]) -> Channel:
         """``run(queue_s)`` is called on the engine's thread with the seconds the request waited."""
@@ -93,11 +94,13 @@ class Engine:
                 self.waiting -= 1
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+            self.running = 1
             try:
                 for piece in run(time.perf_counter() - queued):
                     channel.put(_ITEM, piece)
             except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
                 channel.put(_ERROR, e)
             finally:
+                self.running = 0
                 channel.put(_DONE)
                 run = channel = None

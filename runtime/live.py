@@ -71,9 +71,10 @@ class Capture:
     waits until the consumer has used the window (offline use: every tick answered, nothing skipped)."""
 
     def __init__(self, src: str, fps: float, size: int, realtime: bool = True, reconnect: int = 5,
-                 backoff_s: float = BACKOFF_S) -> None:
+                 backoff_s: float = BACKOFF_S, loop: bool = False) -> None:
         self.src, self.kind = src, source_kind(src)
         self.live = self.kind in ("camera", "url")
+        self.loop = loop and not self.live  # a file or folder played again from its start, stream time going on
         self.fps, self.size, self.realtime = fps, size, realtime or self.live
         self.reconnect, self.backoff_s = reconnect, backoff_s
         self.ring: deque[Frame] = deque()
@@ -98,11 +99,12 @@ class Capture:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         self._stop.set()
         with self.cond:
             self.cond.notify_all()
-        self._thread.join(timeout=10)
+        if wait and self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         try:
@@ -121,12 +123,16 @@ class Capture:
 
     def _read_folder(self) -> None:
         files = frame_files(self.src)
-        start = time.monotonic()
-        for i, f in enumerate(files):
-            t = i / self.fps
-            if not self._pace(start, t):
+        start, i = time.monotonic(), 0
+        while True:
+            for f in files:
+                t = i / self.fps
+                if not self._pace(start, t):
+                    return
+                self._offer(t, read_image(f))
+                i += 1
+            if not self.loop:
                 return
-            self._offer(t, read_image(f))
 
     def _open(self):
         cv2 = _cv2()
@@ -173,9 +179,13 @@ class Capture:
                 if cap is not None:
                     cap.release()
             if not self.live:
-                if got == 0 and i == 0:
-                    raise SourceError(f"video {self.src} has no frames OpenCV can read")
-                return  # a file ends
+                if got == 0:
+                    if i == 0:
+                        raise SourceError(f"video {self.src} has no frames OpenCV can read")
+                    return  # played again, it gave nothing more
+                if not self.loop:
+                    return  # a file ends
+                continue
             failures += 1
             if failures > self.reconnect:
                 why = (f"source {self.src} stopped and {self.reconnect} reopening{'s' if self.reconnect != 1 else ''} "
@@ -267,6 +277,52 @@ def wall_clock() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@dataclass
+class Window:
+    """The frames of one tick, and the ticks skipped so far (they came while the model was answering)."""
+
+    frames: list[Frame]
+    skipped: int
+
+
+def ticks(cap: Capture, every: float, max_windows: int | None = None) -> Iterator[dict | Window]:
+    """The source's health events (dicts) and, every ``every`` seconds of stream time, its latest window; the
+    caller answers a window before taking the next item. A tick that comes while the caller is still answering
+    is skipped and counted, never queued. Ends when the source ends or fails (``cap.error``), or after
+    ``max_windows`` windows."""
+    skipped, answered, tick = 0, 0, cap.size / cap.fps - 0.5 / cap.fps  # the first tick: the first window is full
+    while max_windows is None or answered < max_windows:
+        if answered and cap.realtime and cap.now >= tick:  # ticks that came while the model was answering
+            late = math.floor((cap.now - tick) / every + 1e-9) + 1
+            skipped += late
+            tick += late * every
+        while True:
+            ready = cap.wait_for(tick, timeout=0.5)
+            while cap.health:
+                yield cap.health.popleft()
+            if ready or cap.ended:
+                break
+        if not ready or cap.error:
+            return
+        yield Window(cap.window(), skipped)
+        answered += 1
+        tick += every
+        cap.release()
+
+
+def answer_line(source: str, window: Window, question: str, res, total_s: float, cap: Capture, alert: bool) -> dict:
+    """One answer as ``watch`` reports it (the keys in the module docstring)."""
+    frames = window.frames
+    return {
+        "event": "answer", "timestamp": wall_clock(),
+        "source": source, "window_start_s": round(frames[0].t, 3), "window_end_s": round(frames[-1].t, 3),
+        "question": question, "answer": res.answer, "text": res.text, "ttft_s": res.timings["ttft_s"],
+        "total_s": total_s, "reused_prompt_tokens": res.timings["reused_prompt_tokens"],
+        "skipped_ticks": window.skipped, "dropped_frames": cap.dropped, "reconnects": cap.reconnects,
+        "alert": alert, "entropy_mean": float(np.mean(res.entropy)) if res.entropy else 0.0,
+    }
+
+
 WATCH_MAX_NEW_TOKENS, WATCH_TEMPLATE = 64, "plain"  # short answers to standing questions; the CLI's defaults too
 
 
@@ -317,38 +373,19 @@ def watch(reasoner, source: str, questions: list[str], window: float, every: flo
     size = max(1, round(window * fps))
     check_requests(reasoner, questions, fps, size, method, max_new_tokens, template, ask)
     cap = Capture(source, fps, size, realtime=realtime, reconnect=reconnect).start()
-    skipped, answered, tick = 0, 0, size / fps - 0.5 / fps  # the first tick: when the first window is full
+    answered = 0
     try:
-        while max_windows is None or answered < max_windows:
-            if answered and cap.realtime and cap.now >= tick:  # ticks that came while the model was answering
-                late = math.floor((cap.now - tick) / every + 1e-9) + 1
-                skipped += late
-                tick += late * every
-            while True:
-                ready = cap.wait_for(tick, timeout=0.5)
-                while cap.health:
-                    yield cap.health.popleft()
-                if ready or cap.ended:
-                    break
-            if not ready or cap.error:
-                break
-            frames = cap.window()
+        for item in ticks(cap, every, max_windows):
+            if isinstance(item, dict):  # a source health event
+                yield item
+                continue
             for q in questions:
                 t0 = time.perf_counter()
-                res = reasoner.ask(frames=[f.rgb for f in frames], fps=fps, question=q, method=method,
+                res = reasoner.ask(frames=[f.rgb for f in item.frames], fps=fps, question=q, method=method,
                                    max_new_tokens=max_new_tokens, template=template, **ask)
-                yield {
-                    "event": "answer", "timestamp": wall_clock(),
-                    "source": source, "window_start_s": round(frames[0].t, 3), "window_end_s": round(frames[-1].t, 3),
-                    "question": q, "answer": res.answer, "text": res.text, "ttft_s": res.timings["ttft_s"],
-                    "total_s": time.perf_counter() - t0, "reused_prompt_tokens": res.timings["reused_prompt_tokens"],
-                    "skipped_ticks": skipped, "dropped_frames": cap.dropped, "reconnects": cap.reconnects,
-                    "alert": bool(pattern.search(res.answer)) if pattern else False,
-                    "entropy_mean": float(np.mean(res.entropy)) if res.entropy else 0.0,
-                }
+                yield answer_line(source, item, q, res, time.perf_counter() - t0, cap,
+                                  bool(pattern.search(res.answer)) if pattern else False)
             answered += 1
-            tick += every
-            cap.release()
     finally:
         cap.stop()
     while cap.health:

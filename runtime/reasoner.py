@@ -57,6 +57,7 @@ class Reasoner:
         self.dtype = backend.dtype
         self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
         self._sessions: dict = {}  # static decode: the last request's cache, buffers and captured graphs
+        self.kv_bytes = 0  # bytes of the KV cache of the request running now
         self.engine = Engine(f"engine {engine_dir.name}", self.device)  # the thread that runs this model's requests
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
         self.reuse = ReuseStore(self.reuse_mb * 2**20)

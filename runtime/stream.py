@@ -143,6 +143,7 @@ class Stream:
             entry, reused, vkey, first = self._reusable()
             embeds, deepstack, vision_s, patches = r._prefill_inputs(self.prompt, reused, stopped)
             cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
+            r.kv_bytes = cache.nbytes
             if entry is not None:
                 restore_prefix(cache, entry, reused)
             state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device), deepstack=deepstack)
@@ -182,6 +183,7 @@ class Stream:
         except Cancelled:
             pass  # stopped before the first token: an empty result
         finally:
+            r.kv_bytes = 0
             self.result = self._result(loop, ids, ents, alphas, text)
             loop = None
 

@@ -42,3 +42,28 @@ def one_error_line(capsys, code: int, expected_code: int = 1) -> tuple[str, str]
     assert code == expected_code, err
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0], out
+
+
+def serving(asgi):
+    """(url, stop) of a uvicorn server on a free loopback port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+
+    def stop():
+        srv.should_exit = True
+        thread.join(timeout=15)
+    return f"http://127.0.0.1:{port}", stop

@@ -18,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 from models.samples import sample_video  # noqa: E402
 from runtime.reasoner import Reasoner  # noqa: E402
 from runtime.serve import app  # noqa: E402
+from tests.helpers import serving  # noqa: E402
 
 KEY = "test-key"
 QUESTION = "Which way does the circle move?"
@@ -36,27 +37,6 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reasoner(engine_dir):
     return Reasoner.load(engine_dir, backend="ort", reuse_mb=0)
-
-
-def serving(asgi):
-    """(url, stop) of a uvicorn server on a free loopback port."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-
-    def stop():
-        srv.should_exit = True
-        thread.join(timeout=15)
-    return f"http://127.0.0.1:{port}", stop
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-media-host", action="append", default=[], metavar="HOST",
                     help="with --allow-remote-media: a host or address that may be fetched although loopback, "
                          "link-local or private (repeatable)")
+    ap.add_argument("--allow-camera", action="store_true",
+                    help="live streams may name a camera index of this machine")
+    ap.add_argument("--max-streams", type=int, default=8, help="live streams that may run at once")
     ap.add_argument("--max-body-mb", type=float, default=64.0,
                     help="largest request body (data: URLs included) and largest fetched media file")
     ap.add_argument("--max-queue", type=int, default=64,
@@ -59,6 +62,7 @@ def run(args) -> int:
     checks.check_number("--port", args.port, lo=0, hi=65535, integer=True)
     checks.check_number("--max-body-mb", args.max_body_mb, lo=0, lo_open=True)
     checks.check_number("--max-queue", args.max_queue, lo=0, integer=True)
+    checks.check_number("--max-streams", args.max_streams, lo=0, integer=True)
     import logging
 
     handler = logging.StreamHandler()
@@ -69,13 +73,14 @@ def run(args) -> int:
     service = app(args.engine, api_key=args.api_key or None, media_root=args.media_root,
                   max_body_mb=args.max_body_mb, max_queue=args.max_queue,
                   allow_remote_media=args.allow_remote_media, media_hosts=args.allow_media_host,
-                  backend=args.backend, device=args.device,
+                  allow_camera=args.allow_camera, max_streams=args.max_streams, backend=args.backend,
+                  device=args.device,
                   reuse_mb=args.reuse_mb, verify=not args.no_verify)
     print(f"serving {args.engine} on http://{args.host}:{args.port} (key {'required' if args.api_key else 'none'})",
           file=sys.stderr)
     config = uvicorn.Config(service, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=GRACE_S)
-    Server(config).run()
+    Server(config, service.state.service.streams).run()
     return 0
 
 
@@ -89,9 +94,15 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn's server, except that SIGTERM (a service manager's stop) drains and then exits 0 instead of
-        re-raising the signal once shut down; Ctrl-C keeps uvicorn's behaviour."""
+        re-raising the signal once shut down; Ctrl-C keeps uvicorn's behaviour. Either way the live streams are
+        told to stop at once, which ends their event streams (which would otherwise hold the drain open)."""
+
+        def __init__(self, config, streams) -> None:
+            super().__init__(config)
+            self.streams = streams
 
         def handle_exit(self, sig, frame) -> None:
+            self.streams.close(wait=False)
             if sig == signal.SIGTERM:
                 self.should_exit = True
                 return

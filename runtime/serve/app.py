@@ -52,8 +52,19 @@ class Metrics:
         active.set_function(lambda: service.in_flight)
         memory = Gauge("vreason_reuse_store_bytes", "Bytes held by the reuse store", registry=self.registry)
         memory.set_function(lambda: service.r.reuse.used)
+        kv = Gauge("vreason_kv_cache_bytes", "Bytes of KV cache held by the requests running now",
+                   registry=self.registry)
+        kv.set_function(lambda: service.r.kv_bytes)
+        batch = Gauge("vreason_batch_size", "Requests the engine is decoding now (it runs one at a time)",
+                      registry=self.registry)
+        batch.set_function(lambda: service.r.engine.running)
+        self.live_answers = Counter("vreason_live_answers", "Answers to live streams' questions",
+                                    registry=self.registry)
+        self.registry.register(StreamCollector(service.streams))
 
-    def answered(self, result) -> None:
+    def answered(self, result, live: bool = False) -> None:
+        if live:
+            self.live_answers.inc()
         t = result.timings
         self.tokens.inc(len(result.token_ids))
         self.prompt_tokens.inc(len(result.prompt_token_ids))
@@ -70,11 +81,44 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class StreamCollector:
+    """Per live stream figures, read at each scrape (streams come and go)."""
+
+    def __init__(self, streams) -> None:
+        self.streams = streams
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        figures = {"skipped_ticks": ("Ticks skipped while the model was answering", "skipped"),
+                   "dropped_frames": ("Sampled frames no answered window contained", "dropped"),
+                   "reconnects": ("Times the source was reopened", "reconnects"),
+                   "answers": ("Answers to the stream's questions", "answers")}
+        families = {k: CounterMetricFamily(f"vreason_stream_{k}", help_, labels=["stream"])
+                    for k, (help_, _) in figures.items()}
+        for s in list(self.streams.streams.values()):
+            values = {"skipped_ticks": s.skipped, "dropped_frames": s.cap.dropped, "reconnects": s.cap.reconnects,
+                      "answers": s.answers}
+            for k, fam in families.items():
+                fam.add_metric([s.id], values[k])
+        yield from families.values()
+        yield GaugeMetricFamily("vreason_live_streams", "Live streams", value=len(self.streams.streams))
+        yield GaugeMetricFamily("vreason_alerts", "Alerts set", value=len(self.streams.alerts))
+        yield CounterMetricFamily("vreason_alerts_fired", "Alert firings (an answer matched a trigger)",
+                                  value=self.streams.fired_total)
+
+
 class Service:
     """The routes over one Reasoner (see the module docstring)."""
 
     def __init__(self, reasoner, model_name: str, api_key: str | None = None, media_root: Path | None = None,
-                 max_body_mb: float = 64.0, max_queue: int = 64, remote: set[str] | None = None) -> None:
+                 max_body_mb: float = 64.0, max_queue: int = 64, remote: set[str] | None = None,
+                 allow_camera: bool = False, max_streams: int = 8) -> None:
+        from runtime.serve.streams import Streams
+
         self.r, self.model, self.api_key = reasoner, model_name, api_key
         self.media_root = media_root
         self.remote = remote  # None: remote media refused; else the non-public hosts and addresses allowed
@@ -82,6 +126,8 @@ class Service:
         self.max_queue = max_queue
         self.in_flight = 0  # chat requests admitted and not finished (answered in turn by the engine)
         self.created = int(time.time())
+        self.streams = Streams(reasoner, media_root, remote, allow_camera, max_streams,
+                               on_answer=lambda result: self.metrics.answered(result, live=True))
         self.metrics = Metrics(self)
 
     def admit(self) -> None:
@@ -145,13 +191,18 @@ def extension(result) -> dict:
 
 def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | None = None,
         media_root: str | Path | None = None, max_body_mb: float = 64.0, max_queue: int = 64,
-        allow_remote_media: bool = False, media_hosts: list[str] | tuple = (), **load):
+        allow_remote_media: bool = False, media_hosts: list[str] | tuple = (), allow_camera: bool = False,
+        max_streams: int = 8, **load):
     """The ASGI app (any ASGI server can run it): over ``reasoner``, or the export at ``engine_dir`` loaded with
-    ``Reasoner.load(engine_dir, **load)``. ``allow_remote_media``: fetch http(s) media URLs, from public
-    addresses only, or from the hosts and addresses in ``media_hosts``."""
+    ``Reasoner.load(engine_dir, **load)``. ``allow_remote_media``: fetch http(s) media URLs and open stream URLs,
+    from public addresses only, or from the hosts and addresses in ``media_hosts``. ``allow_camera``: live streams
+    may name a camera index. ``app.state.service`` is the ``Service``; ``service.streams.close()`` stops the live
+    streams (done when the app shuts down)."""
+    import contextlib
+
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     if reasoner is None:
@@ -162,7 +213,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
     if root is not None and not root.is_dir():
         raise InputError(f"--media-root {root} is not a folder")
     svc = Service(reasoner, Path(reasoner.engine_dir).name, api_key, root, max_body_mb, max_queue,
-                  set(media_hosts) if allow_remote_media else None)
+                  set(media_hosts) if allow_remote_media else None, allow_camera, max_streams)
 
     def guarded(handler, keyed: bool = True):
         async def endpoint(request):
@@ -208,7 +259,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
         tmp = Path(tempfile.mkdtemp(prefix="vreason-serve-"))
         try:
             question, visual = await run_in_threadpool(parse_messages, body.get("messages"), svc.media_root, tmp,
-                                                       svc.remote, svc.max_body)
+                                                       svc.remote, svc.max_body,
+                                                       lambda sid: svc.streams.get(sid).latest_window())
             options = request_options(body)
             try:
                 stream = await run_in_threadpool(lambda: reasoner.stream(question=question, events=True, **options,
@@ -271,10 +323,100 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                 pass
             _remove(tmp)
 
-    routes = [Route("/health/live", guarded(live, keyed=False)), Route("/health/ready", guarded(ready, keyed=False)),
+    # -- live streams and alerts (runtime.serve.streams) ----------------------------------------------------------
+
+    async def add_stream(request):
+        body = await svc.read_json(request)
+        s = await run_in_threadpool(svc.streams.add, body)
+        return JSONResponse(s.describe(), status_code=201)
+
+    async def list_streams(request):
+        return JSONResponse({"data": [s.describe() for s in list(svc.streams.streams.values())]})
+
+    async def one_stream(request):
+        return JSONResponse(svc.streams.get(request.path_params["sid"]).describe())
+
+    async def delete_stream(request):
+        await run_in_threadpool(svc.streams.remove, request.path_params["sid"])
+        return JSONResponse({"deleted": request.path_params["sid"]})
+
+    async def frame(request):
+        s = svc.streams.get(request.path_params["sid"])
+        jpeg = await run_in_threadpool(s.latest_jpeg)
+        if jpeg is None:
+            raise ApiError(409, f"live stream {s.id} has no frame yet", code="stream_not_ready")
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def events(request):
+        s = svc.streams.get(request.path_params["sid"])
+        queue = s.subscribe()
+
+        async def lines():
+            import asyncio
+
+            try:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"  # a comment line: proxies keep the connection, clients ignore it
+                        continue
+                    if event is None:
+                        return
+                    yield "data: " + json.dumps(event) + "\n\n"
+            finally:
+                s.unsubscribe(queue)
+        return StreamingResponse(lines(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def add_alert(request):
+        body = await svc.read_json(request)
+        a = await run_in_threadpool(svc.streams.add_alert, body)
+        return JSONResponse(a.describe(), status_code=201)
+
+    async def list_alerts(request):
+        return JSONResponse({"data": [a.describe() for a in list(svc.streams.alerts.values())]})
+
+    async def delete_alert(request):
+        svc.streams.remove_alert(request.path_params["aid"])
+        return JSONResponse({"deleted": request.path_params["aid"]})
+
+    async def recent_alerts(request):
+        sid = request.query_params.get("stream_id")
+        limit = request.query_params.get("limit", "50")
+        if not limit.isdigit() or not 1 <= int(limit) <= 256:
+            raise ApiError(400, "limit must be an integer from 1 to 256", param="limit")
+        return JSONResponse({"data": svc.streams.recent_alerts(sid, int(limit))})
+
+    async def page(request):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await run_in_threadpool(svc.streams.close)
+
+    routes = [Route("/", page), Route("/health/live", guarded(live, keyed=False)),
+              Route("/health/ready", guarded(ready, keyed=False)),
               Route("/metrics", guarded(metrics)), Route("/v1/models", guarded(models)),
-              Route("/v1/chat/completions", guarded(chat), methods=["POST"])]
-    return Starlette(routes=routes)
+              Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
+              Route("/v1/live-stream", guarded(add_stream), methods=["POST"]),
+              Route("/v1/live-stream", guarded(list_streams), methods=["GET"]),
+              Route("/v1/live-stream/{sid}", guarded(one_stream), methods=["GET"]),
+              Route("/v1/live-stream/{sid}", guarded(delete_stream), methods=["DELETE"]),
+              Route("/v1/live-stream/{sid}/frame", guarded(frame)),
+              Route("/v1/live-stream/{sid}/events", guarded(events)),
+              Route("/v1/alerts", guarded(add_alert), methods=["POST"]),
+              Route("/v1/alerts", guarded(list_alerts), methods=["GET"]),
+              Route("/v1/alerts/recent", guarded(recent_alerts)),
+              Route("/v1/alerts/{aid}", guarded(delete_alert), methods=["DELETE"])]
+    asgi = Starlette(routes=routes, lifespan=lifespan)
+    asgi.state.service = svc
+    return asgi
+
+
+KEEPALIVE_S = 15.0  # an event stream with nothing to say sends a comment line this often
+PAGE = Path(__file__).with_name("page.html")
 
 
 def log_request(request, status: int, rid: str | None = None, result=None, error: str | None = None,

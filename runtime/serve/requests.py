@@ -29,20 +29,21 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def _media_path(url: str, media_root: Path | None) -> Path:
-    """A path or ``file://`` URL, confined to ``media_root`` (links followed, then checked)."""
+def media_path(url: str, media_root: Path | None, param: str = "messages", folders: bool = False) -> Path:
+    """A path or ``file://`` URL, confined to ``media_root`` (links followed, then checked); a file, or
+    (``folders``) a folder of frames too."""
     if url.startswith("file://"):
         url = url[len("file://"):]
     if media_root is None:
         raise ApiError(403, f"media path {url!r} refused: the server has no --media-root (send a data: URL)",
-                       "permission_error", "messages")
+                       "permission_error", param)
     root = media_root.resolve()
     target = (root / url).resolve() if not os.path.isabs(url) else Path(url).resolve()
-    if target != root and root not in target.parents:
+    if target == root or root not in target.parents:
         raise ApiError(403, f"media path {url!r} is outside --media-root {root} (after following links); refused",
-                       "permission_error", "messages")
-    if not target.is_file():
-        raise ApiError(400, f"media file {url!r} does not exist under --media-root", param="messages")
+                       "permission_error", param)
+    if not (target.is_file() or (folders and target.is_dir())):
+        raise ApiError(400, f"media file {url!r} does not exist under --media-root", param=param)
     return target
 
 
@@ -62,7 +63,7 @@ def _data_url(url: str, tmp: Path) -> Path:
     return path
 
 
-def _blocked_address(host: str, port: int, allowed: set[str]) -> str | None:
+def blocked_address(host: str, port: int, allowed: set[str]) -> str | None:
     """The first address ``host`` resolves to that is loopback, link-local, private or otherwise not public, unless
     the host or that address is listed in ``allowed``; None when every address may be fetched."""
     import ipaddress
@@ -94,7 +95,7 @@ def _remote(url: str, tmp: Path, allowed: set[str], max_bytes: int) -> Path:
     if not parts.hostname:
         raise ApiError(400, f"media URL {url!r} has no host", param="messages")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    blocked = _blocked_address(parts.hostname, port, allowed)
+    blocked = blocked_address(parts.hostname, port, allowed)
     if blocked is not None:
         raise ApiError(403, f"media host {parts.hostname} resolves to {blocked}, a loopback, link-local or private "
                             "address; refused unless listed with --allow-media-host", "permission_error", "messages")
@@ -122,9 +123,10 @@ def _remote(url: str, tmp: Path, allowed: set[str], max_bytes: int) -> Path:
 
 
 def parse_messages(messages, media_root: Path | None, tmp: Path, remote: set[str] | None = None,
-                   max_bytes: int = 64 << 20) -> tuple[str, dict]:
-    """(question, visual keyword for ``Reasoner.ask``) of a chat request's messages. ``remote``: None, remote URLs
-    refused; else the hosts and addresses that may be fetched although not public."""
+                   max_bytes: int = 64 << 20, live=None) -> tuple[str, dict]:
+    """(question, visual keywords for ``Reasoner.ask``) of a chat request's messages. ``remote``: None, remote URLs
+    refused; else the hosts and addresses that may be fetched although not public. ``live(id)``: (frames, fps) of
+    the latest window of a live stream, for a ``stream://ID`` URL."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
@@ -146,6 +148,12 @@ def parse_messages(messages, media_root: Path | None, tmp: Path, remote: set[str
                 raise ApiError(400, f"{kind} part without a url", param="messages")
             if visual:
                 raise ApiError(400, "at most one image or video per request", param="messages")
+            if url.startswith("stream://"):
+                if live is None:
+                    raise ApiError(400, "this server has no live streams", param="messages")
+                frames, fps = live(url[len("stream://"):])
+                visual = {"frames": frames, "fps": fps}
+                continue
             if url.startswith(("http://", "https://")):
                 if remote is None:
                     raise ApiError(403, "remote media URLs are not fetched without --allow-remote-media; send a "
@@ -154,7 +162,7 @@ def parse_messages(messages, media_root: Path | None, tmp: Path, remote: set[str
             elif url.startswith("data:"):
                 path = _data_url(url, tmp)
             else:
-                path = _media_path(url, media_root)
+                path = media_path(url, media_root)
             visual = {"image" if kind == "image_url" else "video": str(path)}
         else:
             raise ApiError(400, f"unsupported content part {kind!r}: text, image_url or video_url", param="messages")
