@@ -48,6 +48,33 @@ class Channel:
                 return
 
 
+class AsyncChannel:
+    """One request's pieces, from the engine's thread straight to a coroutine on an asyncio event loop (no thread in
+    between: each piece is handed to the loop with ``call_soon_threadsafe``). Made on the loop's thread."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        self._q: asyncio.Queue = asyncio.Queue()
+
+    def put(self, kind: int, value=None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, (kind, value))
+        except RuntimeError:  # the loop has closed: nobody is reading any more
+            pass
+
+    async def __aiter__(self):
+        while True:
+            kind, value = await self._q.get()
+            if kind == _ITEM:
+                yield value
+            elif kind == _ERROR:
+                raise value
+            else:
+                return
+
+
 class Engine:
     """The thread that runs a model's requests. ``submit(run)`` queues ``run`` (a callable returning the request's
     generator) and returns its ``Channel``. A request runs with the PyTorch thread setting of the thread that
@@ -62,11 +89,13 @@ class Engine:
         self.waiting = 0  # requests queued, not started
         self.running = 0  # requests being run (0 or 1: a batch of one)
 
-    def submit(self, run: Callable[[float], Iterator]) -> Channel:
-        """``run(queue_s)`` is called on the engine's thread with the seconds the request waited."""
+    def submit(self, run: Callable[[float], Iterator], channel: Channel | AsyncChannel | None = None
+               ) -> Channel | AsyncChannel:
+        """``run(queue_s)`` is called on the engine's thread with the seconds the request waited; its pieces go to
+        ``channel`` (default: a new ``Channel``), which is returned."""
         import torch
 
-        channel = Channel()
+        channel = Channel() if channel is None else channel
         self._ensure_thread()
         with self._start_lock:
             self.waiting += 1

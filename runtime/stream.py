@@ -96,6 +96,21 @@ class Stream:
             if not finished:
                 self.cancel()
 
+    async def __aiter__(self):
+        """From a coroutine: submit the request and yield its pieces as they come, handed by the engine's thread
+        straight to the event loop (``runtime.engine.AsyncChannel``); closing the iterator before the end cancels
+        the request."""
+        from runtime.engine import AsyncChannel
+
+        finished = False
+        try:
+            async for piece in self.r.engine.submit(self._run, AsyncChannel()):
+                yield piece
+            finished = True
+        finally:
+            if not finished:
+                self.cancel()
+
     def _run(self, queue_s: float = 0.0) -> Iterator[str | TokenEvent]:
         r = self.r
         self.queue_s = queue_s

@@ -201,7 +201,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
     import contextlib
 
     from starlette.applications import Starlette
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.concurrency import run_in_threadpool
     from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
@@ -273,7 +273,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if not body.get("stream"):
             try:
-                await run_in_threadpool(lambda: [None for _ in stream])
+                async for _ in stream:
+                    pass
             except UserError as e:
                 raise ApiError(400, str(e).splitlines()[0]) from None
             finally:
@@ -293,11 +294,10 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
             return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
                                           "model": svc.model, "choices": [choice], **extra}) + "\n\n"
-        pieces = iter(stream)
         finished = False
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for event in iterate_in_threadpool(pieces):  # a chunk per token, with its entropy
+            async for event in stream:  # a chunk per token, with its entropy, handed over by the engine's thread
                 yield chunk({"content": event.text}, vreason={"token_id": event.id, "entropy": event.entropy})
             finished = True
             result = stream.result
@@ -317,10 +317,6 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                 stream.cancel()
                 svc.metrics.requests.labels("cancelled").inc()
                 log_request(request, 499, rid=rid, error="client disconnected", streamed=True)
-            try:
-                pieces.close()
-            except ValueError:  # a worker thread is inside it still; it ends once the engine has stopped
-                pass
             _remove(tmp)
 
     # -- live streams and alerts (runtime.serve.streams) ----------------------------------------------------------
