@@ -45,11 +45,6 @@ class KVCache:
     def layers(self) -> int:
         return len(self.keys)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the cache's buffers hold."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
     def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The head-major buffers [1, kv, capacity, hd] of ``layer`` (keys, values); ValueError for a layer
         stored token-major."""

@@ -1,18 +1,25 @@
 """The engine: one thread owns a loaded model's work; requests from any thread are submitted to it and read their
 tokens back through a channel of their own.
 
-A ``Reasoner`` holds one ``Engine``. ``Stream.__iter__`` submits its request and reads the channel; the engine's
-thread runs the requests one after the other (first in, first out), each to its end or its cancellation,
-putting every piece it yields on the request's channel without waiting for the consumer. So:
+A ``Reasoner`` holds one ``Engine``. ``Stream.__iter__`` submits its request and reads the channel. The engine's
+thread keeps up to ``max_batch`` requests running at once and advances them in turn, one unit of work each: a
+token, a prefill chunk or a group of vision frames (a request's generator yields ``TICK`` where it may be paused
+without a piece to give). So a long prompt being prefilled holds the other running requests for one chunk at a
+time, not for its whole prefill, and a short request started behind a long one gets its first token without
+waiting for the long one's last. Running requests take turns: each one's work is its own (its own KV cache and
+steps); they do not yet share one pass over the weights (batching), so the aggregate rate is the one-request
+rate. Requests wait in a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget
+(``kv_bytes``: the cache every running request holds, declared when submitted); one that could never fit is
+refused at once (``ResourceError``, one line naming the limit). Every piece is put on the request's channel
+without waiting for its consumer, so:
 - a consumer that reads slowly, pauses, or keeps an unfinished stream delays no other request (its pieces
   wait in its channel, at most ``max_new_tokens`` of them);
 - a request made inside another stream's loop (nested, from the same thread) waits for the engine's thread,
   which never waits for a consumer: no deadlock;
 - a stream that is closed, dropped (its iterator garbage collected) or cancelled is cancelled in the engine
-  (after its current token, or before it starts if still queued).
-``timings["queue_s"]`` is the time a request waited for the engine's thread.
-
-The engine runs one request at a time (a batch of one): requests that come together are served in turn.
+  (after its current unit of work, or before it starts if still queued).
+``timings["queue_s"]`` is the time a request waited for its place; ``timings["batch_mean"]`` the mean number of
+requests running while it was advanced.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 
 _ITEM, _ERROR, _DONE = 0, 1, 2
+TICK = None  # what a request's generator yields where it may be paused without a piece for its consumer
 
 
 class Channel:
@@ -75,31 +84,54 @@ class AsyncChannel:
                 return
 
 
-class Engine:
-    """The thread that runs a model's requests. ``submit(run)`` queues ``run`` (a callable returning the request's
-    generator) and returns its ``Channel``. A request runs with the PyTorch thread setting of the thread that
-    submitted it (OpenMP keeps that setting per thread)."""
+class Running:
+    """What the engine tells a running request about its turns: ``batch_mean``, the mean number of requests running
+    when it was advanced."""
 
-    def __init__(self, name: str = "engine", device=None) -> None:
+    def __init__(self) -> None:
+        self.turns = 0
+        self.batch_sum = 0
+
+    @property
+    def batch_mean(self) -> float:
+        return self.batch_sum / self.turns if self.turns else 1.0
+
+
+class Engine:
+    """The thread that runs a model's requests (see the module docstring). ``submit(run, kv=...)`` queues ``run``
+    (a callable returning the request's generator) and returns its channel. A request runs with the PyTorch
+    thread setting of the thread that submitted it (OpenMP keeps that setting per thread)."""
+
+    def __init__(self, name: str = "engine", device=None, max_batch: int = 1, kv_bytes: int | None = None) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._name = name
         self._device = device  # a CUDA device is made the engine thread's current one (it is per thread)
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.max_batch = max_batch
+        self.kv_budget = kv_bytes  # None: no budget
         self.waiting = 0  # requests queued, not started
-        self.running = 0  # requests being run (0 or 1: a batch of one)
+        self.running = 0  # requests running (taking turns)
+        self.kv_in_use = 0  # bytes of KV cache the running requests declared
 
-    def submit(self, run: Callable[[float], Iterator], channel: Channel | AsyncChannel | None = None
-               ) -> Channel | AsyncChannel:
-        """``run(queue_s)`` is called on the engine's thread with the seconds the request waited; its pieces go to
-        ``channel`` (default: a new ``Channel``), which is returned."""
+    def submit(self, run: Callable[[float, Running], Iterator], channel: Channel | AsyncChannel | None = None,
+               kv: int = 0) -> Channel | AsyncChannel:
+        """``run(queue_s, running)`` is called on the engine's thread with the seconds the request waited; its
+        pieces go to ``channel`` (default: a new ``Channel``), which is returned. ``kv``: the bytes of KV cache
+        the request will hold; over the whole budget, ``ResourceError`` at once."""
         import torch
 
+        if self.kv_budget is not None and kv > self.kv_budget:
+            from models.errors import ResourceError
+
+            raise ResourceError(f"this request needs {kv / 2**20:.1f} MiB of KV cache, over the engine's KV budget "
+                                f"kv_mb={self.kv_budget / 2**20:g}; ask for fewer new tokens, use fewer frames, or "
+                                "load with a larger kv_mb")
         channel = Channel() if channel is None else channel
         self._ensure_thread()
         with self._start_lock:
             self.waiting += 1
-        self._queue.put((run, channel, time.perf_counter(), torch.get_num_threads()))
+        self._queue.put((run, channel, time.perf_counter(), torch.get_num_threads(), kv))
         return channel
 
     def _ensure_thread(self) -> None:
@@ -112,24 +144,63 @@ class Engine:
     def on_engine_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def _fits(self, kv: int, active: list) -> bool:
+        if not active:
+            return True  # alone it fits (a request over the whole budget was refused when submitted)
+        if len(active) >= self.max_batch:
+            return False
+        return self.kv_budget is None or self.kv_in_use + kv <= self.kv_budget
+
     def _serve(self) -> None:
         import torch
 
         if self._device is not None and torch.device(self._device).type == "cuda":
             torch.cuda.set_device(torch.device(self._device))
+        pending: deque = deque()  # submitted, not yet running (first in, first out)
+        active: list[list] = []  # [generator, channel, threads, kv, running]
         while True:
-            run, channel, queued, threads = self._queue.get()
-            with self._start_lock:
-                self.waiting -= 1
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-            self.running = 1
-            try:
-                for piece in run(time.perf_counter() - queued):
-                    channel.put(_ITEM, piece)
-            except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
-                channel.put(_ERROR, e)
-            finally:
-                self.running = 0
-                channel.put(_DONE)
-                run = channel = None
+            if not active and not pending:
+                pending.append(self._queue.get())  # idle: wait for a request
+            while True:
+                try:
+                    pending.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            while pending and self._fits(pending[0][4], active):  # admit in order: none overtakes the head
+                run, channel, queued, threads, kv = pending.popleft()
+                running = Running()
+                with self._start_lock:
+                    self.waiting -= 1
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                try:
+                    gen = run(time.perf_counter() - queued, running)
+                except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
+                    channel.put(_ERROR, e)
+                    channel.put(_DONE)
+                    continue
+                active.append([gen, channel, threads, kv, running])
+                self.kv_in_use += kv
+                self.running = len(active)
+            for row in list(active):  # one unit of work each
+                gen, channel, threads, kv, running = row
+                running.turns += 1
+                running.batch_sum += len(active)
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                finished = True
+                try:
+                    piece = next(gen)
+                    finished = False
+                    if piece is not TICK:
+                        channel.put(_ITEM, piece)
+                except StopIteration:
+                    channel.put(_DONE)
+                except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
+                    channel.put(_ERROR, e)
+                    channel.put(_DONE)
+                if finished:
+                    active = [r for r in active if r is not row]
+                    self.kv_in_use -= kv
+                    self.running = len(active)
+                    row.clear()  # the generator and its tensors go now, not at the next request

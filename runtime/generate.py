@@ -9,7 +9,7 @@ logits; with none, this is the base method.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from runtime.cache import KVCache
+from runtime.engine import TICK
 from runtime.sampling import SamplingParams, entropy, sample
 
 
@@ -62,6 +63,7 @@ class Timings:
     decode_s: float = 0.0
     decode_tokens: int = 0
     ttft_s: float = 0.0  # request start (the ``stream``/``ask`` call) to the first answer token
+    batch_mean: float = 1.0  # requests running, on average, when the engine advanced this one
     reused_prompt_tokens: int = 0  # prompt tokens whose cache was restored instead of prefilled
     reused_vision_patches: int = 0  # temporal patches not encoded: features from the reuse store, or (all of
     # them) every visual token inside the restored prompt prefix
@@ -70,7 +72,7 @@ class Timings:
         tps = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
         return {"prepare_s": self.prepare_s, "queue_s": self.queue_s, "vision_s": self.vision_s,
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s, "decode_tokens_per_s": tps,
-                "ttft_s": self.ttft_s,
+                "ttft_s": self.ttft_s, "batch_mean": self.batch_mean,
                 "reused_prompt_tokens": self.reused_prompt_tokens,
                 "reused_vision_patches": self.reused_vision_patches}
 
@@ -145,20 +147,39 @@ class Loop:
     def prefill(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Trunk and head over the prompt (fills every layer's cache), the first answer token's logits [V],
         then the steering's after-prefill hook (Lite pruning: the first logits come from the unpruned
-        prefill). Leaves the last prompt token as the current query in ``state``."""
+        prefill). Leaves the last prompt token as the current query in ``state``. All at once: ``prefill_chunks``
+        is the same, a chunk at a time."""
+        chunks = self.prefill_chunks(state, embeds, positions)
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_chunks(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor
+                       ) -> Generator[None, None, torch.Tensor]:
+        """``prefill`` as a generator: yields ``TICK`` after each chunk of ``prefill_chunk`` tokens but the last
+        (where the engine may advance other requests), returns the logits. No context (grad mode, threads) is
+        held across a yield."""
         t0 = time.perf_counter()
         s = embeds.shape[1]
         step = self.prefill_chunk if 0 < self.prefill_chunk < s else max(s, 1)
         hidden = self.restored_hidden  # a prompt restored whole (s = 0; ``positions`` is its last token's)
-        with torch.no_grad():
-            for a in range(0, s, step):  # a cache that already holds a restored prefix: the suffix only
-                if a and self.cancelled is not None and self.cancelled():
+        spent = 0.0
+        for a in range(0, s, step):  # a cache that already holds a restored prefix: the suffix only
+            if a:
+                spent += time.perf_counter() - t0
+                yield TICK
+                t0 = time.perf_counter()
+                if self.cancelled is not None and self.cancelled():
                     raise Cancelled
-                b = min(a + step, s)
+            b = min(a + step, s)
+            with torch.no_grad():
                 ds = None if state.deepstack is None else state.deepstack[:, :, a:b]
                 hidden = self.backend.trunk(embeds[:, a:b], positions[:, :, a:b], state.cache, ds)
                 self.head_step(state, hidden, positions[:, :, a:b])  # fills the last layer's cache
                 state.cache.length += b - a
+        with torch.no_grad():
             state.deepstack = None  # prefill only: decode tokens are never visual
             state.hidden, state.positions = hidden[:, -1:].clone(), positions[:, :, -1:].clone()
             if self.after_fill is not None:
@@ -169,7 +190,7 @@ class Loop:
         if self.steering is not None:
             self.steering.after_prefill(state)
         _sync(embeds.device)
-        self.timings.prefill_s = time.perf_counter() - t0
+        self.timings.prefill_s = spent + time.perf_counter() - t0
         return logits
 
     def threads(self):
@@ -178,12 +199,20 @@ class Loop:
         return torch_threads(getattr(self.backend, "torch_threads", 0))
 
     def run(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor, next_position: int,
-            max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token]:
-        """Prefill ``embeds`` [1,S,H] at ``positions`` [3,1,S], then generate; yields one Token per step."""
+            max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token | None]:
+        """Prefill ``embeds`` [1,S,H] at ``positions`` [3,1,S], then generate; yields one Token per step, and
+        ``TICK`` (None) between prefill chunks."""
         dev = embeds.device
         gen = generator(params, dev)
-        with self.threads():
-            logits = self.prefill(state, embeds, positions)
+        chunks = self.prefill_chunks(state, embeds, positions)
+        while True:  # a TICK between prefill chunks: the engine may advance other requests there
+            with self.threads():
+                try:
+                    next(chunks)
+                except StopIteration as done:
+                    logits = done.value
+                    break
+            yield TICK
         t0 = time.perf_counter()
         try:
             for k in range(max_new_tokens):

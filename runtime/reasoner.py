@@ -5,7 +5,8 @@
 
 One Reasoner serves many requests without reloading. Its requests run on one engine thread
 (``runtime.engine``): any number of threads may share it; each request's pieces come back through a channel of
-its own, so no consumer waits for another's, and the requests are answered one after the other.
+its own, so no consumer waits for another's; up to ``max_batch`` requests run at once, taking turns a token or a
+prefill chunk at a time, within a KV budget (``kv_mb``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ VISION_GROUP = 4  # temporal patches per vision encoder call (a cancel is seen b
 class Reasoner:
     def __init__(self, engine_dir: Path, manifest: dict, backend, head, tokenizer: Tokenizer, chat_template: str,
                  settings: VisionSettings, backend_reason: str, decode: str = "dynamic", cuda_graphs: bool = False,
-                 compile: bool = False, reuse_mb: int | None = None) -> None:
+                 compile: bool = False, reuse_mb: int | None = None, max_batch: int | None = None,
+                 kv_mb: float | None = None) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.cfg = family(manifest["model_type"]).Config.from_stored(manifest["config"])
@@ -57,8 +59,14 @@ class Reasoner:
         self.dtype = backend.dtype
         self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
         self._sessions: dict = {}  # static decode: the last request's cache, buffers and captured graphs
-        self.kv_bytes = 0  # bytes of the KV cache of the request running now
-        self.engine = Engine(f"engine {engine_dir.name}", self.device)  # the thread that runs this model's requests
+        self.max_batch = default_max_batch(decode) if max_batch is None else max_batch
+        if decode == "static" and self.max_batch > 1:
+            raise InputError(f"max_batch={self.max_batch} needs dynamic decode: static decode keeps one cache (and "
+                             "its CUDA graphs) for one request at a time; load with decode='dynamic' or max_batch=1")
+        self.kv_mb = default_kv_mb(self.cfg, self.limits["max_context"], self.dtype, self.device) if kv_mb is None \
+            else kv_mb
+        # the thread that runs this model's requests, up to max_batch at once within the KV budget
+        self.engine = Engine(f"engine {engine_dir.name}", self.device, self.max_batch, int(self.kv_mb * 2**20))
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
         self.reuse = ReuseStore(self.reuse_mb * 2**20)
         self.frame_local_vision = bool(getattr(family(manifest["model_type"]), "FRAME_LOCAL_VISION", False))
@@ -71,7 +79,8 @@ class Reasoner:
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None,
              model_dir: str | Path | None = None, verify: bool = True, decode: str = "auto",
              cuda_graphs: bool | None = None, compile: bool = False, threads: int | None = None,
-             reuse_mb: int | None = None, ort_trunk: str = "auto") -> Reasoner:
+             reuse_mb: int | None = None, ort_trunk: str = "auto", max_batch: int | None = None,
+             kv_mb: float | None = None) -> Reasoner:
         """Open an export directory, checked as ``python -m export --check`` does: manifest, files present
         with their recorded sizes, graph I/O, and (``verify``, the default) every file's sha256, which
         takes a while for a multi-GB export; ``verify=False`` skips only the hashing.
@@ -93,10 +102,19 @@ class Reasoner:
 
         ``ort_trunk`` (ort on CPU): ``fused`` runs the trunk as ONNX Runtime's fused operators (see
         ``runtime.backends.ort_trunk``), ``standard`` the exported graph, ``auto`` the fused form where the export
-        keeps its weights in ``trunk.onnx.data`` (where it costs no memory)."""
+        keeps its weights in ``trunk.onnx.data`` (where it costs no memory).
+
+        ``max_batch``: requests the engine runs at once, taking turns a token or a prefill chunk at a time
+        (``runtime.engine``; they do not share a pass over the weights yet). Default 4 with dynamic decode; static
+        decode takes 1 (it keeps one cache and its CUDA graphs). ``kv_mb``: the KV cache (MiB) the running
+        requests may hold together; a request waits for room, and one that needs more than all of it is refused.
+        Default: a quarter of the device's free memory at load, and at least one request at the export's
+        context limit."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         check_number("reuse_mb", reuse_mb, lo=0, integer=True, optional=True)
+        check_number("max_batch", max_batch, lo=1, hi=256, integer=True, optional=True)
+        check_number("kv_mb", kv_mb, lo=0, lo_open=True, optional=True)
         if threads is not None:
             torch.set_num_threads(check_number("threads", threads, lo=1, integer=True))
             import cv2
@@ -156,7 +174,7 @@ class Reasoner:
         graphs = static and on_cuda and (cuda_graphs is None or cuda_graphs)
         return cls(d, manifest, impl, head, Tokenizer(d), load_chat_template(d), VisionSettings.from_dir(d), reason,
                    decode="static" if static else "dynamic", cuda_graphs=graphs, compile=compile and static and on_cuda,
-                   reuse_mb=reuse_mb)
+                   reuse_mb=reuse_mb, max_batch=max_batch, kv_mb=kv_mb)
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -299,7 +317,8 @@ class Reasoner:
             for v in prompt.visuals:
                 v.patch_digests()  # the reuse keys, hashed here on the caller's thread, not the engine's
         return Stream(self, prompt, method, max_new_tokens, sampling, stop or [], controller, chunk, events=events,
-                      start=start, prepare_s=time.perf_counter() - start)
+                      start=start, prepare_s=time.perf_counter() - start,
+                      kv=self.kv_need(len(prompt.ids) + max_new_tokens))
 
     def ask(self, **kwargs) -> Result:
         """Answer one question about a video (file or frames) or an image; see ``stream`` for the arguments."""
@@ -338,6 +357,20 @@ class Reasoner:
             return StaticLoop(self.backend, self.head, steering, cuda_graphs=self.cuda_graphs, chunk=chunk,
                               compile=self.compile, sessions=self._sessions)
         return Loop(self.backend, self.head, steering)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache the running requests hold (as declared to the engine)."""
+        return self.engine.kv_in_use
+
+    def kv_need(self, capacity: int) -> int:
+        """Bytes of the KV cache a request of ``capacity`` entries holds (static decode: rounded up as
+        ``cache_for`` rounds it)."""
+        if self.decode == "static":
+            from runtime.static import static_capacity
+
+            capacity = static_capacity(capacity, self.limits["max_context"])
+        return cache_bytes(self.cfg, capacity, self.dtype)
 
     def cache_for(self, capacity: int) -> KVCache:
         """A KV cache for ``capacity`` entries. Static decode rounds the capacity up to a multiple of 256 and
@@ -386,6 +419,22 @@ class Reasoner:
         from controller import VReason
 
         return VReason(self.controller_config(controller), state, lite=(method == "vreason-lite"))
+
+
+DEFAULT_MAX_BATCH = 4  # requests running at once with dynamic decode (static decode: 1)
+KV_FRACTION = 0.25  # of the device's free memory at load: the default KV budget
+
+
+def default_max_batch(decode: str) -> int:
+    return 1 if decode == "static" else DEFAULT_MAX_BATCH
+
+
+def default_kv_mb(cfg, max_context: int, dtype: torch.dtype, device) -> int:
+    """A quarter of the device's free memory at load (CUDA: free GPU memory; CPU: available RAM), and at least
+    what one request at the export's context limit holds."""
+    one = cache_bytes(cfg, max_context, dtype)
+    free = available_memory(device) or 0
+    return max(1, -(-max(one, int(free * KV_FRACTION)) // 2**20))
 
 
 def cache_bytes(cfg, entries: int, dtype: torch.dtype) -> int:

@@ -17,6 +17,7 @@ from models.errors import ResourceError
 from models.inputs import Prompt
 from runtime.answer import extract_answer
 from runtime.detok import Detokenizer
+from runtime.engine import TICK
 from runtime.generate import Cancelled, DecodeState, Timings
 from runtime.reuse import restore_prefix
 from runtime.sampling import SamplingParams
@@ -59,7 +60,7 @@ class Stream:
 
     def __init__(self, reasoner, prompt: Prompt, method: str, max_new_tokens: int,
                  sampling: SamplingParams, stop: list[str], controller, chunk: int = 1, events: bool = False,
-                 start: float | None = None, prepare_s: float = 0.0) -> None:
+                 start: float | None = None, prepare_s: float = 0.0, kv: int = 0) -> None:
         self.r, self.prompt, self.method, self.chunk = reasoner, prompt, method, chunk
         self.max_new_tokens, self.sampling, self.stop, self.controller = max_new_tokens, sampling, stop, controller
         self.events = events
@@ -67,6 +68,8 @@ class Stream:
         self.prepare_s = prepare_s
         self.result: Result | None = None
         self.queue_s = 0.0  # time the request waited for the engine's thread
+        self.kv = kv  # bytes of KV cache it will hold (the engine's budget counts them)
+        self._running = None  # what the engine tells it of its turns (``runtime.engine.Running``)
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
@@ -86,11 +89,11 @@ class Stream:
         iterator before the end cancels the request (``runtime.engine``)."""
         engine = self.r.engine
         if engine.on_engine_thread:  # made from inside the engine's own work: run here, it cannot wait for itself
-            yield from self._run(0.0)
+            yield from (piece for piece in self._run(0.0) if piece is not TICK)
             return
         finished = False
         try:
-            yield from engine.submit(self._run)
+            yield from engine.submit(self._run, kv=self.kv)
             finished = True
         finally:
             if not finished:
@@ -104,16 +107,16 @@ class Stream:
 
         finished = False
         try:
-            async for piece in self.r.engine.submit(self._run, AsyncChannel()):
+            async for piece in self.r.engine.submit(self._run, AsyncChannel(), kv=self.kv):
                 yield piece
             finished = True
         finally:
             if not finished:
                 self.cancel()
 
-    def _run(self, queue_s: float = 0.0) -> Iterator[str | TokenEvent]:
+    def _run(self, queue_s: float = 0.0, running=None) -> Iterator[str | TokenEvent | None]:
         r = self.r
-        self.queue_s = queue_s
+        self.queue_s, self._running = queue_s, running
         failed = False
         try:
             yield from self._generate()
@@ -158,7 +161,6 @@ class Stream:
             entry, reused, vkey, first = self._reusable()
             embeds, deepstack, vision_s, patches = r._prefill_inputs(self.prompt, reused, stopped)
             cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
-            r.kv_bytes = cache.nbytes
             if entry is not None:
                 restore_prefix(cache, entry, reused)
             state = DecodeState(r.head, cache, self.prompt.video_token_index.to(r.device), deepstack=deepstack)
@@ -179,6 +181,9 @@ class Stream:
             positions = self.prompt.positions[:, reused - 1 if whole else reused:].unsqueeze(1).to(r.device)
             for tok in loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens,
                                 self.sampling, r.stop_ids):
+                if tok is TICK:  # between prefill chunks: the engine may advance another request
+                    yield TICK
+                    continue
                 if not ids:
                     loop.timings.ttft_s = time.perf_counter() - self.start
                 ids.append(tok.id)
@@ -198,7 +203,6 @@ class Stream:
         except Cancelled:
             pass  # stopped before the first token: an empty result
         finally:
-            r.kv_bytes = 0
             self.result = self._result(loop, ids, ents, alphas, text)
             loop = None
 
@@ -206,6 +210,8 @@ class Stream:
         r = self.r
         steering = loop.steering if loop is not None else None
         timings = loop.timings if loop is not None else Timings(prepare_s=self.prepare_s, queue_s=self.queue_s)
+        if self._running is not None:
+            timings.batch_mean = self._running.batch_mean
         entropy = torch.stack(ents).float().cpu().tolist() if ents else []
         if alphas and torch.is_tensor(alphas[0]):  # static decode: read once, at the end
             alphas = torch.stack(alphas).cpu().tolist()

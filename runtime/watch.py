@@ -80,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
     ap.add_argument("--reuse-mb", type=int, default=None,
                     help="memory for reused vision features and prompt prefixes (default: see Reasoner.load)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="requests running at once, the sources' answers taking turns (default: see Reasoner.load)")
     ap.add_argument("--no-verify", action="store_true", help="skip hashing the export's files")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         for src, _ in sources:
             source_kind(src)
         reasoner = Reasoner.load(args.engine, backend=args.backend, device=args.device, verify=not args.no_verify,
-                                 reuse_mb=args.reuse_mb)
+                                 reuse_mb=args.reuse_mb, max_batch=args.max_batch)
         events = watch_many(reasoner, sources, args.window, args.every, args.fps, method=args.method,
                             trigger=args.trigger, max_windows=args.max_windows, realtime=not args.as_fast_as_possible,
                             reconnect=args.reconnect, max_new_tokens=args.max_new_tokens, template=args.template)

@@ -138,3 +138,92 @@ def test_eight_threads_of_five_requests_some_abandoning_or_cancelling(reasoner, 
 def test_queue_time_is_reported(reasoner):
     r = reasoner.ask(question=QUESTIONS[0], max_new_tokens=2)
     assert r.timings["queue_s"] >= 0.0
+
+
+# -- several requests running at once (max_batch), taking turns; the KV budget --------------------------------------
+
+def _solo_then_together(r, requests: list[dict]) -> tuple[list, list]:
+    """Each request alone, then all of them from threads at once."""
+    alone = [r.ask(**kw) for kw in requests]
+    boxes = [_in_thread(lambda kw=kw: r.ask(**kw)) for kw in requests]
+    for t, _ in boxes:
+        t.join(TIMEOUT)
+    assert all("value" in box for _, box in boxes), [box.get("error") for _, box in boxes]
+    return alone, [box["value"] for _, box in boxes]
+
+
+def test_requests_running_together_equal_each_alone(engine_dir):
+    """Base, V-Reason and Lite requests of different prompt lengths (a clip or none, short and long questions),
+    running four at a time and taking turns token by token, each give what they give alone: the same tokens, the
+    same entropies (1e-5), the same V-Reason trace; and they did run together."""
+    from models.samples import render_frames
+
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+    frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=4)]  # RGB
+    controller = {"every": 2, "steps": 1}
+    requests = [dict(question=QUESTIONS[0], max_new_tokens=12),
+                dict(question=QUESTIONS[1] * 6, max_new_tokens=9, method="vreason", controller=controller),
+                dict(frames=frames, fps=4.0, question=QUESTIONS[2], max_new_tokens=10, method="vreason-lite",
+                     controller=controller),
+                dict(frames=frames, fps=4.0, question=QUESTIONS[3], max_new_tokens=11, template="plain")]
+    alone, together = _solo_then_together(r, requests)
+    for a, b in zip(alone, together):
+        assert b.token_ids == a.token_ids
+        assert b.entropy == pytest.approx(a.entropy, abs=1e-5)
+        assert b.alpha == pytest.approx(a.alpha, abs=1e-6) and b.ema == pytest.approx(a.ema, abs=1e-5)
+    assert all(a.timings["batch_mean"] == 1.0 for a in alone)
+    assert max(b.timings["batch_mean"] for b in together) > 1.5  # they ran together, not one after the other
+
+
+def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypatch):
+    """While a long prompt is prefilled chunk by chunk, a request already decoding gets a token between every two
+    chunks: its wait between tokens is at most one decode step plus one prefill chunk (seen in the order of the
+    trunk's calls)."""
+    import runtime.stream
+
+    monkeypatch.setattr(runtime.stream, "PREFILL_CHUNK", 16)
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=2)
+    calls: list[int] = []
+    trunk = r.backend.trunk
+
+    def logged(embeds, *args, **kwargs):
+        calls.append(embeds.shape[1])
+        return trunk(embeds, *args, **kwargs)
+
+    monkeypatch.setattr(r.backend, "trunk", logged)
+    long = r.stream(question=" ".join(QUESTIONS * 12), max_new_tokens=2)  # prepared here, submitted below
+    pieces = iter(r.stream(question=QUESTIONS[0], max_new_tokens=300, events=True))
+    next(pieces)  # the first request is decoding
+    list(long)
+    rest = list(pieces)
+    assert len(long.result.prompt_token_ids) > 5 * 16 and len(rest) > 100
+    decoding = calls.index(1)  # the first request's first decode step: its own prefill chunks come before
+    chunks = [i for i, n in enumerate(calls) if n == 16 and i > decoding]  # the long prompt's full chunks
+    assert len(chunks) >= 5
+    between = [calls[a + 1:b] for a, b in zip(chunks, chunks[1:])]
+    assert all(1 in gap for gap in between), calls  # a decode step of the running request between every two
+
+
+def test_the_kv_budget_holds_requests_back_and_refuses_one_that_never_fits(engine_dir):
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+    need = r.kv_need(len(r.prepare(question=QUESTIONS[0], max_new_tokens=10).ids) + 10)
+    small = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4, kv_mb=need * 1.5 / 2**20)
+    # two such requests do not fit together: the second waits for the first, they never run side by side
+    alone, together = _solo_then_together(small, [dict(question=QUESTIONS[0], max_new_tokens=10)] * 2)
+    assert all(b.token_ids == alone[0].token_ids for b in together)
+    assert all(b.timings["batch_mean"] == 1.0 for b in together)
+    assert max(b.timings["queue_s"] for b in together) > 0
+    from runtime import ResourceError
+
+    with pytest.raises(ResourceError, match="kv_mb") as e:
+        small.ask(question=QUESTIONS[0], max_new_tokens=400)
+    assert len(str(e.value).splitlines()) == 1
+    assert small.ask(question=QUESTIONS[0], max_new_tokens=10).token_ids == alone[0].token_ids
+
+
+def test_static_decode_runs_one_request_at_a_time(engine_dir):
+    from runtime import InputError
+
+    assert Reasoner.load(engine_dir, backend="ort", decode="static").max_batch == 1
+    with pytest.raises(InputError, match="max_batch=2 needs dynamic decode"):
+        Reasoner.load(engine_dir, backend="ort", decode="static", max_batch=2)

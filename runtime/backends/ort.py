@@ -3,6 +3,7 @@ onnxruntime-gpu)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from runtime.backends.bindings import (
 )
 from runtime.backends.ort_graph import bind, run_bound
 from runtime.cache import KVCache
+
+STEP_BINDINGS = 8  # one-token bindings kept (one per running request's cache)
 
 
 class OrtBackend:
@@ -80,7 +83,9 @@ class OrtBackend:
         self.vision_levels = int(out[DEEPSTACK_OUTPUT][0]) if DEEPSTACK_OUTPUT in out else 0
         self._hidden = torch.empty(0)
         self._staging: list[torch.Tensor] = []
-        self._step: _Step | None = None  # the fused form's one-token binding, kept while the cache is the same
+        # the fused form's one-token bindings, one per cache, kept while the caches are the same (the engine's
+        # running requests take turns: each keeps its own); the least recently used goes past STEP_BINDINGS
+        self._steps: OrderedDict[tuple, _Step] = OrderedDict()
         self.threads = threads
         # PyTorch's work between this backend's calls (embedding, entropy, sampling, the controller) on one
         # thread: an OpenMP worker spins for milliseconds after each parallel op and would take a core from
@@ -139,14 +144,17 @@ class OrtBackend:
                    cache: KVCache) -> torch.Tensor:
         """One token through the fused form, decode and static alike: its binding (the cache's buffers, and this
         backend's own for the token's embedding, position, entry index and output) is made once per cache and
-        reused, so a step copies three small tensors in and runs (binding its ~100 tensors by address cost 0.4 ms
-        a step on the bench export). The output is the same buffer at every step."""
+        reused (one per running request), so a step copies three small tensors in and runs (binding its ~100
+        tensors by address cost 0.4 ms a step on the bench export). The output is the same buffer at every step of
+        a cache."""
         # the buffers' addresses and layouts, read off the views (``cache.storage``'s transposes and checks cost
         # ~50 us a step here; they run when the binding is made)
         held = (*cache.keys[: self.num_layers], *cache.values[: self.num_layers])
         key = (tuple(t.data_ptr() for t in held), tuple(t.stride(1) for t in held), cache.capacity)
-        step = self._step
-        if step is None or step.key != key:
+        step = self._steps.get(key)
+        if step is not None:
+            self._steps.move_to_end(key)
+        else:
             h = embeds.shape[2]
             step = _Step(key, torch.empty(1, 1, h, dtype=self.dtype, device=self.device),
                          torch.empty(3, 1, 1, dtype=torch.long, device=self.device),
@@ -155,7 +163,9 @@ class OrtBackend:
             inputs, outputs = head_major_bindings(self.num_layers, step.embeds, step.positions, step.length, cache,
                                                   step.hidden, self.deepstack.inputs(None, 1, self.dtype, self.device))
             step.io = bind(self.trunk_session, inputs, outputs, self.device)
-            self._step = step
+            self._steps[key] = step
+            while len(self._steps) > STEP_BINDINGS:
+                self._steps.popitem(last=False)
         step.embeds.copy_(embeds)
         step.positions.copy_(positions)
         if isinstance(length, torch.Tensor):

@@ -4,9 +4,11 @@ For each method (base, V-Reason) and each N: N threads start together on one ``R
 ``--repeats`` questions about the benchmark clip in turn. Reported per N: aggregate generated tokens per second
 (all tokens over the wall time from the first request to the last answer, prefill included), the median
 per-request decode rate, time to first token p50 / p95 (queueing for the engine included) and the median time a
-request waited for the engine (``queue_s``). Every answer is checked against the same request asked alone
-(greedy: identical tokens). The engine runs one request at a time (``runtime.engine``), so the aggregate rate
-shows what in-flight batching would have to improve on: with N clients, each waits for the others.
+request waited for its place in the engine (``queue_s``) and the mean number of requests running while it was
+advanced (``batch_mean``). Every answer is checked against the same request asked alone (greedy: identical
+tokens). The engine keeps up to ``max_batch`` requests running, taking turns a token or a prefill chunk at a time
+(``runtime.engine``), without a shared pass over the weights: the aggregate rate shows what in-flight batching
+would have to improve on.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def run_level(r, clip: Path, method: str, n: int, repeats: int, new_tokens: int,
         "per_request_decode_tokens_per_s": statistics.median(res.timings["decode_tokens_per_s"] for res in results),
         "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95),
         "queue_p50_s": statistics.median(res.timings["queue_s"] for res in results),
+        "batch_mean": statistics.mean(res.timings["batch_mean"] for res in results),
         "identical_to_solo": all(res.token_ids == solo for res in results),
     }
 
@@ -80,7 +83,8 @@ def run_concurrency(args) -> dict:
     r = Reasoner.load(args.engine, backend=backend, reuse_mb=0)
     clip = bench_clip(Path(args.work), args.seconds)
     levels = sorted(set(args.concurrency))
-    rep = {"engine": str(args.engine), "backend": r.backend.name, "new_tokens": args.new_tokens,
+    rep = {"engine": str(args.engine), "backend": r.backend.name, "max_batch": r.max_batch,
+           "new_tokens": args.new_tokens,
            "repeats": args.repeats, "levels": levels, "methods": {}}
     for method in ("base", "vreason"):
         solo = r.ask(video=str(clip), question=QUESTION, method=method, max_new_tokens=args.new_tokens,
@@ -99,16 +103,17 @@ def run_concurrency(args) -> dict:
 
 def concurrency_table(rep: dict) -> str:
     lines = [f"{rep['engine']} on {rep['backend']}: {rep['new_tokens']} new tokens, {rep['repeats']} requests per "
-             "client, clients started together; one engine thread, requests in turn (no batching yet)", "",
+             f"client, clients started together; one engine thread, up to {rep['max_batch']} requests taking turns "
+             "(no shared pass over the weights yet)", "",
              "| method | clients | aggregate tok/s | vs 1 client | per-request decode tok/s | TTFT p50 (s) | "
-             "TTFT p95 (s) | queue p50 (s) | answers = solo |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "TTFT p95 (s) | queue p50 (s) | batch mean | answers = solo |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, rows in rep["methods"].items():
         for row in rows:
             ratio = row["aggregate_over_one_client"]
             lines.append(f"| {method} | {row['clients']} | {row['aggregate_tokens_per_s']:.1f} | "
                          f"{'-' if ratio is None else f'x{ratio:.2f}'} | "
                          f"{row['per_request_decode_tokens_per_s']:.1f} | {row['ttft_p50_s']:.3f} | "
-                         f"{row['ttft_p95_s']:.3f} | {row['queue_p50_s']:.3f} | "
+                         f"{row['ttft_p95_s']:.3f} | {row['queue_p50_s']:.3f} | {row['batch_mean']:.2f} | "
                          f"{'yes' if row['identical_to_solo'] else 'NO'} |")
     return "\n".join(lines)

@@ -52,10 +52,10 @@ class Metrics:
         active.set_function(lambda: service.in_flight)
         memory = Gauge("vreason_reuse_store_bytes", "Bytes held by the reuse store", registry=self.registry)
         memory.set_function(lambda: service.r.reuse.used)
-        kv = Gauge("vreason_kv_cache_bytes", "Bytes of KV cache held by the requests running now",
+        kv = Gauge("vreason_kv_cache_bytes", "Bytes of KV cache the running requests hold (within kv_mb)",
                    registry=self.registry)
         kv.set_function(lambda: service.r.kv_bytes)
-        batch = Gauge("vreason_batch_size", "Requests the engine is decoding now (it runs one at a time)",
+        batch = Gauge("vreason_batch_size", "Requests running in the engine now (taking turns, up to max_batch)",
                       registry=self.registry)
         batch.set_function(lambda: service.r.engine.running)
         self.live_answers = Counter("vreason_live_answers", "Answers to live streams' questions",
