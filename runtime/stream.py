@@ -193,8 +193,8 @@ class Stream:
                 emitted += len(piece)
                 if self.events:
                     yield TokenEvent(tok.id, piece, float(tok.entropy))
-                elif piece:
-                    yield piece
+                else:
+                    yield piece or TICK  # nothing to show yet (an incomplete character): still a turn
                 if detok.stopped or stopped():
                     break
             text = detok.text(ids) if ids else ""
