@@ -3,7 +3,7 @@ tokens back through a channel of their own.
 
 A ``Reasoner`` holds one ``Engine``. ``Stream.__iter__`` submits its request and reads the channel. The engine's
 thread keeps up to ``max_batch`` requests running at once and advances them in turn, one unit of work each: a
-token, a prefill chunk or a group of vision frames (a request's generator yields ``TICK`` where it may be paused
+token, a prefill chunk or a vision encoder call (a request's generator yields ``TICK`` where it may be paused
 without a piece to give). So a long prompt being prefilled holds the other running requests for one chunk at a
 time, not for its whole prefill, and a short request started behind a long one gets its first token without
 waiting for the long one's last. Running requests take turns: each one's work is its own (its own KV cache and

@@ -27,7 +27,7 @@ from models.prompt import Tokenizer, load_chat_template, prompt_ids
 from models.registry import family
 from runtime.backends import resolve
 from runtime.cache import KVCache
-from runtime.engine import Engine
+from runtime.engine import TICK, Engine
 from runtime.generate import Cancelled, DecodeState, Loop
 from runtime.reuse import ReuseStore, default_reuse_mb, nbytes
 from runtime.sampling import SamplingParams
@@ -239,39 +239,55 @@ class Reasoner:
         visual token) of the prompt from token ``start`` on: token embeddings with the vision
         encoder's output at the visual pad tokens; for a family with DeepStack, its features scattered to the
         same positions (zero elsewhere). Visual inputs are encoded only where their tokens lie at or after
-        ``start``. ``cancelled()`` is checked between vision encoder calls."""
+        ``start``. ``cancelled()`` is checked between vision encoder calls. All at once: ``_prefill_steps`` is
+        the same, a vision encoder call at a time."""
+        steps = self._prefill_steps(prompt, start, cancelled)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _prefill_steps(self, prompt: Prompt, start: int = 0, cancelled=None):
+        """``_prefill_inputs`` as a generator: yields ``TICK`` between vision encoder calls (where the engine may
+        advance other requests), returns its tuple; no grad mode is held across a yield."""
         from models.qwen3_vl.model import scatter_deepstack
 
         t0 = time.perf_counter()
         ids = torch.tensor([prompt.ids[start:]], dtype=torch.long, device=self.device).view(1, -1)
-        deepstack, reused = None, 0
+        deepstack, reused, elsewhere = None, 0, 0.0
         with torch.no_grad():
             embeds = self.head.embed(ids)
             pad = (ids[0] == self.cfg.video_token_id) | (ids[0] == self.cfg.image_token_id)
-            if prompt.visuals and bool(pad.any()):
-                feats = []
-                for v in prompt.visuals:
-                    f, d, n = self._encode(v, cancelled)
-                    feats.append((f, d))
-                    reused += n
-                skip = int(prompt.video_token_index.lt(start).sum())  # visual tokens inside the reused prefix
+        if prompt.visuals and bool(pad.any()):
+            feats = []
+            for v in prompt.visuals:
+                waited = [0.0]
+                f, d, n = yield from self._encode(v, cancelled, waited)
+                elsewhere += waited[0]
+                feats.append((f, d))
+                reused += n
+            skip = int(prompt.video_token_index.lt(start).sum())  # visual tokens inside the reused prefix
+            with torch.no_grad():
                 embeds[0, pad] = torch.cat([f for f, _ in feats])[skip:].to(embeds.dtype)
                 if feats[0][1] is not None:
                     deepstack = scatter_deepstack([torch.cat([d for _, d in feats], dim=1)[:, skip:]], pad,
                                                   embeds.dtype)
-            elif prompt.visuals:  # every visual token lies in the restored prefix: every patch reused, none encoded
-                reused = sum(int(v.span.grid_thw[0]) for v in prompt.visuals)
+        elif prompt.visuals:  # every visual token lies in the restored prefix: every patch reused, none encoded
+            reused = sum(int(v.span.grid_thw[0]) for v in prompt.visuals)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return embeds, deepstack, time.perf_counter() - t0, reused
+        return embeds, deepstack, time.perf_counter() - t0 - elsewhere, reused
 
-    def _encode(self, v: Visual, cancelled=None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(features [tokens, H], DeepStack [K, tokens, H] or None, temporal patches reused) of one visual input.
-        Families whose encoder sees one temporal patch at a time are encoded in groups of ``VISION_GROUP``
-        patches (``cancelled()`` checked between groups), each patch's features kept in the reuse store and
-        taken from it when the same pixels come again."""
+    def _encode(self, v: Visual, cancelled=None, waited: list | None = None):
+        """A generator returning (features [tokens, H], DeepStack [K, tokens, H] or None, temporal patches reused)
+        of one visual input. Families whose encoder sees one temporal patch at a time are encoded in groups of
+        ``VISION_GROUP`` patches (``TICK`` yielded and ``cancelled()`` checked between groups; ``waited[0]`` adds
+        up the time spent away), each patch's features kept in the reuse store and taken from it when the same
+        pixels come again."""
         if not self.frame_local_vision:
-            f, d = self._encode_grid(v.pixel_values, v.indices, v.tokens)
+            with torch.no_grad():
+                f, d = self._encode_grid(v.pixel_values, v.indices, v.tokens)
             return f, d, 0
         t, h, w = (int(x) for x in v.span.grid_thw)
         per, tokens = h * w, h * w // self.cfg.vision.spatial_merge_size**2
@@ -280,11 +296,18 @@ class Reasoner:
         missing = [i for i, g in enumerate(got) if g is None]
         fam = family(self.cfg.model_type)
         for a in range(0, len(missing), VISION_GROUP):
+            if a:
+                away = time.perf_counter()
+                yield TICK
+                if waited is not None:
+                    waited[0] += time.perf_counter() - away
             if cancelled is not None and cancelled():
                 raise Cancelled
             group = missing[a:a + VISION_GROUP]
             rows = torch.cat([v.pixel_values[i * per:(i + 1) * per] for i in group])
-            f, d = self._encode_grid(rows, fam.vision_inputs((len(group), h, w), self.cfg.vision), tokens * len(group))
+            with torch.no_grad():
+                f, d = self._encode_grid(rows, fam.vision_inputs((len(group), h, w), self.cfg.vision),
+                                         tokens * len(group))
             for j, i in enumerate(group):
                 got[i] = (f[j * tokens:(j + 1) * tokens], None if d is None else d[:, j * tokens:(j + 1) * tokens])
                 if keys[i] is not None:  # a compact copy: a view would keep the whole group's output alive

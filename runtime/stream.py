@@ -159,7 +159,7 @@ class Stream:
             if stopped():
                 raise Cancelled
             entry, reused, vkey, first = self._reusable()
-            embeds, deepstack, vision_s, patches = r._prefill_inputs(self.prompt, reused, stopped)
+            embeds, deepstack, vision_s, patches = yield from r._prefill_steps(self.prompt, reused, stopped)
             cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
             if entry is not None:
                 restore_prefix(cache, entry, reused)

@@ -204,6 +204,36 @@ def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypat
     assert all(1 in gap for gap in between), calls  # a decode step of the running request between every two
 
 
+def test_a_new_requests_vision_encoding_takes_turns_with_a_running_request(engine_dir, monkeypatch):
+    """The vision encoder's calls for a new request's clip (groups of temporal patches) also take turns with a
+    request already decoding: a decode step of it between every two calls."""
+    from models.samples import render_frames
+
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=2)
+    calls: list[str] = []
+    trunk, vision = r.backend.trunk, r.backend.encode_vision
+
+    def logged_trunk(embeds, *args, **kwargs):
+        calls.append("decode" if embeds.shape[1] == 1 else "prefill")
+        return trunk(embeds, *args, **kwargs)
+
+    def logged_vision(*args, **kwargs):
+        calls.append("vision")
+        return vision(*args, **kwargs)
+
+    monkeypatch.setattr(r.backend, "trunk", logged_trunk)
+    monkeypatch.setattr(r.backend, "encode_vision", logged_vision)
+    frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=32)]
+    clip = r.stream(frames=frames, fps=4.0, question=QUESTIONS[0], max_new_tokens=2)  # 16 temporal patches
+    pieces = iter(r.stream(question=QUESTIONS[1], max_new_tokens=300, events=True))
+    next(pieces)  # the first request is decoding
+    list(clip)
+    assert len(list(pieces)) > 100
+    seen = [i for i, c in enumerate(calls) if c == "vision"]
+    assert len(seen) >= 4  # groups of VISION_GROUP patches
+    assert all("decode" in calls[a + 1:b] for a, b in zip(seen, seen[1:])), calls
+
+
 def test_the_kv_budget_holds_requests_back_and_refuses_one_that_never_fits(engine_dir):
     r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
     need = r.kv_need(len(r.prepare(question=QUESTIONS[0], max_new_tokens=10).ids) + 10)

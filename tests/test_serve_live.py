@@ -129,9 +129,11 @@ def test_a_stream_answers_alerts_fire_and_it_can_be_asked_about(server, reasoner
 
     metrics = c.get("/metrics").text
     assert f'vreason_stream_answers_total{{stream="{sid}"}}' in metrics and "vreason_alerts_fired_total" in metrics
+    hits = next(line for line in metrics.splitlines() if line.startswith("vreason_reuse_hits_total"))
+    assert float(hits.split()[-1]) > 0  # the repeated window's prefix came from the reuse store
     for name in ("vreason_stream_skipped_ticks_total", "vreason_stream_dropped_frames_total",
                  "vreason_stream_reconnects_total", "vreason_kv_cache_bytes", "vreason_batch_size",
-                 "vreason_live_answers_total"):
+                 "vreason_live_answers_total", "vreason_reuse_hits_total"):
         assert name in metrics
 
     # deleting the stream ends its event stream and takes its alerts with it

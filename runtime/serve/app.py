@@ -60,6 +60,8 @@ class Metrics:
         batch.set_function(lambda: service.r.engine.running)
         self.live_answers = Counter("vreason_live_answers", "Answers to live streams' questions",
                                     registry=self.registry)
+        self.reuse_hits = Counter("vreason_reuse_hits", "Answers that restored a prompt prefix or reused vision "
+                                  "features from the reuse store", registry=self.registry)
         self.registry.register(StreamCollector(service.streams))
 
     def answered(self, result, live: bool = False) -> None:
@@ -69,6 +71,8 @@ class Metrics:
         self.tokens.inc(len(result.token_ids))
         self.prompt_tokens.inc(len(result.prompt_token_ids))
         self.reused.inc(t.get("reused_prompt_tokens", 0))
+        if t.get("reused_prompt_tokens") or t.get("reused_vision_patches"):
+            self.reuse_hits.inc()
         self.queue.observe(t.get("queue_s", 0.0))
         if result.token_ids:
             self.ttft.observe(t["ttft_s"])
