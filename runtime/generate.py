@@ -118,7 +118,7 @@ class Loop:
     @property
     def head_graph(self):
         """The backend's head as a graph of its own (``base_head``: ONNX Runtime on CPU), or None."""
-        return getattr(self.backend, "base_head", None)
+        return self.backend.base_head
 
     def head_step(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor,
                   write: bool = True, logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,7 +196,7 @@ class Loop:
     def threads(self):
         """The PyTorch thread setting for this loop's own work: the backend's ``torch_threads`` (ONNX Runtime on
         CPU asks for one, see ``OrtBackend``), else PyTorch's as it is."""
-        return torch_threads(getattr(self.backend, "torch_threads", 0))
+        return torch_threads(self.backend.torch_threads)
 
     def run(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor, next_position: int,
             max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token | None]:

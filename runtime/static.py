@@ -53,7 +53,7 @@ class StaticLoop(Loop):
         key = (id(state.cache), max_new_tokens, greedy, self.compile, _steering_key(self.steering))
         # a backend whose captured work may not outlive the next prefill (TensorRT switches its optimization
         # profile for prefill) captures again for every answer
-        keep = self.sessions is not None and getattr(self.backend, "graphs_outlive_prefill", True)
+        keep = self.sessions is not None and self.backend.graphs_outlive_prefill
         held = self.sessions.get("static") if keep else None
         if held is not None and held[0] == key:
             # same shapes as the last request: its buffers, captured graphs and controller tensors, refilled

@@ -139,7 +139,7 @@ class Stream:
         r, p = self.r, self.prompt
         vkey = tuple(v.key() for v in p.visuals) if r.reuse.enabled else ()
         first = int(p.video_token_index[0]) if p.video_token_index.numel() else len(p.ids)
-        if not r.reuse.enabled or not getattr(r.backend, "suffix_prefill", True):
+        if not r.reuse.enabled or not r.backend.suffix_prefill:
             return None, 0, vkey, first
         entry, n = r.reuse.best_prefix(p.ids, vkey, first)
         return entry, n, vkey, first
@@ -170,7 +170,7 @@ class Stream:
             loop.timings.queue_s = self.queue_s
             loop.timings.reused_prompt_tokens, loop.timings.reused_vision_patches = reused, patches
             loop.cancelled = stopped
-            if getattr(r.backend, "suffix_prefill", True):
+            if r.backend.suffix_prefill:
                 loop.prefill_chunk = PREFILL_CHUNK
             if r.reuse.enabled and reused < len(self.prompt.ids):
                 ids_all = self.prompt.ids

@@ -239,3 +239,21 @@ def test_help_documents_every_option(capsys):
                  "--max-new-tokens", "--temperature", "--seed", "--stream", "--json", "--plot", "--fps",
                  "--vreason-beta", "--vreason-every", "--vreason-steps", "--vreason-lr", "--lite-ratio"):
         assert flag in text
+
+
+def test_every_backend_is_a_typed_backend(engine_dir):
+    """The backends declare what they can do (``runtime.backends.base``); nothing reads a capability with getattr."""
+    import re
+    from pathlib import Path
+
+    from runtime.backends.base import Backend, BackendBase
+    from runtime.backends.trt import TrtBackend
+
+    for backend in ("ort", "torch"):
+        b = Reasoner.load(engine_dir, backend=backend, reuse_mb=0).backend
+        assert isinstance(b, Backend) and isinstance(b, BackendBase) and b.name == backend
+    assert issubclass(TrtBackend, BackendBase) and not TrtBackend.graphs_outlive_prefill
+    root = Path(__file__).resolve().parents[1] / "runtime"
+    for path in root.rglob("*.py"):
+        if "bench" not in path.parts:
+            assert not re.search(r"getattr\([^)]*backend", path.read_text()), path

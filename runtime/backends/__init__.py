@@ -6,8 +6,9 @@
 | `ort`   | CPU (CUDA with onnxruntime-gpu) | `runtime.backends.ort` (IO binding into the cache) |
 | `torch` | any | `runtime.backends.torch_ref` (PyTorch modules: the parity reference) |
 
-Every backend implements ``encode_vision(inputs) -> embeds`` and ``trunk(embeds, positions, cache) ->
-hidden``, writing the trunk's new cache entries into ``cache.slot(...)`` in place.
+Every backend is a ``runtime.backends.base.Backend``: ``encode_vision(inputs) -> embeds``, ``trunk(embeds,
+positions, cache) -> hidden`` (the trunk's new cache entries written in place) and ``trunk_step`` for static decode,
+and what it can do declared as attributes (``BackendBase`` holds the defaults).
 """
 
 from __future__ import annotations

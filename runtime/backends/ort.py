@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.backends.base import BackendBase
 from runtime.backends.bindings import (
     DEEPSTACK_INPUT,
     DEEPSTACK_OUTPUT,
@@ -27,7 +28,7 @@ from runtime.cache import KVCache
 STEP_BINDINGS = 8  # one-token bindings kept (one per running request's cache)
 
 
-class OrtBackend:
+class OrtBackend(BackendBase):
     name = "ort"
 
     def __init__(self, engine_dir: Path, dtype: torch.dtype, device: str = "cpu", threads: int = 0,

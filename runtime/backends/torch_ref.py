@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.backends.base import BackendBase
 from runtime.cache import KVCache
 
 
@@ -47,7 +48,7 @@ def compile_options(module: torch.nn.Module) -> dict:
     return {"coordinate_descent_tuning": True} if widened else {}
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     name = "torch"
     head_major_layers = 0  # the KV cache layers it reads head-major (``KVCache.allocate``): none
 

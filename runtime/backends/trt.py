@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from models.errors import UserError
+from runtime.backends.base import BackendBase
 from runtime.backends.bindings import (
     DEEPSTACK_INPUT,
     DEEPSTACK_OUTPUT,
@@ -85,7 +86,7 @@ class _Engine:
             raise TrtError(f"{self.path.name}: TensorRT execution failed")
 
 
-class TrtBackend:
+class TrtBackend(BackendBase):
     name = "trt"
     head_major_layers = 0  # the KV cache layers it reads head-major (``KVCache.allocate``): none
     # prefill switches the context to another optimization profile between answers; whether a CUDA graph

@@ -1,0 +1,49 @@
+"""What a backend is: the typed protocol the decode loop, the engine and the Reasoner use, and the defaults a
+backend declares against (``BackendBase``), in place of capability flags read with ``getattr``."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from runtime.cache import KVCache
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A backend runs the vision encoder and the decoder trunk (the head runs in PyTorch, ``Loop.head_step``)."""
+
+    name: str  # "trt", "ort", "torch"
+    device: torch.device
+    dtype: torch.dtype
+    head_major_layers: int  # how many of the first cache layers it reads and writes head-major (KVCache.allocate)
+    suffix_prefill: bool  # it can prefill on top of a cache that already holds entries (reuse, chunked prefill)
+    graphs_outlive_prefill: bool  # CUDA graphs captured on a cache stay valid after another request's prefill
+    torch_threads: int  # PyTorch threads for the loop's own work between its calls (0: as they are)
+    base_head: object | None  # the head as a graph of its own, for steps without autograd (None: PyTorch's head)
+
+    def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
+                      hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embeds [tokens, hidden], DeepStack features [K, tokens, hidden] or None) of one visual input; fresh
+        tensors at every call."""
+
+    def trunk(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+              deepstack: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [1, S, H] of ``embeds`` at ``positions`` over ``cache`` (its first ``cache.length``
+        entries), the S new entries written at ``cache.length`` in place; the caller advances the length."""
+
+    def trunk_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   index: torch.Tensor) -> torch.Tensor:
+        """Static decode: one token over the whole fixed-capacity cache, its entry written at ``index``."""
+
+
+class BackendBase:
+    """The defaults of ``Backend``'s declarations; a backend states only where it differs."""
+
+    name = "backend"
+    head_major_layers = 0
+    suffix_prefill = True
+    graphs_outlive_prefill = True
+    torch_threads = 0
+    base_head = None
