@@ -49,12 +49,25 @@ class Channel:
                 kind, value = self._q.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive in the consumer
             except queue.Empty:
                 continue
-            if kind == _ITEM:
-                yield value
-            elif kind == _ERROR:
-                raise value
-            else:
+            if not _piece(kind, value):
                 return
+            yield value
+
+
+def _piece(kind: int, value) -> bool:
+    """Whether a channel item is a piece (False: the request's end); raises the request's error."""
+    if kind == _ERROR:
+        raise value
+    return kind == _ITEM
+
+
+def drain(gen):
+    """Run a generator to its end, passing over what it yields (``TICK``s); its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
 
 
 class AsyncChannel:
@@ -76,12 +89,9 @@ class AsyncChannel:
     async def __aiter__(self):
         while True:
             kind, value = await self._q.get()
-            if kind == _ITEM:
-                yield value
-            elif kind == _ERROR:
-                raise value
-            else:
+            if not _piece(kind, value):
                 return
+            yield value
 
 
 class Running:

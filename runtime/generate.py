@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from runtime.cache import KVCache
-from runtime.engine import TICK
+from runtime.engine import TICK, drain
 from runtime.sampling import SamplingParams, entropy, sample
 
 
@@ -149,12 +149,7 @@ class Loop:
         then the steering's after-prefill hook (Lite pruning: the first logits come from the unpruned
         prefill). Leaves the last prompt token as the current query in ``state``. All at once: ``prefill_chunks``
         is the same, a chunk at a time."""
-        chunks = self.prefill_chunks(state, embeds, positions)
-        while True:
-            try:
-                next(chunks)
-            except StopIteration as done:
-                return done.value
+        return drain(self.prefill_chunks(state, embeds, positions))
 
     def prefill_chunks(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor
                        ) -> Generator[None, None, torch.Tensor]:

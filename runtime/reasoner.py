@@ -27,7 +27,7 @@ from models.prompt import Tokenizer, load_chat_template, prompt_ids
 from models.registry import family
 from runtime.backends import resolve
 from runtime.cache import KVCache
-from runtime.engine import TICK, Engine
+from runtime.engine import TICK, Engine, drain
 from runtime.generate import Cancelled, DecodeState, Loop
 from runtime.reuse import ReuseStore, default_reuse_mb, nbytes
 from runtime.sampling import SamplingParams
@@ -241,12 +241,7 @@ class Reasoner:
         same positions (zero elsewhere). Visual inputs are encoded only where their tokens lie at or after
         ``start``. ``cancelled()`` is checked between vision encoder calls. All at once: ``_prefill_steps`` is
         the same, a vision encoder call at a time."""
-        steps = self._prefill_steps(prompt, start, cancelled)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return drain(self._prefill_steps(prompt, start, cancelled))
 
     def _prefill_steps(self, prompt: Prompt, start: int = 0, cancelled=None):
         """``_prefill_inputs`` as a generator: yields ``TICK`` between vision encoder calls (where the engine may
