@@ -276,7 +276,7 @@ def test_peer_builds_and_runs_the_same_decoder_shape(quantized, tmp_path, capsys
     def peer(prompt_tokens) -> int:
         return peer_main(["--engine", str(engine), "--precision", "int4", "--prompt-tokens", str(prompt_tokens),
                           "--new-tokens", "4", "--repeats", "1", "--work", str(tmp_path), "--against", str(engine),
-                          "--rounds", "3", "--seconds", "1", "--json"])
+                          "--rounds", "3", "--seconds", "1", "--batch", "2", "--json"])
 
     # the two sides must prefill as many tokens: a mismatch is one line naming the length to pass
     assert peer(20) != 0
@@ -285,6 +285,8 @@ def test_peer_builds_and_runs_the_same_decoder_shape(quantized, tmp_path, capsys
     assert peer(int(err.rsplit(" ", 1)[1])) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["decode_s_per_token"] > 0 and rep["export_bytes"] > 0 and rep["precision"] == "int4"
+    batch = rep["batch"]  # two requests generated together by onnxruntime-genai
+    assert batch["size"] == 2 and batch["aggregate_decode_tokens_per_s"] > 0 and batch["aggregate_over_one"] > 0
     sbs = rep["side_by_side"]  # the export on ort and the peer, alternated in one process
     assert sbs["engine"] == str(engine) and sbs["rounds"] == 3 and sbs["trunk"] == "fused"
     assert sbs["ratio_min"] <= sbs["ratio"] <= sbs["ratio_max"] and sbs["decode_tokens_per_s"] > 0

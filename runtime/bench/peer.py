@@ -5,6 +5,9 @@ speed is compared).
 ``python -m runtime.bench.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
 one model: prefill of ``--prompt-tokens`` random ids, then ``--new-tokens`` greedy tokens; medians of
 ``--repeats``. Runs in its own process (``runtime.bench`` starts it) so that its peak memory is its own.
+``--batch N`` also times N requests generated together (onnxruntime-genai's batching: equal prompts started
+together), alternating with single requests, and reports the aggregate decode rate and its ratio to one
+request's: the figure in-flight batching (issue 32) is measured against.
 
 With ``--against EXPORT`` it then also loads that export on the ort backend in the same process and alternates
 requests, one of each per round (which goes first alternates too), for ``--rounds`` rounds: this machine's
@@ -69,7 +72,7 @@ def build(text: dict, precision: str, work: Path) -> Path:
     return out
 
 
-def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int) -> dict:
+def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int, batch: int = 1) -> dict:
     import numpy as np
     import onnxruntime_genai as og
     import torch
@@ -84,12 +87,14 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
     model = og.Model(config)
     ids = np.random.default_rng(0).integers(10, vocab - 10, prompt_tokens).tolist()
 
-    def once() -> tuple[float, float]:
+    def once(batch: int = 1) -> tuple[float, float]:
+        """(prefill and first token's seconds, seconds per decode step) of one request, or of ``batch`` of them
+        generated together (onnxruntime-genai's batching: prompts of one length, started together)."""
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt_tokens + new_tokens, do_sample=False)
+        params.set_search_options(max_length=prompt_tokens + new_tokens, do_sample=False, batch_size=batch)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(ids)  # prefill
+        gen.append_tokens(np.array([ids] * batch, dtype=np.int32) if batch > 1 else ids)  # prefill
         gen.generate_next_token()
         t1 = time.perf_counter()
         n = 1
@@ -102,9 +107,19 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
     reset_peak_rss()
     runs = [once() for _ in range(repeats)]
     files = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".onnx", ".data"))
-    return {"ttft_s": statistics.median(r[0] for r in runs),
-            "decode_s_per_token": statistics.median(r[1] for r in runs), "prompt_tokens": prompt_tokens,
-            "peak_memory_bytes": peak_rss(), "export_bytes": files, "once": once}
+    rep = {"ttft_s": statistics.median(r[0] for r in runs),
+           "decode_s_per_token": statistics.median(r[1] for r in runs), "prompt_tokens": prompt_tokens,
+           "peak_memory_bytes": peak_rss(), "export_bytes": files, "once": once}
+    if batch > 1:  # measured after the single requests, alternating with them: ratios within one machine state
+        pairs = []
+        for _ in range(repeats):
+            one, many = once()[1], once(batch)[1]
+            pairs.append((one, many))
+        rep["batch"] = {"size": batch, "decode_s_per_step": statistics.median(m for _, m in pairs),
+                        "aggregate_decode_tokens_per_s": batch / statistics.median(m for _, m in pairs),
+                        "one_request_decode_tokens_per_s": 1 / statistics.median(o for o, _ in pairs),
+                        "aggregate_over_one": statistics.median(batch * o / m for o, m in pairs)}
+    return rep
 
 
 def side_by_side(once, engine: Path, new_tokens: int, rounds: int, seconds: float, work: Path,
@@ -156,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="with --against: length of the benchmark clip")
     ap.add_argument("--ort-trunk", choices=("auto", "fused", "standard"), default="auto",
                     help="with --against: the ort backend's trunk form")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="also time this many requests generated together (onnxruntime-genai's batching), "
+                         "alternating with single ones: the aggregate rate in-flight batching is measured against")
     ap.add_argument("--json", action="store_true", help="print the measurement as JSON")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -169,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         checks.check_number("--prompt-tokens", args.prompt_tokens, lo=1, integer=True)
         checks.check_number("--new-tokens", args.new_tokens, lo=2, integer=True)
         checks.check_number("--repeats", args.repeats, lo=1, integer=True)
+        checks.check_number("--batch", args.batch, lo=1, hi=64, integer=True)
         text = read_manifest(checks.input_dir(args.engine, "--engine"))["config"]["text"]
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         against = checks.input_dir(args.against, "--against") if args.against else None
         checks.check_number("--rounds", args.rounds, lo=1, integer=True)
         rep = measure(build(text, args.precision, work), args.prompt_tokens, args.new_tokens, args.repeats,
-                      text["vocab_size"])
+                      text["vocab_size"], args.batch)
         once = rep.pop("once")
         rep["precision"] = args.precision
         if against is not None:
@@ -183,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                                                args.ort_trunk, args.prompt_tokens)
         line = (f"onnxruntime-genai {args.precision}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
                 f"TTFT {rep['ttft_s']:.3f} s, peak memory {rep['peak_memory_bytes'] / 1e6:.0f} MB")
+        if "batch" in rep:
+            b = rep["batch"]
+            line += (f"\n{b['size']} requests generated together: {b['aggregate_decode_tokens_per_s']:.1f} tokens/s "
+                     f"in all, x{b['aggregate_over_one']:.2f} one request's {b['one_request_decode_tokens_per_s']:.1f}")
         if against is not None:
             sbs = rep["side_by_side"]
             line += (f"\nalternating with {against} (ort): {sbs['decode_tokens_per_s']:.1f} against "
