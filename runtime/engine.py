@@ -121,8 +121,13 @@ class Engine:
         self.max_batch = max_batch
         self.kv_budget = kv_bytes  # None: no budget
         self.waiting = 0  # requests queued, not started
-        self.running = 0  # requests running (taking turns)
+        self._active: list[list] = []  # the running requests: [generator, channel, threads, kv, running]
         self.kv_in_use = 0  # bytes of KV cache the running requests declared
+
+    @property
+    def running(self) -> int:
+        """Requests running (taking turns)."""
+        return len(self._active)
 
     def submit(self, run: Callable[[float, Running], Iterator], channel: Channel | AsyncChannel | None = None,
                kv: int = 0) -> Channel | AsyncChannel:
@@ -167,8 +172,8 @@ class Engine:
         if self._device is not None and torch.device(self._device).type == "cuda":
             torch.cuda.set_device(torch.device(self._device))
         pending: deque = deque()  # submitted, not yet running (first in, first out)
-        active: list[list] = []  # [generator, channel, threads, kv, running]
         while True:
+            active = self._active
             if not active and not pending:
                 pending.append(self._queue.get())  # idle: wait for a request
             while True:
@@ -191,7 +196,6 @@ class Engine:
                     continue
                 active.append([gen, channel, threads, kv, running])
                 self.kv_in_use += kv
-                self.running = len(active)
             for row in list(active):  # one unit of work each
                 gen, channel, threads, kv, running = row
                 running.turns += 1
@@ -210,7 +214,6 @@ class Engine:
                     channel.put(_ERROR, e)
                     channel.put(_DONE)
                 if finished:
-                    active = [r for r in active if r is not row]
+                    active = self._active = [r for r in active if r is not row]
                     self.kv_in_use -= kv
-                    self.running = len(active)
                     row.clear()  # the generator and its tensors go now, not at the next request

@@ -439,6 +439,28 @@ class Reasoner:
         return VReason(self.controller_config(controller), state, lite=(method == "vreason-lite"))
 
 
+def add_load_arguments(ap) -> None:
+    """The ``Reasoner.load`` options a long-running command (``runtime.watch``, ``runtime.serve``) takes;
+    ``load_options`` reads them back."""
+    ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="requests running at once, taking turns a token or a prefill chunk at a time (default 4 with "
+                         "dynamic decode, 1 with static)")
+    ap.add_argument("--kv-mb", type=float, default=None,
+                    help="KV cache (MiB) the running requests may hold together; more wait (default: a quarter of "
+                         "free memory, at least one request at the export's context limit)")
+    ap.add_argument("--reuse-mb", type=int, default=None,
+                    help="memory for reused vision features and prompt prefixes (default: see Reasoner.load)")
+    ap.add_argument("--no-verify", action="store_true", help="skip hashing the export's files")
+
+
+def load_options(args) -> dict:
+    """``Reasoner.load`` keywords from ``add_load_arguments``' options."""
+    return {"backend": args.backend, "device": args.device, "max_batch": args.max_batch, "kv_mb": args.kv_mb,
+            "reuse_mb": args.reuse_mb, "verify": not args.no_verify}
+
+
 DEFAULT_MAX_BATCH = 4  # requests running at once with dynamic decode (static decode: 1)
 KV_FRACTION = 0.25  # of the device's free memory at load: the default KV budget
 

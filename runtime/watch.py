@@ -19,7 +19,7 @@ from models import checks
 from models.checks import process_memory
 from models.errors import InputError, run_cli
 from runtime.live import WATCH_MAX_NEW_TOKENS, WATCH_TEMPLATE, source_kind, watch_many
-from runtime.reasoner import Reasoner
+from runtime.reasoner import Reasoner, add_load_arguments, load_options
 
 
 class Ordered(argparse.Action):
@@ -76,13 +76,7 @@ def parser() -> argparse.ArgumentParser:
                     help="file or folder source: read as fast as answering allows (offline; no tick skipped)")
     ap.add_argument("--reconnect", type=int, default=5,
                     help="live source: give up after this many failed reopenings in a row (backoff 0.5 s doubling)")
-    ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
-    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
-    ap.add_argument("--reuse-mb", type=int, default=None,
-                    help="memory for reused vision features and prompt prefixes (default: see Reasoner.load)")
-    ap.add_argument("--max-batch", type=int, default=None,
-                    help="requests running at once, the sources' answers taking turns (default: see Reasoner.load)")
-    ap.add_argument("--no-verify", action="store_true", help="skip hashing the export's files")
+    add_load_arguments(ap)
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
@@ -98,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
         sources = sources_of(args.order)
         for src, _ in sources:
             source_kind(src)
-        reasoner = Reasoner.load(args.engine, backend=args.backend, device=args.device, verify=not args.no_verify,
-                                 reuse_mb=args.reuse_mb, max_batch=args.max_batch)
+        reasoner = Reasoner.load(args.engine, **load_options(args))
         events = watch_many(reasoner, sources, args.window, args.every, args.fps, method=args.method,
                             trigger=args.trigger, max_windows=args.max_windows, realtime=not args.as_fast_as_possible,
                             reconnect=args.reconnect, max_new_tokens=args.max_new_tokens, template=args.template)

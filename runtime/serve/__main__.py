@@ -18,6 +18,7 @@ import sys
 
 from models import checks
 from models.errors import UserError, run_cli
+from runtime.reasoner import add_load_arguments, load_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,16 +43,7 @@ def parser() -> argparse.ArgumentParser:
                     help="largest request body (data: URLs included) and largest fetched media file")
     ap.add_argument("--max-queue", type=int, default=64,
                     help="chat requests that may wait behind the one being answered; more get 429 with Retry-After")
-    ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
-    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
-    ap.add_argument("--max-batch", type=int, default=None,
-                    help="requests running at once, taking turns a token or a prefill chunk at a time (default 4 with "
-                         "dynamic decode, 1 with static)")
-    ap.add_argument("--kv-mb", type=float, default=None,
-                    help="KV cache (MiB) the running requests may hold together; more wait (default: a quarter of "
-                         "free memory, at least one request at the export's context limit)")
-    ap.add_argument("--reuse-mb", type=int, default=None, help="memory for reuse across requests (see runtime)")
-    ap.add_argument("--no-verify", action="store_true", help="skip hashing the export's files")
+    add_load_arguments(ap)
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
@@ -79,9 +71,7 @@ def run(args) -> int:
     service = app(args.engine, api_key=args.api_key or None, media_root=args.media_root,
                   max_body_mb=args.max_body_mb, max_queue=args.max_queue,
                   allow_remote_media=args.allow_remote_media, media_hosts=args.allow_media_host,
-                  allow_camera=args.allow_camera, max_streams=args.max_streams, backend=args.backend,
-                  device=args.device,
-                  reuse_mb=args.reuse_mb, max_batch=args.max_batch, kv_mb=args.kv_mb, verify=not args.no_verify)
+                  allow_camera=args.allow_camera, max_streams=args.max_streams, **load_options(args))
     print(f"serving {args.engine} on http://{args.host}:{args.port} (key {'required' if args.api_key else 'none'})",
           file=sys.stderr)
     config = uvicorn.Config(service, host=args.host, port=args.port, log_level="info",

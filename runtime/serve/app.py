@@ -296,8 +296,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                          "model": svc.model, "choices": [choice], **extra}) + "\n\n"
+            return sse_event({"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.model,
+                        "choices": [choice], **extra})
         finished = False
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -314,7 +314,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
             finished = True
             svc.metrics.requests.labels("client_error").inc()
             log_request(request, 400, rid=rid, error=str(e).splitlines()[0], streamed=True)
-            yield "data: " + json.dumps(ApiError(400, str(e).splitlines()[0]).body()) + "\n\n"
+            yield sse_event(ApiError(400, str(e).splitlines()[0]).body())
         finally:
             svc.in_flight -= 1
             if not finished:  # the client went away: the request stops in the engine after its current token
@@ -363,7 +363,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                         continue
                     if event is None:
                         return
-                    yield "data: " + json.dumps(event) + "\n\n"
+                    yield sse_event(event)
             finally:
                 s.unsubscribe(queue)
         return StreamingResponse(lines(), media_type="text/event-stream",
@@ -417,6 +417,11 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
 
 KEEPALIVE_S = 15.0  # an event stream with nothing to say sends a comment line this often
 PAGE = Path(__file__).with_name("page.html")
+
+
+def sse_event(obj) -> str:
+    """One Server-Sent Event carrying ``obj`` as JSON."""
+    return "data: " + json.dumps(obj) + "\n\n"
 
 
 def log_request(request, status: int, rid: str | None = None, result=None, error: str | None = None,

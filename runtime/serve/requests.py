@@ -63,25 +63,26 @@ def _data_url(url: str, tmp: Path) -> Path:
     return path
 
 
-def blocked_address(host: str, port: int, allowed: set[str]) -> str | None:
-    """The first address ``host`` resolves to that is loopback, link-local, private or otherwise not public, unless
-    the host or that address is listed in ``allowed``; None when every address may be fetched."""
+def check_public_host(host: str, port: int, allowed: set[str], what: str = "media", param: str = "messages") -> None:
+    """Refuse (403) a ``host`` that resolves to a loopback, link-local, private or otherwise not public address,
+    unless the host or that address is listed in ``allowed``; 400 when it does not resolve. ``what`` names the host
+    in the message (``media``, ``stream``)."""
     import ipaddress
     import socket
 
     if host in allowed:
-        return None
+        return
     try:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except OSError as e:
-        raise ApiError(400, f"media host {host!r} does not resolve ({e.strerror or e})", param="messages") from None
+        raise ApiError(400, f"{what} host {host!r} does not resolve ({e.strerror or e})", param=param) from None
     for info in infos:
         addr = ipaddress.ip_address(info[4][0])
         if str(addr) in allowed:
             continue
         if not addr.is_global or addr.is_multicast:
-            return str(addr)
-    return None
+            raise ApiError(403, f"{what} host {host} resolves to {addr}, a loopback, link-local or private address; "
+                                "refused unless listed with --allow-media-host", "permission_error", param)
 
 
 def _remote(url: str, tmp: Path, allowed: set[str], max_bytes: int) -> Path:
@@ -95,10 +96,7 @@ def _remote(url: str, tmp: Path, allowed: set[str], max_bytes: int) -> Path:
     if not parts.hostname:
         raise ApiError(400, f"media URL {url!r} has no host", param="messages")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    blocked = blocked_address(parts.hostname, port, allowed)
-    if blocked is not None:
-        raise ApiError(403, f"media host {parts.hostname} resolves to {blocked}, a loopback, link-local or private "
-                            "address; refused unless listed with --allow-media-host", "permission_error", "messages")
+    check_public_host(parts.hostname, port, allowed)
     try:
         with httpx.stream("GET", url, follow_redirects=False, timeout=30) as r:
             if r.status_code != 200:

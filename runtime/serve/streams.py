@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from models import checks
 from models.errors import UserError
 from runtime.live import Capture, Window, answer_line, check_requests, source_kind, ticks, wall_clock
-from runtime.serve.requests import ApiError, blocked_address, media_path
+from runtime.serve.requests import ApiError, check_public_host, media_path
 
 SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")  # what a stream URL may be
 TRIGGER_TIMEOUT_S = 0.05  # a trigger regex gets this long per answer (regex's own timeout: no catastrophic patterns)
@@ -307,11 +307,7 @@ class Streams:
             if not parts.hostname:
                 raise ApiError(400, f"stream URL {given!r} has no host", param="url")
             default = {"rtsp": 554, "rtsps": 322, "rtmp": 1935, "https": 443}.get(parts.scheme.lower(), 80)
-            blocked = blocked_address(parts.hostname, parts.port or default, self.remote)
-            if blocked is not None:
-                raise ApiError(403, f"stream host {parts.hostname} resolves to {blocked}, a loopback, link-local or "
-                                    "private address; refused unless listed with --allow-media-host",
-                               "permission_error", "url")
+            check_public_host(parts.hostname, parts.port or default, self.remote, "stream", "url")
             return given
         path = media_path(given, self.media_root, param="url", folders=True)
         try:
