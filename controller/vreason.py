@@ -103,9 +103,18 @@ class VReason:
         return step % self.cfg.every == 0 and self.cfg.steps > 0 and self.rows is not None and self.rows.numel() > 0
 
     def step(self, state, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
+        alpha = self.update(state, logits, recompute)
+        if alpha is not None:
+            with torch.no_grad():
+                logits = recompute(state)
+        self.record(logits, alpha or 0.0)
+        return logits, alpha or 0.0
+
+    def update(self, state, logits: torch.Tensor, recompute) -> float | None:
+        """The scheduled update for this token (its alpha), or None where none is due. The caller recomputes the
+        token's logits over the updated cache and ``record``s them (``step`` does both)."""
         if not self.scheduled(state.step):
-            self.tracker.record(float(entropy(logits)), 0.0)
-            return logits, 0.0
+            return None
         _, _, alpha = self.tracker.preview(float(entropy(logits.detach())))
         # the first step starts from this token's own logits: with their graph when they were computed with
         # autograd on, else handed to the differentiable recompute as its LM head's output. Lite's first logits
@@ -116,10 +125,64 @@ class VReason:
                 current = recompute(state)
         for i in range(self.cfg.steps):
             self._update(state, alpha, recompute, current if i == 0 else None)
-        with torch.no_grad():
-            logits = recompute(state)
+        return alpha
+
+    def record(self, logits: torch.Tensor, alpha: float) -> None:
+        """The entropy of the logits sampled from, and the step's alpha (0.0: no update)."""
         self.tracker.record(float(entropy(logits)), alpha)
-        return logits, alpha
+
+    @staticmethod
+    def update_rows(calls: list[tuple]) -> list[float]:
+        """``update`` for several requests whose update is due at this step, their first optimizer step sharing
+        one pass over the LM head (the engine's batched call, ``runtime.engine.Call``). ``calls`` are (controller,
+        state, logits, recompute). Each request's loss is its own token's switching loss and moves only its own
+        dV (the rows are independent): per row, the last layer's forward with autograd (its dV injected) up to
+        the LM head's input x, and d(loss)/d(logits) from the given logits; then d(loss)/dx = grad @ W for all
+        rows in one matmul (``Head.lm_head_input_grad`` or the LM head's own); then each row's backward from x,
+        its guarded optimizer step and cache write, as ``_update`` does them. Further steps (``steps`` > 1) run
+        per row. Returns each row's alpha."""
+        from functools import partial
+
+        from models.qwen2_5_vl.layers import input_grad
+
+        rows = []
+        for v, state, logits, recompute in calls:
+            _, _, alpha = v.tracker.preview(float(entropy(logits.detach())))
+            current = logits
+            if v.lite and state.step == 0:  # Lite's first logits: the unpruned prefill's; again over the pruned cache
+                with torch.no_grad():
+                    current = recompute(state)
+            rows.append((v, state, alpha, current.detach(), recompute))
+        xs, grads, losses = [], [], []
+        for v, state, alpha, logits, _ in rows:
+            with torch.enable_grad():
+                xs.append(v._features(state))
+                given = logits.clone().requires_grad_(True)
+                loss = switching_loss(given, alpha)
+                grads.append(torch.autograd.grad(loss, given)[0])
+            losses.append(loss.detach())
+        head = rows[0][1].head
+        project = head.lm_head_input_grad or partial(input_grad, head.lm_head)
+        dx = project(torch.stack(grads).view(len(rows), 1, -1))  # [rows, 1, H]
+        for (v, state, alpha, _, recompute), x, g, loss in zip(rows, xs, dx, losses):
+            last_good = v.delta.detach().clone()
+            v.opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                x.backward(g.view_as(x).to(x.dtype))
+            v._step_guarded(state, loss, last_good)
+            for _ in range(1, v.cfg.steps):
+                v._update(state, alpha, recompute)
+        return [alpha for _, _, alpha, _, _ in rows]
+
+    def _features(self, state) -> torch.Tensor:
+        """The current token's LM head input, recomputed with autograd on over the cache with dV injected (the
+        differentiable recompute's forward without its LM head, ``Loop.head_step`` with ``write`` off)."""
+        cache, layer = state.cache, state.head_layer
+        length = cache.length - 1
+        values = self.head_values(state, cache.values[layer][:, :length])
+        x, _, _ = state.head.features(state.hidden, state.positions, cache.keys[layer][:, :length], values,
+                                      last_only=True)
+        return x
 
     # -- one optimizer step ----------------------------------------------------------------------------------
 
@@ -133,6 +196,11 @@ class VReason:
             loss = switching_loss(logits, alpha)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+        self._step_guarded(state, loss, last_good)
+
+    def _step_guarded(self, state, loss: torch.Tensor, last_good: torch.Tensor) -> None:
+        """The optimizer step on dV's gradient, kept only where the loss, the gradient and the result are finite
+        (else the last good dV stays: the step is counted as skipped); then the cache write."""
         grad = self.delta.grad
         if not torch.isfinite(loss) or grad is None or not bool(torch.isfinite(grad).all()):
             self.skipped_updates += 1

@@ -65,6 +65,9 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
         return self.keys[layer][:, self.length : end], self.values[layer][:, self.length : end]
 
+    def release(self) -> None:
+        """The request holding this cache has ended (a pooled cache gives its row back: ``runtime.pool``)."""
+
     def keep(self, index: torch.Tensor) -> None:
         """Compact every layer in place to the cached positions ``index`` (sorted, unique): used by Lite."""
         n = int(index.numel())

@@ -2,15 +2,18 @@
 tokens back through a channel of their own.
 
 A ``Reasoner`` holds one ``Engine``. ``Stream.__iter__`` submits its request and reads the channel. The engine's
-thread keeps up to ``max_batch`` requests running at once and advances them in turn, one unit of work each: a
-token, a prefill chunk or a vision encoder call (a request's generator yields ``TICK`` where it may be paused
-without a piece to give). So a long prompt being prefilled holds the other running requests for one chunk at a
-time, not for its whole prefill, and a short request started behind a long one gets its first token without
-waiting for the long one's last. Running requests take turns: each one's work is its own (its own KV cache and
-steps); they do not yet share one pass over the weights (batching), so the aggregate rate is the one-request
-rate. Requests wait in a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget
-(``kv_bytes``: the cache every running request holds, declared when submitted); one that could never fit is
-refused at once (``ResourceError``, one line naming the limit). Every piece is put on the request's channel
+thread keeps up to ``max_batch`` requests running at once and advances them in rounds, one unit of work each per
+round: a token, a prefill chunk or a vision encoder call (a request's generator yields ``TICK`` where it may be
+paused without a piece to give). So a long prompt being prefilled holds the other running requests for one chunk
+at a time, not for its whole prefill, and a short request started behind a long one gets its first token without
+waiting for the long one's last. On its way to its unit, a request may yield ``Call``s: a step of its work that
+the engine runs together with the other requests' calls to the same function, in one call (a decode step of every
+running request through the trunk, then the head, V-Reason's updates due at this step and their recomputes: one
+pass over the weights for all, where the backend can: ``batch_rows``, the ort backend's fused CPU graphs; see
+``runtime.pool``). Elsewhere requests take turns and the aggregate rate is the one-request rate. Requests wait in
+a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget (``kv_bytes``: the cache
+every running request holds, declared when submitted); one that could never fit is refused at once
+(``ResourceError``, one line naming the limit). Every piece is put on the request's channel
 without waiting for its consumer, so:
 - a consumer that reads slowly, pauses, or keeps an unfinished stream delays no other request (its pieces
   wait in its channel, at most ``max_new_tokens`` of them);
@@ -61,13 +64,45 @@ def _piece(kind: int, value) -> bool:
     return kind == _ITEM
 
 
+class Call:
+    """A step of a request's work that the engine runs together with the other running requests' calls to the same
+    ``run`` (one graph call for all: a decode step of every running request, one pass over the weights). A
+    request's generator yields it and is sent back its result. ``run(list of args)`` -> list of results."""
+
+    __slots__ = ("run", "args")
+
+    def __init__(self, run: Callable[[list[tuple]], list], *args) -> None:
+        self.run, self.args = run, args
+
+    def alone(self):
+        return self.run([self.args])[0]
+
+
 def drain(gen):
-    """Run a generator to its end, passing over what it yields (``TICK``s); its return value."""
+    """Run a generator to its end, passing over its ``TICK``s and running its ``Call``s alone; its return value."""
+    value = None
     while True:
         try:
-            next(gen)
+            item = gen.send(value)
         except StopIteration as done:
             return done.value
+        value = item.alone() if isinstance(item, Call) else None
+
+
+def alone(gen) -> Iterator:
+    """A request's generator run outside the engine's rounds (nested in another request's work): its ``Call``s run
+    alone, the rest is passed on."""
+    value = None
+    while True:
+        try:
+            item = gen.send(value)
+        except StopIteration:
+            return
+        value = None
+        if isinstance(item, Call):
+            value = item.alone()
+        else:
+            yield item
 
 
 class AsyncChannel:
@@ -126,7 +161,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Requests running (taking turns)."""
+        """Requests running (advanced in rounds; their decode steps batched where the backend can)."""
         return len(self._active)
 
     def submit(self, run: Callable[[float, Running], Iterator], channel: Channel | AsyncChannel | None = None,
@@ -196,24 +231,55 @@ class Engine:
                     continue
                 active.append([gen, channel, threads, kv, running])
                 self.kv_in_use += kv
-            for row in list(active):  # one unit of work each
-                gen, channel, threads, kv, running = row
-                running.turns += 1
-                running.batch_sum += len(active)
-                if torch.get_num_threads() != threads:
-                    torch.set_num_threads(threads)
-                finished = True
+            self._round(active)
+
+    def _round(self, active: list) -> None:
+        """One unit of work of each running request (a piece or a ``TICK``); the ``Call``s they make on the way are
+        run together, one run per kind (``Call.run``), and their results sent back, until each has given its
+        unit."""
+        n = len(active)
+        parked: list = []  # (row, call): requests waiting for their call's result
+        for row in list(active):
+            row[4].turns += 1
+            row[4].batch_sum += n
+            self._resume(row, None, parked)
+        while parked:
+            kinds: dict = {}
+            for row, call in parked:
+                kinds.setdefault(call.run, []).append((row, call))
+            parked = []
+            for run, members in kinds.items():
                 try:
-                    piece = next(gen)
-                    finished = False
-                    if piece is not TICK:
-                        channel.put(_ITEM, piece)
-                except StopIteration:
-                    channel.put(_DONE)
-                except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
-                    channel.put(_ERROR, e)
-                    channel.put(_DONE)
-                if finished:
-                    active = self._active = [r for r in active if r is not row]
-                    self.kv_in_use -= kv
-                    row.clear()  # the generator and its tensors go now, not at the next request
+                    results = run([call.args for _, call in members])
+                except BaseException as e:  # noqa: BLE001 (each request it served raises it)
+                    for row, _ in members:
+                        self._resume(row, e, parked, error=True)
+                    continue
+                for (row, _), result in zip(members, results):
+                    self._resume(row, result, parked)
+
+    def _resume(self, row: list, value, parked: list, error: bool = False) -> None:
+        """Advance one request until it gives a piece (put on its channel), a ``TICK`` or a ``Call`` (parked);
+        ``value``: what it is sent (a call's result; ``error``: an exception it is thrown)."""
+        import torch
+
+        gen, channel, threads, kv, running = row
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        finished = True
+        try:
+            piece = gen.throw(value) if error else gen.send(value)
+            finished = False
+            if isinstance(piece, Call):
+                parked.append((row, piece))
+            elif piece is not TICK:
+                channel.put(_ITEM, piece)
+        except StopIteration:
+            channel.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
+            channel.put(_ERROR, e)
+            channel.put(_DONE)
+        if finished:
+            self._active = [r for r in self._active if r is not row]
+            self.kv_in_use -= kv
+            row.clear()  # the generator and its tensors go now, not at the next request

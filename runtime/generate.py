@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from runtime.cache import KVCache
-from runtime.engine import TICK, drain
+from runtime.engine import TICK, Call, drain
 from runtime.sampling import SamplingParams, entropy, sample
 
 
@@ -49,6 +49,17 @@ class Steering(Protocol):
         """Possibly update, then return the logits to sample from and alpha (0: no update). ``recompute(state,
         logits=None)`` runs the head again for the current token; given the token's logits as computed over the
         cache as it is, a recompute with autograd on runs the last layer only (``Loop.head_step``)."""
+
+    def scheduled(self, step: int) -> bool:
+        """Whether an update is due at step ``step``."""
+
+    @staticmethod
+    def update_rows(calls: list[tuple]) -> list[float]:
+        """``step``'s update for several requests at once (``calls``: (steering, state, logits, recompute)), their
+        alphas; the caller then recomputes each token's logits and calls ``record``."""
+
+    def record(self, logits: torch.Tensor, alpha: float) -> None:
+        """``step``'s end: the logits sampled from and the step's alpha (0.0: no update)."""
 
     def needs_graph(self, step: int) -> bool:
         """Whether step ``step``'s logits should be computed with autograd on (its update reuses them)."""
@@ -114,6 +125,7 @@ class Loop:
     cancelled: Callable[[], bool] | None = None  # checked between prefill chunks
     after_fill: Callable[[KVCache, torch.Tensor], None] | None = None  # (cache, last hidden) right after prefill
     restored_hidden: torch.Tensor | None = None  # the whole prompt's cache was restored: its last token's trunk output
+    batched: bool = False  # decode steps are handed to the engine (``Call``s) to run with other requests' steps
 
     @property
     def head_graph(self):
@@ -194,9 +206,10 @@ class Loop:
         return torch_threads(self.backend.torch_threads)
 
     def run(self, state: DecodeState, embeds: torch.Tensor, positions: torch.Tensor, next_position: int,
-            max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token | None]:
+            max_new_tokens: int, params: SamplingParams, stop_ids: set[int]) -> Iterator[Token | Call | None]:
         """Prefill ``embeds`` [1,S,H] at ``positions`` [3,1,S], then generate; yields one Token per step, and
-        ``TICK`` (None) between prefill chunks."""
+        ``TICK`` (None) between prefill chunks; with ``batched``, each step's ``Call``s too (whoever iterates
+        sends back their results: the engine, or ``runtime.engine.alone``)."""
         dev = embeds.device
         gen = generator(params, dev)
         chunks = self.prefill_chunks(state, embeds, positions)
@@ -211,21 +224,38 @@ class Loop:
         t0 = time.perf_counter()
         try:
             for k in range(max_new_tokens):
+                state.step = k
+                alpha = 0.0
+                if self.steering is not None:
+                    logits, alpha = yield from self._steer(state, logits)
                 with self.threads():
-                    state.step = k
-                    alpha = 0.0
-                    if self.steering is not None:
-                        logits, alpha = self.steering.step(state, logits, self._recompute)
                     h, token = self.pick(logits, params, gen)
                 self.timings.decode_tokens = k + 1
                 yield Token(token, h, alpha)
                 if token in stop_ids or k + 1 == max_new_tokens:
                     break
-                with self.threads():
-                    logits = self._advance(state, token, next_position + k, k, dev)
+                logits = yield from self._advance(state, token, next_position + k, k, dev)
         finally:
             _sync(dev)
             self.timings.decode_s = time.perf_counter() - t0
+
+    def _steer(self, state: DecodeState, logits: torch.Tensor) -> Generator[Call, object, tuple[torch.Tensor, float]]:
+        """The steering's step for the current token: (logits to sample from, alpha). With ``batched`` and the head
+        as a graph, the recompute after an update is yielded as a ``Call`` (run with the other requests' steps and
+        recomputes: one pass over the LM head for all of them)."""
+        steering = self.steering
+        if not self.batched or self.head_graph is None:
+            with self.threads():
+                return steering.step(state, logits, self._recompute)
+        alpha = 0.0
+        if steering.scheduled(state.step):  # the update, with the other requests' due at this step; then this
+            # token's logits again over the cache as the update left it, with theirs
+            # (the logits copied: they may lie in a graph's output buffer, which other calls write before this one)
+            alpha = yield Call(type(steering).update_rows, steering, state, logits.clone(), self._recompute)
+            logits = yield Call(self.head_graph.rows, state.hidden, state.positions, state.cache, False)
+        with self.threads():
+            steering.record(logits, alpha)
+        return logits, alpha
 
     def pick(self, logits: torch.Tensor, params: SamplingParams, gen) -> tuple[torch.Tensor, int]:
         """The entropy of ``logits`` (0-dim, on their device) and the token sampled from them (the one host sync
@@ -237,22 +267,32 @@ class Loop:
             return done
         return (entropy(logits) if done is None else done[0]), int(sample(logits, params, gen))
 
-    def _advance(self, state: DecodeState, token: int, position: int, k: int, dev: torch.device) -> torch.Tensor:
-        """Trunk and head for the token just sampled at step ``k``; returns its logits [V]."""
-        with torch.no_grad():
+    def _advance(self, state: DecodeState, token: int, position: int, k: int, dev: torch.device
+                 ) -> Generator[Call, object, torch.Tensor]:
+        """Trunk and head for the token just sampled at step ``k``; returns its logits [V]. A generator: with
+        ``batched``, the trunk call and the head graph's call are yielded as ``Call``s, which the engine runs
+        together with the other running requests' (one pass over the weights for all); else it yields nothing."""
+        with self.threads(), torch.no_grad():
             pos = torch.full((3, 1, 1), position, dtype=torch.long, device=dev)
             emb = self.head.embed(torch.tensor([[token]], device=dev))
-            hidden = self.backend.trunk(emb, pos, state.cache)
+            if not self.batched:
+                hidden = self.backend.trunk(emb, pos, state.cache)
+        if self.batched:  # (a copy: the call's output buffer is the next batched call's)
+            hidden = (yield Call(self.backend.trunk_rows, emb, pos, state.cache)).clone()
         # an update at the next step backpropagates through this very forward of the head (one head pass saved
         # per update); the trunk's output stays outside the graph. A backend with the head as its own graph runs
         # that graph instead: the update then recomputes the last layer alone and takes these logits as its LM
         # head's output (``_recompute``), so the LM head's forward runs once, in the graph
         graph = (self.steering is not None and self.steering.needs_graph(k + 1)
                  and self.head_graph is None)
-        with torch.enable_grad() if graph else torch.no_grad():
-            logits = self.head_step(state, hidden, pos)
-        state.cache.length += 1
-        state.hidden, state.positions = hidden.clone(), pos
+        if self.batched and not graph and self.head_graph is not None:  # the cache as it is: the head graph
+            logits = yield Call(self.head_graph.rows, hidden, pos, state.cache)
+        else:
+            with self.threads(), torch.enable_grad() if graph else torch.no_grad():
+                logits = self.head_step(state, hidden, pos)
+        with torch.no_grad():
+            state.cache.length += 1
+            state.hidden, state.positions = hidden.clone(), pos
         return logits
 
     def _recompute(self, state: DecodeState, logits: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,8 +5,9 @@
 
 One Reasoner serves many requests without reloading. Its requests run on one engine thread
 (``runtime.engine``): any number of threads may share it; each request's pieces come back through a channel of
-its own, so no consumer waits for another's; up to ``max_batch`` requests run at once, taking turns a token or a
-prefill chunk at a time, within a KV budget (``kv_mb``).
+its own, so no consumer waits for another's; up to ``max_batch`` requests run at once within a KV budget
+(``kv_mb``), their decode steps batched into one graph call where the backend can (the ort backend's fused CPU
+graphs: their caches are rows of one pool, ``runtime.pool``), taking turns elsewhere.
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ class Reasoner:
                              "its CUDA graphs) for one request at a time; load with decode='dynamic' or max_batch=1")
         self.kv_mb = default_kv_mb(self.cfg, self.limits["max_context"], self.dtype, self.device) if kv_mb is None \
             else kv_mb
+        # the running requests' caches as rows of one pool, decoded together in one graph call per step, where
+        # the backend can (``batch_rows``: the ort backend's fused CPU graphs); elsewhere each request has its own
+        self.pool = None
+        if backend.batch_rows and decode == "dynamic":
+            from runtime.pool import KVPool
+
+            t = self.cfg.text
+            self.pool = KVPool(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, self.dtype, self.device)
         # the thread that runs this model's requests, up to max_batch at once within the KV budget
         self.engine = Engine(f"engine {engine_dir.name}", self.device, self.max_batch, int(self.kv_mb * 2**20))
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
@@ -104,12 +113,14 @@ class Reasoner:
         ``runtime.backends.ort_trunk``), ``standard`` the exported graph, ``auto`` the fused form where the export
         keeps its weights in ``trunk.onnx.data`` (where it costs no memory).
 
-        ``max_batch``: requests the engine runs at once, taking turns a token or a prefill chunk at a time
-        (``runtime.engine``; they do not share a pass over the weights yet). Default 4 with dynamic decode; static
-        decode takes 1 (it keeps one cache and its CUDA graphs). ``kv_mb``: the KV cache (MiB) the running
+        ``max_batch``: requests the engine runs at once (``runtime.engine``): a prefill chunk at a time each, and
+        their decode steps in one graph call (one pass over the weights for all) where the backend can (the ort
+        backend's fused CPU graphs; a float LM head is then also kept prepacked by ONNX Runtime, a second copy of
+        it: ``OrtBackend.attach_head``); elsewhere they take turns a token at a time. Default 4 with dynamic decode;
+        static decode takes 1 (it keeps one cache and its CUDA graphs). ``kv_mb``: the KV cache (MiB) the running
         requests may hold together; a request waits for room, and one that needs more than all of it is refused.
-        Default: a quarter of the device's free memory at load, and at least one request at the export's
-        context limit."""
+        Default: a quarter of the device's free memory at load, and at least one request at the export's context
+        limit."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         check_number("reuse_mb", reuse_mb, lo=0, integer=True, optional=True)
@@ -165,9 +176,10 @@ class Reasoner:
         on_cuda = torch.device(device).type == "cuda"
         if not on_cuda and isinstance(head.lm_head, torch.nn.Linear):
             head.prefer_column_major_lm_head()
-        if name == "ort":
-            impl.attach_head(head)
         static = decode == "static" or (decode == "auto" and on_cuda)
+        if name == "ort":  # (max_batch checked against static decode when the Reasoner is made)
+            batch = (default_max_batch("static" if static else "dynamic") if max_batch is None else max_batch) > 1
+            impl.attach_head(head, batch=batch and not static)
         # (a quantized export's trunk was fused when its weights were loaded, and its head is the export's)
         if static and on_cuda and name == "torch" and not quantized(manifest):
             fuse_projections(impl.model)
@@ -374,7 +386,7 @@ class Reasoner:
 
             return StaticLoop(self.backend, self.head, steering, cuda_graphs=self.cuda_graphs, chunk=chunk,
                               compile=self.compile, sessions=self._sessions)
-        return Loop(self.backend, self.head, steering)
+        return Loop(self.backend, self.head, steering, batched=self.pool is not None)
 
     @property
     def kv_bytes(self) -> int:
@@ -413,6 +425,8 @@ class Reasoner:
             raise ResourceError(f"this request needs a KV cache of {need / 2**30:.2f} GiB ({capacity} entries) and "
                                 f"{self.device.type} has {free / 2**30:.2f} GiB available; ask for fewer new tokens or "
                                 "use fewer frames")
+        if self.pool is not None:
+            return self.pool.acquire(capacity)
         cache = KVCache.allocate(t.num_hidden_layers, capacity, t.num_key_value_heads, t.head_dim, self.dtype,
                                  self.device, head_major=self.backend.head_major_layers)
         if self.decode == "static":
@@ -445,8 +459,8 @@ def add_load_arguments(ap) -> None:
     ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
     ap.add_argument("--max-batch", type=int, default=None,
-                    help="requests running at once, taking turns a token or a prefill chunk at a time (default 4 with "
-                         "dynamic decode, 1 with static)")
+                    help="requests running at once, their decode steps batched where the backend can (ort, fused "
+                         "CPU graphs), else taking turns (default 4 with dynamic decode, 1 with static)")
     ap.add_argument("--kv-mb", type=float, default=None,
                     help="KV cache (MiB) the running requests may hold together; more wait (default: a quarter of "
                          "free memory, at least one request at the export's context limit)")

@@ -17,7 +17,7 @@ from models.errors import ResourceError
 from models.inputs import Prompt
 from runtime.answer import extract_answer
 from runtime.detok import Detokenizer
-from runtime.engine import TICK
+from runtime.engine import TICK, Call, alone
 from runtime.generate import Cancelled, DecodeState, Timings
 from runtime.reuse import restore_prefix
 from runtime.sampling import SamplingParams
@@ -89,7 +89,7 @@ class Stream:
         iterator before the end cancels the request (``runtime.engine``)."""
         engine = self.r.engine
         if engine.on_engine_thread:  # made from inside the engine's own work: run here, it cannot wait for itself
-            yield from (piece for piece in self._run(0.0) if piece is not TICK)
+            yield from (piece for piece in alone(self._run(0.0)) if piece is not TICK)
             return
         finished = False
         try:
@@ -154,7 +154,7 @@ class Stream:
         alphas: list[float] = []
         text, emitted = "", 0
         detok = Detokenizer(r.tokenizer, self.stop)
-        loop = None
+        loop = cache = steps = None
         try:
             if stopped():
                 raise Cancelled
@@ -179,8 +179,18 @@ class Stream:
             if whole:  # the same prompt again: its cache and last hidden state restored, nothing to prefill
                 loop.restored_hidden = entry.hidden
             positions = self.prompt.positions[:, reused - 1 if whole else reused:].unsqueeze(1).to(r.device)
-            for tok in loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens,
-                                self.sampling, r.stop_ids):
+            steps = loop.run(state, embeds, positions, self.prompt.next_position, self.max_new_tokens, self.sampling,
+                             r.stop_ids)
+            sent = None
+            while True:
+                try:
+                    tok = steps.send(sent)
+                except StopIteration:
+                    break
+                sent = None
+                if isinstance(tok, Call):  # a decode step run with the other requests' (its result comes back)
+                    sent = yield tok
+                    continue
                 if tok is TICK:  # between prefill chunks: the engine may advance another request
                     yield TICK
                     continue
@@ -203,8 +213,12 @@ class Stream:
         except Cancelled:
             pass  # stopped before the first token: an empty result
         finally:
+            if steps is not None:
+                steps.close()  # its end (the decode clock) before the result is read
             self.result = self._result(loop, ids, ents, alphas, text)
-            loop = None
+            if cache is not None:
+                cache.release()
+            loop = cache = steps = None
 
     def _result(self, loop, ids, ents, alphas, text) -> Result:
         r = self.r

@@ -143,26 +143,53 @@ def test_queue_time_is_reported(reasoner):
 # -- several requests running at once (max_batch), taking turns; the KV budget --------------------------------------
 
 def _solo_then_together(r, requests: list[dict]) -> tuple[list, list]:
-    """Each request alone, then all of them from threads at once."""
+    """Each request alone, then all of them at once: prepared first, then handed to the engine in one go (threads
+    would start them microseconds to milliseconds apart, and a tiny model's request can end in that time)."""
     alone = [r.ask(**kw) for kw in requests]
-    boxes = [_in_thread(lambda kw=kw: r.ask(**kw)) for kw in requests]
-    for t, _ in boxes:
-        t.join(TIMEOUT)
-    assert all("value" in box for _, box in boxes), [box.get("error") for _, box in boxes]
-    return alone, [box["value"] for _, box in boxes]
+    streams = [r.stream(**kw) for kw in requests]
+    channels = [r.engine.submit(s._run, kv=s.kv) for s in streams]
+    for channel in channels:
+        for _ in channel:
+            pass
+    return alone, [s.result for s in streams]
 
 
-def test_requests_running_together_equal_each_alone(engine_dir):
+@pytest.fixture(scope="module")
+def q3_engine(q3_tiny, tmp_path_factory):
+    from export.exporter import export_model
+
+    return export_model(q3_tiny, tmp_path_factory.mktemp("q3-engine") / "e", quiet=True)
+
+
+@pytest.mark.parametrize("export,trunk", [("fp32", "standard"), ("fp32", "fused"), ("int4", "fused"),
+                                          ("qwen3", "fused")])
+def test_requests_running_together_equal_each_alone(request, monkeypatch, export, trunk):
     """Base, V-Reason and Lite requests of different prompt lengths (a clip or none, short and long questions),
-    running four at a time and taking turns token by token, each give what they give alone: the same tokens, the
-    same entropies (1e-5), the same V-Reason trace; and they did run together."""
+    running four at a time, each give what they give alone: the same tokens, the same entropies (1e-5), the same
+    V-Reason trace; and they did run together. With the standard trunk graph they take turns token by token;
+    with the fused one (fp32 and int4 weights, both families) their decode steps, V-Reason's updates and its
+    recomputes run in one graph call for all (``trunk_rows``, ``OrtHead.rows``, ``VReason.update_rows``), and
+    did."""
     from models.samples import render_frames
 
-    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+    d = request.getfixturevalue({"fp32": "engine_dir", "int4": "int4_engine", "qwen3": "q3_engine"}[export])
+    r = Reasoner.load(d, backend="ort", reuse_mb=0, max_batch=4, ort_trunk=trunk)
+    assert (r.pool is not None) == (trunk == "fused")
+    widths = []
+    updates = []
+    if r.pool is not None:  # the rows each batched call decoded
+        from controller.vreason import VReason
+
+        rows, head_rows, update_rows = r.backend.trunk_rows, r.backend.base_head.rows, VReason.update_rows
+        r.backend.trunk_rows = lambda calls: (widths.append(len(calls)), rows(calls))[1]
+        r.backend.base_head.rows = lambda calls: (widths.append(len(calls)), head_rows(calls))[1]
+        monkeypatch.setattr(VReason, "update_rows", staticmethod(lambda calls: (updates.append(len(calls)),
+                                                                                update_rows(calls))[1]))
     frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=4)]  # RGB
-    controller = {"every": 2, "steps": 1}
+    controller = {"every": 1, "steps": 1}  # an update at every token: the two V-Reason requests update together
     requests = [dict(question=QUESTIONS[0], max_new_tokens=12),
-                dict(question=QUESTIONS[1] * 6, max_new_tokens=9, method="vreason", controller=controller),
+                dict(frames=frames, fps=4.0, question=QUESTIONS[1] * 6, max_new_tokens=9, method="vreason",
+                     controller=controller),
                 dict(frames=frames, fps=4.0, question=QUESTIONS[2], max_new_tokens=10, method="vreason-lite",
                      controller=controller),
                 dict(frames=frames, fps=4.0, question=QUESTIONS[3], max_new_tokens=11, template="plain")]
@@ -173,6 +200,9 @@ def test_requests_running_together_equal_each_alone(engine_dir):
         assert b.alpha == pytest.approx(a.alpha, abs=1e-6) and b.ema == pytest.approx(a.ema, abs=1e-5)
     assert all(a.timings["batch_mean"] == 1.0 for a in alone)
     assert max(b.timings["batch_mean"] for b in together) > 1.5  # they ran together, not one after the other
+    if r.pool is not None:
+        assert max(widths) == 4 and r.pool.rows == 0  # four rows in one call; the pool freed once all ended
+        assert max(updates) == 2  # the two V-Reason requests' updates in one call
 
 
 def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypatch):
@@ -191,6 +221,8 @@ def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypat
         return trunk(embeds, *args, **kwargs)
 
     monkeypatch.setattr(r.backend, "trunk", logged)
+    rows = r.backend.trunk_rows  # the decode steps, batched (the fused trunk)
+    monkeypatch.setattr(r.backend, "trunk_rows", lambda calls_: (calls.append(1), rows(calls_))[1])
     long = r.stream(question=" ".join(QUESTIONS * 12), max_new_tokens=2)  # prepared here, submitted below
     pieces = iter(r.stream(question=QUESTIONS[0], max_new_tokens=300, events=True))
     next(pieces)  # the first request is decoding
@@ -223,6 +255,8 @@ def test_a_new_requests_vision_encoding_takes_turns_with_a_running_request(engin
 
     monkeypatch.setattr(r.backend, "trunk", logged_trunk)
     monkeypatch.setattr(r.backend, "encode_vision", logged_vision)
+    rows = r.backend.trunk_rows  # the decode steps, batched (the fused trunk)
+    monkeypatch.setattr(r.backend, "trunk_rows", lambda calls_: (calls.append("decode"), rows(calls_))[1])
     frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=32)]
     clip = r.stream(frames=frames, fps=4.0, question=QUESTIONS[0], max_new_tokens=2)  # 16 temporal patches
     pieces = iter(r.stream(question=QUESTIONS[1], max_new_tokens=300, events=True))

@@ -33,22 +33,28 @@ def quantize_head(head, bits: int, block: int = 32) -> None:
     head.lm_head = q(head.lm_head)
 
 
-@pytest.fixture(params=["gqa2-rows", "gqa4-columns", "qwen3-columns", "gqa2-int4", "gqa4-int8"])
+@pytest.fixture(params=["gqa2-rows", "gqa4-columns", "qwen3-columns", "gqa2-int4", "gqa4-int8", "gqa2-rows-hm",
+                        "qwen3-columns-hm", "gqa4-int4-hm"])
 def heads(request, checkpoints, q3_tiny):
-    """(PyTorch head, its ORT graph): both families, the LM head row- or column-major, quantized linears."""
-    name, form = request.param.split("-")
+    """(PyTorch head, its ORT graph): both families, the LM head row- or column-major, quantized linears; over a
+    token-major cache (the mask form) or a head-major one (``-hm``: GroupQueryAttention, the fused trunk's layout)."""
+    name, form, *layout = request.param.split("-")
+    return make_head(checkpoints, q3_tiny, name, form, bool(layout))
+
+
+def make_head(checkpoints, q3_tiny, name: str, form: str, head_major: bool):
     head = load_model(q3_tiny if name == "qwen3" else checkpoints[name]).head.eval()
     if form == "columns":
         head.prefer_column_major_lm_head()
     elif form in ("int4", "int8"):
         quantize_head(head, int(form[3:]))
     assert supported(head, torch.float32, "cpu") is None
-    return head, OrtHead(head, options())
+    return head, OrtHead(head, options(), head_major=head_major)
 
 
-def filled_cache(head, length: int, capacity: int, seed: int) -> KVCache:
+def filled_cache(head, length: int, capacity: int, seed: int, head_major: bool = False) -> KVCache:
     attn = head.layer.self_attn
-    cache = KVCache.allocate(1, capacity, attn.kv_heads, attn.head_dim, torch.float32, "cpu")
+    cache = KVCache.allocate(1, capacity, attn.kv_heads, attn.head_dim, torch.float32, "cpu", head_major=head_major)
     g = torch.Generator().manual_seed(seed)
     cache.keys[0][:, :length] = torch.randn(1, length, attn.kv_heads, attn.head_dim, generator=g)
     cache.values[0][:, :length] = torch.randn(1, length, attn.kv_heads, attn.head_dim, generator=g)
@@ -67,7 +73,7 @@ def test_graph_equals_the_pytorch_head(heads, s, past):
     head, graph = heads
     hidden = torch.randn(1, s, head.layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(s))
     pos = positions(s, past + 5)
-    cache = filled_cache(head, past, past + s + 4, seed=past)
+    cache = filled_cache(head, past, past + s + 4, seed=past, head_major=graph.head_major)
     with torch.no_grad():
         ref, k, v = head(hidden, pos, cache.keys[0][:, :past], cache.values[0][:, :past], last_only=True)
     logits = graph(hidden, pos, cache, 0).clone()
@@ -88,13 +94,50 @@ def test_the_graph_picks_what_the_loop_would(heads):
     torch.argmax); they are handed out only for the graph's own output, untouched since it wrote it."""
     head, graph = heads
     hidden = torch.randn(1, 1, head.layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(3))
-    logits = graph(hidden, positions(1, 30), filled_cache(head, 25, 30, seed=4), 0)
+    logits = graph(hidden, positions(1, 30), filled_cache(head, 25, 30, seed=4, head_major=graph.head_major), 0)
     h, top = graph.picked(logits)
     assert abs(h.item() - entropy(logits).item()) <= 1e-5 * max(1.0, entropy(logits).item())
     assert top == int(logits.argmax()) and h.dim() == 0
     assert graph.picked(logits.clone()) is None  # not the graph's output
     logits[top] -= 100.0  # written through PyTorch after the graph: its picks no longer describe it
     assert graph.picked(logits) is None
+
+
+@pytest.mark.parametrize("name,form", [("gqa2", "rows"), ("qwen3", "columns"), ("gqa4", "int4")])
+def test_rows_of_a_pool_in_one_call_equal_each_alone(checkpoints, q3_tiny, name, form):
+    """The head-major form's batched call (``OrtHead.rows``): requests whose caches are rows of one pool, of
+    different lengths, one token each, with a row left out (prefilling): each row's logits, pick and new entries
+    are those of the row's call alone; the row left out keeps every entry below its length."""
+    from runtime.pool import KVPool
+
+    head, graph = make_head(checkpoints, q3_tiny, name, form, head_major=True)
+    attn = head.layer.self_attn
+    pool = KVPool(1, attn.kv_heads, attn.head_dim, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(7)
+    caches = []
+    for length in (29, 3, 17, 11):
+        c = pool.acquire(length + 2)
+        c.keys[0][:, :length] = torch.randn(1, length, attn.kv_heads, attn.head_dim, generator=g)
+        c.values[0][:, :length] = torch.randn(1, length, attn.kv_heads, attn.head_dim, generator=g)
+        c.length = length
+        caches.append(c)
+    out = caches.pop(2)  # a row without a call
+    kept = out.keys[0][:, :out.length].clone()
+    hidden = [torch.randn(1, 1, attn.q_proj.in_features, generator=g) for _ in caches]
+    pos = [positions(1, c.length + 4) for c in caches]
+    before = [(c.keys[0].clone(), c.values[0].clone()) for c in caches]
+    got = graph.rows(list(zip(hidden, pos, caches)))
+    picks = [graph.picked(x) for x in got]
+    got = [x.clone() for x in got]
+    after = [(c.keys[0].clone(), c.values[0].clone()) for c in caches]
+    assert torch.equal(out.keys[0][:, :out.length], kept)
+    for c, h, p, (k0, v0), (k1, v1), logits, (ent, top) in zip(caches, hidden, pos, before, after, got, picks):
+        c.keys[0].copy_(k0)
+        c.values[0].copy_(v0)
+        alone = graph(h, p, c, 0).clone()
+        assert (logits - alone).abs().max().item() <= 1e-5 * max(alone.abs().max().item(), 1)
+        assert top == int(alone.argmax()) and abs(ent.item() - entropy(alone).item()) <= 1e-5
+        assert torch.allclose(c.keys[0], k1, atol=1e-6) and torch.allclose(c.values[0], v1, atol=1e-6)
 
 
 def test_an_update_from_the_graphs_logits_has_the_pytorch_heads_gradient(heads):
@@ -106,7 +149,8 @@ def test_an_update_from_the_graphs_logits_has_the_pytorch_heads_gradient(heads):
     past = 21
     hidden = torch.randn(1, 1, head.layer.self_attn.q_proj.in_features, generator=torch.Generator().manual_seed(7))
     pos = positions(1, past + 5)
-    cache = filled_cache(head, past + 1, past + 4, seed=9)  # the token's own entry at ``past``: a recompute
+    # the token's own entry at ``past``: a recompute
+    cache = filled_cache(head, past + 1, past + 4, seed=9, head_major=graph.head_major)
     keys = cache.keys[0][:, :past]
     given = graph(hidden, pos, cache, 0, write=False).clone()
     quantized = isinstance(head.lm_head, QuantLinear)

@@ -113,11 +113,13 @@ def test_fused_graph_equals_the_standard_graph(exports, name):
 
 def test_ort_backend_picks_the_trunk_graph(exports, monkeypatch):
     # exports keep the trunk's weights in trunk.onnx.data: "auto" runs the fused form, over a head-major cache
+    # (the trunk's layers and the head's), the requests' caches rows of one pool, decoded together
     r = Reasoner.load(exports["qwen3"], backend="ort")
-    assert r.backend.trunk_form == "fused" and r.backend.head_major_layers == r.backend.num_layers > 0
+    assert r.backend.trunk_form == "fused" and r.backend.head_major_layers == r.backend.num_layers + 1 > 1
+    assert r.backend.batch_rows and r.pool is not None and r.backend.base_head.head_major
     assert r.ask(question="What is shown?", max_new_tokens=3).token_ids
     r = Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="standard")
-    assert r.backend.trunk_form == "standard" and r.backend.head_major_layers == 0
+    assert r.backend.trunk_form == "standard" and r.backend.head_major_layers == 0 and r.pool is None
     assert r.cache_for(8).keys[0].is_contiguous()
     with pytest.raises(UserError, match="expected auto, fused or standard"):
         Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="fast")

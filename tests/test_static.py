@@ -158,11 +158,13 @@ def test_out_of_memory_is_one_line_and_the_next_request_works(engine_dir, frames
 def test_out_of_memory_through_the_cli(engine_dir, tmp_path, monkeypatch, capsys):
     import runtime.cache as rc
     from runtime.__main__ import main as runtime_main
+    from runtime.pool import KVPool
 
     def explode(cls, *a, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(rc.KVCache, "allocate", classmethod(explode))
+    monkeypatch.setattr(KVPool, "_grow", explode)  # a pooled cache's row (the ort backend's fused graphs)
     code = runtime_main(["--engine", str(engine_dir), "--image", str(_image(tmp_path)), "--question", QUESTION,
                          "--max-new-tokens", "4"])
     err = capsys.readouterr().err.strip().splitlines()

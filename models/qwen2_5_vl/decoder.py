@@ -325,6 +325,15 @@ class Head(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def features(self, hidden: torch.Tensor, position_ids: torch.Tensor, past_key: torch.Tensor,
+                 past_value: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` up to the LM head: its input (the final norm's output) and the layer's new entries."""
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        x, k, v = self.layer(hidden, cos, sin, past_key, past_value)
+        if last_only:
+            x = x[:, -1:]
+        return self.norm(x), k, v
+
     def forward(
         self,
         hidden: torch.Tensor,  # [B, S, hidden]: output of the trunk
@@ -339,11 +348,7 @@ class Head(nn.Module):
         position's logits already computed for these very inputs (the head's ONNX Runtime graph); they are
         returned as they are, differentiable through the LM head's input gradient, and the LM head's forward is
         not run again (``last_only`` only)."""
-        cos, sin = self.rotary(position_ids, hidden.dtype)
-        x, k, v = self.layer(hidden, cos, sin, past_key, past_value)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+        x, k, v = self.features(hidden, position_ids, past_key, past_value, last_only)
         if logits is not None:
             if not last_only:
                 raise ValueError("given logits stand for the last position only: pass last_only=True")

@@ -22,6 +22,7 @@ class Backend(Protocol):
     graphs_outlive_prefill: bool  # CUDA graphs captured on a cache stay valid after another request's prefill
     torch_threads: int  # PyTorch threads for the loop's own work between its calls (0: as they are)
     base_head: object | None  # the head as a graph of its own, for steps without autograd (None: PyTorch's head)
+    batch_rows: bool  # it decodes several requests' tokens in one call (``trunk_rows``; caches: rows of a KVPool)
 
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
                       hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -37,6 +38,10 @@ class Backend(Protocol):
                    index: torch.Tensor) -> torch.Tensor:
         """Static decode: one token over the whole fixed-capacity cache, its entry written at ``index``."""
 
+    def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """With ``batch_rows``: one decode step of several requests, ``calls`` (embeds [1,1,H], positions [3,1,1],
+        cache) with every cache a row of one ``runtime.pool.KVPool``; each request's hidden state [1,1,H]."""
+
 
 class BackendBase:
     """The defaults of ``Backend``'s declarations; a backend states only where it differs."""
@@ -47,3 +52,7 @@ class BackendBase:
     graphs_outlive_prefill = True
     torch_threads = 0
     base_head = None
+    batch_rows = False
+
+    def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        raise NotImplementedError(f"the {self.name} backend decodes one request per call (batch_rows is off)")

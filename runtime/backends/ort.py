@@ -76,8 +76,13 @@ class OrtBackend(BackendBase):
             self.trunk_session = _session(ort, engine_dir / "trunk.onnx", options(threads), providers)
         trunk_inputs = {i.name: i.shape for i in self.trunk_session.get_inputs()}
         self.num_layers = sum(1 for n in trunk_inputs if n.startswith(("past_key.", "cache_key.")))
-        # the fused form's attention (GroupQueryAttention) reads and writes the trunk layers' cache head-major
-        self.head_major_layers = self.num_layers if self.trunk_form == "fused" else 0
+        # the fused form's attention (GroupQueryAttention) reads and writes the cache head-major: the trunk's
+        # layers, and the head's (its graph takes the same layout, ``attach_head``); requests' caches are then rows
+        # of one pool and their decode steps run together (``trunk_rows``)
+        fused = self.trunk_form == "fused"
+        self.head_major_layers = self.num_layers + 1 if fused else 0
+        self.batch_rows = fused
+        self._rows: _Rows | None = None  # the batch binding (``trunk_rows``), kept while its pool's buffers stay
         ds = trunk_inputs.get(DEEPSTACK_INPUT)
         self.deepstack = DeepStackFeed(int(ds[0]) if ds else 0, int(ds[3]) if ds else 0)
         out = {o.name: o.shape for o in self.vision.get_outputs()}
@@ -94,14 +99,19 @@ class OrtBackend(BackendBase):
         self.torch_threads = 1 if device == "cpu" else 0
         self.base_head = None  # the head as an ONNX Runtime graph, for steps without autograd (Loop.head_step)
 
-    def attach_head(self, head) -> None:
+    def attach_head(self, head, batch: bool = False) -> None:
         """Run ``head``'s base forward (no controller) in ONNX Runtime too, where ``ort_head`` supports it (fp32 on
         CPU): one session run instead of ~30 PyTorch ops and one call per quantized linear (measured on the bench
-        export, 2 cores, one head pass: fp32 29.4 -> 22.4 ms, int4 5.6 -> 3.8 ms)."""
+        export, 2 cores, one head pass: fp32 29.4 -> 22.4 ms, int4 5.6 -> 3.8 ms). ``batch``: requests will be
+        decoded together (``trunk_rows``); a float LM head is then kept prepacked by ONNX Runtime, a second copy of
+        it: unpacked, its matmul packs the whole weight again at every run of more than one row (measured on the
+        bench export's LM head, 151936 x 896 fp32, 2 cores: 4 rows 29 ms unpacked, 16 ms prepacked; one row 13-14
+        ms either way)."""
         from runtime.backends.ort_head import DenseInputGrad, OrtHead, supported
 
         if supported(head, self.dtype, self.device) is None:
-            self.base_head = OrtHead(head, options(self.threads))
+            self.base_head = OrtHead(head, options(self.threads), head_major=bool(self.head_major_layers),
+                                     packed_lm_head=batch and self.batch_rows)
             if type(head.lm_head) is torch.nn.Linear:  # V-Reason's backward through it (a quantized one has its own)
                 head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options(self.threads))
 
@@ -176,6 +186,27 @@ class OrtBackend(BackendBase):
         self.trunk_session.run_with_iobinding(step.io)
         return step.hidden
 
+    def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """One decode step of several requests in one run of the fused trunk (the engine's batched call,
+        ``runtime.engine.Call``): ``calls`` are (embeds [1,1,H], positions [3,1,1], cache), every cache a row of one
+        ``KVPool``; each token's entries go into its cache at its length. Returns each request's hidden state
+        [1,1,H], a view of the batch output (read before the next batched call). The run covers every row of the
+        pool: a row without a call (a request prefilling, or a free row) gets a zero token written at its length,
+        where nothing is read and its own next write lands."""
+        pool = calls[0][2].pool
+        t = self._rows
+        if t is None or t.key != (pool.generation, pool.rows):
+            t = self._rows = _Rows(self, pool, calls[0][0].shape[2])
+        t.length.copy_(torch.tensor(pool.lengths()))
+        for embeds, positions, cache in calls:
+            if cache.pool is not pool:
+                raise ValueError("a batched trunk call takes rows of one KV pool")
+            cache.slot(0, 1)  # the overflow check
+            t.embeds[cache.row].copy_(embeds[0])
+            t.positions[:, cache.row].copy_(positions[:, 0])
+        self.trunk_session.run_with_iobinding(t.io)
+        return [t.hidden[cache.row:cache.row + 1] for _, _, cache in calls]
+
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
                       hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embeds [tokens, hidden], DeepStack features [K, tokens, hidden] or None) of one visual input."""
@@ -197,6 +228,27 @@ class _Step:
     length: torch.Tensor
     hidden: torch.Tensor
     io: object = None
+
+
+class _Rows:
+    """``OrtBackend.trunk_rows``' binding over one pool's buffers: every row, its own input and output buffers."""
+
+    def __init__(self, backend: OrtBackend, pool, hidden: int) -> None:
+        n, dt, dev = pool.rows, backend.dtype, backend.device
+        self.key = (pool.generation, n)
+        self.embeds = torch.zeros(n, 1, hidden, dtype=dt, device=dev)
+        self.positions = torch.zeros(3, n, 1, dtype=torch.long, device=dev)
+        self.length = torch.zeros(n, dtype=torch.long, device=dev)
+        self.hidden = torch.empty(n, 1, hidden, dtype=dt, device=dev)
+        inputs = {"inputs_embeds": self.embeds, "position_ids": self.positions, "cache_length": self.length}
+        if backend.deepstack.levels:
+            inputs[DEEPSTACK_INPUT] = torch.zeros(backend.deepstack.levels, n, 1, hidden, dtype=dt, device=dev)
+        self.held = dict(inputs)  # the binding reads them by address (the pool's buffers are the pool's to hold)
+        outputs = {"hidden": self.hidden}
+        for i in range(backend.num_layers):
+            inputs[f"cache_key.{i}"] = outputs[f"present_key.{i}"] = pool.keys[i]
+            inputs[f"cache_value.{i}"] = outputs[f"present_value.{i}"] = pool.values[i]
+        self.io = bind(backend.trunk_session, inputs, outputs, dev)
 
 
 def options(threads: int = 0, accuracy_level: int | None = None):

@@ -72,6 +72,33 @@ def rotary_angles(g: GraphBuilder, positions: str, inv_freq: str, half: int, sec
                             g.const("shape_table", [-1, half])])
 
 
+def gqa_inputs(g: GraphBuilder, x: str, positions: str, cache_length: str, inv_freq: str, half: int,
+               section: list[int], interleaved: bool) -> tuple[str, str, str, str, str]:
+    """What ``grouped_query_attention`` takes besides q/k/v and the cache, once per call of B rows of S new tokens
+    (``x`` [B,S,...]) at M-RoPE ``positions`` [3,B,S] on caches holding ``cache_length`` [B] entries: (cos, sin,
+    rows, seqlens, total). The tables hold the call's B*S tokens' angles (row b*S + s: token s of row b, read
+    through ``rows`` [B,S]: the kernel's ``position_ids``), then zeros up to the longest row's entry count (the
+    kernel wants at least that many rows; it reads only those at ``rows``); ``seqlens`` [B] int32 and ``total``
+    (int32 scalar): the rows' entry counts after the call, minus one, and the largest."""
+    from onnx import TensorProto
+
+    shape = g.op("Shape", [x])
+    batch = g.op("Gather", [shape, g.const("zero", 0)])
+    s = g.op("Gather", [shape, g.const("one", 1)])
+    tokens = g.op("Mul", [batch, s])
+    angles = rotary_angles(g, positions, inv_freq, half, section, interleaved)  # [B*S, half]
+    rows = g.op("Reshape", [g.op("Range", [g.const("zero", 0), tokens, g.const("one", 1)]),
+                            g.op("Concat", [g.op("Unsqueeze", [batch, g.const("axis_0", [0])]),
+                                            g.op("Unsqueeze", [s, "axis_0"])], axis=0)])  # [B, S]
+    after = g.op("Add", [cache_length, s])  # [B]
+    seqlens = g.op("Cast", [g.op("Sub", [after, g.const("one_1", [1])])], to=TensorProto.INT32)
+    most = g.op("ReduceMax", [after], keepdims=0)
+    short = g.op("Unsqueeze", [g.op("Max", [g.op("Sub", [most, tokens]), "zero"]), "axis_0"])
+    pads = g.op("Concat", [g.const("pads_begin", [0, 0]), short, g.const("pads_last", [0])], axis=0)
+    cos, sin = (g.op("Pad", [g.op(f, [angles]), pads]) for f in ("Cos", "Sin"))
+    return cos, sin, rows, seqlens, g.op("Cast", [most], to=TensorProto.INT32)
+
+
 def attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin: str, past: tuple[str, str],
               new: tuple[str, str], mask: str, heads: int, kv: int, head_dim: int) -> str:
     """A layer's grouped-query attention, as the exported graph computes it: q [1,S,heads*hd] and k [1,S,kv*hd]
@@ -99,16 +126,16 @@ def attention(g: GraphBuilder, q: str, k: str, v: str, rows: str, cos: str, sin:
 
 
 def grouped_query_attention(g: GraphBuilder, qkv: list[str], cos: str, sin: str, cache: tuple[str, str],
-                            present: tuple[str, str], seqlens: str, total: str, heads: int, kv: int) -> str:
-    """A layer's attention over a head-major cache in ONNX Runtime's ``GroupQueryAttention``, rotary included:
-    ``qkv`` is [q, k, v] ([1,S,heads*hd], [1,S,kv*hd] twice) or [the three packed, [1,S,(heads+2kv)*hd]]; the
-    kernel rotates q and k with row j of ``cos``/``sin`` [T, hd/2] for the token whose entry goes to cache
-    position j (the caller fills rows ``seqlens`` + 1 - S onwards). ``cache`` (key, value [1,kv,capacity,hd])
-    holds ``seqlens`` + 1 - S entries before the new ones, and the outputs ``present`` are the same buffers when
-    the caller binds them to the same memory: the kernel writes the S new entries at that offset in place and
-    each query attends causally over what precedes it, so nothing of the past is copied. ``seqlens`` int32 [1]
-    and ``total`` int32 scalar: the entries after this call, minus one and as is. Returns [1, S, heads*hd]."""
-    inputs = [*qkv, *([""] * (3 - len(qkv))), cache[0], cache[1], seqlens, total, cos, sin]
+                            present: tuple[str, str], seqlens: str, total: str, heads: int, kv: int,
+                            rows: str) -> str:
+    """A layer's attention over a head-major cache in ONNX Runtime's ``GroupQueryAttention``, rotary included, for
+    B rows of S new tokens: ``qkv`` is [q, k, v] ([B,S,heads*hd], [B,S,kv*hd] twice) or [the three packed,
+    [B,S,(heads+2kv)*hd]]; the kernel rotates q and k of token s of row b with row ``rows``[b, s] of ``cos``/``sin``
+    (``gqa_inputs``). ``cache`` (key, value [B,kv,capacity,hd]): row b holds ``seqlens``[b] + 1 - S entries before
+    the new ones, and the outputs ``present`` are the same buffers when the caller binds them to the same memory:
+    the kernel writes each row's S new entries at that offset in place and each query attends causally over what
+    precedes it in its row, so nothing of the past is copied. Returns [B, S, heads*hd]."""
+    inputs = [*qkv, *([""] * (3 - len(qkv))), cache[0], cache[1], seqlens, total, cos, sin, rows]
     out, _, _ = g.op("GroupQueryAttention", inputs, [g.name("attention"), *present], domain="com.microsoft",
                      num_heads=heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0)
     return out

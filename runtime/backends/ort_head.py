@@ -33,7 +33,17 @@ import torch
 from torch import nn
 
 from models.quantized import IR_VERSION, QuantLinear, handed_session, matmul_nbits
-from runtime.backends.ort_graph import GraphBuilder, attention, bind, rebind, rotary_angles, run_bound, silu_gate
+from runtime.backends.ort_graph import (
+    GraphBuilder,
+    attention,
+    bind,
+    gqa_inputs,
+    grouped_query_attention,
+    rebind,
+    rotary_angles,
+    run_bound,
+    silu_gate,
+)
 from runtime.cache import KVCache
 
 _FLOAT_MIN = float(torch.finfo(torch.float32).min)
@@ -79,10 +89,12 @@ class _Graph(GraphBuilder):
         self.inputs.append(self.helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)))
         return name
 
-    def linear(self, x: str, m, name: str, out: str | None = None) -> str:
+    def linear(self, x: str, m, name: str, out: str | None = None, packed: bool = False) -> str:
         """x [M, K] -> [M, N] for an nn.Linear (weight [N, K], read in place; a column-major weight, as the
         CPU head's LM head is stored, is read as the [K, N] matrix it is) or a QuantLinear (MatMulNBits); ``out``
-        names the result (a graph output written by the matmul itself, without a copy)."""
+        names the result (a graph output written by the matmul itself, without a copy). ``packed``: a float
+        weight handed to ONNX Runtime as an initializer, which it keeps prepacked (a second copy of the weight,
+        in its own layout) instead of packing it again at every run of more than one row."""
         y = out if m.bias is None and out is not None else self.name("linear")
         if isinstance(m, QuantLinear):
             node, arrays = matmul_nbits(x, y, f"{name}.", *m.nbits_args())
@@ -90,10 +102,17 @@ class _Graph(GraphBuilder):
             self.handed.update(arrays)
         else:
             w = m.weight.detach()
-            if w.t().is_contiguous() and not w.is_contiguous():
-                self.op("MatMul", [x, self.weight(f"{name}.weight_t", w.t())], [y])
+            column_major = w.t().is_contiguous() and not w.is_contiguous()
+            weight, kind = (w.t(), "weight_t") if column_major else (w, "weight")
+            if packed:
+                self.handed[f"{name}.{kind}"] = weight
+                held = f"{name}.{kind}"
             else:
-                self.op("Gemm", [x, self.weight(f"{name}.weight", w)], [y], transB=1)
+                held = self.weight(f"{name}.{kind}", weight)
+            if column_major:
+                self.op("MatMul", [x, held], [y])
+            else:
+                self.op("Gemm", [x, held], [y], transB=1)
         if m.bias is not None:
             y = self.op("Add", [y, self.weight(f"{name}.bias", m.bias)], [out] if out is not None else 1)
         return y
@@ -103,9 +122,12 @@ class _Graph(GraphBuilder):
                        epsilon=float(norm.eps))
 
 
-def build(head) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def build(head, head_major: bool = False, packed_lm_head: bool = False
+          ) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The head graph (an onnx ModelProto), the PyTorch tensors its weight inputs are bound to, and the ones
-    its quantized initializers are (named in the graph, handed over by ``handed_session``)."""
+    its quantized initializers are (named in the graph, handed over by ``handed_session``). ``head_major``: the
+    form over a head-major cache with a batch axis (see the module docstring); ``packed_lm_head``: a float LM
+    head kept prepacked by ONNX Runtime (``_Graph.linear``)."""
     from onnx import TensorProto, helper
 
     layer = head.layer
@@ -114,32 +136,48 @@ def build(head) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor
     hidden_size = attn.q_proj.in_features
     vocab = head.lm_head.out_features
     g = _Graph()
-    f = TensorProto.FLOAT
-    g.inputs += [helper.make_tensor_value_info("hidden", f, [1, "S", hidden_size]),
-                 helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, 1, "S"]),
-                 helper.make_tensor_value_info("mask", f, ["S", "T"]),
-                 helper.make_tensor_value_info("past_key", f, [1, "P", kv, hd]),
-                 helper.make_tensor_value_info("past_value", f, [1, "P", kv, hd])]
-    x = g.op("Reshape", ["hidden", g.const("shape_rows", [-1, hidden_size])])  # [S, H]
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    if head_major:
+        g.inputs += [helper.make_tensor_value_info("hidden", f, ["B", "S", hidden_size]),
+                     helper.make_tensor_value_info("position_ids", i64, [3, "B", "S"]),
+                     helper.make_tensor_value_info("cache_length", i64, ["B"]),
+                     helper.make_tensor_value_info("cache_key", f, ["B", kv, "capacity", hd]),
+                     helper.make_tensor_value_info("cache_value", f, ["B", kv, "capacity", hd])]
+    else:
+        g.inputs += [helper.make_tensor_value_info("hidden", f, [1, "S", hidden_size]),
+                     helper.make_tensor_value_info("position_ids", i64, [3, 1, "S"]),
+                     helper.make_tensor_value_info("mask", f, ["S", "T"]),
+                     helper.make_tensor_value_info("past_key", f, [1, "P", kv, hd]),
+                     helper.make_tensor_value_info("past_value", f, [1, "P", kv, hd])]
+    rows_of = g.op("Slice", [g.op("Shape", ["hidden"]), g.const("start_0", [0]), g.const("end_2", [2])])  # [B, S]
+
+    def per_row(x: str, *dims: int) -> str:
+        """x reshaped to [B, S, *dims]."""
+        return g.op("Reshape", [x, g.op("Concat", [rows_of, g.const(f"dims_{'_'.join(map(str, dims))}", dims)],
+                                        axis=0)])
+
+    x = g.op("Reshape", ["hidden", g.const("shape_rows", [-1, hidden_size])])  # [B*S, H]
     a = g.rms(x, layer.input_layernorm, "layer.input_layernorm")
-    q = g.linear(a, attn.q_proj, "layer.self_attn.q_proj")
-    k = g.linear(a, attn.k_proj, "layer.self_attn.k_proj")
-    v = g.linear(a, attn.v_proj, "layer.self_attn.v_proj")
-    q = g.op("Reshape", [q, g.const("shape_q_flat", [1, -1, heads * hd])])  # [1, S, heads*hd]
-    k = g.op("Reshape", [k, g.const("shape_k_flat", [1, -1, kv * hd])])
+    q = per_row(g.linear(a, attn.q_proj, "layer.self_attn.q_proj"), heads * hd)  # [B, S, heads*hd]
+    k = per_row(g.linear(a, attn.k_proj, "layer.self_attn.k_proj"), kv * hd)
+    v = per_row(g.linear(a, attn.v_proj, "layer.self_attn.v_proj"), kv * hd)
     if attn.q_norm is not None:  # Qwen3-VL: RMSNorm over head_dim on q and k before the rotary embedding
-        q = g.op("Reshape", [g.rms(g.op("Reshape", [q, g.const("shape_q", [1, -1, heads, hd])]), attn.q_norm,
-                                   "layer.self_attn.q_norm"), "shape_q_flat"])
-        k = g.op("Reshape", [g.rms(g.op("Reshape", [k, g.const("shape_k", [1, -1, kv, hd])]), attn.k_norm,
-                                   "layer.self_attn.k_norm"), "shape_k_flat"])
+        q = per_row(g.rms(per_row(q, heads, hd), attn.q_norm, "layer.self_attn.q_norm"), heads * hd)
+        k = per_row(g.rms(per_row(k, kv, hd), attn.k_norm, "layer.self_attn.k_norm"), kv * hd)
     rot = head.rotary
-    angles = rotary_angles(g, "position_ids", g.const("inv_freq", rot.inv_freq.detach().cpu().numpy(), np.float32),
-                           hd // 2, rot.section, rot.interleaved)  # [S, hd/2]
-    cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
-    s = g.op("Gather", [g.op("Shape", ["hidden"]), g.const("one", 1)])
-    rows = g.op("Unsqueeze", [g.op("Range", [g.const("zero", 0), s, "one"]), g.const("axis_0", [0])])  # [1, S]
-    out = attention(g, q, k, v, rows, cos, sin, ("past_key", "past_value"), ("key", "value"), "mask",
-                    heads, kv, hd)  # [1, S, heads*hd]
+    inv_freq = g.const("inv_freq", rot.inv_freq.detach().cpu().numpy(), np.float32)
+    if head_major:
+        cos, sin, rows, seqlens, total = gqa_inputs(g, "hidden", "position_ids", "cache_length", inv_freq, hd // 2,
+                                                    rot.section, rot.interleaved)
+        out = grouped_query_attention(g, [q, k, v], cos, sin, ("cache_key", "cache_value"),
+                                      ("present_key", "present_value"), seqlens, total, heads, kv, rows)
+    else:
+        angles = rotary_angles(g, "position_ids", inv_freq, hd // 2, rot.section, rot.interleaved)  # [S, hd/2]
+        cos, sin = g.op("Cos", [angles]), g.op("Sin", [angles])
+        s = g.op("Gather", [g.op("Shape", ["hidden"]), g.const("one", 1)])
+        rows = g.op("Unsqueeze", [g.op("Range", [g.const("zero", 0), s, "one"]), g.const("axis_0", [0])])  # [1, S]
+        out = attention(g, q, k, v, rows, cos, sin, ("past_key", "past_value"), ("key", "value"), "mask",
+                        heads, kv, hd)  # [1, S, heads*hd]
     out = g.linear(g.op("Reshape", [out, g.const("shape_heads_flat", [-1, heads * hd])]), attn.o_proj,
                    "layer.self_attn.o_proj")
     x = g.op("Add", [x, out])
@@ -147,21 +185,28 @@ def build(head) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor
     gate = g.linear(m, mlp.gate_proj, "layer.mlp.gate_proj")
     up = g.linear(m, mlp.up_proj, "layer.mlp.up_proj")
     x = g.op("Add", [x, g.linear(silu_gate(g, gate, up), mlp.down_proj, "layer.mlp.down_proj")])
-    last = g.op("Slice", [x, g.const("last_start", [-1]), g.const("last_end", [2**62]), g.const("axis_0", [0])])
-    g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head", out="logits")
-    # what the decode loop takes from every step's logits: their entropy, H = log(sum e^z) - sum(e^z z) / sum e^z
-    # with z = logits - max, and the greedy pick (first index of the largest logit, as torch.argmax)
-    z = g.op("Sub", ["logits", g.op("ReduceMax", ["logits"], keepdims=1)])
+    last = g.op("Slice", [per_row(x, hidden_size), g.const("last_start", [-1]), g.const("last_end", [2**62]),
+                          g.const("axis_1", [1])])  # each row's last position [B, 1, H]
+    last = g.op("Reshape", [last, g.const("shape_last", [-1, hidden_size])])
+    g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head", out="logits", packed=packed_lm_head)  # [B, V]
+    # what the decode loop takes from every step's logits, per row: their entropy, H = log(sum e^z) -
+    # sum(e^z z) / sum e^z with z = logits - max, and the greedy pick (first index of the largest, as torch.argmax)
+    vocab_axis = g.const("axis_last", [-1])
+    z = g.op("Sub", ["logits", g.op("ReduceMax", ["logits", vocab_axis], keepdims=1)])
     e = g.op("Exp", [z])
-    total = g.op("ReduceSum", [e], keepdims=1)
-    g.op("Sub", [g.op("Log", [total]), g.op("Div", [g.op("ReduceSum", [g.op("Mul", [e, z])], keepdims=1), total])],
-         ["entropy"])
+    total_e = g.op("ReduceSum", [e, vocab_axis], keepdims=1)
+    g.op("Sub", [g.op("Log", [total_e]), g.op("Div", [g.op("ReduceSum", [g.op("Mul", [e, z]), vocab_axis],
+                                                           keepdims=1), total_e])], ["entropy"])
     g.op("ArgMax", ["logits"], ["top"], axis=1, keepdims=0)
-    outputs = [helper.make_tensor_value_info("logits", f, [1, vocab]),
-               helper.make_tensor_value_info("entropy", f, [1, 1]),
-               helper.make_tensor_value_info("top", TensorProto.INT64, [1]),
-               helper.make_tensor_value_info("key", f, [1, "S", kv, hd]),
-               helper.make_tensor_value_info("value", f, [1, "S", kv, hd])]
+    batch = "B" if head_major else 1
+    outputs = [helper.make_tensor_value_info("logits", f, [batch, vocab]),
+               helper.make_tensor_value_info("entropy", f, [batch, 1]),
+               helper.make_tensor_value_info("top", i64, [batch])]
+    if head_major:
+        outputs += [helper.make_tensor_value_info(n, f, ["B", kv, "capacity", hd])
+                    for n in ("present_key", "present_value")]
+    else:
+        outputs += [helper.make_tensor_value_info(n, f, [1, "S", kv, hd]) for n in ("key", "value")]
     graph = helper.make_graph(g.nodes, "head", g.inputs, outputs, list(g.consts.values()))
     model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21),
                                                                           helper.make_opsetid("com.microsoft", 1)])
@@ -169,26 +214,32 @@ def build(head) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor
 
 
 class OrtHead:
-    """``head`` (a PyTorch ``Head``, fp32 on CPU) run through ONNX Runtime; see the module docstring."""
+    """``head`` (a PyTorch ``Head``, fp32 on CPU) run through ONNX Runtime; see the module docstring.
+    ``head_major``: over a head-major cache (the fused trunk's layout), with ``rows`` for a batch of requests."""
 
-    def __init__(self, head, opts) -> None:
-        """``opts``: the session options (the ort backend's ``options``)."""
+    def __init__(self, head, opts, head_major: bool = False, packed_lm_head: bool = False) -> None:
+        """``opts``: the session options (the ort backend's ``options``). ``packed_lm_head``: see ``build``."""
         self.head = head
-        model, self.bound, handed = build(head)
+        self.head_major = head_major
+        model, self.bound, handed = build(head, head_major, packed_lm_head)
         self.session, self._handed = handed_session(model, handed, opts)
-        self.logits = torch.empty(1, head.lm_head.out_features)
-        self.out = self.logits[0]  # the one tensor every call returns (``picked`` knows its own output by it)
+        self.vocab = head.lm_head.out_features
+        self.logits = torch.empty(1, self.vocab)
+        self.out = self.logits[0]  # the one tensor every one-request call returns (``picked`` knows it by it)
         self._entropy = torch.empty(1, 1)
         self._top = torch.empty(1, dtype=torch.long)
         self._written = -1  # ``out``'s version counter when this graph last wrote it
         self._scratch = torch.empty(0)
         self._token: _Token | None = None  # the one-token binding, kept across calls
+        self._rows: _Rows | None = None  # the batch binding (``rows``), kept while its pool's buffers are the same
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int,
                  write: bool = True) -> torch.Tensor:
         """Logits [V] of the last of ``hidden`` [1,S,H]'s tokens at ``positions`` [3,1,S] over ``layer``'s cache
         (the entries below ``cache.length``, or below ``cache.length - S`` for a recompute of tokens already
         cached: ``write`` off); with ``write``, the S new entries go into the cache at ``cache.length``."""
+        if self.head_major:
+            return self._head_major(hidden, positions, cache, layer, write)
         s = hidden.shape[1]
         length = cache.length if write else cache.length - s
         keys, values = cache.keys[layer][:, :length], cache.values[layer][:, :length]
@@ -221,15 +272,87 @@ class OrtHead:
         self._written = self.out._version  # a write through PyTorch after this would move it on
         return self.out
 
+    def _head_major(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int,
+                    write: bool) -> torch.Tensor:
+        """One request over its head-major cache: the kernel writes the S entries at the length in place (a
+        recompute writes the current token's entries again, the same numbers: the cache keeps what it held)."""
+        s = hidden.shape[1]
+        if write:
+            cache.slot(layer, s)  # the overflow check
+        k, v = cache.storage(layer)
+        length = torch.tensor([cache.length if write else cache.length - s])
+        inputs = {"hidden": hidden.contiguous(), "position_ids": positions.contiguous(), "cache_length": length,
+                  "cache_key": k, "cache_value": v, **self.bound}
+        run_bound(self.session, inputs, {**self._outputs(), "present_key": k, "present_value": v}, "cpu")
+        self._written = self.out._version
+        return self.out
+
+    def rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """One decode step of several requests in one run (the engine's batched call, ``runtime.engine.Call``):
+        ``calls`` are (hidden [1,1,H], positions [3,1,1], cache[, write]) with every cache a row of one ``KVPool``;
+        each token's entries go into its cache at its length (``write`` False: a recompute of the token last
+        cached, its entries written again at length - 1). Returns each request's logits [V], a view of this
+        graph's batch output (read before the next batched call; ``picked`` knows them). The run covers every
+        row of the pool: a row without a call (a request prefilling, or a free row) gets a zero token written at
+        its length, where nothing is read and its own next write lands."""
+        pool = calls[0][2].pool
+        t = self._rows
+        if t is None or t.key != (pool.generation, pool.rows):
+            t = self._rows = _Rows(self, pool)
+        t.length.copy_(torch.tensor(pool.lengths()))
+        for hidden, positions, cache, *write in calls:
+            if cache.pool is not pool:
+                raise ValueError("a batched head call takes rows of one KV pool")
+            if not write or write[0]:
+                cache.slot(cache.layers - 1, 1)  # the overflow check
+            else:
+                t.length[cache.row] = cache.length - 1
+            t.hidden[cache.row].copy_(hidden[0])
+            t.positions[:, cache.row].copy_(positions[:, 0])
+        self.session.run_with_iobinding(t.io)
+        t.written = t.logits._version
+        t.out = [t.logits[call[2].row] for call in calls]
+        return t.out
+
     def _outputs(self) -> dict[str, torch.Tensor]:
         return {"logits": self.logits, "entropy": self._entropy, "top": self._top}
 
     def picked(self, logits: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         """(entropy as a 0-dim tensor of its own, greedy token) of ``logits``, computed in the graph with them, if
-        they are this graph's last output as it left them; None for any other tensor (``Loop.pick``)."""
-        if logits is not self.out or logits._version != self._written:
+        they are one of this graph's last outputs as it left them; None for any other tensor (``Loop.pick``)."""
+        if logits is self.out:
+            if logits._version != self._written:
+                return None
+            return self._entropy[0, 0].clone(), int(self._top[0])
+        t = self._rows
+        if t is None or t.logits._version != t.written:
             return None
-        return self._entropy[0, 0].clone(), int(self._top[0])
+        for out in t.out:
+            if logits is out:
+                row = out.storage_offset() // self.vocab
+                return t.entropy[row, 0].clone(), int(t.top[row])
+        return None
+
+
+class _Rows:
+    """``OrtHead.rows``' binding over one pool's buffers: every row of the pool, its own input and output buffers."""
+
+    def __init__(self, graph: OrtHead, pool) -> None:
+        n, h = pool.rows, graph.head.layer.self_attn.q_proj.in_features
+        self.key = (pool.generation, n)
+        self.hidden = torch.zeros(n, 1, h)
+        self.positions = torch.zeros(3, n, 1, dtype=torch.long)
+        self.length = torch.zeros(n, dtype=torch.long)
+        self.logits = torch.empty(n, graph.vocab)
+        self.entropy = torch.empty(n, 1)
+        self.top = torch.empty(n, dtype=torch.long)
+        self.written = -1
+        self.out: list[torch.Tensor] = []
+        k, v = pool.keys[-1], pool.values[-1]  # the head's layer: the cache's last
+        self.io = bind(graph.session, {"hidden": self.hidden, "position_ids": self.positions,
+                                       "cache_length": self.length, "cache_key": k, "cache_value": v, **graph.bound},
+                       {"logits": self.logits, "entropy": self.entropy, "top": self.top, "present_key": k,
+                        "present_value": v}, "cpu")
 
 
 class DenseInputGrad:

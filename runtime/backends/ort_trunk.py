@@ -9,15 +9,18 @@ dozen nodes: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in o
 gate/up matmuls as exported (MatMul, the int4 QDQ pair ONNX Runtime fuses into MatMulNBits, or MatMulNBits),
 and GroupQueryAttention with the rotary embedding inside it: q/k/v packed as the fused matmul produces them
 (Qwen3-VL: split for its q/k norms), rotated with cos/sin tables computed once per call from the M-RoPE
-positions and placed at the rows of the tokens' cache positions (the kernel indexes its tables by cache
-position; the M-RoPE position of a visual or later token is another number).
+positions of the call's tokens and read through the kernel's ``position_ids`` (``ort_graph.gqa_inputs``; the
+M-RoPE position of a visual or later token is not its cache position).
 
-The cache contract is the head-major one of ``bindings``: inputs ``inputs_embeds``, ``position_ids``,
-``cache_length`` (the entries before the new ones), [``deepstack_embeds``], ``cache_key.i``/``cache_value.i``
-[1,kv,capacity,hd]; outputs ``hidden`` and ``present_key.i``/``present_value.i``, bound to the same buffers as
-the inputs: GroupQueryAttention writes the S new entries at ``cache_length`` in place and attends causally over
-what precedes them, so nothing of the past is copied (entries at or after ``cache_length`` + S are never read:
-the static form's unfilled end needs no mask).
+The cache contract is the head-major one of ``bindings`` with a batch axis: inputs ``inputs_embeds`` [B,S,H],
+``position_ids`` [3,B,S], ``cache_length`` [B] (each row's entries before its new ones), [``deepstack_embeds``
+[K,B,S,H]], ``cache_key.i``/``cache_value.i`` [B,kv,capacity,hd]; outputs ``hidden`` [B,S,H] and
+``present_key.i``/``present_value.i``, bound to the same buffers as the inputs: GroupQueryAttention writes each
+row's S new entries at its ``cache_length`` in place and attends causally over what precedes them in its row,
+so nothing of the past is copied (entries at or after ``cache_length`` + S are never read: the static form's
+unfilled end needs no mask). One row (B = 1) is a request's prefill chunk or step; B rows of one token each
+are the running requests' decode steps together, one pass over the weights (``OrtBackend.trunk_rows``: the
+rows of a ``runtime.pool.KVPool``).
 
 Nothing is written: the graph is serialized in memory and its weight initializers are the export's own
 TensorProtos, external data references included, which ONNX Runtime resolves in the export folder
@@ -30,10 +33,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from export.graph_weights import weight_aliases
-from runtime.backends.ort_graph import GraphBuilder, grouped_query_attention, rotary_angles, silu_gate
+from runtime.backends.ort_graph import GraphBuilder, gqa_inputs, grouped_query_attention, silu_gate
 
 
 class Unsupported(Exception):
@@ -124,16 +125,9 @@ def build(trunk: Path, text) -> bytes:
     qk_norm = bool(getattr(text, "qk_norm", False))
     b = _Builder(proto)
 
-    # once per call: positions -> rotary tables, and the cache's entry count after it (GroupQueryAttention's)
-    s = b.op("Gather", [b.op("Shape", ["inputs_embeds"]), b.const("one", 1)])
-    angles = rotary_angles(b, "position_ids", b.init("trunk.rotary.inv_freq"), hd // 2, list(text.mrope_section),
-                           bool(getattr(text, "mrope_interleaved", False)))  # [S, hd/2]
-    # GroupQueryAttention reads the row of each token's cache position: the S rows after cache_length zero rows
-    pads = b.op("Concat", ["cache_length", b.const("pads_rest", [0, 0, 0])], axis=0)
-    cos, sin = (b.op("Pad", [b.op(f, [angles]), pads]) for f in ("Cos", "Sin"))  # [cache_length + S, hd/2]
-    after = b.op("Cast", [b.op("Add", ["cache_length", s])], to=TensorProto.INT32)  # [1]
-    seqlens = b.op("Sub", [after, b.const("one_i32", [1], np.int32)])
-    total = b.op("Squeeze", [after, b.const("axis_0", [0])])
+    cos, sin, rows, seqlens, total = gqa_inputs(b, "inputs_embeds", "position_ids", "cache_length",
+                                                b.init("trunk.rotary.inv_freq"), hd // 2, list(text.mrope_section),
+                                                bool(getattr(text, "mrope_interleaved", False)))
     deepstack = "deepstack_embeds" in ins
     levels = ins["deepstack_embeds"].type.tensor_type.shape.dim[0].dim_value if deepstack else 0
 
@@ -153,13 +147,14 @@ def build(trunk: Path, text) -> bytes:
         qkv = [b.linear(a, pre + "self_attn.qkv_proj")]  # packed, as the attention takes it
         if qk_norm:
             q, k, v = b.op("Split", [qkv[0], b.const("qkv_sizes", [heads * hd, kv * hd, kv * hd])], 3, axis=-1)
-            q = b.op("Reshape", [rms(b.op("Reshape", [q, b.const("shape_q", [1, -1, heads, hd])]),
-                                     pre + "self_attn.q_norm.weight")[0], b.const("shape_q_flat", [1, -1, heads * hd])])
-            k = b.op("Reshape", [rms(b.op("Reshape", [k, b.const("shape_k", [1, -1, kv, hd])]),
-                                     pre + "self_attn.k_norm.weight")[0], b.const("shape_k_flat", [1, -1, kv * hd])])
+            q = b.op("Reshape", [rms(b.op("Reshape", [q, b.const("shape_q", [0, -1, heads, hd])]),
+                                     pre + "self_attn.q_norm.weight")[0], b.const("shape_q_flat", [0, -1, heads * hd])])
+            k = b.op("Reshape", [rms(b.op("Reshape", [k, b.const("shape_k", [0, -1, kv, hd])]),
+                                     pre + "self_attn.k_norm.weight")[0], b.const("shape_k_flat", [0, -1, kv * hd])])
             qkv = [q, k, v]
         out = grouped_query_attention(b, qkv, cos, sin, (f"cache_key.{layer}", f"cache_value.{layer}"),
-                                      (f"present_key.{layer}", f"present_value.{layer}"), seqlens, total, heads, kv)
+                                      (f"present_key.{layer}", f"present_value.{layer}"), seqlens, total, heads, kv,
+                                      rows)
         attn = b.linear(out, pre + "self_attn.o_proj")
         m, residual = rms(attn, pre + "post_attention_layernorm.weight", residual)
         gate, up = b.op("Split", [b.linear(m, pre + "mlp.gate_up_proj"), b.const("mlp_sizes", [inter, inter])], 2,
@@ -169,11 +164,15 @@ def build(trunk: Path, text) -> bytes:
             delta = b.op("Add", [delta, b.op("Gather", ["deepstack_embeds", b.const(f"level_{layer}", layer)])])
     b.op("Add", [residual, delta], ["hidden"])
     f = TensorProto.FLOAT
-    cache = [helper.make_tensor_value_info(f"{kind}_{side}.{layer}", f, [1, kv, "capacity", hd])
+    cache = [helper.make_tensor_value_info(f"{kind}_{side}.{layer}", f, ["batch", kv, "capacity", hd])
              for layer in range(layers) for kind in ("cache", "present") for side in ("key", "value")]
-    inputs = [i for i in proto.graph.input if not i.name.startswith("past_")]
+    width = text.hidden_size  # the standard graph's inputs and output, with a batch axis (its are one row)
+    batched = {"inputs_embeds": (f, ["batch", "S", width]), "position_ids": (TensorProto.INT64, [3, "batch", "S"]),
+               "cache_length": (TensorProto.INT64, ["batch"]), "deepstack_embeds": (f, [levels, "batch", "S", width])}
+    inputs = [helper.make_tensor_value_info(i.name, *batched[i.name]) for i in proto.graph.input
+              if not i.name.startswith("past_")]
     inputs += [c for c in cache if c.name.startswith("cache_")]
-    outputs = [o for o in proto.graph.output if o.name == "hidden"]
+    outputs = [helper.make_tensor_value_info("hidden", f, ["batch", "S", width])]
     outputs += [c for c in cache if c.name.startswith("present_")]
     graph = helper.make_graph(b.nodes, "trunk_ort", inputs, outputs,
                               [*b.used.values(), *b.consts.values()])

@@ -122,7 +122,8 @@ def head_pass_seconds(r, prompt_len: int, repeats: int = 20) -> float:
     k = torch.randn(1, prompt_len, t.num_key_value_heads, t.head_dim, dtype=r.dtype, device=r.device)
     graph = getattr(r.backend, "base_head", None)
     if graph is not None:
-        cache = KVCache.allocate(1, prompt_len + 1, t.num_key_value_heads, t.head_dim, r.dtype, r.device)
+        cache = KVCache.allocate(1, prompt_len + 1, t.num_key_value_heads, t.head_dim, r.dtype, r.device,
+                                 head_major=int(graph.head_major))  # the layout the graph reads
         cache.keys[0][:, :prompt_len] = k
         cache.values[0][:, :prompt_len] = k
         cache.length = prompt_len + 1

@@ -55,7 +55,7 @@ class Metrics:
         kv = Gauge("vreason_kv_cache_bytes", "Bytes of KV cache the running requests hold (within kv_mb)",
                    registry=self.registry)
         kv.set_function(lambda: service.r.kv_bytes)
-        batch = Gauge("vreason_batch_size", "Requests running in the engine now (taking turns, up to max_batch)",
+        batch = Gauge("vreason_batch_size", "Requests running in the engine now (up to max_batch)",
                       registry=self.registry)
         batch.set_function(lambda: service.r.engine.running)
         self.live_answers = Counter("vreason_live_answers", "Answers to live streams' questions",

@@ -1,0 +1,105 @@
+"""The KV caches of the requests an engine runs together, as rows of one buffer per layer and kind, so that one
+graph call can decode all of them (``OrtBackend.trunk_rows``, ``OrtHead.rows``: GroupQueryAttention takes a
+batch of caches as one [rows, kv, capacity, hd] tensor, each row with its own length).
+
+A request takes a row (``acquire``) when its prefill starts and gives it back when it ends (``PooledCache.release``);
+its ``KVCache`` is views of its row, head-major in every layer, so everything that reads or writes a cache (the
+backends' one-request calls, the head, V-Reason, Lite, prefix reuse) does so unchanged. The buffers grow when a
+request needs a row or a capacity they do not have: new buffers, every running row's entries copied over and
+its views moved (between units of work, on the engine's thread; nothing holds a view across one), and go when the
+last request leaves. So with requests of similar lengths the pool holds about what their own caches would hold
+(``rows`` x the longest capacity, rounded up to ``ROUND`` entries).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.cache import KVCache
+
+ROUND = 256  # capacities are rounded up to a multiple of this (fewer regrowths as requests come and go)
+# rows the buffers have at least: a request alone is then decoded as one row of two, as it is with others. The
+# quantized matmul kernels (MatMulNBits) take another path for a single row, whose rounding differs (measured on
+# the bench int4 export: entropies 5e-4 apart, greedy tokens apart from the 8th of 32); from two rows on, each
+# row's numbers do not depend on how many there are. It costs one request's cache more while one runs alone.
+MIN_ROWS = 2
+
+
+class PooledCache(KVCache):
+    """A request's cache: views of one row of a ``KVPool``."""
+
+    pool: KVPool
+    row: int
+
+    def release(self) -> None:
+        """Give the row back (the request has ended); the views are not to be used after."""
+        self.pool.release(self)
+
+
+class KVPool:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.keys: list[torch.Tensor] = []  # per layer [rows, kv, capacity, hd]
+        self.values: list[torch.Tensor] = []
+        self.holders: list[PooledCache | None] = []  # the cache of each row (None: free)
+        self.generation = 0  # moves on whenever the buffers are replaced (bindings made on them are stale)
+        self.peak_bytes = 0  # the most the buffers have held (a benchmark resets it)
+
+    @property
+    def rows(self) -> int:
+        return len(self.holders)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def acquire(self, capacity: int) -> PooledCache:
+        """A row for a request of ``capacity`` entries, its cache empty (length 0)."""
+        row = next((i for i, h in enumerate(self.holders) if h is None), self.rows)
+        need = -(-capacity // ROUND) * ROUND
+        if row >= self.rows or need > self.capacity:
+            self._grow(max(self.rows, row + 1, MIN_ROWS), max(self.capacity, need))
+        cache = PooledCache([], [])
+        cache.pool, cache.row = self, row
+        self.holders[row] = cache
+        self._view(cache)
+        return cache
+
+    def release(self, cache: PooledCache) -> None:
+        if cache.row < self.rows and self.holders[cache.row] is cache:
+            self.holders[cache.row] = None
+        if all(h is None for h in self.holders):  # the last one out: the memory goes
+            self.keys, self.values, self.holders = [], [], []
+            self.generation += 1
+
+    def lengths(self) -> list[int]:
+        """Each row's cache length (0 for a free row)."""
+        return [0 if h is None else h.length for h in self.holders]
+
+    def _view(self, cache: PooledCache) -> None:
+        r = cache.row
+        cache.keys[:] = [k[r:r + 1].transpose(1, 2) for k in self.keys]  # [1, capacity, kv, hd] views
+        cache.values[:] = [v[r:r + 1].transpose(1, 2) for v in self.values]
+
+    def _grow(self, rows: int, capacity: int) -> None:
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        n = self.capacity  # whole rows (a request may hold entries past its length: written, not yet counted)
+        for r, h in enumerate(self.holders):
+            if h is not None:
+                for new, old in zip((*keys, *values), (*self.keys, *self.values)):
+                    new[r, :, :n].copy_(old[r])
+        self.keys, self.values = keys, values
+        self.holders += [None] * (rows - len(self.holders))
+        self.generation += 1
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        for h in self.holders:
+            if h is not None:
+                self._view(h)

@@ -1,0 +1,39 @@
+"""The KV pool (``runtime.pool``): requests' caches as rows of one buffer per layer, grown as requests join, their
+entries kept and their views moved when it grows, freed when the last request leaves."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.pool import MIN_ROWS, ROUND, KVPool
+
+
+def fill(cache, length: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    for t in (*cache.keys, *cache.values):
+        t[:, :length] = torch.randn(t[:, :length].shape, generator=g)
+    cache.length = length
+    return [t[:, :length].clone() for t in (*cache.keys, *cache.values)]
+
+
+def test_rows_grow_keep_their_entries_and_free_when_the_last_leaves():
+    pool = KVPool(3, 2, 8, torch.float32, "cpu")
+    a = pool.acquire(10)
+    assert (pool.rows, pool.capacity) == (MIN_ROWS, ROUND) and a.row == 0 and a.length == 0
+    assert a.capacity == ROUND and a.storage(2)[0].shape == (1, 2, ROUND, 8)  # head-major in every layer
+    kept_a = fill(a, 7, seed=1)
+    b = pool.acquire(ROUND + 1)  # a longer request: every row grows to its capacity
+    assert (pool.rows, pool.capacity, b.row) == (MIN_ROWS, 2 * ROUND, 1) and a.capacity == 2 * ROUND
+    kept_b = fill(b, 5, seed=2)
+    c = pool.acquire(3)  # a third row
+    assert (pool.rows, c.row) == (3, 2)
+    for cache, kept in ((a, kept_a), (b, kept_b)):  # the entries moved with the rows, the views with them
+        assert all(torch.equal(t[:, :cache.length], k) for t, k in zip((*cache.keys, *cache.values), kept))
+    assert pool.keys[0][0, :, :7].data_ptr() == a.keys[0].data_ptr()  # a's views are its row of the buffers
+    assert pool.peak_bytes == pool.nbytes == 2 * 3 * 3 * 2 * 2 * ROUND * 8 * 4
+    b.release()
+    d = pool.acquire(4)  # a free row is taken again, the buffers as they are
+    assert d.row == 1 and pool.rows == 3 and pool.lengths() == [7, 0, 0]
+    for cache in (a, c, d):
+        cache.release()
+    assert pool.rows == 0 and pool.nbytes == 0 and pool.keys == []
