@@ -1,14 +1,22 @@
 """``python -m runtime.bench --engine DIR --concurrency 1 2 4 8``: N clients at once on one loaded model.
 
-For each method (base, V-Reason) and each N: N threads start together on one ``Reasoner``, each asking
-``--repeats`` questions about the benchmark clip in turn. Reported per N: aggregate generated tokens per second
-(all tokens over the wall time from the first request to the last answer, prefill included), the median
-per-request decode rate, time to first token p50 / p95 (queueing for the engine included) and the median time a
-request waited for its place in the engine (``queue_s``) and the mean number of requests running while it was
-advanced (``batch_mean``). Every answer is checked against the same request asked alone (greedy: identical
-tokens). The engine keeps up to ``max_batch`` requests running, taking turns a token or a prefill chunk at a time
-(``runtime.engine``), without a shared pass over the weights: the aggregate rate shows what in-flight batching
-would have to improve on.
+For each method (base, V-Reason) and each N: N threads on one ``Reasoner`` ask ``--repeats`` waves of questions
+about the benchmark clip, one question each per wave, every wave started together (the levels alternate wave by
+wave, so that they see the same machine state). Reported per N: aggregate generated tokens per second (all tokens
+over the wall time from the first request to the last answer, prefill included), the aggregate decode rate (per wave
+of N requests started together: the tokens generated while all N were decoding, from the last one's first token to
+the first one's last, over that window; the median over the waves), the median per-request decode rate (its tokens
+over its own decode time, others' prefill chunks run in between included), time to first token p50 / p95 (queueing
+for the engine included), the median time a request waited for its place in the engine (``queue_s``) and the mean
+number of requests running while it was advanced (``batch_mean``), and the KV memory the engine held at its peak
+over the sum of what each request's own cache would hold (``kv_held_over_own``; the pool's rows are as long as the
+longest request, rounded up to 256 entries, and a request alone holds two rows: ``runtime.pool``). Every answer is
+checked against the same request asked alone (greedy: identical tokens). The engine keeps up to ``max_batch``
+requests running; where the backend can (``batch_rows``: the ort backend's fused CPU graphs) their decode steps run
+as one graph call, one pass over the weights for all of them; elsewhere they take turns. With ``--peer``:
+onnxruntime-genai's model of the export's decoder shape and weight format (``runtime.bench.peer``, built once under
+--work) generates as many requests together as the top level, once per round after our waves (base): its aggregate
+decode rate, ours, and the per-round ratio.
 """
 
 from __future__ import annotations
@@ -54,25 +62,67 @@ def at_once(fn, n: int) -> tuple[list, float]:
     return results, wall
 
 
-def run_level(r, clip: Path, method: str, n: int, repeats: int, new_tokens: int, solo: list[int]) -> dict:
-    """N threads, ``repeats`` requests each, started together."""
-    def client() -> list:
-        return [r.ask(video=str(clip), question=QUESTION, method=method, max_new_tokens=new_tokens, template="plain")
-                for _ in range(repeats)]
+def together_rate(waves: list[list[list[float]]]) -> float:
+    """Tokens per second while every request of a wave was decoding: per wave (each request's token times), the
+    tokens after the last request's first token and up to the first request's last, over that window; the median
+    over the waves that have one (0.0 if none)."""
+    rates = []
+    for times in waves:
+        lo, hi = max(t[0] for t in times), min(t[-1] for t in times)
+        if hi > lo:
+            rates.append(sum(sum(1 for x in t if lo < x <= hi) for t in times) / (hi - lo))
+    return statistics.median(rates) if rates else 0.0
 
-    per_client, wall = at_once(client, n)
-    results = [res for batch in per_client for res in batch]
+
+def run_wave(r, clip: Path, method: str, n: int, new_tokens: int) -> tuple[list, float, float | None]:
+    """N threads asking one question each, started together: ([(result, its tokens' arrival times)], wall s, the
+    KV memory the engine held at its peak over the sum of what each request's own cache would hold (None where
+    requests hold caches of their own, not rows of a pool))."""
+    needs = []
+
+    def client() -> tuple:
+        s = r.stream(video=str(clip), question=QUESTION, method=method, max_new_tokens=new_tokens, template="plain",
+                     events=True)
+        needs.append(s.kv)
+        times = [time.perf_counter() for _event in s]
+        return s.result, times[:len(s.result.token_ids)]
+
+    if r.pool is not None:
+        r.pool.peak_bytes = 0
+    done, wall = at_once(client, n)
+    return done, wall, (r.pool.peak_bytes / sum(needs) if r.pool is not None else None)
+
+
+def level_row(n: int, waves: list[tuple[list, float]], solo: list[int]) -> dict:
+    """One concurrency level's figures from its waves."""
+    results = [res for done, _, _ in waves for res, _ in done]
     tokens = sum(len(res.token_ids) for res in results)
+    wall = sum(w for _, w, _ in waves)
+    held = [h for _, _, h in waves if h is not None]
     ttft = [res.timings["ttft_s"] for res in results]
     return {
         "clients": n, "requests": len(results), "tokens": tokens, "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
+        "aggregate_decode_tokens_per_s": together_rate([[t for _, t in done] for done, _, _ in waves]),
+        "kv_held_over_own": max(held) if held else None,
         "per_request_decode_tokens_per_s": statistics.median(res.timings["decode_tokens_per_s"] for res in results),
         "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95),
         "queue_p50_s": statistics.median(res.timings["queue_s"] for res in results),
         "batch_mean": statistics.mean(res.timings["batch_mean"] for res in results),
         "identical_to_solo": all(res.token_ids == solo for res in results),
     }
+
+
+def peer_model(r, clip: Path, args):
+    """onnxruntime-genai's model of the export's decoder shape and weight format (``runtime.bench.peer``), built
+    once under --work: (its ``once``, its precision, the prompt length it is given: the benchmark request's)."""
+    from runtime.bench.peer import build, measure
+
+    precision = "int4" if r.weights["quantize"] == "int4" else "fp32"
+    text = r.manifest["config"]["text"]
+    prompt = len(r.prepare(video=str(clip), question=QUESTION, max_new_tokens=args.new_tokens, template="plain").ids)
+    rep = measure(build(text, precision, Path(args.work)), prompt, args.new_tokens, 1, text["vocab_size"])
+    return rep["once"], precision, prompt
 
 
 def run_concurrency(args) -> dict:
@@ -83,37 +133,70 @@ def run_concurrency(args) -> dict:
     r = Reasoner.load(args.engine, backend=backend, reuse_mb=0)
     clip = bench_clip(Path(args.work), args.seconds)
     levels = sorted(set(args.concurrency))
+    top = levels[-1]
+    peer = peer_model(r, clip, args) if args.peer else None
     rep = {"engine": str(args.engine), "backend": r.backend.name, "max_batch": r.max_batch,
-           "new_tokens": args.new_tokens,
+           "batched": r.pool is not None, "new_tokens": args.new_tokens,
            "repeats": args.repeats, "levels": levels, "methods": {}}
     for method in ("base", "vreason"):
         solo = r.ask(video=str(clip), question=QUESTION, method=method, max_new_tokens=args.new_tokens,
                      template="plain").token_ids  # also the warm-up
-        rows = []
-        for n in levels:
-            rows.append(run_level(r, clip, method, n, args.repeats, args.new_tokens, solo))
-            print(f"measured {method} x{n}: {rows[-1]['aggregate_tokens_per_s']:.1f} tokens/s in all",
-                  file=sys.stderr)
-        one = rows[0]["aggregate_tokens_per_s"] if levels[0] == 1 else None
+        waves: dict[int, list] = {n: [] for n in levels}
+        rounds = []  # with the peer: (our aggregate decode rate at the top level, the peer's at its batch) per round
+        for _ in range(args.repeats):  # the levels alternate, wave by wave: they see the same machine state
+            for n in levels:
+                waves[n].append(run_wave(r, clip, method, n, args.new_tokens))
+            if peer is not None and method == "base":
+                step = peer[0](top)[1]
+                rounds.append((together_rate([[t for _, t in waves[top][-1][0]]]), top / step))
+        rows = [level_row(n, waves[n], solo) for n in levels]
+        for row in rows:
+            print(f"measured {method} x{row['clients']}: {row['aggregate_decode_tokens_per_s']:.1f} decode tokens/s "
+                  "in all", file=sys.stderr)
+        one, one_decode = (rows[0]["aggregate_tokens_per_s"], rows[0]["aggregate_decode_tokens_per_s"]) \
+            if levels[0] == 1 else (None, None)
         for row in rows:
             row["aggregate_over_one_client"] = row["aggregate_tokens_per_s"] / one if one else None
+            row["decode_over_one_client"] = row["aggregate_decode_tokens_per_s"] / one_decode if one_decode else None
         rep["methods"][method] = rows
+        if rounds:
+            ratios = [o / p for o, p in rounds if o > 0]
+            rep["peer"] = {"precision": peer[1], "prompt_tokens": peer[2], "batch": top,
+                           "aggregate_decode_tokens_per_s": statistics.median(p for _, p in rounds),
+                           "ours_aggregate_decode_tokens_per_s": statistics.median(o for o, _ in rounds),
+                           "ours_over_peer": statistics.median(ratios) if ratios else None,
+                           "ours_over_peer_min": min(ratios, default=None),
+                           "ours_over_peer_max": max(ratios, default=None)}
     return rep
 
 
 def concurrency_table(rep: dict) -> str:
+    how = ("their decode steps batched (one pass over the weights per step)" if rep.get("batched") else
+           "taking turns (this backend decodes one request per call)")
     lines = [f"{rep['engine']} on {rep['backend']}: {rep['new_tokens']} new tokens, {rep['repeats']} requests per "
-             f"client, clients started together; one engine thread, up to {rep['max_batch']} requests taking turns "
-             "(no shared pass over the weights yet)", "",
-             "| method | clients | aggregate tok/s | vs 1 client | per-request decode tok/s | TTFT p50 (s) | "
-             "TTFT p95 (s) | queue p50 (s) | batch mean | answers = solo |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"client, clients started together; one engine thread, up to {rep['max_batch']} requests running, "
+             f"{how}", "",
+             "| method | clients | aggregate tok/s | vs 1 client | aggregate decode tok/s | vs 1 client | "
+             "per-request decode tok/s | TTFT p50 (s) | TTFT p95 (s) | queue p50 (s) | batch mean | KV held / own | "
+             "answers = solo |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(x):
+        return "-" if x is None else f"x{x:.2f}"
+
     for method, rows in rep["methods"].items():
         for row in rows:
-            ratio = row["aggregate_over_one_client"]
             lines.append(f"| {method} | {row['clients']} | {row['aggregate_tokens_per_s']:.1f} | "
-                         f"{'-' if ratio is None else f'x{ratio:.2f}'} | "
+                         f"{ratio(row['aggregate_over_one_client'])} | {row['aggregate_decode_tokens_per_s']:.1f} | "
+                         f"{ratio(row['decode_over_one_client'])} | "
                          f"{row['per_request_decode_tokens_per_s']:.1f} | {row['ttft_p50_s']:.3f} | "
                          f"{row['ttft_p95_s']:.3f} | {row['queue_p50_s']:.3f} | {row['batch_mean']:.2f} | "
-                         f"{'yes' if row['identical_to_solo'] else 'NO'} |")
+                         f"{ratio(row['kv_held_over_own'])} | {'yes' if row['identical_to_solo'] else 'NO'} |")
+    peer = rep.get("peer")
+    if peer:
+        lines += ["", f"onnxruntime-genai {peer['precision']}, {peer['batch']} requests generated together (equal "
+                  f"{peer['prompt_tokens']}-token prompts), alternating with our waves of {peer['batch']}, base: "
+                  f"{peer['aggregate_decode_tokens_per_s']:.1f} decode tokens/s against our "
+                  f"{peer['ours_aggregate_decode_tokens_per_s']:.1f}; ours / peer per round x"
+                  f"{peer['ours_over_peer']:.2f} (x{peer['ours_over_peer_min']:.2f}-x{peer['ours_over_peer_max']:.2f})"]
     return "\n".join(lines)
