@@ -240,11 +240,11 @@ class Loop:
             self.timings.decode_s = time.perf_counter() - t0
 
     def _steer(self, state: DecodeState, logits: torch.Tensor) -> Generator[Call, object, tuple[torch.Tensor, float]]:
-        """The steering's step for the current token: (logits to sample from, alpha). With ``batched`` and the head
-        as a graph, the recompute after an update is yielded as a ``Call`` (run with the other requests' steps and
-        recomputes: one pass over the LM head for all of them)."""
-        steering = self.steering
-        if not self.batched or self.head_graph is None:
+        """The steering's step for the current token: (logits to sample from, alpha). With ``batched`` and the
+        backend's ``head_rows``, the update and the recompute after it are yielded as ``Call``s (run with the other
+        requests' updates and steps: one pass over the LM head for all of them)."""
+        steering, rows = self.steering, self.backend.head_rows
+        if not self.batched or rows is None:
             with self.threads():
                 return steering.step(state, logits, self._recompute)
         alpha = 0.0
@@ -252,7 +252,7 @@ class Loop:
             # token's logits again over the cache as the update left it, with theirs
             # (the logits copied: they may lie in a graph's output buffer, which other calls write before this one)
             alpha = yield Call(type(steering).update_rows, steering, state, logits.clone(), self._recompute)
-            logits = yield Call(self.head_graph.rows, state.hidden, state.positions, state.cache, False)
+            logits = yield Call(rows, state.hidden, state.positions, state.cache, False)
         with self.threads():
             steering.record(logits, alpha)
         return logits, alpha
@@ -279,15 +279,16 @@ class Loop:
                 hidden = self.backend.trunk(emb, pos, state.cache)
         if self.batched:  # (a copy: the call's output buffer is the next batched call's)
             hidden = (yield Call(self.backend.trunk_rows, emb, pos, state.cache)).clone()
-        # an update at the next step backpropagates through this very forward of the head (one head pass saved
-        # per update); the trunk's output stays outside the graph. A backend with the head as its own graph runs
-        # that graph instead: the update then recomputes the last layer alone and takes these logits as its LM
-        # head's output (``_recompute``), so the LM head's forward runs once, in the graph
-        graph = (self.steering is not None and self.steering.needs_graph(k + 1)
-                 and self.head_graph is None)
-        if self.batched and not graph and self.head_graph is not None:  # the cache as it is: the head graph
-            logits = yield Call(self.head_graph.rows, hidden, pos, state.cache)
+        rows = self.backend.head_rows if self.batched else None
+        if rows is not None:  # the rows' heads in one call, over the caches as they are (an update at the next
+            # step recomputes the last layer alone and takes these logits as its LM head's output: update_rows)
+            logits = yield Call(rows, hidden, pos, state.cache)
         else:
+            # an update at the next step backpropagates through this very forward of the head (one head pass
+            # saved per update); the trunk's output stays outside the graph. A backend with the head as its own
+            # graph runs that graph instead: the update then recomputes the last layer alone and takes these
+            # logits as its LM head's output (``_recompute``), so the LM head's forward runs once, in the graph
+            graph = self.steering is not None and self.steering.needs_graph(k + 1) and self.head_graph is None
             with self.threads(), torch.enable_grad() if graph else torch.no_grad():
                 logits = self.head_step(state, hidden, pos)
         with torch.no_grad():

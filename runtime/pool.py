@@ -103,3 +103,26 @@ class KVPool:
         for h in self.holders:
             if h is not None:
                 self._view(h)
+
+
+def row_inputs(calls: list[tuple], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The inputs of a batched one-token call over every row of a pool: ``calls`` are (x [1,1,W], positions
+    [3,1,1], cache[, write]), every cache a row of one pool. Returns x [rows,1,W] (zeros for a row without a call),
+    positions [3,rows,1], the index each row's entries go to [rows] (its length; with ``write`` off, a recompute of
+    the token last cached: length - 1) and the end of what any row reads (the largest index + 1). A row without a
+    call gets a zero token written at its length, where nothing is read and its own next write lands."""
+    pool = calls[0][2].pool
+    width = calls[0][0].shape[-1]
+    x = torch.zeros(pool.rows, 1, width, dtype=dtype, device=device)
+    positions = torch.zeros(3, pool.rows, 1, dtype=torch.long, device=device)
+    index = pool.lengths()
+    for h, p, cache, *write in calls:
+        if cache.pool is not pool:
+            raise ValueError("a batched call takes rows of one KV pool")
+        if not write or write[0]:
+            cache.slot(0, 1)  # the overflow check
+        else:
+            index[cache.row] = cache.length - 1
+        x[cache.row] = h[0]
+        positions[:, cache.row] = p[:, 0]
+    return x, positions, torch.tensor(index, device=device), max(index) + 1

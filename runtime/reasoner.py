@@ -67,7 +67,8 @@ class Reasoner:
         self.kv_mb = default_kv_mb(self.cfg, self.limits["max_context"], self.dtype, self.device) if kv_mb is None \
             else kv_mb
         # the running requests' caches as rows of one pool, decoded together in one graph call per step, where
-        # the backend can (``batch_rows``: the ort backend's fused CPU graphs); elsewhere each request has its own
+        # the backend can (``batch_rows``: the ort backend's fused CPU graphs, the torch backend); elsewhere (and with
+        # static decode) each request has its own
         self.pool = None
         if backend.batch_rows and decode == "dynamic":
             from runtime.pool import KVPool
@@ -115,12 +116,12 @@ class Reasoner:
 
         ``max_batch``: requests the engine runs at once (``runtime.engine``): a prefill chunk at a time each, and
         their decode steps in one graph call (one pass over the weights for all) where the backend can (the ort
-        backend's fused CPU graphs; a float LM head is then also kept prepacked by ONNX Runtime, a second copy of
-        it: ``OrtBackend.attach_head``); elsewhere they take turns a token at a time. Default 4 with dynamic decode;
-        static decode takes 1 (it keeps one cache and its CUDA graphs). ``kv_mb``: the KV cache (MiB) the running
-        requests may hold together; a request waits for room, and one that needs more than all of it is refused.
-        Default: a quarter of the device's free memory at load, and at least one request at the export's context
-        limit."""
+        backend's fused CPU graphs, where a float LM head is then also kept prepacked by ONNX Runtime, a second copy
+        of it: ``OrtBackend.attach_head``; the torch backend with dynamic decode); elsewhere they take turns a token
+        at a time. Default 4 with dynamic decode; static decode takes 1 (it keeps one cache and its CUDA graphs).
+        ``kv_mb``: the KV cache (MiB) the running requests may hold together; a request waits for room, and one that
+        needs more than all of it is refused. Default: a quarter of the device's free memory at load, and at least
+        one request at the export's context limit."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         check_number("reuse_mb", reuse_mb, lo=0, integer=True, optional=True)
@@ -180,6 +181,8 @@ class Reasoner:
         if name == "ort":  # (max_batch checked against static decode when the Reasoner is made)
             batch = (default_max_batch("static" if static else "dynamic") if max_batch is None else max_batch) > 1
             impl.attach_head(head, batch=batch and not static)
+        elif name == "torch":
+            impl.attach_head(head)
         # (a quantized export's trunk was fused when its weights were loaded, and its head is the export's)
         if static and on_cuda and name == "torch" and not quantized(manifest):
             fuse_projections(impl.model)

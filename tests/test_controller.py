@@ -146,13 +146,13 @@ def test_no_op_settings_equal_the_base_method(reasoners, frames, setting):
     # both through the PyTorch head the controller steers (on ort, steps without autograd otherwise run the
     # head's ONNX Runtime graph, equal to it to float rounding: tests/test_ort_head.py); what is checked is the
     # controller with the head held fixed
-    graph, r.backend.base_head = r.backend.base_head, None
+    (graph, rows), r.backend.base_head, r.backend.head_rows = (r.backend.base_head, r.backend.head_rows), None, None
     try:
         base = r.ask(frames=frames, fps=2.0, question=QUESTION, max_new_tokens=10)
         vr = r.ask(frames=frames, fps=2.0, question=QUESTION, max_new_tokens=10, method="vreason",
                    controller=setting)
     finally:
-        r.backend.base_head = graph
+        r.backend.base_head, r.backend.head_rows = graph, rows
     assert vr.token_ids == base.token_ids
     assert vr.entropy == base.entropy  # bit-identical logits give bit-identical entropies
     if "lr" in setting:

@@ -162,27 +162,30 @@ def q3_engine(q3_tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("export,trunk", [("fp32", "standard"), ("fp32", "fused"), ("int4", "fused"),
-                                          ("qwen3", "fused")])
+                                          ("qwen3", "fused"), ("fp32", "torch"), ("qwen3", "torch")])
 def test_requests_running_together_equal_each_alone(request, monkeypatch, export, trunk):
     """Base, V-Reason and Lite requests of different prompt lengths (a clip or none, short and long questions),
     running four at a time, each give what they give alone: the same tokens, the same entropies (1e-5), the same
     V-Reason trace; and they did run together. With the standard trunk graph they take turns token by token;
-    with the fused one (fp32 and int4 weights, both families) their decode steps, V-Reason's updates and its
-    recomputes run in one graph call for all (``trunk_rows``, ``OrtHead.rows``, ``VReason.update_rows``), and
-    did."""
+    with the fused one (fp32 and int4 weights, both families) and on the torch backend (dynamic decode) their
+    decode steps, V-Reason's updates and its recomputes run in one call for all (``trunk_rows``, ``head_rows``,
+    ``VReason.update_rows``), and did."""
     from models.samples import render_frames
 
     d = request.getfixturevalue({"fp32": "engine_dir", "int4": "int4_engine", "qwen3": "q3_engine"}[export])
-    r = Reasoner.load(d, backend="ort", reuse_mb=0, max_batch=4, ort_trunk=trunk)
-    assert (r.pool is not None) == (trunk == "fused")
+    if trunk == "torch":  # the PyTorch backend, dynamic decode
+        r = Reasoner.load(d, backend="torch", reuse_mb=0, max_batch=4, decode="dynamic")
+    else:
+        r = Reasoner.load(d, backend="ort", reuse_mb=0, max_batch=4, ort_trunk=trunk)
+    assert (r.pool is not None) == (trunk != "standard")
     widths = []
     updates = []
     if r.pool is not None:  # the rows each batched call decoded
         from controller.vreason import VReason
 
-        rows, head_rows, update_rows = r.backend.trunk_rows, r.backend.base_head.rows, VReason.update_rows
+        rows, head_rows, update_rows = r.backend.trunk_rows, r.backend.head_rows, VReason.update_rows
         r.backend.trunk_rows = lambda calls: (widths.append(len(calls)), rows(calls))[1]
-        r.backend.base_head.rows = lambda calls: (widths.append(len(calls)), head_rows(calls))[1]
+        r.backend.head_rows = lambda calls: (widths.append(len(calls)), head_rows(calls))[1]
         monkeypatch.setattr(VReason, "update_rows", staticmethod(lambda calls: (updates.append(len(calls)),
                                                                                 update_rows(calls))[1]))
     frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=4)]  # RGB

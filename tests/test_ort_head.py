@@ -213,7 +213,8 @@ def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(
     fast = r.ask(video=str(video), question=QUESTION, max_new_tokens=10)
     assert len(calls) >= len(fast.token_ids) > 0  # prefill, the first logits and every decode step
     assert not torch_entropies  # every step's entropy and token came from the graph (OrtHead.picked)
-    graph, r.backend.base_head = r.backend.base_head, None  # the PyTorch head for the same request
+    # the PyTorch head for the same request (each request alone, the batched head call off too)
+    (graph, rows), r.backend.base_head, r.backend.head_rows = (r.backend.base_head, r.backend.head_rows), None, None
     slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=10)
     assert fast.token_ids == slow.token_ids
     assert np.allclose(fast.entropy, slow.entropy, atol=1e-4)
@@ -222,7 +223,7 @@ def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(
     lm_head = r.head.lm_head
     quantized = isinstance(lm_head, QuantLinear)
     for method in ("vreason", "vreason-lite"):
-        r.backend.base_head = graph
+        r.backend.base_head, r.backend.head_rows = graph, rows
         calls.clear()
         lm_runs = []  # the LM head's own PyTorch-side calls: "forward", "backward" (a quantized one's sessions)
         if quantized:
@@ -242,9 +243,9 @@ def test_base_requests_on_ort_run_the_head_graph_with_the_pytorch_heads_answers(
             del lm_head._run
         else:
             r.head.lm_head_input_grad = own
-        r.backend.base_head = None
+        r.backend.base_head, r.backend.head_rows = None, None
         vr_slow = r.ask(video=str(video), question=QUESTION, max_new_tokens=6, method=method)
-        r.backend.base_head = graph
+        r.backend.base_head, r.backend.head_rows = graph, rows
         assert vr_fast.token_ids == vr_slow.token_ids and vr_fast.alpha == vr_slow.alpha
         assert np.allclose(vr_fast.entropy, vr_slow.entropy, atol=1e-4)
 

@@ -16,6 +16,7 @@ from models.errors import ResourceError, UserError
 from models.samples import render_frames
 from runtime.bench.__main__ import main as bench_main
 from runtime.bench.synthetic import Runner, synthetic_prompt
+from runtime.pool import KVPool
 from runtime.reasoner import Reasoner
 
 QUESTION = "Which shape moves left?"
@@ -146,19 +147,21 @@ def test_out_of_memory_is_one_line_and_the_next_request_works(engine_dir, frames
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(rc.KVCache, "allocate", classmethod(explode))
+    grow = KVPool._grow
+    monkeypatch.setattr(KVPool, "_grow", explode)  # dynamic decode: the request's row of the pool
     with pytest.raises(ResourceError) as e:
         r.ask(question=QUESTION, frames=frames, fps=2.0, max_new_tokens=6)
     msg = str(e.value)
     assert "\n" not in msg and "fewer frames" in msg and "fewer new tokens" in msg and "lower precision" in msg
     assert r.engine.waiting == 0 and r._sessions == {}
     monkeypatch.setattr(rc.KVCache, "allocate", classmethod(real))
+    monkeypatch.setattr(KVPool, "_grow", grow)
     assert len(r.ask(question=QUESTION, frames=frames, fps=2.0, max_new_tokens=6).token_ids) >= 1
 
 
 def test_out_of_memory_through_the_cli(engine_dir, tmp_path, monkeypatch, capsys):
     import runtime.cache as rc
     from runtime.__main__ import main as runtime_main
-    from runtime.pool import KVPool
 
     def explode(cls, *a, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory")

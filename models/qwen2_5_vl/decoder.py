@@ -118,12 +118,18 @@ class Attention(nn.Module):
              value_cache: torch.Tensor, index: torch.Tensor, allowed: torch.Tensor, values=None) -> torch.Tensor:
         """Static-shape decode of one token x [1,1,hidden]: its key and value are written into the
         fixed-capacity caches [1,C,kv,hd] at the device index ``index`` [1], and it attends over the whole
-        buffer with ``allowed`` [C] (entries <= index). No shape depends on the cache length. ``values``
-        maps the value cache to what attention reads (the controller's differentiable video rows)."""
+        buffer with ``allowed`` [1,C] (entries <= index). No shape depends on the cache length. ``values``
+        maps the value cache to what attention reads (the controller's differentiable video rows). B requests'
+        tokens at once: x [B,1,hidden], caches [B,C,kv,hd] (one row each), ``index`` [B], ``allowed`` [B,C]."""
         q, k, v = self.project(x, cos, sin)
         with torch.no_grad():
-            key_cache.index_copy_(1, index, k.detach())
-            value_cache.index_copy_(1, index, v.detach())
+            if x.shape[0] == 1:
+                key_cache.index_copy_(1, index, k.detach())
+                value_cache.index_copy_(1, index, v.detach())
+            else:  # each row's entries at its own index
+                rows = torch.arange(x.shape[0], device=index.device)
+                key_cache[rows, index] = k.detach()[:, 0]
+                value_cache[rows, index] = v.detach()[:, 0]
         return self.attend_one(q, key_cache, value_cache if values is None else values(value_cache), allowed)
 
     def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -134,7 +140,7 @@ class Attention(nn.Module):
         b = q.shape[0]
         qg = q.view(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # [B, kv, groups, hd]
         out = nn.functional.scaled_dot_product_attention(qg, keys.transpose(1, 2), values.transpose(1, 2),
-                                                         attn_mask=allowed.view(1, 1, 1, -1))
+                                                         attn_mask=allowed.view(-1, 1, 1, allowed.shape[-1]))
         return self.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
 
     def forward(
@@ -191,8 +197,8 @@ def causal_mask(s: int, p: int, device, cache_length: torch.Tensor | None = None
 
 
 def static_mask(capacity: int, index: torch.Tensor) -> torch.Tensor:
-    """[capacity] bool: the cache entries a query at cache index ``index`` [1] (a device tensor) sees."""
-    return torch.arange(capacity, device=index.device) <= index
+    """[B, capacity] bool: the cache entries a query at cache index ``index`` [B] (a device tensor) sees."""
+    return torch.arange(capacity, device=index.device) <= index.view(-1, 1)
 
 
 class Decoder(nn.Module):
@@ -254,7 +260,8 @@ class Trunk(nn.Module):
     def step(self, x: torch.Tensor, position_ids: torch.Tensor, keys: list[torch.Tensor],
              values: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """Static-shape decode of one token x [1,1,H] at position_ids [3,1,1]: every layer writes its new
-        entries into its fixed-capacity cache at ``index`` [1] in place; returns hidden [1,1,H]."""
+        entries into its fixed-capacity cache at ``index`` [1] in place; returns hidden [1,1,H]. B requests'
+        tokens at once: x [B,1,H], caches [B,C,kv,hd] (one row each), ``index`` [B]."""
         cos, sin = self.rotary(position_ids, x.dtype)
         allowed = static_mask(keys[0].shape[1], index)
         for i, layer in enumerate(self.layers):
@@ -310,10 +317,16 @@ class Head(nn.Module):
              value_cache: torch.Tensor, index: torch.Tensor, values=None) -> torch.Tensor:
         """Static-shape head for one token: hidden [1,1,H] -> logits [V]; writes the last layer's entries at
         ``index`` [1]. ``values`` maps the value cache to what attention reads (see ``Attention.step``)."""
+        return self.step_rows(hidden, position_ids, key_cache, value_cache, index, values)[0]
+
+    def step_rows(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_cache: torch.Tensor,
+                  value_cache: torch.Tensor, index: torch.Tensor, values=None) -> torch.Tensor:
+        """``step`` for B requests' tokens at once: hidden [B,1,H], each over its own cache row (caches
+        [B,C,kv,hd]) at its own ``index`` [B]; logits [B, V]."""
         cos, sin = self.rotary(position_ids, hidden.dtype)
         allowed = static_mask(key_cache.shape[1], index)
         x = self.layer.step(hidden, cos, sin, key_cache, value_cache, index, allowed, values)
-        return self.lm_head(self.norm(x))[0, -1]
+        return self.lm_head(self.norm(x))[:, -1]
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The head's tensors to save (the LM head is omitted when tied to the embedding)."""

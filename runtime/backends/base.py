@@ -23,6 +23,7 @@ class Backend(Protocol):
     torch_threads: int  # PyTorch threads for the loop's own work between its calls (0: as they are)
     base_head: object | None  # the head as a graph of its own, for steps without autograd (None: PyTorch's head)
     batch_rows: bool  # it decodes several requests' tokens in one call (``trunk_rows``; caches: rows of a KVPool)
+    head_rows: object | None  # with batch_rows: the head for several requests' tokens in one call (None: per row)
 
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
                       hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,6 +54,7 @@ class BackendBase:
     torch_threads = 0
     base_head = None
     batch_rows = False
+    head_rows = None
 
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
         raise NotImplementedError(f"the {self.name} backend decodes one request per call (batch_rows is off)")

@@ -112,6 +112,7 @@ class OrtBackend(BackendBase):
         if supported(head, self.dtype, self.device) is None:
             self.base_head = OrtHead(head, options(self.threads), head_major=bool(self.head_major_layers),
                                      packed_lm_head=batch and self.batch_rows)
+            self.head_rows = self.base_head.rows if self.batch_rows else None
             if type(head.lm_head) is torch.nn.Linear:  # V-Reason's backward through it (a quantized one has its own)
                 head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options(self.threads))
 

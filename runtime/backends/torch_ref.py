@@ -14,6 +14,7 @@ import torch
 
 from runtime.backends.base import BackendBase
 from runtime.cache import KVCache
+from runtime.pool import row_inputs
 
 
 def model_from_export(export_dir: Path, manifest: dict, dtype: torch.dtype, device) -> object:
@@ -51,6 +52,9 @@ def compile_options(module: torch.nn.Module) -> dict:
 class TorchBackend(BackendBase):
     name = "torch"
     head_major_layers = 0  # the KV cache layers it reads head-major (``KVCache.allocate``): none
+    # dynamic decode: the running requests' caches are rows of one pool, decoded together (``trunk_rows``,
+    # ``head_rows``: the static step's form with an index per row, over the rows' filled length)
+    batch_rows = True
 
     def __init__(self, model, dtype: torch.dtype, device: str = "cpu") -> None:
         self.model = model
@@ -59,6 +63,35 @@ class TorchBackend(BackendBase):
         self.num_layers = model.trunk.num_layers
         self._step = model.trunk.step
         self.compiled = False
+        self.head = None
+
+    def attach_head(self, head) -> None:
+        """The head the batched head call (``head_rows``) runs."""
+        self.head = head
+        self.head_rows = self._head_rows
+
+    @torch.no_grad()
+    def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """One decode step of several requests (``Trunk.step`` over every row of their pool, each row's entries
+        written at its length); each request's hidden state [1,1,H]."""
+        pool = calls[0][2].pool
+        x, positions, index, end = row_inputs(calls, self.dtype, self.device)
+        n = self.num_layers
+        keys = [k.transpose(1, 2)[:, :end] for k in pool.keys[:n]]  # token-major views of the head-major rows
+        values = [v.transpose(1, 2)[:, :end] for v in pool.values[:n]]
+        hidden = self.model.trunk.step(x, positions, keys, values, index)
+        return [hidden[call[2].row:call[2].row + 1] for call in calls]
+
+    @torch.no_grad()
+    def _head_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """The head for several requests' tokens (``Head.step_rows``; see ``runtime.pool.row_inputs``): each
+        request's logits [V]."""
+        pool = calls[0][2].pool
+        x, positions, index, end = row_inputs(calls, self.dtype, self.device)
+        last = pool.layers - 1
+        logits = self.head.step_rows(x, positions, pool.keys[last].transpose(1, 2)[:, :end],
+                                     pool.values[last].transpose(1, 2)[:, :end], index)
+        return [logits[call[2].row] for call in calls]
 
     def compile_step(self) -> None:
         """torch.compile the static decode step (inductor; compiled on first use, per shape)."""
