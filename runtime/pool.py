@@ -8,7 +8,7 @@ backends' one-request calls, the head, V-Reason, Lite, prefix reuse) does so unc
 request needs a row or a capacity they do not have: new buffers, every running row's entries copied over and
 its views moved (between units of work, on the engine's thread; nothing holds a view across one), and go when the
 last request leaves. So with requests of similar lengths the pool holds about what their own caches would hold
-(``rows`` x the longest capacity, rounded up to ``ROUND`` entries).
+(``rows`` x the longest capacity, rounded up to ``ROUND`` entries; a request alone holds ``min_rows`` rows).
 """
 
 from __future__ import annotations
@@ -18,11 +18,6 @@ import torch
 from runtime.cache import KVCache
 
 ROUND = 256  # capacities are rounded up to a multiple of this (fewer regrowths as requests come and go)
-# rows the buffers have at least: a request alone is then decoded as one row of two, as it is with others. The
-# quantized matmul kernels (MatMulNBits) take another path for a single row, whose rounding differs (measured on
-# the bench int4 export: entropies 5e-4 apart, greedy tokens apart from the 8th of 32); from two rows on, each
-# row's numbers do not depend on how many there are. It costs one request's cache more while one runs alone.
-MIN_ROWS = 2
 
 
 class PooledCache(KVCache):
@@ -37,8 +32,13 @@ class PooledCache(KVCache):
 
 
 class KVPool:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                 min_rows: int = 1) -> None:
+        """``min_rows``: rows the buffers have at least (a backend whose kernels round one row differently from
+        several asks for 2: a request alone is then decoded as one row of two, as it is with others;
+        ``Backend.pool_min_rows``)."""
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.min_rows = min_rows
         self.dtype, self.device = dtype, torch.device(device)
         self.keys: list[torch.Tensor] = []  # per layer [rows, kv, capacity, hd]
         self.values: list[torch.Tensor] = []
@@ -64,7 +64,7 @@ class KVPool:
         row = next((i for i, h in enumerate(self.holders) if h is None), self.rows)
         need = -(-capacity // ROUND) * ROUND
         if row >= self.rows or need > self.capacity:
-            self._grow(max(self.rows, row + 1, MIN_ROWS), max(self.capacity, need))
+            self._grow(max(self.rows, row + 1, self.min_rows), max(self.capacity, need))
         cache = PooledCache([], [])
         cache.pool, cache.row = self, row
         self.holders[row] = cache

@@ -74,7 +74,8 @@ class Reasoner:
             from runtime.pool import KVPool
 
             t = self.cfg.text
-            self.pool = KVPool(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, self.dtype, self.device)
+            self.pool = KVPool(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, self.dtype, self.device,
+                               min_rows=backend.pool_min_rows)
         # the thread that runs this model's requests, up to max_batch at once within the KV budget
         self.engine = Engine(f"engine {engine_dir.name}", self.device, self.max_batch, int(self.kv_mb * 2**20))
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb

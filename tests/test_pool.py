@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.pool import MIN_ROWS, ROUND, KVPool
+from runtime.pool import ROUND, KVPool
 
 
 def fill(cache, length: int, seed: int) -> list[torch.Tensor]:
@@ -17,13 +17,13 @@ def fill(cache, length: int, seed: int) -> list[torch.Tensor]:
 
 
 def test_rows_grow_keep_their_entries_and_free_when_the_last_leaves():
-    pool = KVPool(3, 2, 8, torch.float32, "cpu")
+    pool = KVPool(3, 2, 8, torch.float32, "cpu", min_rows=2)
     a = pool.acquire(10)
-    assert (pool.rows, pool.capacity) == (MIN_ROWS, ROUND) and a.row == 0 and a.length == 0
+    assert (pool.rows, pool.capacity) == (2, ROUND) and a.row == 0 and a.length == 0
     assert a.capacity == ROUND and a.storage(2)[0].shape == (1, 2, ROUND, 8)  # head-major in every layer
     kept_a = fill(a, 7, seed=1)
     b = pool.acquire(ROUND + 1)  # a longer request: every row grows to its capacity
-    assert (pool.rows, pool.capacity, b.row) == (MIN_ROWS, 2 * ROUND, 1) and a.capacity == 2 * ROUND
+    assert (pool.rows, pool.capacity, b.row) == (2, 2 * ROUND, 1) and a.capacity == 2 * ROUND
     kept_b = fill(b, 5, seed=2)
     c = pool.acquire(3)  # a third row
     assert (pool.rows, c.row) == (3, 2)
@@ -37,3 +37,9 @@ def test_rows_grow_keep_their_entries_and_free_when_the_last_leaves():
     for cache in (a, c, d):
         cache.release()
     assert pool.rows == 0 and pool.nbytes == 0 and pool.keys == []
+
+
+def test_one_row_by_default():
+    pool = KVPool(2, 1, 4, torch.float32, "cpu")
+    pool.acquire(3)
+    assert pool.rows == 1 and pool.capacity == ROUND

@@ -24,6 +24,7 @@ class Backend(Protocol):
     base_head: object | None  # the head as a graph of its own, for steps without autograd (None: PyTorch's head)
     batch_rows: bool  # it decodes several requests' tokens in one call (``trunk_rows``; caches: rows of a KVPool)
     head_rows: object | None  # with batch_rows: the head for several requests' tokens in one call (None: per row)
+    pool_min_rows: int  # with batch_rows: rows its calls always cover (``runtime.pool.KVPool``'s ``min_rows``)
 
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
                       hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,6 +56,7 @@ class BackendBase:
     base_head = None
     batch_rows = False
     head_rows = None
+    pool_min_rows = 1
 
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
         raise NotImplementedError(f"the {self.name} backend decodes one request per call (batch_rows is off)")
