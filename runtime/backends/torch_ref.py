@@ -55,7 +55,7 @@ class TorchBackend(BackendBase):
     # dynamic decode: the running requests' caches are rows of one pool, decoded together (``trunk_rows``,
     # ``head_rows``: the static step's form with an index per row, over the rows' filled length). A request alone is
     # one row (pool_min_rows 1): PyTorch's CPU matmuls read a one-row product about twice as fast as a two-row one
-    # (measured on the bench fp32 export: a lone request decoded 7.5 tokens/s as one row, 4.0 as one row of two);
+    # (measured on the bench fp32 export: a lone request decoded 6.5-8.5 tokens/s as one row, 3.9-4.2 as one of two);
     # rows together then equal each alone to float rounding (one-row and several-row kernels round differently)
     batch_rows = True
 
