@@ -136,11 +136,11 @@ class VReason:
         """``update`` for several requests whose update is due at this step, their first optimizer step sharing
         one pass over the LM head (the engine's batched call, ``runtime.engine.Call``). ``calls`` are (controller,
         state, logits, recompute). Each request's loss is its own token's switching loss and moves only its own
-        dV (the rows are independent): per row, the last layer's forward with autograd (its dV injected) up to
-        the LM head's input x, and d(loss)/d(logits) from the given logits; then d(loss)/dx = grad @ W for all
-        rows in one matmul (``Head.lm_head_input_grad`` or the LM head's own); then each row's backward from x,
-        its guarded optimizer step and cache write, as ``_update`` does them. Further steps (``steps`` > 1) run
-        per row. Returns each row's alpha."""
+        dV (the rows are independent): per row, d(loss)/d(logits) from the given logits; then d(loss)/dx = grad @
+        W for all rows in one matmul (x: the LM head's input; ``Head.lm_head_input_grad`` or the LM head's own);
+        then the last layer's forward with autograd (each row's dV injected) up to x and its backward from there,
+        once for all rows (``_features_rows``); then each row's guarded optimizer step and cache write, as
+        ``_update`` does them. Further steps (``steps`` > 1) run per row. Returns each row's alpha."""
         from functools import partial
 
         from models.qwen2_5_vl.layers import input_grad
@@ -153,10 +153,9 @@ class VReason:
                 with torch.no_grad():
                     current = recompute(state)
             rows.append((v, state, alpha, current.detach(), recompute))
-        xs, grads, losses = [], [], []
-        for v, state, alpha, logits, _ in rows:
+        grads, losses = [], []
+        for _, _, alpha, logits, _ in rows:
             with torch.enable_grad():
-                xs.append(v._features(state))
                 given = logits.clone().requires_grad_(True)
                 loss = switching_loss(given, alpha)
                 grads.append(torch.autograd.grad(loss, given)[0])
@@ -164,15 +163,44 @@ class VReason:
         head = rows[0][1].head
         project = head.lm_head_input_grad or partial(input_grad, head.lm_head)
         dx = project(torch.stack(grads).view(len(rows), 1, -1))  # [rows, 1, H]
-        for (v, state, alpha, _, recompute), x, g, loss in zip(rows, xs, dx, losses):
-            last_good = v.delta.detach().clone()
+        saved = []
+        for v, *_ in rows:
+            saved.append(v.delta.detach().clone())
             v.opt.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                x.backward(g.view_as(x).to(x.dtype))
+        with torch.enable_grad():  # one forward and backward of the last layer for all rows
+            x = VReason._features_rows([(v, state) for v, state, *_ in rows])
+            x.backward(dx.view_as(x).to(x.dtype))
+        for (v, state, alpha, _, recompute), last_good, loss in zip(rows, saved, losses):
             v._step_guarded(state, loss, last_good)
             for _ in range(1, v.cfg.steps):
                 v._update(state, alpha, recompute)
         return [alpha for _, _, alpha, _, _ in rows]
+
+    @staticmethod
+    def _features_rows(rows: list[tuple]) -> torch.Tensor:
+        """The current tokens' LM head inputs [n,1,H] of several requests ((controller, state) each), with autograd
+        on: where their caches are rows of one pool, in one pass of the last layer (``Head.step_features`` over a
+        copy of their rows of the head's layer, each row's dV injected into its own video rows); else one request
+        at a time (``_features``)."""
+        caches = [state.cache for _, state in rows]
+        pool = caches[0].pool
+        if pool is None or any(c.pool is not pool for c in caches):
+            return torch.cat([v._features(state) for v, state in rows])
+        state = rows[0][1]
+        layer, dev = state.head_layer, state.hidden.device
+        end = max(c.length for c in caches)
+        which = torch.tensor([c.row for c in caches], device=dev)
+        keys = pool.keys[layer][which, :, :end].transpose(1, 2)  # [n, end, kv, hd] (a copy: the step writes in it)
+        values = pool.values[layer][which, :, :end].transpose(1, 2)
+        index = torch.tensor([c.length - 1 for c in caches], device=dev)  # the current tokens' entries
+
+        def injected(vc: torch.Tensor) -> torch.Tensor:
+            return torch.stack([vc[i].index_copy(0, v.rows, inject(v.original, v.delta).to(vc.dtype))
+                                for i, (v, _) in enumerate(rows)])
+
+        hidden = torch.cat([s.hidden for _, s in rows])
+        positions = torch.cat([s.positions for _, s in rows], dim=1)
+        return state.head.step_features(hidden, positions, keys, values, index, injected)
 
     def _features(self, state) -> torch.Tensor:
         """The current token's LM head input, recomputed with autograd on over the cache with dV injected (the

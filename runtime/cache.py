@@ -24,6 +24,7 @@ class KVCache:
     keys: list[torch.Tensor]  # per layer [1, capacity, kv_heads, head_dim]
     values: list[torch.Tensor]
     length: int = 0
+    pool = None  # a cache that is a row of a ``runtime.pool.KVPool``: that pool (``row``: its row)
 
     @classmethod
     def allocate(cls, layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype,

@@ -125,6 +125,8 @@ class Stream:
         if failed:
             r._sessions.clear()
             r.reuse.clear()
+            if r.pool is not None:
+                r.pool.clear()
             if r.device.type == "cuda":
                 torch.cuda.empty_cache()
             p = self.prompt

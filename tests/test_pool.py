@@ -1,5 +1,5 @@
 """The KV pool (``runtime.pool``): requests' caches as rows of one buffer per layer, grown as requests join, their
-entries kept and their views moved when it grows, freed when the last request leaves."""
+entries kept and their views moved when it grows, kept for the next requests and freed by ``clear``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def fill(cache, length: int, seed: int) -> list[torch.Tensor]:
     return [t[:, :length].clone() for t in (*cache.keys, *cache.values)]
 
 
-def test_rows_grow_keep_their_entries_and_free_when_the_last_leaves():
+def test_rows_grow_keep_their_entries_and_are_freed_on_clear():
     pool = KVPool(3, 2, 8, torch.float32, "cpu", min_rows=2)
     a = pool.acquire(10)
     assert (pool.rows, pool.capacity) == (2, ROUND) and a.row == 0 and a.length == 0
@@ -34,8 +34,13 @@ def test_rows_grow_keep_their_entries_and_free_when_the_last_leaves():
     b.release()
     d = pool.acquire(4)  # a free row is taken again, the buffers as they are
     assert d.row == 1 and pool.rows == 3 and pool.lengths() == [7, 0, 0]
-    for cache in (a, c, d):
+    a.release()
+    pool.clear()  # a row is still held: nothing is freed
+    assert pool.rows == 3 and pool.lengths() == [0, 0, 0]
+    for cache in (c, d):
         cache.release()
+    assert pool.rows == 3  # kept for the next requests
+    pool.clear()
     assert pool.rows == 0 and pool.nbytes == 0 and pool.keys == []
 
 

@@ -323,10 +323,14 @@ class Head(nn.Module):
                   value_cache: torch.Tensor, index: torch.Tensor, values=None) -> torch.Tensor:
         """``step`` for B requests' tokens at once: hidden [B,1,H], each over its own cache row (caches
         [B,C,kv,hd]) at its own ``index`` [B]; logits [B, V]."""
+        return self.lm_head(self.step_features(hidden, position_ids, key_cache, value_cache, index, values))[:, -1]
+
+    def step_features(self, hidden: torch.Tensor, position_ids: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, index: torch.Tensor, values=None) -> torch.Tensor:
+        """``step_rows`` up to the LM head: its input, the final norm's output [B,1,H]."""
         cos, sin = self.rotary(position_ids, hidden.dtype)
         allowed = static_mask(key_cache.shape[1], index)
-        x = self.layer.step(hidden, cos, sin, key_cache, value_cache, index, allowed, values)
-        return self.lm_head(self.norm(x))[:, -1]
+        return self.norm(self.layer.step(hidden, cos, sin, key_cache, value_cache, index, allowed, values))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The head's tensors to save (the LM head is omitted when tied to the embedding)."""

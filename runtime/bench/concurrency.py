@@ -87,7 +87,8 @@ def run_wave(r, clip: Path, method: str, n: int, new_tokens: int) -> tuple[list,
         times = [time.perf_counter() for _event in s]
         return s.result, times[:len(s.result.token_ids)]
 
-    if r.pool is not None:
+    if r.pool is not None:  # from empty buffers (they are kept between requests): what this wave makes it hold
+        r.pool.clear()
         r.pool.peak_bytes = 0
     done, wall = at_once(client, n)
     return done, wall, (r.pool.peak_bytes / sum(needs) if r.pool is not None else None)
