@@ -178,14 +178,13 @@ class VReason:
 
     @staticmethod
     def _features_rows(rows: list[tuple]) -> torch.Tensor:
-        """The current tokens' LM head inputs [n,1,H] of several requests ((controller, state) each), with autograd
-        on: where their caches are rows of one pool, in one pass of the last layer (``Head.step_features`` over a
-        copy of their rows of the head's layer, each row's dV injected into its own video rows); else one request
-        at a time (``_features``)."""
+        """The current tokens' LM head inputs [n,1,H] of several requests ((controller, state) each, their caches
+        rows of one pool), with autograd on, in one pass of the last layer (``Head.step_features`` over a copy of
+        their rows of the head's layer, each row's dV injected into its own video rows)."""
         caches = [state.cache for _, state in rows]
         pool = caches[0].pool
         if pool is None or any(c.pool is not pool for c in caches):
-            return torch.cat([v._features(state) for v, state in rows])
+            raise ValueError("a batched update takes requests whose caches are rows of one KV pool")
         state = rows[0][1]
         layer, dev = state.head_layer, state.hidden.device
         end = max(c.length for c in caches)
@@ -201,16 +200,6 @@ class VReason:
         hidden = torch.cat([s.hidden for _, s in rows])
         positions = torch.cat([s.positions for _, s in rows], dim=1)
         return state.head.step_features(hidden, positions, keys, values, index, injected)
-
-    def _features(self, state) -> torch.Tensor:
-        """The current token's LM head input, recomputed with autograd on over the cache with dV injected (the
-        differentiable recompute's forward without its LM head, ``Loop.head_step`` with ``write`` off)."""
-        cache, layer = state.cache, state.head_layer
-        length = cache.length - 1
-        values = self.head_values(state, cache.values[layer][:, :length])
-        x, _, _ = state.head.features(state.hidden, state.positions, cache.keys[layer][:, :length], values,
-                                      last_only=True)
-        return x
 
     # -- one optimizer step ----------------------------------------------------------------------------------
 

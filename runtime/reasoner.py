@@ -463,8 +463,9 @@ def add_load_arguments(ap) -> None:
     ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
     ap.add_argument("--max-batch", type=int, default=None,
-                    help="requests running at once, their decode steps batched where the backend can (ort, fused "
-                         "CPU graphs), else taking turns (default 4 with dynamic decode, 1 with static)")
+                    help="requests running at once, their decode steps batched where the backend can (ort's fused "
+                         "CPU graphs, torch with dynamic decode), else taking turns (default 4 with dynamic decode, "
+                         "1 with static)")
     ap.add_argument("--kv-mb", type=float, default=None,
                     help="KV cache (MiB) the running requests may hold together; more wait (default: a quarter of "
                          "free memory, at least one request at the export's context limit)")

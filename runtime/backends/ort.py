@@ -24,6 +24,7 @@ from runtime.backends.bindings import (
 )
 from runtime.backends.ort_graph import bind, run_bound
 from runtime.cache import KVCache
+from runtime.pool import row_inputs
 
 STEP_BINDINGS = 8  # one-token bindings kept (one per running request's cache)
 
@@ -204,13 +205,10 @@ class OrtBackend(BackendBase):
         t = self._rows
         if t is None or t.key != (pool.generation, pool.rows):
             t = self._rows = _Rows(self, pool, calls[0][0].shape[2])
-        t.length.copy_(torch.tensor(pool.lengths()))
-        for embeds, positions, cache in calls:
-            if cache.pool is not pool:
-                raise ValueError("a batched trunk call takes rows of one KV pool")
-            cache.slot(0, 1)  # the overflow check
-            t.embeds[cache.row].copy_(embeds[0])
-            t.positions[:, cache.row].copy_(positions[:, 0])
+        embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device)
+        t.embeds.copy_(embeds)
+        t.positions.copy_(positions)
+        t.length.copy_(index)
         self.trunk_session.run_with_iobinding(t.io)
         return [t.hidden[cache.row:cache.row + 1] for _, _, cache in calls]
 
@@ -248,9 +246,10 @@ class _Rows:
         self.length = torch.zeros(n, dtype=torch.long, device=dev)
         self.hidden = torch.empty(n, 1, hidden, dtype=dt, device=dev)
         inputs = {"inputs_embeds": self.embeds, "position_ids": self.positions, "cache_length": self.length}
+        self.deepstack = None  # decode tokens carry no DeepStack features: zeros, held for the binding
         if backend.deepstack.levels:
-            inputs[DEEPSTACK_INPUT] = torch.zeros(backend.deepstack.levels, n, 1, hidden, dtype=dt, device=dev)
-        self.held = dict(inputs)  # the binding reads them by address (the pool's buffers are the pool's to hold)
+            self.deepstack = torch.zeros(backend.deepstack.levels, n, 1, hidden, dtype=dt, device=dev)
+            inputs[DEEPSTACK_INPUT] = self.deepstack
         outputs = {"hidden": self.hidden}
         for i in range(backend.num_layers):
             inputs[f"cache_key.{i}"] = outputs[f"present_key.{i}"] = pool.keys[i]

@@ -45,6 +45,7 @@ from runtime.backends.ort_graph import (
     silu_gate,
 )
 from runtime.cache import KVCache
+from runtime.pool import row_inputs
 
 _FLOAT_MIN = float(torch.finfo(torch.float32).min)
 
@@ -299,16 +300,10 @@ class OrtHead:
         t = self._rows
         if t is None or t.key != (pool.generation, pool.rows):
             t = self._rows = _Rows(self, pool)
-        t.length.copy_(torch.tensor(pool.lengths()))
-        for hidden, positions, cache, *write in calls:
-            if cache.pool is not pool:
-                raise ValueError("a batched head call takes rows of one KV pool")
-            if not write or write[0]:
-                cache.slot(cache.layers - 1, 1)  # the overflow check
-            else:
-                t.length[cache.row] = cache.length - 1
-            t.hidden[cache.row].copy_(hidden[0])
-            t.positions[:, cache.row].copy_(positions[:, 0])
+        hidden, positions, index, _ = row_inputs(calls, torch.float32, "cpu")
+        t.hidden.copy_(hidden)
+        t.positions.copy_(positions)
+        t.length.copy_(index)
         self.session.run_with_iobinding(t.io)
         t.written = t.logits._version
         t.out = [t.logits[call[2].row] for call in calls]
