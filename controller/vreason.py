@@ -189,8 +189,8 @@ class VReason:
         layer, dev = state.head_layer, state.hidden.device
         end = max(c.length for c in caches)
         which = torch.tensor([c.row for c in caches], device=dev)
-        keys = pool.keys[layer][which, :, :end].transpose(1, 2)  # [n, end, kv, hd] (a copy: the step writes in it)
-        values = pool.values[layer][which, :, :end].transpose(1, 2)
+        keys, values = pool.token_major(layer)
+        keys, values = keys[which, :end], values[which, :end]  # [n, end, kv, hd] (copies: the step writes in them)
         index = torch.tensor([c.length - 1 for c in caches], device=dev)  # the current tokens' entries
 
         def injected(vc: torch.Tensor) -> torch.Tensor:

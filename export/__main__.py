@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-frames", type=int, default=32, help="video frames per request")
     ap.add_argument("--max-vision-patches", type=int, default=0,
                     help="vision patches per call (default: from --max-frames and the processor's pixel bounds)")
+    ap.add_argument("--max-batch", type=int, default=8,
+                    help="requests decoded together in one TensorRT call, at most (the engine's decode profile; "
+                    "ONNX Runtime and PyTorch take any number)")
     ap.add_argument("--opset", type=int, default=18, help="ONNX opset, at most 20 for TensorRT 10.3")
     ap.add_argument("--device", default="cpu", help="device to trace on: cpu, cuda or cuda:N")
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     device = checks.check_device(args.device)
     checks.check_number("--opset", args.opset, lo=14, hi=20, integer=True)
     limits = Limits(max_context=args.max_context, max_prompt=args.max_prompt, max_frames=args.max_frames,
-                    max_vision_patches=args.max_vision_patches)
+                    max_vision_patches=args.max_vision_patches, max_batch=args.max_batch)
     out = export_model(args.model, args.out, args.precision, limits, args.opset, device, args.force,
                        not args.no_validate, args.tensorrt, args.quiet,
                        Quantization(args.quantize, args.block_size, args.quant_method))

@@ -54,6 +54,7 @@ class Limits:
     max_frames: int = 32
     max_vision_patches: int = 0  # 0: derived from max_frames and the processor's pixel bounds
     max_frame_patches: int = 0
+    max_batch: int = 8  # requests a TensorRT decode call takes at once (its decode profile's batch range)
 
     def __post_init__(self) -> None:
         from models.checks import check_number
@@ -64,6 +65,7 @@ class Limits:
         self.max_vision_patches = check_number("--max-vision-patches (0: derived)", self.max_vision_patches, lo=0,
                                                integer=True)
         self.max_frame_patches = check_number("max_frame_patches", self.max_frame_patches, lo=0, integer=True)
+        self.max_batch = check_number("--max-batch", self.max_batch, lo=1, hi=64, integer=True)
 
 
 class Stages:
@@ -281,7 +283,7 @@ def trt_profiles(cfg, lim: Limits) -> dict:
         vision_profiles(v.patch_dim, v.spatial_merge_size, lim.max_vision_patches, lim.max_frame_patches)
     return {
         "trunk": trunk_profiles(t.hidden_size, t.num_key_value_heads, t.head_dim, t.num_hidden_layers - 1,
-                                lim.max_prompt, lim.max_context, getattr(t, "deepstack_layers", 0)),
+                                lim.max_prompt, lim.max_context, getattr(t, "deepstack_layers", 0), lim.max_batch),
         "vision": vision,
     }
 

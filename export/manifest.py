@@ -18,7 +18,8 @@ from models.errors import UserError
 # 2: the trunk takes cache_length (static-shape decode over a fixed-capacity cache)
 # 3: weight-only quantized exports (``quantization`` entry; quantized trunk graph and head.safetensors)
 # 4: graph weights named after their modules (the torch backend runs from the export alone)
-FORMAT_VERSION = 4
+# 5: the trunk's cache_length is per row ([B]): requests of different lengths decode in one call
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format_version", "model_type", "config", "precision", "limits", "graphs", "files",
                  "validation", "tensorrt_compat", "quantization", "tools")
@@ -31,7 +32,7 @@ READ_BY_RUNTIME = ("vision.onnx", "trunk.onnx", "head.safetensors", "tokenizer.j
                    "generation_config.json")
 # limits no export of a supported model needs more of (a manifest asking for more is refused before any allocation)
 LIMIT_CEILINGS = {"max_context": 1 << 20, "max_prompt": 1 << 20, "max_frames": 4096, "max_vision_patches": 1 << 24,
-                  "max_frame_patches": 1 << 20}
+                  "max_frame_patches": 1 << 20, "max_batch": 64}
 
 
 class ExportError(UserError):

@@ -25,25 +25,29 @@ class Profile:
 
 
 def trunk_profiles(hidden: int, kv_heads: int, head_dim: int, layers: int, max_prompt: int,
-                   max_context: int, deepstack_layers: int = 0) -> list[Profile]:
-    """prefill: S in [1, max_prompt], P = 0; decode: S = 1, P in [1, max_context] (dynamic decode passes the
-    filled cache; static decode the whole fixed-capacity cache, one shape for a whole answer, so TensorRT
-    plans once and the step can be captured in a CUDA graph); suffix: S in [2, max_prompt - 1], P in
-    [1, max_prompt - 1] (a prompt's suffix on a reused prefix, a later prefill chunk). ``deepstack_layers``
-    K > 0: the trunk also takes deepstack_embeds [K, 1, S, hidden]."""
-    def make(name, s, p):
-        shapes = {"inputs_embeds": tuple((1, x, hidden) for x in s), "position_ids": tuple((3, 1, x) for x in s),
-                  "cache_length": ((1,), (1,), (1,))}
+                   max_context: int, deepstack_layers: int = 0, max_batch: int = 1) -> list[Profile]:
+    """prefill: S in [1, max_prompt], P = 0; decode: S = 1, P in [1, max_context], B in [1, max_batch] rows
+    (dynamic decode passes the filled cache; static decode the whole fixed-capacity cache, one shape for a whole
+    answer, so TensorRT plans once and the step can be captured in a CUDA graph; a batch of requests passes their
+    pool's buffers whole, ``cache_length`` [B] each row's length); suffix: S in [2, max_prompt - 1], P in
+    [1, max_prompt - 1] (a prompt's suffix on a reused prefix, a later prefill chunk). Prefill and suffix take one
+    row (a request is prefilled alone). ``deepstack_layers`` K > 0: the trunk also takes deepstack_embeds
+    [K, B, S, hidden]."""
+    def make(name, s, p, b=(1, 1, 1)):
+        shapes = {"inputs_embeds": tuple((n, x, hidden) for n, x in zip(b, s)),
+                  "position_ids": tuple((3, n, x) for n, x in zip(b, s)),
+                  "cache_length": tuple((n,) for n in b)}
         if deepstack_layers:
-            shapes["deepstack_embeds"] = tuple((deepstack_layers, 1, x, hidden) for x in s)
+            shapes["deepstack_embeds"] = tuple((deepstack_layers, n, x, hidden) for n, x in zip(b, s))
         for i in range(layers):
             for kind in ("past_key", "past_value"):
-                shapes[f"{kind}.{i}"] = tuple((1, x, kv_heads, head_dim) for x in p)
+                shapes[f"{kind}.{i}"] = tuple((n, x, kv_heads, head_dim) for n, x in zip(b, p))
         return Profile(name, shapes)
 
     opt_prompt = min(max_prompt, 1024)
     profiles = [make("prefill", (1, opt_prompt, max_prompt), (0, 0, 0)),
-                make("decode", (1, 1, 1), (1, min(max_context, 2048), max_context))]
+                make("decode", (1, 1, 1), (1, min(max_context, 2048), max_context),
+                     (1, min(max_batch, 4), max_batch))]
     if max_prompt >= 3:
         top = max_prompt - 1
         profiles.append(make("suffix", (2, min(64, top), top), (1, min(opt_prompt, top), top)))

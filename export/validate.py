@@ -1,7 +1,8 @@
 """ONNX Runtime against the PyTorch modules on fixed inputs; one table, one error listing every failure.
 
 Cases: the trunk at the prefill shape (P = 0, S > 1), the decode shape (S = 1, P > 0), P = 0 with S = 1,
-and a static decode step (a fixed-capacity past, partly filled: cache_length < P); the vision encoder
+a static decode step (a fixed-capacity past, partly filled: cache_length < P) and a step of three rows of
+different lengths in one call (a batch of requests: cache_length per row); the vision encoder
 at grids other than the export example (so dynamic axes are exercised).
 An output passes when max|onnx - torch| <= atol + rtol * max|torch| (tolerances per precision).
 """
@@ -36,20 +37,22 @@ def trunk_cases(model, dtype, seed: int = 0) -> list[tuple[str, tuple[torch.Tens
     g = torch.Generator().manual_seed(seed)
     scale = float(model.decoder.embed_tokens.weight.float().std())
     cases = []
-    # (label, S, P, cache_length): the last case is a static decode step, a fixed-capacity past of which
-    # only the first entries are filled (the rest random: they must not matter)
-    for label, s, p, n in (("prefill P=0 S=7", 7, 0, 0), ("decode S=1 P=9", 1, 9, 9), ("P=0 S=1", 1, 0, 0),
-                           ("static S=1 P=12 L=9", 1, 12, 9)):
-        embeds = torch.randn(1, s, t.hidden_size, generator=g) * scale
-        pos = (torch.arange(s) + n).view(1, 1, s).expand(3, 1, s).contiguous()
+    # (label, S, P, cache_length per row): "static" is a static decode step, a fixed-capacity past of which only the
+    # first entries are filled (the rest random: they must not matter); "rows" three requests' decode steps in one
+    # call, each row's past filled to its own length
+    for label, s, p, n in (("prefill P=0 S=7", 7, 0, (0,)), ("decode S=1 P=9", 1, 9, (9,)), ("P=0 S=1", 1, 0, (0,)),
+                           ("static S=1 P=12 L=9", 1, 12, (9,)), ("rows B=3 P=12 L=9,4,12", 1, 12, (9, 4, 12))):
+        b = len(n)
+        embeds = torch.randn(b, s, t.hidden_size, generator=g) * scale
+        pos = (torch.arange(s).view(1, s) + torch.tensor(n).view(b, 1)).view(1, b, s).expand(3, b, s).contiguous()
         # DeepStack features (families that have them): nonzero at the prefill's first tokens, zero elsewhere
         levels = getattr(t, "deepstack_layers", 0)
-        deepstack = torch.randn(levels, 1, s, t.hidden_size, generator=g) * scale
+        deepstack = torch.randn(levels, b, s, t.hidden_size, generator=g) * scale
         deepstack[:, :, s // 2 + 1:] = 0
         extra = (deepstack.to(dtype),) if levels else ()
-        past = [torch.randn(1, p, t.num_key_value_heads, t.head_dim, generator=g)
+        past = [torch.randn(b, p, t.num_key_value_heads, t.head_dim, generator=g)
                 for _ in range(2 * model.trunk.num_layers)]
-        cases.append((label, (embeds.to(dtype), pos, torch.tensor([n]), *extra, *(x.to(dtype) for x in past))))
+        cases.append((label, (embeds.to(dtype), pos, torch.tensor(n), *extra, *(x.to(dtype) for x in past))))
     return cases
 
 
@@ -86,9 +89,9 @@ def compare(graph: str, path: Path, module, cases, names: list[str], precision: 
 
 
 def table(rows: list[Row]) -> str:
-    lines = [f"{'graph':<7} {'case':<20} {'output':<10} {'max abs diff':>13} {'tolerance':>11}  result"]
+    lines = [f"{'graph':<7} {'case':<22} {'output':<10} {'max abs diff':>13} {'tolerance':>11}  result"]
     for r in rows:
-        lines.append(f"{r.graph:<7} {r.case:<20} {r.output:<10} {r.max_abs_diff:>13.3e} {r.tolerance:>11.3e}  "
+        lines.append(f"{r.graph:<7} {r.case:<22} {r.output:<10} {r.max_abs_diff:>13.3e} {r.tolerance:>11.3e}  "
                      f"{'ok' if r.ok else 'FAIL'}")
     return "\n".join(lines)
 

@@ -1,9 +1,12 @@
 """The KV caches of the requests an engine runs together, as rows of one buffer per layer and kind, so that one
-graph call can decode all of them (``OrtBackend.trunk_rows``, ``OrtHead.rows``: GroupQueryAttention takes a
-batch of caches as one [rows, kv, capacity, hd] tensor, each row with its own length).
+graph call can decode all of them (``Backend.trunk_rows`` and ``head_rows``: ONNX Runtime's GroupQueryAttention
+takes a batch of caches as one head-major [rows, kv, capacity, hd] tensor, each row with its own length; the
+exported standard graph, on ONNX Runtime or TensorRT, one token-major [rows, capacity, kv, hd] tensor with each
+row's length as ``cache_length``; ``head_major`` says which layout a pool holds, ``Backend.pool_head_major``).
 
 A request takes a row (``acquire``) when its prefill starts and gives it back when it ends
-(``PooledCache.release``); its ``KVCache`` is views of its row, head-major in every layer, so everything that reads
+(``PooledCache.release``); its ``KVCache`` is views of its row ([1, capacity, kv, hd], in either layout), so
+everything that reads
 or writes a cache (the backends' one-request calls, the head, V-Reason, Lite, prefix reuse) does so unchanged. The
 buffers grow when a request needs a row or a capacity they do not have: new buffers, every running row's entries
 copied over and its views moved (between units of work, on the engine's thread; nothing holds a view across one),
@@ -33,14 +36,16 @@ class PooledCache(KVCache):
 
 class KVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                 min_rows: int = 1) -> None:
+                 min_rows: int = 1, head_major: bool = True, row_buckets: bool = False) -> None:
         """``min_rows``: rows the buffers have at least (a backend whose kernels round one row differently from
         several asks for 2: a request alone is then decoded as one row of two, as it is with others;
-        ``Backend.pool_min_rows``)."""
+        ``Backend.pool_min_rows``). ``head_major``: buffers [rows, kv, capacity, hd], else [rows, capacity, kv,
+        hd]. ``row_buckets``: rows grow to a power of two (static decode: each pool shape is a batch-size bucket,
+        whose CUDA graphs are captured once, ``runtime.static.RowGraphs``)."""
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
-        self.min_rows = min_rows
+        self.min_rows, self.head_major, self.row_buckets = min_rows, head_major, row_buckets
         self.dtype, self.device = dtype, torch.device(device)
-        self.keys: list[torch.Tensor] = []  # per layer [rows, kv, capacity, hd]
+        self.keys: list[torch.Tensor] = []  # per layer [rows, kv, capacity, hd] (token-major: [rows, capacity, kv, hd])
         self.values: list[torch.Tensor] = []
         self.holders: list[PooledCache | None] = []  # the cache of each row (None: free)
         self.generation = 0  # moves on whenever the buffers are replaced (bindings made on them are stale)
@@ -52,7 +57,7 @@ class KVPool:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self.keys[0].shape[2 if self.head_major else 1] if self.keys else 0
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +69,10 @@ class KVPool:
         row = next((i for i, h in enumerate(self.holders) if h is None), self.rows)
         need = -(-capacity // ROUND) * ROUND
         if row >= self.rows or need > self.capacity:
-            self._grow(max(self.rows, row + 1, self.min_rows), max(self.capacity, need))
+            rows = max(self.rows, row + 1, self.min_rows)
+            if self.row_buckets:
+                rows = 1 << (rows - 1).bit_length()
+            self._grow(rows, max(self.capacity, need))
         cache = PooledCache([], [])
         cache.pool, cache.row = self, row
         self.holders[row] = cache
@@ -85,24 +93,30 @@ class KVPool:
             self.keys, self.values, self.holders = [], [], []
             self.generation += 1
 
+    def token_major(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s keys and values as [rows, capacity, kv, hd] (views, in either layout)."""
+        k, v = self.keys[layer], self.values[layer]
+        return (k.transpose(1, 2), v.transpose(1, 2)) if self.head_major else (k, v)
+
     def lengths(self) -> list[int]:
         """Each row's cache length (0 for a free row)."""
         return [0 if h is None else h.length for h in self.holders]
 
     def _view(self, cache: PooledCache) -> None:
         r = cache.row
-        cache.keys[:] = [k[r:r + 1].transpose(1, 2) for k in self.keys]  # [1, capacity, kv, hd] views
-        cache.values[:] = [v[r:r + 1].transpose(1, 2) for v in self.values]
+        cache.keys[:] = [self.token_major(i)[0][r:r + 1] for i in range(self.layers)]  # [1, capacity, kv, hd] views
+        cache.values[:] = [self.token_major(i)[1][r:r + 1] for i in range(self.layers)]
 
     def _grow(self, rows: int, capacity: int) -> None:
-        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        shape = (rows, self.kv_heads, capacity, self.head_dim) if self.head_major else \
+            (rows, capacity, self.kv_heads, self.head_dim)
         keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         n = self.capacity  # whole rows (a request may hold entries past its length: written, not yet counted)
         for r, h in enumerate(self.holders):
             if h is not None:
                 for new, old in zip((*keys, *values), (*self.keys, *self.values)):
-                    new[r, :, :n].copy_(old[r])
+                    (new[r, :, :n] if self.head_major else new[r, :n]).copy_(old[r])
         self.keys, self.values = keys, values
         self.holders += [None] * (rows - len(self.holders))
         self.generation += 1
@@ -133,3 +147,15 @@ def row_inputs(calls: list[tuple], dtype: torch.dtype, device) -> tuple[torch.Te
         x[cache.row] = h[0]
         positions[:, cache.row] = p[:, 0]
     return x, positions, torch.tensor(index, device=device), max(index) + 1
+
+
+@torch.no_grad()
+def head_rows(head, calls: list[tuple], dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """The PyTorch head for several requests' tokens in one pass (``Head.step_rows`` over the head layer of their
+    pool, each row read to its own index; ``calls`` as ``row_inputs`` takes them): each request's logits [V]. The
+    batched head of the backends whose head has no batched graph of its own (``Backend.head_rows``)."""
+    pool = calls[0][2].pool
+    x, positions, index, end = row_inputs(calls, dtype, device)
+    keys, values = pool.token_major(pool.layers - 1)
+    logits = head.step_rows(x, positions, keys[:, :end], values[:, :end], index)
+    return [logits[call[2].row] for call in calls]

@@ -61,21 +61,36 @@ class Reasoner:
         self.decode, self.cuda_graphs, self.compile = decode, cuda_graphs, compile
         self._sessions: dict = {}  # static decode: the last request's cache, buffers and captured graphs
         self.max_batch = default_max_batch(decode) if max_batch is None else max_batch
-        if decode == "static" and self.max_batch > 1:
-            raise InputError(f"max_batch={self.max_batch} needs dynamic decode: static decode keeps one cache (and "
-                             "its CUDA graphs) for one request at a time; load with decode='dynamic' or max_batch=1")
+        together = backend.batch_rows and (decode == "dynamic" or self.max_batch > 1)
+        cap = backend.max_rows if together else 0
+        if cap and self.max_batch > cap:  # a TensorRT engine's decode profile
+            if max_batch is not None:
+                raise InputError(f"max_batch={max_batch} is more than this export's TensorRT decode profile takes "
+                                 f"({cap} rows); pass max_batch<={cap}, or re-export with --max-batch {max_batch} "
+                                 "--tensorrt")
+            self.max_batch = cap
+        if decode == "static" and self.max_batch > 1 and not backend.batch_static:
+            raise InputError(f"max_batch={self.max_batch} needs dynamic decode on the {backend.name} backend: its "
+                             "static decode keeps one cache (and its CUDA graphs) for one request at a time; load with "
+                             "decode='dynamic' or max_batch=1")
         self.kv_mb = default_kv_mb(self.cfg, self.limits["max_context"], self.dtype, self.device) if kv_mb is None \
             else kv_mb
         # the running requests' caches as rows of one pool, decoded together in one graph call per step, where
-        # the backend can (``batch_rows``: the ort backend's fused CPU graphs, the torch backend); elsewhere (and with
-        # static decode) each request has its own
+        # the backend can (``batch_rows``: the ort backend, the torch backend, TensorRT engines built with a batch
+        # range). Static decode one request at a time (max_batch 1) keeps a cache of its own per request, its
+        # whole step (V-Reason's update included) captured (``runtime.static.StaticLoop``); static decode of several
+        # (the torch backend) runs the pool's batched calls at fixed shapes, a CUDA graph per pool shape
+        # (``TorchBackend.static_rows``), with the pool's rows in powers of two
         self.pool = None
-        if backend.batch_rows and decode == "dynamic":
+        if together:
             from runtime.pool import KVPool
 
             t = self.cfg.text
             self.pool = KVPool(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, self.dtype, self.device,
-                               min_rows=backend.pool_min_rows)
+                               min_rows=backend.pool_min_rows, head_major=backend.pool_head_major,
+                               row_buckets=decode == "static")
+            if decode == "static":
+                backend.static_rows(cuda_graphs)
         # the thread that runs this model's requests, up to max_batch at once within the KV budget
         self.engine = Engine(f"engine {engine_dir.name}", self.device, self.max_batch, int(self.kv_mb * 2**20))
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
@@ -116,10 +131,14 @@ class Reasoner:
         keeps its weights in ``trunk.onnx.data`` (where it costs no memory).
 
         ``max_batch``: requests the engine runs at once (``runtime.engine``): a prefill chunk at a time each, and
-        their decode steps in one graph call (one pass over the weights for all) where the backend can (the ort
-        backend's fused CPU graphs, where a float LM head is then also kept prepacked by ONNX Runtime, a second copy
-        of it: ``OrtBackend.attach_head``; the torch backend with dynamic decode); elsewhere they take turns a token
-        at a time. Default 4 with dynamic decode; static decode takes 1 (it keeps one cache and its CUDA graphs).
+        their decode steps in one graph call (one pass over the weights for all) with dynamic decode: the ort backend
+        (with the fused CPU graphs, a float LM head is then also kept prepacked by ONNX Runtime, a second copy of
+        it: ``OrtBackend.attach_head``), the torch backend, and TensorRT engines up to their decode profile's batch
+        range (``python -m export --max-batch``, default 8; the default max_batch is capped there). Default 4 with
+        dynamic decode, 1 with static decode (one request's whole step, V-Reason's update included, captured as
+        a CUDA graph). On the torch backend static decode takes ``max_batch`` > 1 too: the batched calls at fixed
+        shapes over the running requests' pool, a CUDA graph per pool shape (rows in powers of two), V-Reason's
+        updates eager between them (``TorchBackend.static_rows``; not yet measured on a GPU).
         ``kv_mb``: the KV cache (MiB) the running requests may hold together; a request waits for room, and one that
         needs more than all of it is refused. Default: a quarter of the device's free memory at load, and at least
         one request at the export's context limit."""
@@ -182,7 +201,7 @@ class Reasoner:
         if name == "ort":  # (max_batch checked against static decode when the Reasoner is made)
             batch = (default_max_batch("static" if static else "dynamic") if max_batch is None else max_batch) > 1
             impl.attach_head(head, batch=batch and not static)
-        elif name == "torch":
+        else:
             impl.attach_head(head)
         # (a quantized export's trunk was fused when its weights were loaded, and its head is the export's)
         if static and on_cuda and name == "torch" and not quantized(manifest):
@@ -385,7 +404,7 @@ class Reasoner:
 
     def loop(self, steering=None, chunk: int = 8) -> Loop:
         """The decode loop this Reasoner runs (static or dynamic, see ``load``)."""
-        if self.decode == "static":
+        if self.decode == "static" and self.pool is None:
             from runtime.static import StaticLoop
 
             return StaticLoop(self.backend, self.head, steering, cuda_graphs=self.cuda_graphs, chunk=chunk,
@@ -416,6 +435,7 @@ class Reasoner:
 
             # within the export's context: the TensorRT decode profile's largest past
             capacity = static_capacity(capacity, self.limits["max_context"])
+        if self.decode == "static" and self.pool is None:
             held = self._sessions.get("cache")
             if held is not None and held.capacity == capacity:
                 held.length = 0
@@ -463,9 +483,9 @@ def add_load_arguments(ap) -> None:
     ap.add_argument("--backend", choices=("auto", "trt", "ort", "torch"), default="auto")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
     ap.add_argument("--max-batch", type=int, default=None,
-                    help="requests running at once, their decode steps batched where the backend can (ort's fused "
-                         "CPU graphs, torch with dynamic decode), else taking turns (default 4 with dynamic decode, "
-                         "1 with static)")
+                    help="requests running at once, their decode steps batched (dynamic decode on every backend, "
+                         "TensorRT up to its export's --max-batch; static decode on torch), else taking turns "
+                         "(default 4 with dynamic decode, 1 with static)")
     ap.add_argument("--kv-mb", type=float, default=None,
                     help="KV cache (MiB) the running requests may hold together; more wait (default: a quarter of "
                          "free memory, at least one request at the export's context limit)")

@@ -215,6 +215,60 @@ class _Graphs:
         graph.replay()
 
 
+class RowGraphs:
+    """Static decode of several requests together (the torch backend's batched calls, ``TorchBackend.static_rows``):
+    each kind of call (``trunk``, ``head``) runs over the pool's whole buffers, every row at the whole capacity, its
+    inputs copied into buffers of its own, so that its shapes and addresses stay while the pool's buffers do. On
+    CUDA (``cuda_graphs``) it runs eagerly ``warmup`` times on a side stream, then is captured once as a CUDA graph
+    and replayed. The pool's shape is the batch-size bucket: its rows are rounded up to a power of two
+    (``KVPool(row_buckets=True)``), so requests joining and leaving replay the same graphs, captured again only when
+    the pool grows past its bucket (more rows, or a longer capacity), which also drops the graphs of the old
+    buffers. The output is the same buffer at every replay: read it before the next call of its kind."""
+
+    def __init__(self, cuda_graphs: bool, warmup: int = 1) -> None:
+        self.cuda_graphs, self.warmup = cuda_graphs, warmup
+        self.generation: int | None = None
+        self.entries: dict[str, dict] = {}
+        self.capture_s = 0.0
+        self.captures = 0
+        self.mempool = None  # one CUDA graph memory pool for every capture
+
+    def run(self, kind: str, pool, inputs: tuple[torch.Tensor, ...], body) -> torch.Tensor:
+        if pool.generation != self.generation:  # new buffers: graphs captured on the old ones are stale
+            self.entries.clear()
+            self.generation = pool.generation
+        e = self.entries.get(kind)
+        if e is None or any(b.shape != t.shape for b, t in zip(e["inputs"], inputs)):
+            e = self.entries[kind] = {"inputs": [t.clone() for t in inputs], "graph": None, "calls": 0, "out": None}
+        for b, t in zip(e["inputs"], inputs):
+            b.copy_(t)
+        if not self.cuda_graphs:
+            return body(*e["inputs"])
+        if e["graph"] is not None:
+            e["graph"].replay()
+            return e["out"]
+        e["calls"] += 1
+        main = torch.cuda.current_stream()
+        if e["calls"] <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out = body(*e["inputs"])
+            main.wait_stream(side)
+            return out
+        t0 = time.perf_counter()
+        if self.mempool is None:
+            self.mempool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):  # records, runs nothing
+            e["out"] = body(*e["inputs"])
+        self.capture_s += time.perf_counter() - t0
+        self.captures += 1
+        e["graph"] = graph
+        graph.replay()
+        return e["out"]
+
+
 def static_capacity(needed: int, limit: int | None = None) -> int:
     """Cache capacity for static decode: ``needed`` rounded up to a multiple of 256 (so that requests of
     similar size share one cache and its captured graphs), but not past ``limit`` (the export's context)."""

@@ -68,3 +68,18 @@ def test_serve_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["rounds"] == 2 and rep["ttft_api_s"] > 0 and rep["ttft_server_s"] > 0
     assert rep["decode_server_over_api"] > 0 and rep["aggregate_server_over_api"] > 0
+
+
+def test_synthetic_requests_decoded_together_on_cpu(capsys):
+    """``--synthetic NAME --concurrency``: N requests' decode steps in the torch backend's batched calls, static (a
+    pool of a power of two rows: 3 requests on 4) and dynamic, each level's aggregate rate and its ratio to the
+    first level's."""
+    assert bench_main(["--synthetic", "small", "--device", "cpu", "--prompt-tokens", "40", "--new-tokens", "3",
+                       "--concurrency", "1", "3", "--repeats", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["levels"] == [1, 3] and rep["cuda_graphs"] is False
+    for path in ("static", "dynamic"):
+        agg = rep["aggregate_decode_tokens_per_s"][path]
+        assert set(agg) == {"1", "3"} and all(v > 0 for v in agg.values())
+        assert rep["aggregate_over_first_level"][path]["1"] == 1.0
+        assert rep["per_request_decode_tokens_per_s"][path]["3"] == pytest.approx(agg["3"] / 3)

@@ -162,32 +162,35 @@ def q3_engine(q3_tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("export,trunk", [("fp32", "standard"), ("fp32", "fused"), ("int4", "fused"),
-                                          ("qwen3", "fused"), ("fp32", "torch"), ("qwen3", "torch")])
+                                          ("qwen3", "fused"), ("qwen3", "standard"), ("fp32", "torch"),
+                                          ("qwen3", "torch"), ("fp32", "torch-static")])
 def test_requests_running_together_equal_each_alone(request, monkeypatch, export, trunk):
     """Base, V-Reason and Lite requests of different prompt lengths (a clip or none, short and long questions),
     running four at a time, each give what they give alone: the same tokens, the same entropies (1e-5), the same
-    V-Reason trace; and they did run together. With the standard trunk graph they take turns token by token;
-    with the fused one (fp32 and int4 weights, both families) and on the torch backend (dynamic decode) their
-    decode steps, V-Reason's updates and its recomputes run in one call for all (``trunk_rows``, ``head_rows``,
-    ``VReason.update_rows``), and did."""
+    V-Reason trace; and they did run together: their decode steps, V-Reason's updates and its recomputes in one
+    call for all (``trunk_rows``, ``head_rows``, ``VReason.update_rows``). On ort with the exported standard graph
+    (rows of a token-major pool, each row's cache_length: the contract TensorRT engines run), with the fused one
+    (fp32 and int4 weights, both families), and on the torch backend (dynamic decode, and static: the same calls
+    at fixed shapes over the pool's whole buffers, its rows a power of two; CUDA graphs of them where a GPU is)."""
     from models.samples import render_frames
 
     d = request.getfixturevalue({"fp32": "engine_dir", "int4": "int4_engine", "qwen3": "q3_engine"}[export])
-    if trunk == "torch":  # the PyTorch backend, dynamic decode
-        r = Reasoner.load(d, backend="torch", reuse_mb=0, max_batch=4, decode="dynamic")
+    if trunk.startswith("torch"):  # the PyTorch backend
+        r = Reasoner.load(d, backend="torch", reuse_mb=0, max_batch=4,
+                          decode="static" if trunk == "torch-static" else "dynamic")
+        assert (r.backend.fixed is not None) == (trunk == "torch-static")
     else:
         r = Reasoner.load(d, backend="ort", reuse_mb=0, max_batch=4, ort_trunk=trunk)
-    assert (r.pool is not None) == (trunk != "standard")
+    assert r.pool is not None and r.pool.head_major == (trunk != "standard")
     widths = []
     updates = []
-    if r.pool is not None:  # the rows each batched call decoded
-        from controller.vreason import VReason
+    from controller.vreason import VReason  # the rows each batched call decoded
 
-        rows, head_rows, update_rows = r.backend.trunk_rows, r.backend.head_rows, VReason.update_rows
-        r.backend.trunk_rows = lambda calls: (widths.append(len(calls)), rows(calls))[1]
-        r.backend.head_rows = lambda calls: (widths.append(len(calls)), head_rows(calls))[1]
-        monkeypatch.setattr(VReason, "update_rows", staticmethod(lambda calls: (updates.append(len(calls)),
-                                                                                update_rows(calls))[1]))
+    rows, head_rows, update_rows = r.backend.trunk_rows, r.backend.head_rows, VReason.update_rows
+    r.backend.trunk_rows = lambda calls: (widths.append(len(calls)), rows(calls))[1]
+    r.backend.head_rows = lambda calls: (widths.append(len(calls)), head_rows(calls))[1]
+    monkeypatch.setattr(VReason, "update_rows", staticmethod(lambda calls: (updates.append(len(calls)),
+                                                                            update_rows(calls))[1]))
     frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=4)]  # RGB
     controller = {"every": 1, "steps": 1}  # an update at every token: the two V-Reason requests update together
     requests = [dict(question=QUESTIONS[0], max_new_tokens=12),
@@ -203,9 +206,8 @@ def test_requests_running_together_equal_each_alone(request, monkeypatch, export
         assert b.alpha == pytest.approx(a.alpha, abs=1e-6) and b.ema == pytest.approx(a.ema, abs=1e-5)
     assert all(a.timings["batch_mean"] == 1.0 for a in alone)
     assert max(b.timings["batch_mean"] for b in together) > 1.5  # they ran together, not one after the other
-    if r.pool is not None:
-        assert max(widths) == 4 and set(r.pool.holders) == {None}  # four rows in one call; every row given back
-        assert max(updates) == 2  # the two V-Reason requests' updates in one call
+    assert max(widths) == 4 and set(r.pool.holders) == {None}  # four rows in one call; every row given back
+    assert max(updates) == 2  # the two V-Reason requests' updates in one call
 
 
 def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypatch):

@@ -37,7 +37,7 @@ def test_graph_io_matches_the_contract(exported, tiny):
     dims = {n: [d.dim_param or d.dim_value for d in tt.shape.dim] for n, tt in got_in.items()}
     assert dims["inputs_embeds"] == ["batch", "seq", t.hidden_size]
     assert dims["position_ids"] == [3, "batch", "seq"]
-    assert dims["cache_length"] == [1] and got_in["cache_length"].elem_type == TensorProto.INT64
+    assert dims["cache_length"] == ["batch"] and got_in["cache_length"].elem_type == TensorProto.INT64  # per row
     assert dims["past_key.0"] == ["batch", "past", t.num_key_value_heads, t.head_dim]
     assert got_in["position_ids"].elem_type == TensorProto.INT64
     assert got_in["inputs_embeds"].elem_type == TensorProto.FLOAT
@@ -149,18 +149,22 @@ def test_compat_check_names_the_unsupported_node(tmp_path):
 
 
 def test_tensorrt_profiles_cover_prefill_and_decode():
-    prefill, decode, suffix = trunk_profiles(64, 2, 16, 2, max_prompt=100, max_context=200)
+    prefill, decode, suffix = trunk_profiles(64, 2, 16, 2, max_prompt=100, max_context=200, max_batch=8)
     lo, opt, hi = prefill.shapes["inputs_embeds"]
     assert lo == (1, 1, 64) and hi == (1, 100, 64)
     assert prefill.shapes["past_key.1"] == ((1, 0, 2, 16),) * 3
-    assert decode.shapes["inputs_embeds"] == ((1, 1, 64),) * 3
-    # decode: one token over a past of 1..max_context entries (the filled cache, or the whole static one)
-    assert decode.shapes["past_value.0"][0] == (1, 1, 2, 16) and decode.shapes["past_value.0"][2] == (1, 200, 2, 16)
-    assert prefill.shapes["cache_length"] == decode.shapes["cache_length"] == ((1,),) * 3
+    # decode: one token for each of 1..max_batch rows (requests decoded together) over a past of 1..max_context
+    # entries (the filled cache, the whole static one, or a pool's rows, each with its cache_length)
+    assert decode.shapes["inputs_embeds"] == ((1, 1, 64), (4, 1, 64), (8, 1, 64))
+    assert decode.shapes["position_ids"] == ((3, 1, 1), (3, 4, 1), (3, 8, 1))
+    assert decode.shapes["past_value.0"][0] == (1, 1, 2, 16) and decode.shapes["past_value.0"][2] == (8, 200, 2, 16)
+    assert decode.shapes["cache_length"] == ((1,), (4,), (8,))
+    assert prefill.shapes["cache_length"] == suffix.shapes["cache_length"] == ((1,),) * 3  # a prefill is one row
     # suffix: S >= 2 new tokens on a past of >= 1 (a reused prompt prefix, a later prefill chunk); together the
     # three profiles cover every (S, P) that select_profile asks for, within the prompt limit
     assert suffix.shapes["inputs_embeds"][0] == (1, 2, 64) and suffix.shapes["inputs_embeds"][2] == (1, 99, 64)
     assert suffix.shapes["past_key.0"][0] == (1, 1, 2, 16) and suffix.shapes["past_key.0"][2] == (1, 99, 2, 16)
+    assert trunk_profiles(64, 2, 16, 2, 100, 200)[1].shapes["cache_length"] == ((1,),) * 3  # max_batch 1
     (vis,) = vision_profiles(1176, 2, max_patches=1024, max_frame_patches=64)
     assert vis.shapes["window_index"][2] == (256,) and vis.shapes["pixel_values"][2] == (1024, 1176)
 

@@ -89,6 +89,36 @@ def test_reasoner_on_cuda_static_equals_dynamic(engine_dir, q3_engine, family, m
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_requests_together_on_cuda_graphs_equal_each_alone(engine_dir, q3_engine, family):
+    """Static decode of several requests together (torch backend, max_batch 4): the batched calls captured as CUDA
+    graphs per pool shape and replayed; base, V-Reason and Lite requests together give what each gives alone on
+    the same Reasoner, and what dynamic decode gives (fp32: tokens identical, entropies within 1e-5)."""
+    from runtime.reasoner import Reasoner
+
+    from tests.test_engine import _solo_then_together
+
+    engine = engine_dir if family == "qwen2_5_vl" else q3_engine
+    sta = Reasoner.load(engine, backend="torch", device="cuda", max_batch=4, reuse_mb=0)
+    dyn = Reasoner.load(engine, backend="torch", device="cuda", max_batch=4, reuse_mb=0, decode="dynamic")
+    assert sta.decode == "static" and sta.pool is not None and sta.backend.fixed.cuda_graphs
+    ctl = {"lr": 0.5, "every": 1}
+    requests = [dict(question="Which shape moves left?", frames=_frames(), fps=2.0, max_new_tokens=12),
+                dict(question="What color is the shape?" * 4, frames=_frames(), fps=2.0, max_new_tokens=10,
+                     method="vreason", controller=ctl),
+                dict(question="How many shapes?", max_new_tokens=11, method="vreason-lite", frames=_frames(),
+                     fps=2.0, controller=ctl),
+                dict(question="Which way?", max_new_tokens=9, template="plain")]
+    alone, together = _solo_then_together(sta, requests)
+    assert sta.backend.fixed.captures >= 2  # the trunk's and the head's calls, captured and replayed
+    for a, b, kw in zip(alone, together, requests):
+        ref = dyn.ask(**kw)
+        for res in (a, b):
+            assert res.token_ids == ref.token_ids
+            assert max(abs(x - y) for x, y in zip(res.entropy, ref.entropy)) <= 1e-5
+    assert max(b.timings["batch_mean"] for b in together) > 1.5
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("method", ["base", "vreason", "vreason-lite"])
 def test_reuse_on_the_cuda_graph_path_changes_no_answer(engine_dir, q3_engine, family, method):
     """Prompt-prefix and vision reuse on static decode with CUDA graphs: a second question and the same question

@@ -119,7 +119,8 @@ def test_ort_backend_picks_the_trunk_graph(exports, monkeypatch):
     assert r.backend.batch_rows and r.pool is not None and r.backend.base_head.head_major
     assert r.ask(question="What is shown?", max_new_tokens=3).token_ids
     r = Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="standard")
-    assert r.backend.trunk_form == "standard" and r.backend.head_major_layers == 0 and r.pool is None
+    assert r.backend.trunk_form == "standard" and r.backend.head_major_layers == 0
+    assert r.pool is not None and not r.pool.head_major  # rows of a token-major pool, each row contiguous
     assert r.cache_for(8).keys[0].is_contiguous()
     with pytest.raises(UserError, match="expected auto, fused or standard"):
         Reasoner.load(exports["gqa2"], backend="ort", ort_trunk="fast")

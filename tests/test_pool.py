@@ -48,3 +48,21 @@ def test_one_row_by_default():
     pool = KVPool(2, 1, 4, torch.float32, "cpu")
     pool.acquire(3)
     assert pool.rows == 1 and pool.capacity == ROUND
+
+
+def test_a_token_major_pool_holds_each_row_contiguous_and_grows_the_same():
+    """The layout the exported standard graph reads ([rows, capacity, kv, hd]: ort's standard form, TensorRT)."""
+    pool = KVPool(2, 2, 4, torch.float32, "cpu", head_major=False)
+    a = pool.acquire(10)
+    kept = fill(a, 6, seed=3)
+    assert pool.keys[0].shape == (1, ROUND, 2, 4) and a.keys[0].is_contiguous()
+    assert a.keys[1].data_ptr() == pool.keys[1].data_ptr()
+    b = pool.acquire(ROUND + 1)  # grows in rows and capacity
+    assert pool.keys[0].shape == (2, 2 * ROUND, 2, 4) and b.row == 1 and a.keys[0].is_contiguous()
+    assert all(torch.equal(t[:, :6], k) for t, k in zip((*a.keys, *a.values), kept))
+    keys, values = pool.token_major(1)
+    assert keys is pool.keys[1] and torch.equal(values[0, :6], a.values[1][0, :6])
+    head_major = KVPool(2, 2, 4, torch.float32, "cpu")
+    c = head_major.acquire(10)
+    kept = fill(c, 6, seed=4)
+    assert torch.equal(head_major.token_major(0)[0][0, :6], kept[0][0])  # the same view, whatever the layout

@@ -305,7 +305,7 @@ def test_tensorrt_profiles_name_every_graph_input(q3_engine):
     prefill, decode, suffix = trt_profiles(cfg, lim)["trunk"]
     k, h = cfg.text.deepstack_layers, cfg.text.hidden_size
     assert prefill.shapes["deepstack_embeds"][2] == (k, 1, lim.max_prompt, h)
-    assert decode.shapes["deepstack_embeds"] == ((k, 1, 1, h),) * 3
+    assert decode.shapes["deepstack_embeds"] == ((k, 1, 1, h), (k, 4, 1, h), (k, 8, 1, h))  # rows decoded together
     assert suffix.shapes["deepstack_embeds"][0] == (k, 1, 2, h)
     vision = trt_profiles(cfg, lim)["vision"][0].shapes
     assert vision["pos_weight"][2] == (lim.max_frame_patches, 4)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from runtime.backends.bindings import (
+    rows_bindings,
+    scatter_rows,
     scatter_staging,
     select_profile,
     staging_buffers,
@@ -64,6 +66,35 @@ def test_static_binding_plan_keeps_every_address():
     assert int((cache.keys[2] != 0).sum()) == 0  # the head's layer is not the trunk's to write
     with pytest.raises(ValueError, match="one token"):
         static_trunk_bindings(2, torch.zeros(1, 2, 8), pos, index, cache, hidden, staging)
+
+
+def test_rows_binding_plan_passes_the_pool_whole_and_writes_each_row_at_its_length():
+    """A batched decode step on the standard graph (ort's standard form, TensorRT's decode profile): the past inputs
+    are the pool's whole token-major buffers, cache_length each row's length, and the new entries land in each
+    row at its length."""
+    from runtime.pool import KVPool
+
+    pool = KVPool(3, 2, 4, torch.float32, "cpu", head_major=False)
+    a, b = pool.acquire(10), pool.acquire(20)
+    a.length, b.length = 5, 9
+    lengths = torch.tensor(pool.lengths())
+    embeds, pos, hidden = torch.zeros(2, 1, 8), torch.zeros(3, 2, 1, dtype=torch.long), torch.zeros(2, 1, 8)
+    staging = staging_buffers([], 2, a, rows=2)
+    ins, outs = rows_bindings(2, embeds, pos, lengths, pool, hidden, staging)
+    assert ins["cache_length"].tolist() == [5, 9] and ins["past_key.1"] is pool.keys[1]
+    assert ins["past_key.1"].shape == (2, pool.capacity, 2, 4) and outs["key.0"].shape == (2, 1, 2, 4)
+    for i, t in enumerate(staging):
+        t[0].fill_(i + 1)
+        t[1].fill_(-(i + 1))
+    scatter_rows(2, pool, lengths, staging)
+    assert bool((a.keys[0][0, 5] == 1).all()) and bool((b.keys[0][0, 9] == -1).all())
+    assert bool((a.values[1][0, 5] == 4).all()) and bool((b.values[1][0, 9] == -4).all())
+    assert int((pool.keys[0] != 0).sum()) == 2 * 2 * 4  # nothing else written
+    assert int((pool.keys[2] != 0).sum()) == 0  # the head's layer is not the trunk's to write
+    with pytest.raises(ValueError, match="each of the pool's 2 rows"):
+        rows_bindings(2, embeds[:1], pos, lengths, pool, hidden, staging)
+    with pytest.raises(ValueError, match="token-major"):
+        rows_bindings(2, embeds, pos, lengths, KVPool(3, 2, 4, torch.float32, "cpu"), hidden, staging)
 
 
 class FakeContext:

@@ -150,7 +150,8 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         past_key: torch.Tensor,  # [B, P, kv_heads, head_dim]
         past_value: torch.Tensor,  # [B, P, kv_heads, head_dim]
-        cache_length: torch.Tensor | None = None,  # [1] int64: past entries at or after it are ignored
+        cache_length: torch.Tensor | None = None,  # [B] (or [1]) int64: each row's past entries at or after it
+                                                   # are ignored
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = x.shape[1]
         q, k, v = self.project(x, cos, sin)
@@ -184,16 +185,19 @@ class DecoderLayer(nn.Module):
 
 
 def causal_mask(s: int, p: int, device, cache_length: torch.Tensor | None = None) -> torch.Tensor:
-    """[S, P + S] bool, built inside the graph from P and S: new token i (at cache index P + i) sees the past
-    entries below ``cache_length`` (all P when None) and the new tokens up to itself. With cache_length = P
-    this is the plain causal mask; with a fixed-capacity past (P = capacity) it hides the unfilled rest."""
+    """Built inside the graph from P and S: new token i (at cache index P + i) sees the past entries below its
+    row's ``cache_length`` (all P when None) and the new tokens up to itself. Without ``cache_length``: [S, P + S],
+    the plain causal mask. With it ([B], or [1] for every row): [B, 1, 1, S, P + S], broadcast over ``attend``'s
+    scores; a past of P entries then holds rows of different lengths (a batch of requests, each row's past padded
+    to the longest), or a fixed-capacity cache of which only the first entries are filled (static decode)."""
     j = torch.arange(p + s, device=device).unsqueeze(0)  # [1, T]
     i = torch.arange(s, device=device).unsqueeze(1)  # [S, 1]
     causal = j <= i + p
     if cache_length is None:
         return causal
     past = j < p
-    return (past & (j < cache_length)) | (causal & ~past)
+    filled = j < cache_length.view(-1, 1, 1)  # [B, 1, T]
+    return ((past & filled) | (causal & ~past)).view(-1, 1, 1, s, p + s)
 
 
 def static_mask(capacity: int, index: torch.Tensor) -> torch.Tensor:
@@ -234,8 +238,9 @@ class Trunk(nn.Module):
 
     forward(inputs_embeds [B,S,H], position_ids [3,B,S], past_key.0, past_value.0, ..., cache_length=None) ->
         (hidden [B,S,H], key.0, value.0, ...) with new cache entries only, [B,S,kv_heads,head_dim].
-    ``cache_length`` [1] (the graph input of that name): how many leading past entries are valid; the
-    rest are masked, so decode can pass the whole fixed-capacity cache (static shapes).
+    ``cache_length`` [B] (the graph input of that name): how many leading past entries of each row are valid; the
+    rest are masked, so decode can pass the whole fixed-capacity cache (static shapes), and rows of different
+    lengths can decode in one call.
     """
 
     def __init__(self, decoder: Decoder) -> None:

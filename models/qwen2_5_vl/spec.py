@@ -7,13 +7,14 @@ trunk.onnx
 |----------------------------|--------------------------------|-------------|
 | inputs_embeds              | [B, S, hidden]                 | model dtype |
 | position_ids               | [3, B, S]                      | int64       |
-| cache_length               | [1]                            | int64       |
+| cache_length               | [B]                            | int64       |
 | past_key.i, past_value.i   | [B, P, kv_heads, head_dim]     | model dtype |
 | hidden (out)               | [B, S, hidden]                 | model dtype |
 | key.i, value.i (out)       | [B, S, kv_heads, head_dim]     | model dtype |
-``cache_length``: how many leading past entries are valid (the rest are masked). Dynamic decode passes the
-filled cache (P = cache_length, growing per token); static decode passes the whole fixed-capacity cache
-(P = capacity, the same shape every token) and its fill level, and writes the new entries at that index.
+``cache_length``: how many leading past entries of each row are valid (the rest are masked). Dynamic decode passes
+the filled cache (P = cache_length, growing per token); static decode passes the whole fixed-capacity cache
+(P = capacity, the same shape every token) and its fill level, and writes the new entries at that index; a batch
+of requests (one row each, ``runtime.pool``) passes their caches' buffers whole and each row's length.
 
 vision.onnx
 | name            | shape                   | dtype       |
@@ -83,7 +84,7 @@ def trunk_spec(model, dtype: torch.dtype, device="cpu", seq: int = 3, past: int 
         *(torch.randn(cache, dtype=dtype, device=device) for _ in range(2 * n)),
     )
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {1: "batch", 2: "seq"},
-            "hidden": {0: "batch", 1: "seq"}}
+            "cache_length": {0: "batch"}, "hidden": {0: "batch", 1: "seq"}}
     for name in inputs[3:]:
         axes[name] = {0: "batch", 1: "past"}
     for name in outputs[1:]:

@@ -5,7 +5,7 @@ trunk.onnx
 |----------------------------|--------------------------------|-------------|
 | inputs_embeds              | [B, S, hidden]                 | model dtype |
 | position_ids               | [3, B, S]                      | int64       |
-| cache_length               | [1]                            | int64       |
+| cache_length               | [B]                            | int64       |
 | deepstack_embeds           | [K, B, S, hidden]              | model dtype |
 | past_key.i, past_value.i   | [B, P, kv_heads, head_dim]     | model dtype |
 | hidden (out)               | [B, S, hidden]                 | model dtype |

@@ -25,6 +25,9 @@ class Backend(Protocol):
     batch_rows: bool  # it decodes several requests' tokens in one call (``trunk_rows``; caches: rows of a KVPool)
     head_rows: object | None  # with batch_rows: the head for several requests' tokens in one call (None: per row)
     pool_min_rows: int  # with batch_rows: rows its calls always cover (``runtime.pool.KVPool``'s ``min_rows``)
+    pool_head_major: bool  # with batch_rows: the pool's layout its batched calls read (``KVPool``'s ``head_major``)
+    max_rows: int  # with batch_rows: the most rows one call takes (0: any; a TensorRT engine's decode profile)
+    batch_static: bool  # with batch_rows: static decode runs requests together too (``static_rows``)
 
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
                       hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -39,6 +42,10 @@ class Backend(Protocol):
     def trunk_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                    index: torch.Tensor) -> torch.Tensor:
         """Static decode: one token over the whole fixed-capacity cache, its entry written at ``index``."""
+
+    def static_rows(self, cuda_graphs: bool) -> None:
+        """With ``batch_static``: make ``trunk_rows`` and ``head_rows`` static-shape calls (CUDA graphs where
+        ``cuda_graphs``), for static decode of several requests together."""
 
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
         """With ``batch_rows``: one decode step of several requests, ``calls`` (embeds [1,1,H], positions [3,1,1],
@@ -57,6 +64,12 @@ class BackendBase:
     batch_rows = False
     head_rows = None
     pool_min_rows = 1
+    pool_head_major = True
+    max_rows = 0
+    batch_static = False
 
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
         raise NotImplementedError(f"the {self.name} backend decodes one request per call (batch_rows is off)")
+
+    def static_rows(self, cuda_graphs: bool) -> None:
+        raise NotImplementedError(f"the {self.name} backend's static decode takes one request at a time")

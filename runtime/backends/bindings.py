@@ -15,6 +15,12 @@ Head-major (the ort backend's fused trunk on CPU, ``ort_trunk``; dynamic and sta
           [1,kv,C,hd] (``KVCache.storage``)
   outputs hidden, present_key.i / present_value.i = the same buffers: GroupQueryAttention writes the new
           entries at cache_length in place and reads nothing past them
+Rows (several requests' decode steps in one call of the standard graph; their caches are rows of one token-major
+``runtime.pool.KVPool``, R rows of capacity C):
+  inputs  inputs_embeds [R,1,H], position_ids [3,R,1], cache_length [R] = each row's length (where its new entries
+          go), past_key.i / past_value.i = the pool's whole buffers [R,C,kv,hd] (each row masked to its length)
+  outputs hidden [R,1,H], key.i / value.i = staging buffers [R,1,kv,hd], copied into each row at its length
+          afterwards (``scatter_rows``)
 Families with DeepStack (Qwen3-VL) add ``deepstack_embeds`` [K,1,S,H]: the prefill's features, zeros at decode
 (``DeepStackFeed``). The vision graph's outputs are ``embeds`` [M,H] and, with DeepStack, ``deepstack`` [K,M,H].
 All tensors are contiguous views of preallocated torch buffers, so a backend passes data pointers only.
@@ -97,6 +103,32 @@ def static_trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torc
     return _checked(inputs, outputs)
 
 
+def rows_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, pool,
+                  hidden: torch.Tensor, staging: list[torch.Tensor], extra: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bindings of a batched decode step over every row of a token-major pool (see above); ``staging`` holds
+    2 * num_layers buffers [R,1,kv,hd] (``staging_buffers(..., rows=R)``)."""
+    if pool.head_major:
+        raise ValueError("the standard trunk graph reads a token-major pool ([rows, capacity, kv, hd])")
+    r = pool.rows
+    if embeds.shape[:2] != (r, 1) or hidden.shape[:2] != (r, 1) or lengths.shape != (r,):
+        raise ValueError(f"a batched step takes one token for each of the pool's {r} rows")
+    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": lengths, **(extra or {})}
+    outputs = {"hidden": hidden}
+    for i in range(num_layers):
+        inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = pool.keys[i], pool.values[i]
+        outputs[f"key.{i}"], outputs[f"value.{i}"] = staging[2 * i], staging[2 * i + 1]
+    return _checked(inputs, outputs)
+
+
+def scatter_rows(num_layers: int, pool, lengths: torch.Tensor, staging: list[torch.Tensor]) -> None:
+    """Write a batched step's new entries into each row of the pool at its length (no host sync)."""
+    rows = torch.arange(pool.rows, device=lengths.device)
+    for i in range(num_layers):
+        pool.keys[i][rows, lengths] = staging[2 * i][:, 0]
+        pool.values[i][rows, lengths] = staging[2 * i + 1][:, 0]
+
+
 def head_major_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
                         cache: KVCache, hidden: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -111,10 +143,10 @@ def head_major_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.
     return _checked(inputs, outputs)
 
 
-def staging_buffers(held: list[torch.Tensor], num_layers: int, cache: KVCache) -> list[torch.Tensor]:
-    """2 * num_layers buffers [1,1,kv,hd] for a static step's new entries, kept while they fit the cache."""
+def staging_buffers(held: list[torch.Tensor], num_layers: int, cache: KVCache, rows: int = 1) -> list[torch.Tensor]:
+    """2 * num_layers buffers [rows,1,kv,hd] for a static or batched step's new entries, kept while they fit."""
     k = cache.keys[0]
-    shape = (1, 1, *k.shape[2:])
+    shape = (rows, 1, *k.shape[2:])
     if len(held) == 2 * num_layers and held[0].shape == shape and held[0].dtype == k.dtype \
             and held[0].device == k.device:
         return held

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from runtime.backends.bindings import (
     DeepStackFeed,
     head_major_bindings,
     hidden_view,
+    rows_bindings,
+    scatter_rows,
     scatter_staging,
     staging_buffers,
     static_trunk_bindings,
@@ -24,7 +27,7 @@ from runtime.backends.bindings import (
 )
 from runtime.backends.ort_graph import bind, run_bound
 from runtime.cache import KVCache
-from runtime.pool import row_inputs
+from runtime.pool import head_rows, row_inputs
 
 STEP_BINDINGS = 8  # one-token bindings kept (one per running request's cache)
 
@@ -84,11 +87,13 @@ class OrtBackend(BackendBase):
         trunk_inputs = {i.name: i.shape for i in self.trunk_session.get_inputs()}
         self.num_layers = sum(1 for n in trunk_inputs if n.startswith(("past_key.", "cache_key.")))
         # the fused form's attention (GroupQueryAttention) reads and writes the cache head-major: the trunk's
-        # layers, and the head's (its graph takes the same layout, ``attach_head``); requests' caches are then rows
-        # of one pool and their decode steps run together (``trunk_rows``)
+        # layers, and the head's (its graph takes the same layout, ``attach_head``). Either form decodes the running
+        # requests together (``trunk_rows``), their caches rows of one pool: head-major for the fused form, token-major
+        # for the standard graph (its past inputs are [rows, capacity, kv, hd], each row's length its cache_length)
         fused = self.trunk_form == "fused"
         self.head_major_layers = self.num_layers + 1 if fused else 0
-        self.batch_rows = fused
+        self.batch_rows = True
+        self.pool_head_major = fused
         self._rows: _Rows | None = None  # the batch binding (``trunk_rows``), kept while its pool's buffers stay
         ds = trunk_inputs.get(DEEPSTACK_INPUT)
         self.deepstack = DeepStackFeed(int(ds[0]) if ds else 0, int(ds[3]) if ds else 0)
@@ -116,10 +121,14 @@ class OrtBackend(BackendBase):
         ms either way)."""
         from runtime.backends.ort_head import DenseInputGrad, OrtHead, supported
 
+        fused = bool(self.head_major_layers)
+        # the batched head: the head graph's head-major form where the trunk is fused, else PyTorch's head over the
+        # rows (``runtime.pool.head_rows``)
+        self.head_rows = partial(head_rows, head, dtype=self.dtype, device=self.device)
         if supported(head, self.dtype, self.device) is None:
-            self.base_head = OrtHead(head, options(self.threads), head_major=bool(self.head_major_layers),
-                                     packed_lm_head=batch and self.batch_rows)
-            self.head_rows = self.base_head.rows if self.batch_rows else None
+            self.base_head = OrtHead(head, options(self.threads), head_major=fused, packed_lm_head=batch and fused)
+            if fused:
+                self.head_rows = self.base_head.rows
             if type(head.lm_head) is torch.nn.Linear:  # V-Reason's backward through it (a quantized one has its own)
                 head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options(self.threads))
 
@@ -195,21 +204,24 @@ class OrtBackend(BackendBase):
         return step.hidden
 
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
-        """One decode step of several requests in one run of the fused trunk (the engine's batched call,
+        """One decode step of several requests in one run of the trunk graph (the engine's batched call,
         ``runtime.engine.Call``): ``calls`` are (embeds [1,1,H], positions [3,1,1], cache), every cache a row of one
-        ``KVPool``; each token's entries go into its cache at its length. Returns each request's hidden state
+        ``KVPool``; each token's entries go into its cache at its length (the fused form writes them in place; the
+        standard graph into staging buffers, copied into the rows after). Returns each request's hidden state
         [1,1,H], a view of the batch output (read before the next batched call). The run covers every row of the
         pool: a row without a call (a request prefilling, or a free row) gets a zero token written at its length,
         where nothing is read and its own next write lands."""
         pool = calls[0][2].pool
         t = self._rows
         if t is None or t.key != (pool.generation, pool.rows):
-            t = self._rows = _Rows(self, pool, calls[0][0].shape[2])
+            t = self._rows = _Rows(self, pool, calls[0][0].shape[2], calls[0][2])
         embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device)
         t.embeds.copy_(embeds)
         t.positions.copy_(positions)
         t.length.copy_(index)
         self.trunk_session.run_with_iobinding(t.io)
+        if t.staging:
+            scatter_rows(self.num_layers, pool, t.length, t.staging)
         return [t.hidden[cache.row:cache.row + 1] for _, _, cache in calls]
 
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
@@ -236,24 +248,33 @@ class _Step:
 
 
 class _Rows:
-    """``OrtBackend.trunk_rows``' binding over one pool's buffers: every row, its own input and output buffers."""
+    """``OrtBackend.trunk_rows``' binding over one pool's buffers: every row, its own input and output buffers (and,
+    for the standard graph, the staging buffers of the new entries)."""
 
-    def __init__(self, backend: OrtBackend, pool, hidden: int) -> None:
+    def __init__(self, backend: OrtBackend, pool, hidden: int, cache: KVCache) -> None:
         n, dt, dev = pool.rows, backend.dtype, backend.device
         self.key = (pool.generation, n)
         self.embeds = torch.zeros(n, 1, hidden, dtype=dt, device=dev)
         self.positions = torch.zeros(3, n, 1, dtype=torch.long, device=dev)
         self.length = torch.zeros(n, dtype=torch.long, device=dev)
         self.hidden = torch.empty(n, 1, hidden, dtype=dt, device=dev)
-        inputs = {"inputs_embeds": self.embeds, "position_ids": self.positions, "cache_length": self.length}
+        extra = {}
         self.deepstack = None  # decode tokens carry no DeepStack features: zeros, held for the binding
         if backend.deepstack.levels:
             self.deepstack = torch.zeros(backend.deepstack.levels, n, 1, hidden, dtype=dt, device=dev)
-            inputs[DEEPSTACK_INPUT] = self.deepstack
-        outputs = {"hidden": self.hidden}
-        for i in range(backend.num_layers):
-            inputs[f"cache_key.{i}"] = outputs[f"present_key.{i}"] = pool.keys[i]
-            inputs[f"cache_value.{i}"] = outputs[f"present_value.{i}"] = pool.values[i]
+            extra[DEEPSTACK_INPUT] = self.deepstack
+        self.staging: list[torch.Tensor] = []
+        if pool.head_major:  # the fused form
+            inputs = {"inputs_embeds": self.embeds, "position_ids": self.positions, "cache_length": self.length,
+                      **extra}
+            outputs = {"hidden": self.hidden}
+            for i in range(backend.num_layers):
+                inputs[f"cache_key.{i}"] = outputs[f"present_key.{i}"] = pool.keys[i]
+                inputs[f"cache_value.{i}"] = outputs[f"present_value.{i}"] = pool.values[i]
+        else:
+            self.staging = staging_buffers([], backend.num_layers, cache, rows=n)
+            inputs, outputs = rows_bindings(backend.num_layers, self.embeds, self.positions, self.length, pool,
+                                            self.hidden, self.staging, extra)
         self.io = bind(backend.trunk_session, inputs, outputs, dev)
 
 

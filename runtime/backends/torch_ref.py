@@ -8,13 +8,14 @@ directory instead (``model_from_checkpoint``), it runs the checkpoint's weights:
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from runtime.backends.base import BackendBase
 from runtime.cache import KVCache
-from runtime.pool import row_inputs
+from runtime.pool import head_rows, row_inputs
 
 
 def model_from_export(export_dir: Path, manifest: dict, dtype: torch.dtype, device) -> object:
@@ -58,6 +59,7 @@ class TorchBackend(BackendBase):
     # (measured on the bench fp32 export: a lone request decoded 6.5-8.5 tokens/s as one row, 3.9-4.2 as one of two);
     # rows together then equal each alone to float rounding (one-row and several-row kernels round differently)
     batch_rows = True
+    batch_static = True  # static decode too: the same calls over the pool's whole buffers (``static_rows``)
 
     def __init__(self, model, dtype: torch.dtype, device: str = "cpu") -> None:
         self.model = model
@@ -67,11 +69,31 @@ class TorchBackend(BackendBase):
         self._step = model.trunk.step
         self.compiled = False
         self.head = None
+        self.fixed = None  # static decode of several requests together (``static_rows``): a RowGraphs
 
     def attach_head(self, head) -> None:
         """The head the batched head call (``head_rows``) runs."""
         self.head = head
-        self.head_rows = self._head_rows
+        self.head_rows = partial(head_rows, head, dtype=self.dtype, device=self.device)
+
+    def static_rows(self, cuda_graphs: bool) -> None:
+        """Static decode of the running requests together: ``trunk_rows`` and ``head_rows`` run over the pool's whole
+        buffers (every row, the whole capacity: fixed shapes while the buffers stay), replayed as CUDA graphs per
+        pool shape on CUDA (``runtime.static.RowGraphs``; the pool's rows grow in powers of two). V-Reason's and
+        Lite's updates run eagerly between the replays (``VReason.update_rows``)."""
+        from runtime.static import RowGraphs
+
+        self.fixed = RowGraphs(cuda_graphs and self.device.type == "cuda")
+        self.head_rows = self._fixed_head_rows
+
+    @torch.no_grad()
+    def _fixed_head_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        pool = calls[0][2].pool
+        x, positions, index, _ = row_inputs(calls, self.dtype, self.device)
+        keys, values = pool.token_major(pool.layers - 1)
+        logits = self.fixed.run("head", pool, (x, positions, index),
+                                lambda x_, p_, i_: self.head.step_rows(x_, p_, keys, values, i_))
+        return [logits[call[2].row] for call in calls]
 
     @torch.no_grad()
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
@@ -80,21 +102,16 @@ class TorchBackend(BackendBase):
         pool = calls[0][2].pool
         x, positions, index, end = row_inputs(calls, self.dtype, self.device)
         n = self.num_layers
-        keys = [k.transpose(1, 2)[:, :end] for k in pool.keys[:n]]  # token-major views of the head-major rows
-        values = [v.transpose(1, 2)[:, :end] for v in pool.values[:n]]
+        if self.fixed is not None:  # static: the whole capacity, fixed shapes (a CUDA graph per pool shape)
+            keys = [pool.token_major(i)[0] for i in range(n)]
+            values = [pool.token_major(i)[1] for i in range(n)]
+            hidden = self.fixed.run("trunk", pool, (x, positions, index),
+                                    lambda x_, p_, i_: self._step(x_, p_, keys, values, i_))
+            return [hidden[call[2].row:call[2].row + 1] for call in calls]
+        keys = [pool.token_major(i)[0][:, :end] for i in range(n)]  # [rows, end, kv, hd] views
+        values = [pool.token_major(i)[1][:, :end] for i in range(n)]
         hidden = self.model.trunk.step(x, positions, keys, values, index)
         return [hidden[call[2].row:call[2].row + 1] for call in calls]
-
-    @torch.no_grad()
-    def _head_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
-        """The head for several requests' tokens (``Head.step_rows``; see ``runtime.pool.row_inputs``): each
-        request's logits [V]."""
-        pool = calls[0][2].pool
-        x, positions, index, end = row_inputs(calls, self.dtype, self.device)
-        last = pool.layers - 1
-        logits = self.head.step_rows(x, positions, pool.keys[last].transpose(1, 2)[:, :end],
-                                     pool.values[last].transpose(1, 2)[:, :end], index)
-        return [logits[call[2].row] for call in calls]
 
     def compile_step(self) -> None:
         """torch.compile the static decode step (inductor; compiled on first use, per shape)."""

@@ -8,6 +8,7 @@ ones the ONNX Runtime path exercises (``runtime.backends.bindings``).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from runtime.backends.bindings import (
     DEEPSTACK_OUTPUT,
     DeepStackFeed,
     hidden_view,
+    rows_bindings,
+    scatter_rows,
     scatter_staging,
     select_profile,
     staging_buffers,
@@ -27,6 +30,7 @@ from runtime.backends.bindings import (
     vision_bindings,
 )
 from runtime.cache import KVCache
+from runtime.pool import head_rows, row_inputs
 
 
 class TrtError(UserError):
@@ -118,6 +122,43 @@ class TrtBackend(BackendBase):
         self.suffix_prefill = self.trunk_engine.engine.num_optimization_profiles >= 3
         self._hidden = torch.empty(0, device=self.device)
         self._staging: list[torch.Tensor] = []
+        # requests decoded together: the decode profile's batch range (``python -m export --max-batch``), their caches
+        # rows of one token-major pool passed whole, each row's length its cache_length (``trunk_rows``); the head
+        # runs in PyTorch over the rows (``attach_head``). Written against the TensorRT 10 API as documented and
+        # checked through the binding plan the ort backend's standard graph runs; unverified on TensorRT itself
+        self.max_rows = int(self.trunk_engine.engine.get_tensor_profile_shape("inputs_embeds", 1)[2][0])
+        self.batch_rows = self.max_rows > 1
+        self.pool_head_major = False
+        self._rows: tuple | None = None  # (pool generation, rows, buffers) of the last batched call
+
+    def attach_head(self, head) -> None:
+        """The head the batched head call (``head_rows``) runs: PyTorch's, over the pool's rows."""
+        self.head_rows = partial(head_rows, head, dtype=self.dtype, device=self.device)
+
+    def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """One decode step of several requests in one engine call (the decode profile, B = the pool's rows):
+        ``calls`` (embeds [1,1,H], positions [3,1,1], cache), every cache a row of one token-major ``KVPool``; the
+        new entries land in staging buffers and are copied into each row at its length on the device. Returns each
+        request's hidden state [1,1,H], a view of the batch output."""
+        pool = calls[0][2].pool
+        if pool.rows > self.max_rows:
+            raise TrtError(f"{pool.rows} rows are more than trunk.plan's decode profile takes ({self.max_rows}); "
+                           "re-export with a larger --max-batch")
+        embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device)
+        held = self._rows
+        if held is None or held[:2] != (pool.generation, pool.rows):
+            n, h = pool.rows, embeds.shape[2]
+            held = self._rows = (pool.generation, n, torch.empty(n, 1, h, dtype=self.dtype, device=self.device),
+                                 staging_buffers([], self.num_layers, calls[0][2], rows=n))
+        hidden, staging = held[2], held[3]
+        extra = {DEEPSTACK_INPUT: torch.zeros(self.deepstack.levels, pool.rows, 1, embeds.shape[2], dtype=self.dtype,
+                                              device=self.device)} if self.deepstack.levels else {}
+        inputs, outputs = rows_bindings(self.num_layers, embeds, positions, index, pool, hidden, staging, extra)
+        handle = self._stream()
+        self.trunk_engine.use_profile(select_profile(1, pool.capacity), handle)
+        self.trunk_engine.run(inputs, outputs, handle)
+        scatter_rows(self.num_layers, pool, index, staging)
+        return [hidden[cache.row:cache.row + 1] for _, _, cache in calls]
 
     @staticmethod
     def _stream() -> int:

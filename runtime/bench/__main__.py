@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="work/bench", help="where the benchmark clip is written")
     ap.add_argument("--concurrency", type=int, nargs="+", metavar="N",
                     help="with one --engine: N clients at once on one loaded model, for each N (base and V-Reason): "
-                         "aggregate and per-request tokens/s, TTFT p50/p95, queue time")
+                         "aggregate and per-request tokens/s, TTFT p50/p95, queue time; with --synthetic: N requests' "
+                         "decode steps together at the model's shape (static with CUDA graphs, and dynamic)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--save", metavar="PATH",
                     help="also write the report to PATH as JSON; with --synthetic it is rewritten after every measured "
@@ -84,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
             checks.check_number("--prompt-tokens", args.prompt_tokens, lo=32, integer=True)
             args.device = checks.check_device(args.device)
+            if args.concurrency:
+                from runtime.bench.batched import batched_table, run_batched
+
+                for n in args.concurrency:
+                    checks.check_number("--concurrency", n, lo=1, hi=256, integer=True)
+                rep = run_batched(args)
+                return report(rep, batched_table(rep))
             rep = run_synthetic(args)
             return report(rep, synthetic_table(rep))
         if not args.engine:

@@ -12,8 +12,8 @@ number of requests running while it was advanced (``batch_mean``), and the KV me
 over the sum of what each request's own cache would hold (``kv_held_over_own``; the pool's rows are as long as the
 longest request, rounded up to 256 entries, and on the ort backend a request alone holds two rows:
 ``runtime.pool``). Every answer is checked against the same request asked alone (greedy: identical tokens). The
-engine keeps up to ``max_batch`` requests running; where the backend can (``batch_rows``: the ort backend's fused
-CPU graphs, the torch backend with dynamic decode) their decode steps run as one call, one pass over the weights for
+engine keeps up to ``max_batch`` requests running; where the backend can (``batch_rows``: every backend with dynamic
+decode, the torch backend with static decode too) their decode steps run as one call, one pass over the weights for
 all of them; elsewhere they take turns. With ``--peer``: onnxruntime-genai's model of the export's decoder shape and
 weight format (``runtime.bench.peer``, built once under --work) generates as many requests together as the top
 level, once per round after our waves (base): its aggregate decode rate, ours, and the per-round ratio.
