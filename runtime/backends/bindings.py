@@ -95,12 +95,7 @@ def static_trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torc
     """Bindings of a static decode step; ``staging`` holds 2 * num_layers buffers [1,1,kv,hd]."""
     if embeds.shape[1] != 1 or hidden.shape[:2] != (1, 1):
         raise ValueError("a static decode step takes exactly one token")
-    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": index, **(extra or {})}
-    outputs = {"hidden": hidden}
-    for i in range(num_layers):
-        inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = cache.keys[i], cache.values[i]
-        outputs[f"key.{i}"], outputs[f"value.{i}"] = staging[2 * i], staging[2 * i + 1]
-    return _checked(inputs, outputs)
+    return _whole_past(num_layers, embeds, positions, index, cache.keys, cache.values, hidden, staging, extra)
 
 
 def rows_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, pool,
@@ -113,10 +108,16 @@ def rows_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor
     r = pool.rows
     if embeds.shape[:2] != (r, 1) or hidden.shape[:2] != (r, 1) or lengths.shape != (r,):
         raise ValueError(f"a batched step takes one token for each of the pool's {r} rows")
+    return _whole_past(num_layers, embeds, positions, lengths, pool.keys, pool.values, hidden, staging, extra)
+
+
+def _whole_past(num_layers: int, embeds, positions, lengths, keys: list, values: list, hidden, staging: list,
+                extra: dict | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The standard graph over whole cache buffers (masked to ``lengths``), its new entries to ``staging``."""
     inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": lengths, **(extra or {})}
     outputs = {"hidden": hidden}
     for i in range(num_layers):
-        inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = pool.keys[i], pool.values[i]
+        inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = keys[i], values[i]
         outputs[f"key.{i}"], outputs[f"value.{i}"] = staging[2 * i], staging[2 * i + 1]
     return _checked(inputs, outputs)
 
