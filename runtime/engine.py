@@ -11,11 +11,11 @@ the engine runs together with the other requests' calls to the same function, in
 running request through the trunk, then the head, V-Reason's updates due at this step and their recomputes: one
 pass over the weights for all, where the backend can: ``batch_rows``, every backend with dynamic decode (TensorRT
 up to its decode profile's batch range) and the torch backend with static decode too; see ``runtime.pool``).
-Elsewhere (static decode on ort and TensorRT) requests take turns and the aggregate rate is the one-request rate. Requests wait in
-a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget (``kv_bytes``: the cache
-every running request holds, declared when submitted); one that could never fit is refused at once
-(``ResourceError``, one line naming the limit). Every piece is put on the request's channel
-without waiting for its consumer, so:
+Elsewhere (static decode on ort and TensorRT) requests take turns and the aggregate rate is the one-request rate.
+Requests wait in a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget
+(``kv_bytes``: the cache every running request holds, declared when submitted); one that could never fit is
+refused at once (``ResourceError``, one line naming the limit). Every piece is put on the request's channel without
+waiting for its consumer, so:
 - a consumer that reads slowly, pauses, or keeps an unfinished stream delays no other request (its pieces
   wait in its channel, at most ``max_new_tokens`` of them);
 - a request made inside another stream's loop (nested, from the same thread) waits for the engine's thread,

@@ -163,7 +163,7 @@ def q3_engine(q3_tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("export,trunk", [("fp32", "standard"), ("fp32", "fused"), ("int4", "fused"),
                                           ("qwen3", "fused"), ("qwen3", "standard"), ("fp32", "torch"),
-                                          ("qwen3", "torch"), ("fp32", "torch-static")])
+                                          ("qwen3", "torch"), ("fp32", "torch-static"), ("qwen3", "torch-static")])
 def test_requests_running_together_equal_each_alone(request, monkeypatch, export, trunk):
     """Base, V-Reason and Lite requests of different prompt lengths (a clip or none, short and long questions),
     running four at a time, each give what they give alone: the same tokens, the same entropies (1e-5), the same
@@ -291,8 +291,32 @@ def test_the_kv_budget_holds_requests_back_and_refuses_one_that_never_fits(engin
 
 
 def test_static_decode_runs_one_request_at_a_time(engine_dir):
+    """On ort (and TensorRT) static decode keeps one request's cache; on torch it takes several (its batched calls at
+    fixed shapes, the pool's rows in powers of two)."""
     from runtime import InputError
 
     assert Reasoner.load(engine_dir, backend="ort", decode="static").max_batch == 1
-    with pytest.raises(InputError, match="max_batch=2 needs dynamic decode"):
+    with pytest.raises(InputError, match="max_batch=2 needs dynamic decode on the ort backend"):
         Reasoner.load(engine_dir, backend="ort", decode="static", max_batch=2)
+    r = Reasoner.load(engine_dir, backend="torch", decode="static", max_batch=3, reuse_mb=0)
+    assert r.pool is not None and r.pool.row_buckets and r.backend.fixed is not None
+    r.ask(question=QUESTIONS[0], max_new_tokens=3)
+    assert r.pool.rows == 1
+    caches = [r.cache_for(10) for _ in range(3)]
+    assert r.pool.rows == 4  # three requests: a bucket of four rows
+    for c in caches:
+        c.release()
+
+
+def test_a_backend_with_a_row_limit_caps_max_batch(engine_dir, monkeypatch):
+    """A TensorRT engine takes the rows its decode profile allows (``Backend.max_rows``): the default max_batch is
+    capped there and a larger one is refused with one line naming the way out (shown here on ort, whose backend
+    declares no limit, given one)."""
+    from runtime import InputError
+    from runtime.backends.ort import OrtBackend
+
+    monkeypatch.setattr(OrtBackend, "max_rows", 2, raising=False)
+    assert Reasoner.load(engine_dir, backend="ort", reuse_mb=0).max_batch == 2
+    with pytest.raises(InputError, match=r"max_batch=4 is more than this export's TensorRT decode profile takes \(2 "
+                                         r"rows\).*--max-batch 4"):
+        Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)

@@ -94,7 +94,6 @@ def test_requests_together_on_cuda_graphs_equal_each_alone(engine_dir, q3_engine
     graphs per pool shape and replayed; base, V-Reason and Lite requests together give what each gives alone on
     the same Reasoner, and what dynamic decode gives (fp32: tokens identical, entropies within 1e-5)."""
     from runtime.reasoner import Reasoner
-
     from tests.test_engine import _solo_then_together
 
     engine = engine_dir if family == "qwen2_5_vl" else q3_engine

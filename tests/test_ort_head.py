@@ -182,10 +182,12 @@ def test_dense_input_grad_is_grad_times_the_weight(layout):
     w = torch.randn(300, 48, generator=g)
     if layout == "columns":
         w = w.t().contiguous().t()
-    grad = torch.randn(1, 2, 300, generator=g)
-    got = DenseInputGrad(w, options())(grad)
-    assert got.shape == (1, 2, 48)
-    assert torch.allclose(got, grad @ w, atol=1e-4)
+    dense = DenseInputGrad(w, options())
+    for rows in (1, 2, 4):  # one request's gradient, or several updated together (the transposed product)
+        grad = torch.randn(1, rows, 300, generator=g)
+        got = dense(grad)
+        assert got.shape == (1, rows, 48)
+        assert torch.allclose(got, grad @ w, atol=1e-4)
     with pytest.raises(ValueError, match="row- nor column-major"):
         DenseInputGrad(torch.randn(8, 6)[:, ::2], options())
 

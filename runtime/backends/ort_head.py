@@ -352,11 +352,15 @@ class _Rows:
 
 class DenseInputGrad:
     """``grad @ W`` for a float linear's weight W [N, K] (the LM head's, in V-Reason's backward, where the
-    logits came from the head graph: ``layers.given_output``), as one ONNX Runtime MatMul reading the PyTorch
+    logits came from the head graph: ``layers.given_output``), as one ONNX Runtime Gemm reading the PyTorch
     weight in place (bound as an input: no copy, nothing prepacked). PyTorch runs this matrix-vector product on
     one core whatever its thread setting; measured on the bench export's LM head (151936 x 896, column-major as
     ``Head.prefer_column_major_lm_head`` stores it): 24 ms in PyTorch on one or two threads, 11-13 ms here on
-    two."""
+    two. For several rows (requests updated together, ``VReason.update_rows``) of a column-major weight it computes
+    the transposed product, ``W^T grad^T``, where the weight is the Gemm's first operand, read as it lies, and the
+    small gradient the second, which ONNX Runtime's kernel packs: taking the weight as the second operand, it
+    would pack the whole weight at every call (measured on that LM head, 2 cores: 2 and 4 rows 21 ms that way,
+    13.5-15 ms transposed; one row 13 ms as it was, 15 transposed)."""
 
     def __init__(self, weight: torch.Tensor, opts) -> None:
         import onnxruntime as ort
@@ -371,21 +375,32 @@ class DenseInputGrad:
             self.weight, trans = w.t(), 1
         else:
             raise ValueError("the weight is neither row- nor column-major")
-        g = GraphBuilder()
-        g.op("Gemm", ["grad", "weight"], ["out"], transB=trans)
         f = TensorProto.FLOAT
-        graph = helper.make_graph(g.nodes, "input_grad", [helper.make_tensor_value_info("grad", f, ["M", n]),
-                                                          helper.make_tensor_value_info("weight", f,
-                                                                                        list(self.weight.shape))],
-                                  [helper.make_tensor_value_info("out", f, ["M", k])])
-        model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21)])
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+        def session(a: str, b: str, trans_b: int, out: list):
+            g = GraphBuilder()
+            g.op("Gemm", [a, b], ["out"], transB=trans_b)
+            graph = helper.make_graph(g.nodes, "input_grad", [helper.make_tensor_value_info("grad", f, ["M", n]),
+                                                              helper.make_tensor_value_info("weight", f,
+                                                                                            list(self.weight.shape))],
+                                      [helper.make_tensor_value_info("out", f, out)])
+            model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21)])
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+        self.session = session("grad", "weight", trans, ["M", k])
+        # several rows of a column-major weight: out^T [K, M] = W^T [K, N] (as it lies) @ grad^T
+        self.rows_session = session("weight", "grad", 1, [k, "M"]) if trans else None
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         rows = grad.detach().reshape(-1, grad.shape[-1]).float().contiguous()
-        out = torch.empty(rows.shape[0], self.k)
-        run_bound(self.session, {"grad": rows, "weight": self.weight}, {"out": out}, "cpu")
-        return out.view(*grad.shape[:-1], out.shape[-1]).to(grad.dtype)
+        if rows.shape[0] > 1 and self.rows_session is not None:
+            out_t = torch.empty(self.k, rows.shape[0])
+            run_bound(self.rows_session, {"grad": rows, "weight": self.weight}, {"out": out_t}, "cpu")
+            out = out_t.t()
+        else:
+            out = torch.empty(rows.shape[0], self.k)
+            run_bound(self.session, {"grad": rows, "weight": self.weight}, {"out": out}, "cpu")
+        return out.reshape(*grad.shape[:-1], out.shape[-1]).to(grad.dtype)
 
 
 class _Token:
