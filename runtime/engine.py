@@ -10,8 +10,9 @@ waiting for the long one's last. On its way to its unit, a request may yield ``C
 the engine runs together with the other requests' calls to the same function, in one call (a decode step of every
 running request through the trunk, then the head, V-Reason's updates due at this step and their recomputes: one
 pass over the weights for all, where the backend can: ``batch_rows``, every backend with dynamic decode (TensorRT
-up to its decode profile's batch range) and the torch backend with static decode too; see ``runtime.pool``).
-Elsewhere (static decode on ort and TensorRT) requests take turns and the aggregate rate is the one-request rate.
+up to its decode profile's batch range), and with static decode and ``max_batch`` > 1 the torch and ort backends;
+see ``runtime.pool``). Elsewhere (static decode on TensorRT) requests take turns and the aggregate rate is the
+one-request rate.
 Requests wait in a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget
 (``kv_bytes``: the cache every running request holds, declared when submitted); one that could never fit is
 refused at once (``ResourceError``, one line naming the limit). Every piece is put on the request's channel without

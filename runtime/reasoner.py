@@ -138,7 +138,8 @@ class Reasoner:
         dynamic decode, 1 with static decode (one request's whole step, V-Reason's update included, captured as
         a CUDA graph). On the torch backend static decode takes ``max_batch`` > 1 too: the batched calls at fixed
         shapes over the running requests' pool, a CUDA graph per pool shape (rows in powers of two), V-Reason's
-        updates eager between them (``TorchBackend.static_rows``; not yet measured on a GPU).
+        updates eager between them (``TorchBackend.static_rows``; not yet measured on a GPU); on ort, the batched
+        calls as they are (already over the pool's whole buffers); on TensorRT it is refused.
         ``kv_mb``: the KV cache (MiB) the running requests may hold together; a request waits for room, and one that
         needs more than all of it is refused. Default: a quarter of the device's free memory at load, and at least
         one request at the export's context limit."""
@@ -200,7 +201,7 @@ class Reasoner:
         static = decode == "static" or (decode == "auto" and on_cuda)
         if name == "ort":  # (max_batch checked against static decode when the Reasoner is made)
             batch = (default_max_batch("static" if static else "dynamic") if max_batch is None else max_batch) > 1
-            impl.attach_head(head, batch=batch and not static)
+            impl.attach_head(head, batch=batch)
         else:
             impl.attach_head(head)
         # (a quantized export's trunk was fused when its weights were loaded, and its head is the export's)
@@ -484,7 +485,7 @@ def add_load_arguments(ap) -> None:
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda for trt, cpu otherwise)")
     ap.add_argument("--max-batch", type=int, default=None,
                     help="requests running at once, their decode steps batched (dynamic decode on every backend, "
-                         "TensorRT up to its export's --max-batch; static decode on torch), else taking turns "
+                         "TensorRT up to its export's --max-batch; static decode on torch and ort), else taking turns "
                          "(default 4 with dynamic decode, 1 with static)")
     ap.add_argument("--kv-mb", type=float, default=None,
                     help="KV cache (MiB) the running requests may hold together; more wait (default: a quarter of "

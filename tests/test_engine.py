@@ -163,15 +163,17 @@ def q3_engine(q3_tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("export,trunk", [("fp32", "standard"), ("fp32", "fused"), ("int4", "fused"),
                                           ("qwen3", "fused"), ("qwen3", "standard"), ("fp32", "torch"),
-                                          ("qwen3", "torch"), ("fp32", "torch-static"), ("qwen3", "torch-static")])
+                                          ("qwen3", "torch"), ("fp32", "torch-static"), ("qwen3", "torch-static"),
+                                          ("fp32", "fused-static")])
 def test_requests_running_together_equal_each_alone(request, monkeypatch, export, trunk):
     """Base, V-Reason and Lite requests of different prompt lengths (a clip or none, short and long questions),
     running four at a time, each give what they give alone: the same tokens, the same entropies (1e-5), the same
     V-Reason trace; and they did run together: their decode steps, V-Reason's updates and its recomputes in one
     call for all (``trunk_rows``, ``head_rows``, ``VReason.update_rows``). On ort with the exported standard graph
     (rows of a token-major pool, each row's cache_length: the contract TensorRT engines run), with the fused one
-    (fp32 and int4 weights, both families), and on the torch backend (dynamic decode, and static: the same calls
-    at fixed shapes over the pool's whole buffers, its rows a power of two; CUDA graphs of them where a GPU is)."""
+    (fp32 and int4 weights, both families; dynamic decode, and static), and on the torch backend (dynamic decode,
+    and static: the same calls at fixed shapes over the pool's whole buffers, its rows a power of two; CUDA graphs
+    of them where a GPU is)."""
     from models.samples import render_frames
 
     d = request.getfixturevalue({"fp32": "engine_dir", "int4": "int4_engine", "qwen3": "q3_engine"}[export])
@@ -179,8 +181,9 @@ def test_requests_running_together_equal_each_alone(request, monkeypatch, export
         r = Reasoner.load(d, backend="torch", reuse_mb=0, max_batch=4,
                           decode="static" if trunk == "torch-static" else "dynamic")
         assert (r.backend.fixed is not None) == (trunk == "torch-static")
-    else:
-        r = Reasoner.load(d, backend="ort", reuse_mb=0, max_batch=4, ort_trunk=trunk)
+    else:  # ort; static decode runs the same batched calls (already over the pool's whole buffers)
+        r = Reasoner.load(d, backend="ort", reuse_mb=0, max_batch=4, ort_trunk=trunk.removesuffix("-static"),
+                          decode="static" if trunk.endswith("-static") else "dynamic")
     assert r.pool is not None and r.pool.head_major == (trunk != "standard")
     widths = []
     updates = []
@@ -290,12 +293,21 @@ def test_the_kv_budget_holds_requests_back_and_refuses_one_that_never_fits(engin
     assert small.ask(question=QUESTIONS[0], max_new_tokens=10).token_ids == alone[0].token_ids
 
 
-def test_static_decode_runs_one_request_at_a_time(engine_dir):
-    """On ort (and TensorRT) static decode keeps one request's cache; on torch it takes several (its batched calls at
-    fixed shapes, the pool's rows in powers of two)."""
+def test_static_decode_of_several_requests(engine_dir, monkeypatch):
+    """Static decode runs one request at a time by default (its whole step captured); with max_batch > 1 the torch
+    backend runs its batched calls at fixed shapes (the pool's rows in powers of two, a CUDA graph per pool shape on
+    a GPU), ort its batched calls as they are (already over the pool's whole buffers); a backend that cannot
+    (TensorRT) refuses with one line."""
     from runtime import InputError
+    from runtime.backends.ort import OrtBackend
 
     assert Reasoner.load(engine_dir, backend="ort", decode="static").max_batch == 1
+    r = Reasoner.load(engine_dir, backend="ort", decode="static", max_batch=2, reuse_mb=0)
+    assert r.pool is not None and r.pool.row_buckets
+    assert r.ask(question=QUESTIONS[0], max_new_tokens=4).token_ids == \
+        Reasoner.load(engine_dir, backend="ort", decode="static", reuse_mb=0).ask(question=QUESTIONS[0],
+                                                                                 max_new_tokens=4).token_ids
+    monkeypatch.setattr(OrtBackend, "batch_static", False)
     with pytest.raises(InputError, match="max_batch=2 needs dynamic decode on the ort backend"):
         Reasoner.load(engine_dir, backend="ort", decode="static", max_batch=2)
     r = Reasoner.load(engine_dir, backend="torch", decode="static", max_batch=3, reuse_mb=0)

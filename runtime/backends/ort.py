@@ -40,6 +40,9 @@ class OrtBackend(BackendBase):
     # row's numbers do not depend on the others. It costs a lone request a second row of KV cache and 3-4% of its
     # int4 decode rate; fp32 measured no slower
     pool_min_rows = 2
+    # its batched calls already take the pool's whole buffers, each row's length an input: fixed shapes while the
+    # pool's buffers stay, so static decode runs requests together through the same calls (``static_rows``)
+    batch_static = True
 
     def __init__(self, engine_dir: Path, dtype: torch.dtype, device: str = "cpu", threads: int = 0,
                  text=None, trunk_graph: str = "auto") -> None:
@@ -131,6 +134,10 @@ class OrtBackend(BackendBase):
                 self.head_rows = self.base_head.rows
             if type(head.lm_head) is torch.nn.Linear:  # V-Reason's backward through it (a quantized one has its own)
                 head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options(self.threads))
+
+    def static_rows(self, cuda_graphs: bool) -> None:
+        """Static decode of several requests: ``trunk_rows`` and ``head_rows`` as they are (their shapes are the
+        pool's, not the rows' lengths; ONNX Runtime captures no CUDA graphs here)."""
 
     def _bind(self, session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         run_bound(session, inputs, outputs, self.device)

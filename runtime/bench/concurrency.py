@@ -13,10 +13,11 @@ over the sum of what each request's own cache would hold (``kv_held_over_own``; 
 longest request, rounded up to 256 entries, and on the ort backend a request alone holds two rows:
 ``runtime.pool``). Every answer is checked against the same request asked alone (greedy: identical tokens). The
 engine keeps up to ``max_batch`` requests running; where the backend can (``batch_rows``: every backend with dynamic
-decode, the torch backend with static decode too) their decode steps run as one call, one pass over the weights for
-all of them; elsewhere they take turns. With ``--peer``: onnxruntime-genai's model of the export's decoder shape and
-weight format (``runtime.bench.peer``, built once under --work) generates as many requests together as the top
-level, once per round after our waves (base): its aggregate decode rate, ours, and the per-round ratio.
+decode, the torch and ort backends with static decode too) their decode steps run as one call, one pass over the
+weights for all of them; elsewhere they take turns. With ``--peer``: onnxruntime-genai's model of the export's
+decoder shape and weight format (``runtime.bench.peer``, built once under --work) generates as many requests
+together as the top level, once per round after our waves (base): its aggregate decode rate, ours, and the
+per-round ratio.
 """
 
 from __future__ import annotations
