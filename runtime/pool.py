@@ -36,14 +36,17 @@ class PooledCache(KVCache):
 
 class KVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                 min_rows: int = 1, head_major: bool = True, row_buckets: bool = False) -> None:
+                 min_rows: int = 1, head_major: bool = True, row_buckets: bool = False,
+                 max_capacity: int | None = None) -> None:
         """``min_rows``: rows the buffers have at least (a backend whose kernels round one row differently from
         several asks for 2: a request alone is then decoded as one row of two, as it is with others;
         ``Backend.pool_min_rows``). ``head_major``: buffers [rows, kv, capacity, hd], else [rows, capacity, kv,
         hd]. ``row_buckets``: rows grow to a power of two (static decode: each pool shape is a batch-size bucket,
-        whose CUDA graphs are captured once, ``runtime.static.RowGraphs``)."""
+        whose CUDA graphs are captured once, ``runtime.static.RowGraphs``). ``max_capacity``: capacities are rounded
+        up to ``ROUND`` but not past it (the export's context: a TensorRT decode profile's largest past)."""
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.min_rows, self.head_major, self.row_buckets = min_rows, head_major, row_buckets
+        self.max_capacity = max_capacity
         self.dtype, self.device = dtype, torch.device(device)
         self.keys: list[torch.Tensor] = []  # per layer [rows, kv, capacity, hd] (token-major: [rows, capacity, kv, hd])
         self.values: list[torch.Tensor] = []
@@ -68,6 +71,8 @@ class KVPool:
         """A row for a request of ``capacity`` entries, its cache empty (length 0)."""
         row = next((i for i, h in enumerate(self.holders) if h is None), self.rows)
         need = -(-capacity // ROUND) * ROUND
+        if self.max_capacity is not None:
+            need = max(capacity, min(need, self.max_capacity))
         if row >= self.rows or need > self.capacity:
             rows = max(self.rows, row + 1, self.min_rows)
             if self.row_buckets:

@@ -88,7 +88,7 @@ class Reasoner:
             t = self.cfg.text
             self.pool = KVPool(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, self.dtype, self.device,
                                min_rows=backend.pool_min_rows, head_major=backend.pool_head_major,
-                               row_buckets=decode == "static")
+                               row_buckets=decode == "static", max_capacity=self.limits["max_context"])
             if decode == "static":
                 backend.static_rows(cuda_graphs)
         # the thread that runs this model's requests, up to max_batch at once within the KV budget

@@ -66,3 +66,13 @@ def test_a_token_major_pool_holds_each_row_contiguous_and_grows_the_same():
     c = head_major.acquire(10)
     kept = fill(c, 6, seed=4)
     assert torch.equal(head_major.token_major(0)[0][0, :6], kept[0][0])  # the same view, whatever the layout
+
+
+def test_capacities_round_up_but_not_past_the_limit():
+    """A pool's capacity is rounded up to ROUND entries, but not past ``max_capacity`` (the export's context, which is
+    a TensorRT decode profile's largest past)."""
+    pool = KVPool(2, 1, 4, torch.float32, "cpu", max_capacity=300)
+    pool.acquire(10)
+    assert pool.capacity == ROUND
+    pool.acquire(ROUND + 1)
+    assert pool.capacity == 300
