@@ -164,7 +164,7 @@ def q3_engine(q3_tiny, tmp_path_factory):
 @pytest.mark.parametrize("export,trunk", [("fp32", "standard"), ("fp32", "fused"), ("int4", "fused"),
                                           ("qwen3", "fused"), ("qwen3", "standard"), ("fp32", "torch"),
                                           ("qwen3", "torch"), ("fp32", "torch-static"), ("qwen3", "torch-static"),
-                                          ("fp32", "fused-static")])
+                                          ("fp32", "fused-static"), ("int4", "standard")])
 def test_requests_running_together_equal_each_alone(request, monkeypatch, export, trunk):
     """Base, V-Reason and Lite requests of different prompt lengths (a clip or none, short and long questions),
     running four at a time, each give what they give alone: the same tokens, the same entropies (1e-5), the same
