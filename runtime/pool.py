@@ -109,8 +109,9 @@ class KVPool:
 
     def _view(self, cache: PooledCache) -> None:
         r = cache.row
-        cache.keys[:] = [self.token_major(i)[0][r:r + 1] for i in range(self.layers)]  # [1, capacity, kv, hd] views
-        cache.values[:] = [self.token_major(i)[1][r:r + 1] for i in range(self.layers)]
+        views = [self.token_major(i) for i in range(self.layers)]
+        cache.keys[:] = [k[r:r + 1] for k, _ in views]  # [1, capacity, kv, hd] views
+        cache.values[:] = [v[r:r + 1] for _, v in views]
 
     def _grow(self, rows: int, capacity: int) -> None:
         shape = (rows, self.kv_heads, capacity, self.head_dim) if self.head_major else \
@@ -154,13 +155,26 @@ def row_inputs(calls: list[tuple], dtype: torch.dtype, device) -> tuple[torch.Te
     return x, positions, torch.tensor(index, device=device), max(index) + 1
 
 
-@torch.no_grad()
-def head_rows(head, calls: list[tuple], dtype: torch.dtype, device) -> list[torch.Tensor]:
-    """The PyTorch head for several requests' tokens in one pass (``Head.step_rows`` over the head layer of their
-    pool, each row read to its own index; ``calls`` as ``row_inputs`` takes them): each request's logits [V]. The
-    batched head of the backends whose head has no batched graph of its own (``Backend.head_rows``)."""
+def run_rows(kind: str, calls: list[tuple], dtype: torch.dtype, device, fixed, body):
+    """A batched one-token call of a PyTorch backend: ``body(x, positions, index, end)`` over the rows' inputs
+    (``row_inputs``: the cache read up to ``end``). With ``fixed`` (a ``runtime.static.RowGraphs``, static decode)
+    it runs through it at fixed shapes, ``end`` the pool's whole capacity (replayed as a CUDA graph on CUDA)."""
     pool = calls[0][2].pool
     x, positions, index, end = row_inputs(calls, dtype, device)
+    if fixed is None:
+        return body(x, positions, index, end)
+    whole = pool.capacity
+    return fixed.run(kind, pool, (x, positions, index), lambda x_, p_, i_: body(x_, p_, i_, whole))
+
+
+@torch.no_grad()
+def head_rows(head, calls: list[tuple], dtype: torch.dtype, device, fixed=None) -> list[torch.Tensor]:
+    """The PyTorch head for several requests' tokens in one pass (``Head.step_rows`` over the head layer of their
+    pool, each row read to its own index; ``calls`` as ``row_inputs`` takes them): each request's logits [V]. The
+    batched head of the backends whose head has no batched graph of its own (``Backend.head_rows``); ``fixed``: see
+    ``run_rows``."""
+    pool = calls[0][2].pool
     keys, values = pool.token_major(pool.layers - 1)
-    logits = head.step_rows(x, positions, keys[:, :end], values[:, :end], index)
+    logits = run_rows("head", calls, dtype, device, fixed,
+                      lambda x, p, i, end: head.step_rows(x, p, keys[:, :end], values[:, :end], i))
     return [logits[call[2].row] for call in calls]

@@ -219,53 +219,43 @@ class RowGraphs:
     """Static decode of several requests together (the torch backend's batched calls, ``TorchBackend.static_rows``):
     each kind of call (``trunk``, ``head``) runs over the pool's whole buffers, every row at the whole capacity, its
     inputs copied into buffers of its own, so that its shapes and addresses stay while the pool's buffers do. On
-    CUDA (``cuda_graphs``) it runs eagerly ``warmup`` times on a side stream, then is captured once as a CUDA graph
-    and replayed. The pool's shape is the batch-size bucket: its rows are rounded up to a power of two
+    CUDA (``cuda_graphs``) each kind is warmed up, captured once and replayed as the static loop's steps are
+    (``_Graphs``). The pool's shape is the batch-size bucket: its rows are rounded up to a power of two
     (``KVPool(row_buckets=True)``), so requests joining and leaving replay the same graphs, captured again only when
-    the pool grows past its bucket (more rows, or a longer capacity), which also drops the graphs of the old
-    buffers. The output is the same buffer at every replay: read it before the next call of its kind."""
+    the pool grows past its bucket (more rows, or a longer capacity: new buffers, new inputs' shapes), which drops
+    the graphs of the old buffers. The output is the same buffer at every replay: read it before the next call of
+    its kind."""
 
     def __init__(self, cuda_graphs: bool, warmup: int = 1) -> None:
         self.cuda_graphs, self.warmup = cuda_graphs, warmup
-        self.generation: int | None = None
-        self.entries: dict[str, dict] = {}
-        self.capture_s = 0.0
-        self.captures = 0
-        self.mempool = None  # one CUDA graph memory pool for every capture
+        self.generation: int | None = None  # the pool buffers' generation the entries and graphs are made on
+        self.entries: dict[str, dict] = {}  # per kind: its input buffers, and its output as last written
+        self.graphs: _Graphs | None = None
+        self.dropped = 0  # graphs captured on earlier buffers
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far."""
+        return self.dropped + (len(self.graphs.graphs) if self.graphs is not None else 0)
 
     def run(self, kind: str, pool, inputs: tuple[torch.Tensor, ...], body) -> torch.Tensor:
-        if pool.generation != self.generation:  # new buffers: graphs captured on the old ones are stale
+        if pool.generation != self.generation:  # new buffers: what was made on the old ones is stale
+            self.dropped = self.captures
             self.entries.clear()
+            self.graphs = _Graphs(self.warmup) if self.cuda_graphs else None
             self.generation = pool.generation
         e = self.entries.get(kind)
-        if e is None or any(b.shape != t.shape for b, t in zip(e["inputs"], inputs)):
-            e = self.entries[kind] = {"inputs": [t.clone() for t in inputs], "graph": None, "calls": 0, "out": None}
+        if e is None:
+            e = self.entries[kind] = {"inputs": [t.clone() for t in inputs], "out": None}
         for b, t in zip(e["inputs"], inputs):
             b.copy_(t)
-        if not self.cuda_graphs:
+        if self.graphs is None:
             return body(*e["inputs"])
-        if e["graph"] is not None:
-            e["graph"].replay()
-            return e["out"]
-        e["calls"] += 1
-        main = torch.cuda.current_stream()
-        if e["calls"] <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                out = body(*e["inputs"])
-            main.wait_stream(side)
-            return out
-        t0 = time.perf_counter()
-        if self.mempool is None:
-            self.mempool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):  # records, runs nothing
+
+        def step() -> None:  # eager and while captured; a replay rewrites the output captured
             e["out"] = body(*e["inputs"])
-        self.capture_s += time.perf_counter() - t0
-        self.captures += 1
-        e["graph"] = graph
-        graph.replay()
+
+        self.graphs.run(kind, step)
         return e["out"]
 
 

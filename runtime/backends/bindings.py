@@ -47,13 +47,15 @@ DEEPSTACK_INPUT, DEEPSTACK_OUTPUT = "deepstack_embeds", "deepstack"
 
 class DeepStackFeed:
     """The trunk's ``deepstack_embeds`` input of a graph that has one (``levels`` K > 0): the prefill's features
-    as given, or zeros [K,1,S,H] for calls without visual tokens (decode; a buffer kept for S = 1)."""
+    as given, or zeros [K,1,S,H] for calls without visual tokens (decode: zeros [K,rows,1,H] for ``rows`` requests'
+    tokens, one buffer kept per row count, so that a binding made on one stays valid)."""
 
     def __init__(self, levels: int, hidden: int) -> None:
         self.levels, self.hidden = levels, hidden
-        self._zeros = torch.empty(0)
+        self._zeros: dict[tuple, torch.Tensor] = {}
 
-    def inputs(self, deepstack: torch.Tensor | None, s: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    def inputs(self, deepstack: torch.Tensor | None, s: int, dtype: torch.dtype, device,
+               rows: int = 1) -> dict[str, torch.Tensor]:
         if not self.levels:
             if deepstack is not None:
                 raise ValueError("DeepStack features given to a trunk graph that takes none")
@@ -65,9 +67,10 @@ class DeepStackFeed:
             return {DEEPSTACK_INPUT: deepstack.to(dtype).contiguous()}
         if s != 1:
             return {DEEPSTACK_INPUT: torch.zeros(self.levels, 1, s, self.hidden, dtype=dtype, device=device)}
-        z = self._zeros
-        if z.shape != (self.levels, 1, 1, self.hidden) or z.dtype != dtype or z.device != torch.device(device):
-            self._zeros = z = torch.zeros(self.levels, 1, 1, self.hidden, dtype=dtype, device=device)
+        key = (rows, dtype, torch.device(device))
+        z = self._zeros.get(key)
+        if z is None:
+            z = self._zeros[key] = torch.zeros(self.levels, rows, 1, self.hidden, dtype=dtype, device=device)
         return {DEEPSTACK_INPUT: z}
 
 
@@ -135,12 +138,29 @@ def head_major_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Bindings of the head-major trunk form; ``length`` [1]: where the new entries go."""
     _check_hidden(hidden, embeds.shape[1])
-    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": length, **(extra or {})}
+    storage = [cache.storage(i) for i in range(num_layers)]
+    return _in_place(num_layers, embeds, positions, length, [k for k, _ in storage], [v for _, v in storage], hidden,
+                     extra)
+
+
+def head_major_rows_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                             pool, hidden: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bindings of a batched decode step of the head-major trunk form over every row of a head-major pool: its
+    whole buffers [R,kv,C,hd] in place, ``lengths`` [R] where each row's new entries go."""
+    if not pool.head_major:
+        raise ValueError("the head-major trunk form reads a head-major pool ([rows, kv, capacity, hd])")
+    return _in_place(num_layers, embeds, positions, lengths, pool.keys, pool.values, hidden, extra)
+
+
+def _in_place(num_layers: int, embeds, positions, lengths, keys: list, values: list, hidden,
+              extra: dict | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The head-major form over head-major buffers, each bound as its layer's input and output (written in place)."""
+    inputs = {"inputs_embeds": embeds, "position_ids": positions, "cache_length": lengths, **(extra or {})}
     outputs = {"hidden": hidden}
     for i in range(num_layers):
-        k, v = cache.storage(i)
-        inputs[f"cache_key.{i}"], inputs[f"cache_value.{i}"] = k, v
-        outputs[f"present_key.{i}"], outputs[f"present_value.{i}"] = k, v
+        inputs[f"cache_key.{i}"] = outputs[f"present_key.{i}"] = keys[i]
+        inputs[f"cache_value.{i}"] = outputs[f"present_value.{i}"] = values[i]
     return _checked(inputs, outputs)
 
 

@@ -16,6 +16,7 @@ from runtime.backends.bindings import (
     DEEPSTACK_OUTPUT,
     DeepStackFeed,
     head_major_bindings,
+    head_major_rows_bindings,
     hidden_view,
     rows_bindings,
     scatter_rows,
@@ -265,19 +266,11 @@ class _Rows:
         self.positions = torch.zeros(3, n, 1, dtype=torch.long, device=dev)
         self.length = torch.zeros(n, dtype=torch.long, device=dev)
         self.hidden = torch.empty(n, 1, hidden, dtype=dt, device=dev)
-        extra = {}
-        self.deepstack = None  # decode tokens carry no DeepStack features: zeros, held for the binding
-        if backend.deepstack.levels:
-            self.deepstack = torch.zeros(backend.deepstack.levels, n, 1, hidden, dtype=dt, device=dev)
-            extra[DEEPSTACK_INPUT] = self.deepstack
+        extra = backend.deepstack.inputs(None, 1, dt, dev, rows=n)  # decode tokens carry no DeepStack features
         self.staging: list[torch.Tensor] = []
         if pool.head_major:  # the fused form
-            inputs = {"inputs_embeds": self.embeds, "position_ids": self.positions, "cache_length": self.length,
-                      **extra}
-            outputs = {"hidden": self.hidden}
-            for i in range(backend.num_layers):
-                inputs[f"cache_key.{i}"] = outputs[f"present_key.{i}"] = pool.keys[i]
-                inputs[f"cache_value.{i}"] = outputs[f"present_value.{i}"] = pool.values[i]
+            inputs, outputs = head_major_rows_bindings(backend.num_layers, self.embeds, self.positions, self.length,
+                                                       pool, self.hidden, extra)
         else:
             self.staging = staging_buffers([], backend.num_layers, cache, rows=n)
             inputs, outputs = rows_bindings(backend.num_layers, self.embeds, self.positions, self.length, pool,

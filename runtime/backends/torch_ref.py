@@ -15,7 +15,7 @@ import torch
 
 from runtime.backends.base import BackendBase
 from runtime.cache import KVCache
-from runtime.pool import head_rows, row_inputs
+from runtime.pool import head_rows, run_rows
 
 
 def model_from_export(export_dir: Path, manifest: dict, dtype: torch.dtype, device) -> object:
@@ -84,33 +84,18 @@ class TorchBackend(BackendBase):
         from runtime.static import RowGraphs
 
         self.fixed = RowGraphs(cuda_graphs and self.device.type == "cuda")
-        self.head_rows = self._fixed_head_rows
-
-    @torch.no_grad()
-    def _fixed_head_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
-        pool = calls[0][2].pool
-        x, positions, index, _ = row_inputs(calls, self.dtype, self.device)
-        keys, values = pool.token_major(pool.layers - 1)
-        logits = self.fixed.run("head", pool, (x, positions, index),
-                                lambda x_, p_, i_: self.head.step_rows(x_, p_, keys, values, i_))
-        return [logits[call[2].row] for call in calls]
+        self.head_rows = partial(head_rows, self.head, dtype=self.dtype, device=self.device, fixed=self.fixed)
 
     @torch.no_grad()
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
         """One decode step of several requests (``Trunk.step`` over every row of their pool, each row's entries
-        written at its length); each request's hidden state [1,1,H]."""
+        written at its length; static decode: over the whole capacity, ``static_rows``); each request's hidden
+        state [1,1,H]."""
         pool = calls[0][2].pool
-        x, positions, index, end = row_inputs(calls, self.dtype, self.device)
-        n = self.num_layers
-        if self.fixed is not None:  # static: the whole capacity, fixed shapes (a CUDA graph per pool shape)
-            keys = [pool.token_major(i)[0] for i in range(n)]
-            values = [pool.token_major(i)[1] for i in range(n)]
-            hidden = self.fixed.run("trunk", pool, (x, positions, index),
-                                    lambda x_, p_, i_: self._step(x_, p_, keys, values, i_))
-            return [hidden[call[2].row:call[2].row + 1] for call in calls]
-        keys = [pool.token_major(i)[0][:, :end] for i in range(n)]  # [rows, end, kv, hd] views
-        values = [pool.token_major(i)[1][:, :end] for i in range(n)]
-        hidden = self.model.trunk.step(x, positions, keys, values, index)
+        views = [pool.token_major(i) for i in range(self.num_layers)]  # [rows, capacity, kv, hd] each
+        hidden = run_rows("trunk", calls, self.dtype, self.device, self.fixed,
+                          lambda x, p, i, end: self._step(x, p, [k[:, :end] for k, _ in views],
+                                                          [v[:, :end] for _, v in views], i))
         return [hidden[call[2].row:call[2].row + 1] for call in calls]
 
     def compile_step(self) -> None:

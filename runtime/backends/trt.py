@@ -129,7 +129,6 @@ class TrtBackend(BackendBase):
         self.max_rows = int(self.trunk_engine.engine.get_tensor_profile_shape("inputs_embeds", 1)[2][0])
         self.batch_rows = self.max_rows > 1
         self.pool_head_major = False
-        self._rows: tuple | None = None  # (pool generation, rows, buffers) of the last batched call
 
     def attach_head(self, head) -> None:
         """The head the batched head call (``head_rows``) runs: PyTorch's, over the pool's rows."""
@@ -145,19 +144,16 @@ class TrtBackend(BackendBase):
             raise TrtError(f"{pool.rows} rows are more than trunk.plan's decode profile takes ({self.max_rows}); "
                            "re-export with a larger --max-batch")
         embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device)
-        held = self._rows
-        if held is None or held[:2] != (pool.generation, pool.rows):
-            n, h = pool.rows, embeds.shape[2]
-            held = self._rows = (pool.generation, n, torch.empty(n, 1, h, dtype=self.dtype, device=self.device),
-                                 staging_buffers([], self.num_layers, calls[0][2], rows=n))
-        hidden, staging = held[2], held[3]
-        extra = {DEEPSTACK_INPUT: torch.zeros(self.deepstack.levels, pool.rows, 1, embeds.shape[2], dtype=self.dtype,
-                                              device=self.device)} if self.deepstack.levels else {}
-        inputs, outputs = rows_bindings(self.num_layers, embeds, positions, index, pool, hidden, staging, extra)
+        n, h = pool.rows, embeds.shape[2]
+        self._hidden, hidden = hidden_view(self._hidden, n, h, self.dtype, self.device)  # kept while they fit
+        hidden = hidden.view(n, 1, h)
+        self._staging = staging_buffers(self._staging, self.num_layers, calls[0][2], rows=n)
+        inputs, outputs = rows_bindings(self.num_layers, embeds, positions, index, pool, hidden, self._staging,
+                                        self.deepstack.inputs(None, 1, self.dtype, self.device, rows=n))
         handle = self._stream()
         self.trunk_engine.use_profile(select_profile(1, pool.capacity), handle)
         self.trunk_engine.run(inputs, outputs, handle)
-        scatter_rows(self.num_layers, pool, index, staging)
+        scatter_rows(self.num_layers, pool, index, self._staging)
         return [hidden[cache.row:cache.row + 1] for _, _, cache in calls]
 
     @staticmethod
