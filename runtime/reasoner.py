@@ -201,7 +201,7 @@ class Reasoner:
         static = decode == "static" or (decode == "auto" and on_cuda)
         if name == "ort":  # (max_batch checked against static decode when the Reasoner is made)
             batch = (default_max_batch("static" if static else "dynamic") if max_batch is None else max_batch) > 1
-            impl.attach_head(head, batch=batch)
+            impl.attach_head(head, batch=batch, quantized=quantized(manifest))
         else:
             impl.attach_head(head)
         # (a quantized export's trunk was fused when its weights were loaded, and its head is the export's)

@@ -213,6 +213,34 @@ def test_requests_running_together_equal_each_alone(request, monkeypatch, export
     assert max(updates) == 2  # the two V-Reason requests' updates in one call
 
 
+def test_a_request_alone_is_one_row_on_the_fused_float_graphs(engine_dir, int4_engine):
+    """On the ort backend's fused fp32 graphs a row's numbers are the same in a call of one row as of several
+    (prepacked matmuls: ``OrtBackend.pool_min_rows``), so a request alone is decoded as one row, also after a
+    burst has grown the pool (its calls cover the rows up to the last one held: ``KVPool.span``), and gives the
+    tokens it gives with others. A quantized export keeps two rows at least (MatMulNBits rounds one row
+    differently from several)."""
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4, ort_trunk="fused")
+    assert r.backend.pool_min_rows == 1
+    spans: list[int] = []
+    trunk_rows = r.backend.trunk_rows
+    r.backend.trunk_rows = lambda calls: (spans.append(calls[0][2].pool.span), trunk_rows(calls))[1]
+    request = dict(question=QUESTIONS[0], max_new_tokens=8)
+    first = r.ask(**request)
+    assert set(spans) == {1} and r.pool.rows == 1
+    alone, together = _solo_then_together(r, [request] + [dict(question=q, max_new_tokens=8) for q in QUESTIONS[1:]])
+    assert max(spans) == 4 and r.pool.rows == 4
+    spans.clear()
+    after = r.ask(**request)  # the pool keeps its four rows; the request's calls cover its one
+    assert set(spans) == {1} and r.pool.rows == 4
+    for res in (alone[0], after):  # one row each time: the same numbers, bit for bit
+        assert res.token_ids == first.token_ids and res.entropy == first.entropy
+    # with others: the same tokens; the entropies to float rounding (the head graph's sums over the vocabulary
+    # are split across threads differently for one row than for several)
+    assert together[0].token_ids == first.token_ids
+    assert together[0].entropy == pytest.approx(first.entropy, abs=1e-6)
+    assert Reasoner.load(int4_engine, backend="ort", reuse_mb=0, max_batch=4).backend.pool_min_rows == 2
+
+
 def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypatch):
     """While a long prompt is prefilled chunk by chunk, a request already decoding gets a token between every two
     chunks: its wait between tokens is at most one decode step plus one prefill chunk (seen in the order of the

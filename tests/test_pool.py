@@ -76,3 +76,22 @@ def test_capacities_round_up_but_not_past_the_limit():
     assert pool.capacity == ROUND
     pool.acquire(ROUND + 1)
     assert pool.capacity == 300
+
+
+def test_a_call_spans_the_rows_up_to_the_last_one_held():
+    """``span``: the rows a batched call covers where it may cover fewer than all: up to the last held row, at
+    least ``min_rows``; the buffers keep the rows they grew to."""
+    pool = KVPool(2, 2, 8, torch.float32, "cpu")
+    assert pool.span == 0  # no buffers yet
+    caches = [pool.acquire(4) for _ in range(4)]
+    assert (pool.rows, pool.span) == (4, 4)
+    caches[3].release()
+    caches[1].release()
+    assert (pool.rows, pool.span) == (4, 3)  # row 2 is still held
+    caches[2].release()
+    assert (pool.rows, pool.span) == (4, 1)  # a request alone after the burst: its one row
+    caches[0].release()
+    assert pool.span == 1
+    two = KVPool(2, 2, 8, torch.float32, "cpu", min_rows=2)
+    two.acquire(4)
+    assert (two.rows, two.span) == (2, 2)  # never under min_rows

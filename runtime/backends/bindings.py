@@ -144,13 +144,15 @@ def head_major_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.
 
 
 def head_major_rows_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                             pool, hidden: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
-                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Bindings of a batched decode step of the head-major trunk form over every row of a head-major pool: its
-    whole buffers [R,kv,C,hd] in place, ``lengths`` [R] where each row's new entries go."""
+                             pool, hidden: torch.Tensor, extra: dict[str, torch.Tensor] | None = None,
+                             rows: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bindings of a batched decode step of the head-major trunk form over every row of a head-major pool (or its
+    first ``rows``): its buffers [R,kv,C,hd] in place, ``lengths`` [R] where each row's new entries go."""
     if not pool.head_major:
         raise ValueError("the head-major trunk form reads a head-major pool ([rows, kv, capacity, hd])")
-    return _in_place(num_layers, embeds, positions, lengths, pool.keys, pool.values, hidden, extra)
+    n = pool.rows if rows is None else rows
+    return _in_place(num_layers, embeds, positions, lengths, [k[:n] for k in pool.keys], [v[:n] for v in pool.values],
+                     hidden, extra)
 
 
 def _in_place(num_layers: int, embeds, positions, lengths, keys: list, values: list, hidden,

@@ -35,11 +35,16 @@ STEP_BINDINGS = 8  # one-token bindings kept (one per running request's cache)
 
 class OrtBackend(BackendBase):
     name = "ort"
-    # a batched call covers two rows at least, so that a request alone is decoded as one row of two, as it is with
-    # others: ONNX Runtime's MatMulNBits takes another path for a single row, whose rounding differs (measured on
-    # the bench int4 export: entropies 5e-4 apart, greedy tokens apart from the 8th of 32); from two rows on each
-    # row's numbers do not depend on the others. It costs a lone request a second row of KV cache and 3-4% of its
-    # int4 decode rate; fp32 measured no slower
+    # rows a batched call covers at least (``attach_head`` sets it): one where a row's numbers do not depend on how
+    # many rows a call has, else two, so that a request alone is decoded as one row of two, as it is with others.
+    # ONNX Runtime's MatMulNBits takes another path for a single row, whose rounding differs (measured on the bench
+    # int4 export: entropies 5e-4 apart, greedy tokens apart from the 8th of 32), and so does a float matmul over a
+    # weight that is not prepacked (the head graph's, unless ``packed``: logits 2e-6 apart); from two rows on each
+    # row's numbers do not depend on the others. Two rows cost a lone request a second row of KV cache and, at fp32,
+    # 15% of its decode rate (measured on the bench export, 2 cores: 1 row / 2 rows x1.18, 8 alternated requests).
+    # The fused trunk's prepacked matmuls and attention, and the packed head graph, give a row the same hidden states
+    # and logits in a call of one row as of several (the entropy's sums over the vocabulary to float rounding: ONNX
+    # Runtime splits one row's reduction across its threads): one row is enough there
     pool_min_rows = 2
     # its batched calls already take the pool's whole buffers, each row's length an input: fixed shapes while the
     # pool's buffers stay, so static decode runs requests together through the same calls (``static_rows``)
@@ -98,7 +103,8 @@ class OrtBackend(BackendBase):
         self.head_major_layers = self.num_layers + 1 if fused else 0
         self.batch_rows = True
         self.pool_head_major = fused
-        self._rows: _Rows | None = None  # the batch binding (``trunk_rows``), kept while its pool's buffers stay
+        # the batch bindings (``trunk_rows``), one per number of rows a call covers, kept while the pool's buffers stay
+        self._rows: dict[tuple, _Rows] = {}
         ds = trunk_inputs.get(DEEPSTACK_INPUT)
         self.deepstack = DeepStackFeed(int(ds[0]) if ds else 0, int(ds[3]) if ds else 0)
         out = {o.name: o.shape for o in self.vision.get_outputs()}
@@ -115,14 +121,15 @@ class OrtBackend(BackendBase):
         self.torch_threads = 1 if device == "cpu" else 0
         self.base_head = None  # the head as an ONNX Runtime graph, for steps without autograd (Loop.head_step)
 
-    def attach_head(self, head, batch: bool = False) -> None:
+    def attach_head(self, head, batch: bool = False, quantized: bool = False) -> None:
         """Run ``head``'s base forward (no controller) in ONNX Runtime too, where ``ort_head`` supports it (fp32 on
         CPU): one session run instead of ~30 PyTorch ops and one call per quantized linear (measured on the bench
         export, 2 cores, one head pass: fp32 29.4 -> 22.4 ms, int4 5.6 -> 3.8 ms). ``batch``: requests will be
-        decoded together (``trunk_rows``); a float LM head is then kept prepacked by ONNX Runtime, a second copy of
-        it: unpacked, its matmul packs the whole weight again at every run of more than one row (measured on the
-        bench export's LM head, 151936 x 896 fp32, 2 cores: 4 rows 29 ms unpacked, 16 ms prepacked; one row 13-14
-        ms either way)."""
+        decoded together (``trunk_rows``); the head graph's float weights are then kept prepacked by ONNX Runtime,
+        a second copy of them: unpacked, a matmul packs the whole weight again at every run of more than one row
+        (measured on the bench export's LM head, 151936 x 896 fp32, 2 cores: 4 rows 29 ms unpacked, 16 ms
+        prepacked; one row 13-14 ms either way), and rounds one row differently from several. ``quantized``: the
+        export's matmuls are quantized (MatMulNBits: see ``pool_min_rows``)."""
         from runtime.backends.ort_head import DenseInputGrad, OrtHead, supported
 
         fused = bool(self.head_major_layers)
@@ -130,9 +137,12 @@ class OrtBackend(BackendBase):
         # rows (``runtime.pool.head_rows``)
         self.head_rows = partial(head_rows, head, dtype=self.dtype, device=self.device)
         if supported(head, self.dtype, self.device) is None:
-            self.base_head = OrtHead(head, options(self.threads), head_major=fused, packed_lm_head=batch and fused)
+            self.base_head = OrtHead(head, options(self.threads), head_major=fused, packed=batch and fused)
             if fused:
                 self.head_rows = self.base_head.rows
+                # one request alone is one row: the fused trunk's and the prepacked head's numbers for a row are the
+                # same in a call of one row as of several (``pool_min_rows``); one request at a time: nothing to match
+                self.pool_min_rows = 1 if not quantized or not batch else 2
             if type(head.lm_head) is torch.nn.Linear:  # V-Reason's backward through it (a quantized one has its own)
                 head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options(self.threads))
 
@@ -216,14 +226,19 @@ class OrtBackend(BackendBase):
         ``runtime.engine.Call``): ``calls`` are (embeds [1,1,H], positions [3,1,1], cache), every cache a row of one
         ``KVPool``; each token's entries go into its cache at its length (the fused form writes them in place; the
         standard graph into staging buffers, copied into the rows after). Returns each request's hidden state
-        [1,1,H], a view of the batch output (read before the next batched call). The run covers every row of the
-        pool: a row without a call (a request prefilling, or a free row) gets a zero token written at its length,
-        where nothing is read and its own next write lands."""
+        [1,1,H], a view of the batch output (read before the next batched call). The run covers the pool's rows: a
+        row without a call (a request prefilling, or a free row) gets a zero token written at its length, where
+        nothing is read and its own next write lands. The fused form's run covers the rows up to the last one a
+        request holds (``KVPool.span``: a request alone after a burst is one row, not every row the buffers grew
+        to); the standard graph's, every row (its staging buffers and scatter are the whole pool's)."""
         pool = calls[0][2].pool
-        t = self._rows
-        if t is None or t.key != (pool.generation, pool.rows):
-            t = self._rows = _Rows(self, pool, calls[0][0].shape[2], calls[0][2])
-        embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device)
+        n = pool.span if pool.head_major else pool.rows
+        t = self._rows.get((pool.generation, n))
+        if t is None:
+            if any(key[0] != pool.generation for key in self._rows):
+                self._rows.clear()  # bindings on the pool's old buffers
+            t = self._rows[pool.generation, n] = _Rows(self, pool, n, calls[0][0].shape[2], calls[0][2])
+        embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device, rows=n)
         t.embeds.copy_(embeds)
         t.positions.copy_(positions)
         t.length.copy_(index)
@@ -256,12 +271,11 @@ class _Step:
 
 
 class _Rows:
-    """``OrtBackend.trunk_rows``' binding over one pool's buffers: every row, its own input and output buffers (and,
-    for the standard graph, the staging buffers of the new entries)."""
+    """``OrtBackend.trunk_rows``' binding over one pool's buffers: its first ``n`` rows (the standard graph: every
+    row), its own input and output buffers (and, for the standard graph, the staging buffers of the new entries)."""
 
-    def __init__(self, backend: OrtBackend, pool, hidden: int, cache: KVCache) -> None:
-        n, dt, dev = pool.rows, backend.dtype, backend.device
-        self.key = (pool.generation, n)
+    def __init__(self, backend: OrtBackend, pool, n: int, hidden: int, cache: KVCache) -> None:
+        dt, dev = backend.dtype, backend.device
         self.embeds = torch.zeros(n, 1, hidden, dtype=dt, device=dev)
         self.positions = torch.zeros(3, n, 1, dtype=torch.long, device=dev)
         self.length = torch.zeros(n, dtype=torch.long, device=dev)
@@ -270,7 +284,7 @@ class _Rows:
         self.staging: list[torch.Tensor] = []
         if pool.head_major:  # the fused form
             inputs, outputs = head_major_rows_bindings(backend.num_layers, self.embeds, self.positions, self.length,
-                                                       pool, self.hidden, extra)
+                                                       pool, self.hidden, extra, rows=n)
         else:
             self.staging = staging_buffers([], backend.num_layers, cache, rows=n)
             inputs, outputs = rows_bindings(backend.num_layers, self.embeds, self.positions, self.length, pool,

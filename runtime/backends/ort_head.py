@@ -12,7 +12,11 @@ Runtime after the trunk and run about 30 small PyTorch ops plus one ONNX Runtime
 CPU operators (SimplifiedLayerNormalization for RMSNorm, RotaryEmbedding, MatMulNBits for quantized linears).
 The graph is built at load from the head's own modules, so nothing is added to the export:
 
-- float weights are graph inputs bound to the PyTorch head's tensors (no copy: one copy of each weight);
+- float weights are graph inputs bound to the PyTorch head's tensors (no copy: one copy of each weight), or,
+  where requests are decoded together (``packed``), initializers ONNX Runtime keeps prepacked (a second copy, in
+  its own layout): a bound weight is packed again at every run of more than one row, and a one-row run of it
+  takes another kernel, whose rounding differs from the packed one's, where a prepacked weight's rows come out
+  the same whatever the number of rows (``OrtBackend.pool_min_rows``);
 - quantized linears are MatMulNBits over the head's own codes and scales, handed to ONNX Runtime as they lie
   (``models.quantized.handed_session``; it keeps only its repacked form, as the head's per-linear sessions do);
 - the rotary tables are computed in the graph from the tokens' M-RoPE positions and the head's own
@@ -123,12 +127,12 @@ class _Graph(GraphBuilder):
                        epsilon=float(norm.eps))
 
 
-def build(head, head_major: bool = False, packed_lm_head: bool = False
+def build(head, head_major: bool = False, packed: bool = False
           ) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The head graph (an onnx ModelProto), the PyTorch tensors its weight inputs are bound to, and the ones
     its quantized initializers are (named in the graph, handed over by ``handed_session``). ``head_major``: the
-    form over a head-major cache with a batch axis (see the module docstring); ``packed_lm_head``: a float LM
-    head kept prepacked by ONNX Runtime (``_Graph.linear``)."""
+    form over a head-major cache with a batch axis (see the module docstring); ``packed``: float weights (the
+    layer's linears and the LM head) kept prepacked by ONNX Runtime (``_Graph.linear``)."""
     from onnx import TensorProto, helper
 
     layer = head.layer
@@ -159,9 +163,9 @@ def build(head, head_major: bool = False, packed_lm_head: bool = False
 
     x = g.op("Reshape", ["hidden", g.const("shape_rows", [-1, hidden_size])])  # [B*S, H]
     a = g.rms(x, layer.input_layernorm, "layer.input_layernorm")
-    q = per_row(g.linear(a, attn.q_proj, "layer.self_attn.q_proj"), heads * hd)  # [B, S, heads*hd]
-    k = per_row(g.linear(a, attn.k_proj, "layer.self_attn.k_proj"), kv * hd)
-    v = per_row(g.linear(a, attn.v_proj, "layer.self_attn.v_proj"), kv * hd)
+    q = per_row(g.linear(a, attn.q_proj, "layer.self_attn.q_proj", packed=packed), heads * hd)  # [B, S, heads*hd]
+    k = per_row(g.linear(a, attn.k_proj, "layer.self_attn.k_proj", packed=packed), kv * hd)
+    v = per_row(g.linear(a, attn.v_proj, "layer.self_attn.v_proj", packed=packed), kv * hd)
     if attn.q_norm is not None:  # Qwen3-VL: RMSNorm over head_dim on q and k before the rotary embedding
         q = per_row(g.rms(per_row(q, heads, hd), attn.q_norm, "layer.self_attn.q_norm"), heads * hd)
         k = per_row(g.rms(per_row(k, kv, hd), attn.k_norm, "layer.self_attn.k_norm"), kv * hd)
@@ -180,16 +184,16 @@ def build(head, head_major: bool = False, packed_lm_head: bool = False
         out = attention(g, q, k, v, rows, cos, sin, ("past_key", "past_value"), ("key", "value"), "mask",
                         heads, kv, hd)  # [1, S, heads*hd]
     out = g.linear(g.op("Reshape", [out, g.const("shape_heads_flat", [-1, heads * hd])]), attn.o_proj,
-                   "layer.self_attn.o_proj")
+                   "layer.self_attn.o_proj", packed=packed)
     x = g.op("Add", [x, out])
     m = g.rms(x, layer.post_attention_layernorm, "layer.post_attention_layernorm")
-    gate = g.linear(m, mlp.gate_proj, "layer.mlp.gate_proj")
-    up = g.linear(m, mlp.up_proj, "layer.mlp.up_proj")
-    x = g.op("Add", [x, g.linear(silu_gate(g, gate, up), mlp.down_proj, "layer.mlp.down_proj")])
+    gate = g.linear(m, mlp.gate_proj, "layer.mlp.gate_proj", packed=packed)
+    up = g.linear(m, mlp.up_proj, "layer.mlp.up_proj", packed=packed)
+    x = g.op("Add", [x, g.linear(silu_gate(g, gate, up), mlp.down_proj, "layer.mlp.down_proj", packed=packed)])
     last = g.op("Slice", [per_row(x, hidden_size), g.const("last_start", [-1]), g.const("last_end", [2**62]),
                           g.const("axis_1", [1])])  # each row's last position [B, 1, H]
     last = g.op("Reshape", [last, g.const("shape_last", [-1, hidden_size])])
-    g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head", out="logits", packed=packed_lm_head)  # [B, V]
+    g.linear(g.rms(last, head.norm, "norm"), head.lm_head, "lm_head", out="logits", packed=packed)  # [B, V]
     # what the decode loop takes from every step's logits, per row: their entropy, H = log(sum e^z) -
     # sum(e^z z) / sum e^z with z = logits - max, and the greedy pick (first index of the largest, as torch.argmax)
     vocab_axis = g.const("axis_last", [-1])
@@ -218,11 +222,11 @@ class OrtHead:
     """``head`` (a PyTorch ``Head``, fp32 on CPU) run through ONNX Runtime; see the module docstring.
     ``head_major``: over a head-major cache (the fused trunk's layout), with ``rows`` for a batch of requests."""
 
-    def __init__(self, head, opts, head_major: bool = False, packed_lm_head: bool = False) -> None:
-        """``opts``: the session options (the ort backend's ``options``). ``packed_lm_head``: see ``build``."""
+    def __init__(self, head, opts, head_major: bool = False, packed: bool = False) -> None:
+        """``opts``: the session options (the ort backend's ``options``). ``packed``: see ``build``."""
         self.head = head
         self.head_major = head_major
-        model, self.bound, handed = build(head, head_major, packed_lm_head)
+        model, self.bound, handed = build(head, head_major, packed)
         self.session, self._handed = handed_session(model, handed, opts)
         self.vocab = head.lm_head.out_features
         self.logits = torch.empty(1, self.vocab)
@@ -232,7 +236,8 @@ class OrtHead:
         self._written = -1  # ``out``'s version counter when this graph last wrote it
         self._scratch = torch.empty(0)
         self._token: _Token | None = None  # the one-token binding, kept across calls
-        self._rows: _Rows | None = None  # the batch binding (``rows``), kept while its pool's buffers are the same
+        self._rows: _Rows | None = None  # the last batch call's binding (``rows``; ``picked`` reads it)
+        self._row_bindings: dict[tuple, _Rows] = {}  # one per number of rows, kept while the pool's buffers stay
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int,
                  write: bool = True) -> torch.Tensor:
@@ -293,14 +298,19 @@ class OrtHead:
         ``calls`` are (hidden [1,1,H], positions [3,1,1], cache[, write]) with every cache a row of one ``KVPool``;
         each token's entries go into its cache at its length (``write`` False: a recompute of the token last
         cached, its entries written again at length - 1). Returns each request's logits [V], a view of this
-        graph's batch output (read before the next batched call; ``picked`` knows them). The run covers every
-        row of the pool: a row without a call (a request prefilling, or a free row) gets a zero token written at
-        its length, where nothing is read and its own next write lands."""
+        graph's batch output (read before the next batched call; ``picked`` knows them). The run covers the pool's
+        rows up to the last one a request holds (``KVPool.span``, as the fused trunk's run): a row without a call
+        (a request prefilling, or a free row) gets a zero token written at its length, where nothing is read and
+        its own next write lands."""
         pool = calls[0][2].pool
-        t = self._rows
-        if t is None or t.key != (pool.generation, pool.rows):
-            t = self._rows = _Rows(self, pool)
-        hidden, positions, index, _ = row_inputs(calls, torch.float32, "cpu")
+        n = pool.span  # the rows up to the last one a request holds, as the fused trunk's call covers
+        t = self._row_bindings.get((pool.generation, n))
+        if t is None:
+            if any(key[0] != pool.generation for key in self._row_bindings):
+                self._row_bindings.clear()  # bindings on the pool's old buffers
+            t = self._row_bindings[pool.generation, n] = _Rows(self, pool, n)
+        self._rows = t
+        hidden, positions, index, _ = row_inputs(calls, torch.float32, "cpu", rows=n)
         t.hidden.copy_(hidden)
         t.positions.copy_(positions)
         t.length.copy_(index)
@@ -330,11 +340,10 @@ class OrtHead:
 
 
 class _Rows:
-    """``OrtHead.rows``' binding over one pool's buffers: every row of the pool, its own input and output buffers."""
+    """``OrtHead.rows``' binding over one pool's buffers: its first ``n`` rows, its own input and output buffers."""
 
-    def __init__(self, graph: OrtHead, pool) -> None:
-        n, h = pool.rows, graph.head.layer.self_attn.q_proj.in_features
-        self.key = (pool.generation, n)
+    def __init__(self, graph: OrtHead, pool, n: int) -> None:
+        h = graph.head.layer.self_attn.q_proj.in_features
         self.hidden = torch.zeros(n, 1, h)
         self.positions = torch.zeros(3, n, 1, dtype=torch.long)
         self.length = torch.zeros(n, dtype=torch.long)
@@ -343,7 +352,7 @@ class _Rows:
         self.top = torch.empty(n, dtype=torch.long)
         self.written = -1
         self.out: list[torch.Tensor] = []
-        k, v = pool.keys[-1], pool.values[-1]  # the head's layer: the cache's last
+        k, v = pool.keys[-1][:n], pool.values[-1][:n]  # the head's layer: the cache's last
         self.io = bind(graph.session, {"hidden": self.hidden, "position_ids": self.positions,
                                        "cache_length": self.length, "cache_key": k, "cache_value": v, **graph.bound},
                        {"logits": self.logits, "entropy": self.entropy, "top": self.top, "present_key": k,
