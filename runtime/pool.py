@@ -142,6 +142,18 @@ class KVPool:
                 self._view(h)
 
 
+def kept_for_rows(held: dict, pool: KVPool, n: int, make):
+    """A batched call's binding over ``pool``'s first ``n`` rows, from ``held`` (one per row count, keyed by the
+    pool's generation and ``n``), made by ``make()`` when missing; bindings on the pool's old buffers are dropped."""
+    key = (pool.generation, n)
+    t = held.get(key)
+    if t is None:
+        if any(k[0] != pool.generation for k in held):
+            held.clear()
+        t = held[key] = make()
+    return t
+
+
 def row_inputs(calls: list[tuple], dtype: torch.dtype, device, rows: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The inputs of a batched one-token call over every row of a pool (or its first ``rows``): ``calls`` are (x

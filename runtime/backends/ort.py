@@ -28,7 +28,7 @@ from runtime.backends.bindings import (
 )
 from runtime.backends.ort_graph import bind, run_bound
 from runtime.cache import KVCache
-from runtime.pool import head_rows, row_inputs
+from runtime.pool import head_rows, kept_for_rows, row_inputs
 
 STEP_BINDINGS = 8  # one-token bindings kept (one per running request's cache)
 
@@ -142,7 +142,7 @@ class OrtBackend(BackendBase):
                 self.head_rows = self.base_head.rows
                 # one request alone is one row: the fused trunk's and the prepacked head's numbers for a row are the
                 # same in a call of one row as of several (``pool_min_rows``); one request at a time: nothing to match
-                self.pool_min_rows = 1 if not quantized or not batch else 2
+                self.pool_min_rows = 2 if quantized and batch else 1
             if type(head.lm_head) is torch.nn.Linear:  # V-Reason's backward through it (a quantized one has its own)
                 head.lm_head_input_grad = DenseInputGrad(head.lm_head.weight, options(self.threads))
 
@@ -233,11 +233,7 @@ class OrtBackend(BackendBase):
         to); the standard graph's, every row (its staging buffers and scatter are the whole pool's)."""
         pool = calls[0][2].pool
         n = pool.span if pool.head_major else pool.rows
-        t = self._rows.get((pool.generation, n))
-        if t is None:
-            if any(key[0] != pool.generation for key in self._rows):
-                self._rows.clear()  # bindings on the pool's old buffers
-            t = self._rows[pool.generation, n] = _Rows(self, pool, n, calls[0][0].shape[2], calls[0][2])
+        t = kept_for_rows(self._rows, pool, n, lambda: _Rows(self, pool, n, calls[0][0].shape[2], calls[0][2]))
         embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device, rows=n)
         t.embeds.copy_(embeds)
         t.positions.copy_(positions)

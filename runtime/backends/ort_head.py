@@ -49,7 +49,7 @@ from runtime.backends.ort_graph import (
     silu_gate,
 )
 from runtime.cache import KVCache
-from runtime.pool import row_inputs
+from runtime.pool import kept_for_rows, row_inputs
 
 _FLOAT_MIN = float(torch.finfo(torch.float32).min)
 
@@ -304,12 +304,7 @@ class OrtHead:
         its own next write lands."""
         pool = calls[0][2].pool
         n = pool.span  # the rows up to the last one a request holds, as the fused trunk's call covers
-        t = self._row_bindings.get((pool.generation, n))
-        if t is None:
-            if any(key[0] != pool.generation for key in self._row_bindings):
-                self._row_bindings.clear()  # bindings on the pool's old buffers
-            t = self._row_bindings[pool.generation, n] = _Rows(self, pool, n)
-        self._rows = t
+        t = self._rows = kept_for_rows(self._row_bindings, pool, n, lambda: _Rows(self, pool, n))
         hidden, positions, index, _ = row_inputs(calls, torch.float32, "cpu", rows=n)
         t.hidden.copy_(hidden)
         t.positions.copy_(positions)
