@@ -102,6 +102,11 @@ class VReason:
     def scheduled(self, step: int) -> bool:
         return step % self.cfg.every == 0 and self.cfg.steps > 0 and self.rows is not None and self.rows.numel() > 0
 
+    @property
+    def period(self) -> int:
+        """Updates fall on the steps that are multiples of this (0: none will)."""
+        return self.cfg.every if self.scheduled(0) else 0
+
     def step(self, state, logits: torch.Tensor, recompute) -> tuple[torch.Tensor, float]:
         alpha = self.update(state, logits, recompute)
         if alpha is not None:

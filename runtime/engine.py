@@ -24,7 +24,9 @@ waiting for its consumer, so:
 - a stream that is closed, dropped (its iterator garbage collected) or cancelled is cancelled in the engine
   (after its current unit of work, or before it starts if still queued).
 ``timings["queue_s"]`` is the time a request waited for its place; ``timings["batch_mean"]`` the mean number of
-requests running while it was advanced.
+requests running while it was advanced. A request with periodic updates (V-Reason's every k-th token) takes its
+first step on a round on which the running requests with the same period have theirs (``Running.in_phase``;
+``timings["align_s"]``), so that their updates run as one call every k rounds, not one call on every round.
 """
 
 from __future__ import annotations
@@ -133,15 +135,46 @@ class AsyncChannel:
 
 class Running:
     """What the engine tells a running request about its turns: ``batch_mean``, the mean number of requests running
-    when it was advanced."""
+    when it was advanced; ``in_phase``, whether this round suits the start of its periodic updates."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine | None = None) -> None:
         self.turns = 0
         self.batch_sum = 0
+        self._engine = engine
+        self.period = 0  # the update period it registered its phase for (0: none)
 
     @property
     def batch_mean(self) -> float:
         return self.batch_sum / self.turns if self.turns else 1.0
+
+    def in_phase(self, period: int) -> bool:
+        """Whether a request whose updates fall on every ``period``-th step from its first may take its first step
+        in this round: where other running requests have that period, the rounds on which theirs fall (so that the
+        updates run together, one call for all, rather than one call on every round); where none has, any round
+        (this one sets the phase). True for ``period`` < 2. Called once per round until True, which registers it
+        (released when it finishes)."""
+        engine = self._engine
+        if period < 2 or engine is None or self.period:
+            return True
+        phase = engine.phases.get(period)
+        if phase is None:
+            engine.phases[period] = [engine.rounds % period, 1]
+        elif engine.rounds % period == phase[0]:
+            phase[1] += 1
+        else:
+            return False
+        self.period = period
+        return True
+
+    def leave(self) -> None:
+        """The request finished: its phase registration goes."""
+        phases = self._engine.phases if self._engine is not None else {}
+        phase = phases.get(self.period)
+        if phase is not None:
+            phase[1] -= 1
+            if not phase[1]:
+                del phases[self.period]
+        self.period = 0
 
 
 class Engine:
@@ -160,6 +193,8 @@ class Engine:
         self.waiting = 0  # requests queued, not started
         self._active: list[list] = []  # the running requests: [generator, channel, threads, kv, running]
         self.kv_in_use = 0  # bytes of KV cache the running requests declared
+        self.rounds = 0  # rounds run (``_round``)
+        self.phases: dict[int, list[int]] = {}  # update period -> [its round phase, requests on it] (``Running``)
 
     @property
     def running(self) -> int:
@@ -220,7 +255,7 @@ class Engine:
                     break
             while pending and self._fits(pending[0][4], active):  # admit in order: none overtakes the head
                 run, channel, queued, threads, kv = pending.popleft()
-                running = Running()
+                running = Running(self)
                 with self._start_lock:
                     self.waiting -= 1
                 if torch.get_num_threads() != threads:
@@ -240,6 +275,7 @@ class Engine:
         run together, one run per kind (``Call.run``), and their results sent back, until each has given its
         unit."""
         n = len(active)
+        self.rounds += 1
         parked: list = []  # (row, call): requests waiting for their call's result
         for row in list(active):
             row[4].turns += 1
@@ -284,4 +320,5 @@ class Engine:
         if finished:
             self._active = [r for r in self._active if r is not row]
             self.kv_in_use -= kv
+            running.leave()
             row.clear()  # the generator and its tensors go now, not at the next request

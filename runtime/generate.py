@@ -53,6 +53,10 @@ class Steering(Protocol):
     def scheduled(self, step: int) -> bool:
         """Whether an update is due at step ``step``."""
 
+    @property
+    def period(self) -> int:
+        """Updates fall on the steps that are multiples of this (0: none will); known after ``after_prefill``."""
+
     @staticmethod
     def update_rows(calls: list[tuple]) -> list[float]:
         """``step``'s update for several requests at once (``calls``: (steering, state, logits, recompute)), their
@@ -75,6 +79,7 @@ class Timings:
     decode_tokens: int = 0
     ttft_s: float = 0.0  # request start (the ``stream``/``ask`` call) to the first answer token
     batch_mean: float = 1.0  # requests running, on average, when the engine advanced this one
+    align_s: float = 0.0  # after prefill, waiting for the round on which the running requests' updates fall
     reused_prompt_tokens: int = 0  # prompt tokens whose cache was restored instead of prefilled
     reused_vision_patches: int = 0  # temporal patches not encoded: features from the reuse store, or (all of
     # them) every visual token inside the restored prompt prefix
@@ -83,7 +88,7 @@ class Timings:
         tps = self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
         return {"prepare_s": self.prepare_s, "queue_s": self.queue_s, "vision_s": self.vision_s,
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s, "decode_tokens_per_s": tps,
-                "ttft_s": self.ttft_s, "batch_mean": self.batch_mean,
+                "ttft_s": self.ttft_s, "batch_mean": self.batch_mean, "align_s": self.align_s,
                 "reused_prompt_tokens": self.reused_prompt_tokens,
                 "reused_vision_patches": self.reused_vision_patches}
 
@@ -126,6 +131,7 @@ class Loop:
     after_fill: Callable[[KVCache, torch.Tensor], None] | None = None  # (cache, last hidden) right after prefill
     restored_hidden: torch.Tensor | None = None  # the whole prompt's cache was restored: its last token's trunk output
     batched: bool = False  # decode steps are handed to the engine (``Call``s) to run with other requests' steps
+    in_phase: Callable[[int], bool] | None = None  # the engine's ``Running.in_phase`` (batched: updates aligned)
 
     @property
     def head_graph(self):
@@ -221,6 +227,13 @@ class Loop:
                     logits = done.value
                     break
             yield TICK
+        if self.batched and self.steering is not None and self.in_phase is not None:
+            # the first step waits (a round at a time, at most period - 1) for the rounds on which the other running
+            # requests' updates fall, so that updates run together rather than one call on every round
+            t_wait = time.perf_counter()
+            while not self.in_phase(self.steering.period):
+                yield TICK
+                self.timings.align_s = time.perf_counter() - t_wait
         t0 = time.perf_counter()
         try:
             for k in range(max_new_tokens):

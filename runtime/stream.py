@@ -172,6 +172,7 @@ class Stream:
             loop.timings.queue_s = self.queue_s
             loop.timings.reused_prompt_tokens, loop.timings.reused_vision_patches = reused, patches
             loop.cancelled = stopped
+            loop.in_phase = self._running.in_phase if self._running is not None else None
             if r.backend.suffix_prefill:
                 loop.prefill_chunk = PREFILL_CHUNK
             if r.reuse.enabled and reused < len(self.prompt.ids):

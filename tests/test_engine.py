@@ -213,6 +213,43 @@ def test_requests_running_together_equal_each_alone(request, monkeypatch, export
     assert max(updates) == 2  # the two V-Reason requests' updates in one call
 
 
+def test_v_reason_requests_a_round_apart_update_together(engine_dir, monkeypatch):
+    """V-Reason updates on every second token. Of two such requests, one a round behind the other would update on
+    the other rounds: an update call on every round. It waits one round before its first step instead
+    (``Running.in_phase``), so that their updates run in one call; its answer is unchanged. A request alone never
+    waits, and the phase goes when its requests finish."""
+    from controller.vreason import VReason
+    from models.samples import render_frames
+    from runtime.engine import TICK
+
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+    widths: list[int] = []
+    update_rows = VReason.update_rows
+    monkeypatch.setattr(VReason, "update_rows", staticmethod(lambda calls: (widths.append(len(calls)),
+                                                                            update_rows(calls))[1]))
+    frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=4)]  # RGB
+    request = dict(frames=frames, fps=4.0, question=QUESTIONS[1], max_new_tokens=12, method="vreason")
+    alone = r.ask(**request)
+    assert alone.timings["align_s"] == 0.0 and set(widths) == {1}
+    widths.clear()
+    first, second = r.stream(**request), r.stream(**request)
+
+    def behind(queue_s, running):  # the same request, started a round after the first
+        yield TICK
+        yield from second._run(queue_s, running)
+
+    channels = [r.engine.submit(first._run, kv=first.kv), r.engine.submit(behind, kv=second.kv)]
+    for channel in channels:
+        for _ in channel:
+            pass
+    for res in (first.result, second.result):
+        assert res.token_ids == alone.token_ids and res.entropy == pytest.approx(alone.entropy, abs=1e-5)
+        assert res.alpha == pytest.approx(alone.alpha, abs=1e-6)
+    assert first.result.timings["align_s"] == 0.0 < second.result.timings["align_s"]
+    assert widths.count(2) >= 4  # (with the second a round out of phase, none would be)
+    assert r.engine.phases == {}
+
+
 def test_a_request_alone_is_one_row_on_the_fused_float_graphs(engine_dir, int4_engine):
     """On the ort backend's fused fp32 graphs a row's numbers are the same in a call of one row as of several
     (prepacked matmuls: ``OrtBackend.pool_min_rows``), so a request alone is decoded as one row, also after a

@@ -128,7 +128,7 @@ def test_reasoner_result_fields_and_stop(reasoners, frames_dir):
         assert key in d
     assert len(res.entropy) == len(res.ema) == len(res.alpha) == len(res.token_ids) <= 8
     assert set(res.timings) == {"prepare_s", "queue_s", "vision_s", "prefill_s", "decode_s", "decode_tokens_per_s",
-                                "ttft_s", "batch_mean", "reused_prompt_tokens", "reused_vision_patches"}
+                                "ttft_s", "batch_mean", "align_s", "reused_prompt_tokens", "reused_vision_patches"}
     assert 0 < res.timings["prepare_s"] < res.timings["ttft_s"]
     assert res.backend == "ort" and res.method == "base" and res.peak_memory_bytes > 0
     assert all(np.isfinite(res.entropy)) and 0 < max(res.entropy) <= np.log(r.cfg.text.vocab_size) + 1e-4
