@@ -60,7 +60,7 @@ class KVPool:
 
     @property
     def span(self) -> int:
-        """The rows a batched call covers where it may cover fewer than all (``OrtBackend.trunk_rows``): up to the
+        """The rows a batched call covers (dynamic decode; static decode covers them all, at fixed shapes): up to the
         last row a request holds, ``min_rows`` at least. The buffers stay as they grew after a burst of requests;
         a request alone after it is then decoded as the one row it holds (or the rows up to it), not as every
         row of the buffers (measured on the bench fp32 export, 2 cores, the fused trunk's step: 1 row 43.8 ms, 4
@@ -182,10 +182,11 @@ def row_inputs(calls: list[tuple], dtype: torch.dtype, device, rows: int | None 
 
 def run_rows(kind: str, calls: list[tuple], dtype: torch.dtype, device, fixed, body):
     """A batched one-token call of a PyTorch backend: ``body(x, positions, index, end)`` over the rows' inputs
-    (``row_inputs``: the cache read up to ``end``). With ``fixed`` (a ``runtime.static.RowGraphs``, static decode)
-    it runs through it at fixed shapes, ``end`` the pool's whole capacity (replayed as a CUDA graph on CUDA)."""
+    (``row_inputs``: the pool's first ``len(x)`` rows, ``span`` of them, each read up to ``end``). With ``fixed`` (a
+    ``runtime.static.RowGraphs``, static decode) it runs through it at fixed shapes, every row of the pool and
+    ``end`` its whole capacity (replayed as a CUDA graph on CUDA)."""
     pool = calls[0][2].pool
-    x, positions, index, end = row_inputs(calls, dtype, device)
+    x, positions, index, end = row_inputs(calls, dtype, device, rows=None if fixed is not None else pool.span)
     if fixed is None:
         return body(x, positions, index, end)
     whole = pool.capacity
@@ -201,5 +202,5 @@ def head_rows(head, calls: list[tuple], dtype: torch.dtype, device, fixed=None) 
     pool = calls[0][2].pool
     keys, values = pool.token_major(pool.layers - 1)
     logits = run_rows("head", calls, dtype, device, fixed,
-                      lambda x, p, i, end: head.step_rows(x, p, keys[:, :end], values[:, :end], i))
+                      lambda x, p, i, end: head.step_rows(x, p, keys[:len(x), :end], values[:len(x), :end], i))
     return [logits[call[2].row] for call in calls]

@@ -278,6 +278,34 @@ def test_a_request_alone_is_one_row_on_the_fused_float_graphs(engine_dir, int4_e
     assert Reasoner.load(int4_engine, backend="ort", reuse_mb=0, max_batch=4).backend.pool_min_rows == 2
 
 
+@pytest.mark.parametrize("backend,trunk", [("ort", "standard"), ("torch", "dynamic")])
+def test_after_a_burst_a_request_alone_covers_only_its_rows(engine_dir, monkeypatch, backend, trunk):
+    """The exported standard graph's calls (what TensorRT engines run) and the torch backend's cover the pool's
+    rows up to the last one a request holds (``KVPool.span``), as the fused graphs' do: after a burst has grown
+    the pool to four rows, a request alone is decoded as the rows it was decoded as before the burst (one on
+    torch, two on the standard graph: ``pool_min_rows``), with the same numbers bit for bit."""
+    import runtime.backends.ort as ort_backend
+    import runtime.pool as pool_module
+
+    kw = {"ort_trunk": trunk} if backend == "ort" else {}
+    r = Reasoner.load(engine_dir, backend=backend, reuse_mb=0, max_batch=4, **kw)
+    covered: list[int] = []
+    for module in (ort_backend, pool_module):  # the rows each batched call's inputs cover
+        inner = module.row_inputs
+        monkeypatch.setattr(module, "row_inputs", lambda *a, _inner=inner, **k: (
+            lambda out: (covered.append(out[0].shape[0]), out)[1])(_inner(*a, **k)))
+    request = dict(question=QUESTIONS[0], max_new_tokens=8)
+    first = r.ask(**request)
+    before = set(covered)
+    assert before == {r.backend.pool_min_rows}
+    _solo_then_together(r, [dict(question=q, max_new_tokens=8) for q in QUESTIONS])
+    assert max(covered) == r.pool.rows == 4
+    covered.clear()
+    after = r.ask(**request)
+    assert set(covered) == before and r.pool.rows == 4
+    assert after.token_ids == first.token_ids and after.entropy == first.entropy
+
+
 def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypatch):
     """While a long prompt is prefilled chunk by chunk, a request already decoding gets a token between every two
     chunks: its wait between tokens is at most one decode step plus one prefill chunk (seen in the order of the

@@ -68,10 +68,10 @@ def test_static_binding_plan_keeps_every_address():
         static_trunk_bindings(2, torch.zeros(1, 2, 8), pos, index, cache, hidden, staging)
 
 
-def test_rows_binding_plan_passes_the_pool_whole_and_writes_each_row_at_its_length():
+def test_rows_binding_plan_passes_the_pools_rows_and_writes_each_row_at_its_length():
     """A batched decode step on the standard graph (ort's standard form, TensorRT's decode profile): the past inputs
-    are the pool's whole token-major buffers, cache_length each row's length, and the new entries land in each
-    row at its length."""
+    are the pool's token-major buffers (whole, or their first rows), cache_length each row's length, and the new
+    entries land in each row at its length."""
     from runtime.pool import KVPool
 
     pool = KVPool(3, 2, 4, torch.float32, "cpu", head_major=False)
@@ -81,7 +81,7 @@ def test_rows_binding_plan_passes_the_pool_whole_and_writes_each_row_at_its_leng
     embeds, pos, hidden = torch.zeros(2, 1, 8), torch.zeros(3, 2, 1, dtype=torch.long), torch.zeros(2, 1, 8)
     staging = staging_buffers([], 2, a, rows=2)
     ins, outs = rows_bindings(2, embeds, pos, lengths, pool, hidden, staging)
-    assert ins["cache_length"].tolist() == [5, 9] and ins["past_key.1"] is pool.keys[1]
+    assert ins["cache_length"].tolist() == [5, 9] and ins["past_key.1"].data_ptr() == pool.keys[1].data_ptr()
     assert ins["past_key.1"].shape == (2, pool.capacity, 2, 4) and outs["key.0"].shape == (2, 1, 2, 4)
     for i, t in enumerate(staging):
         t[0].fill_(i + 1)
@@ -91,8 +91,19 @@ def test_rows_binding_plan_passes_the_pool_whole_and_writes_each_row_at_its_leng
     assert bool((a.values[1][0, 5] == 4).all()) and bool((b.values[1][0, 9] == -4).all())
     assert int((pool.keys[0] != 0).sum()) == 2 * 2 * 4  # nothing else written
     assert int((pool.keys[2] != 0).sum()) == 0  # the head's layer is not the trunk's to write
-    with pytest.raises(ValueError, match="each of the pool's 2 rows"):
+    with pytest.raises(ValueError, match="each of the 2 rows"):
         rows_bindings(2, embeds[:1], pos, lengths, pool, hidden, staging)
+    # the first row alone (``KVPool.span`` after the second request left): its slice of the buffers, written alone
+    b.release()
+    one = staging_buffers([], 2, a, rows=1)
+    ins, outs = rows_bindings(2, embeds[:1], pos[:, :1].contiguous(), lengths[:1] + 1, pool, hidden[:1], one,
+                              rows=pool.span)
+    assert ins["past_value.0"].shape == (1, pool.capacity, 2, 4)
+    assert ins["past_value.0"].data_ptr() == pool.values[0].data_ptr()
+    for t in one:
+        t.fill_(7.0)
+    scatter_rows(2, pool, lengths[:1] + 1, one)
+    assert bool((a.keys[1][0, 6] == 7).all()) and int((pool.keys[1] == 7).sum()) == 2 * 4  # row 0 only
     with pytest.raises(ValueError, match="token-major"):
         rows_bindings(2, embeds, pos, lengths, KVPool(3, 2, 4, torch.float32, "cpu"), hidden, staging)
 

@@ -102,16 +102,17 @@ def static_trunk_bindings(num_layers: int, embeds: torch.Tensor, positions: torc
 
 
 def rows_bindings(num_layers: int, embeds: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, pool,
-                  hidden: torch.Tensor, staging: list[torch.Tensor], extra: dict[str, torch.Tensor] | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Bindings of a batched decode step over every row of a token-major pool (see above); ``staging`` holds
-    2 * num_layers buffers [R,1,kv,hd] (``staging_buffers(..., rows=R)``)."""
+                  hidden: torch.Tensor, staging: list[torch.Tensor], extra: dict[str, torch.Tensor] | None = None,
+                  rows: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bindings of a batched decode step over every row of a token-major pool, or its first ``rows`` (see above);
+    ``staging`` holds 2 * num_layers buffers [R,1,kv,hd] (``staging_buffers(..., rows=R)``)."""
     if pool.head_major:
         raise ValueError("the standard trunk graph reads a token-major pool ([rows, capacity, kv, hd])")
-    r = pool.rows
+    r = pool.rows if rows is None else rows
     if embeds.shape[:2] != (r, 1) or hidden.shape[:2] != (r, 1) or lengths.shape != (r,):
-        raise ValueError(f"a batched step takes one token for each of the pool's {r} rows")
-    return _whole_past(num_layers, embeds, positions, lengths, pool.keys, pool.values, hidden, staging, extra)
+        raise ValueError(f"a batched step takes one token for each of the {r} rows it covers")
+    return _whole_past(num_layers, embeds, positions, lengths, [k[:r] for k in pool.keys],
+                       [v[:r] for v in pool.values], hidden, staging, extra)
 
 
 def _whole_past(num_layers: int, embeds, positions, lengths, keys: list, values: list, hidden, staging: list,
@@ -126,8 +127,9 @@ def _whole_past(num_layers: int, embeds, positions, lengths, keys: list, values:
 
 
 def scatter_rows(num_layers: int, pool, lengths: torch.Tensor, staging: list[torch.Tensor]) -> None:
-    """Write a batched step's new entries into each row of the pool at its length (no host sync)."""
-    rows = torch.arange(pool.rows, device=lengths.device)
+    """Write a batched step's new entries into each row it covered (``lengths`` [R]: the pool's first R rows) at
+    its length (no host sync)."""
+    rows = torch.arange(lengths.shape[0], device=lengths.device)
     for i in range(num_layers):
         pool.keys[i][rows, lengths] = staging[2 * i][:, 0]
         pool.values[i][rows, lengths] = staging[2 * i + 1][:, 0]

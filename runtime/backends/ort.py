@@ -226,13 +226,13 @@ class OrtBackend(BackendBase):
         ``runtime.engine.Call``): ``calls`` are (embeds [1,1,H], positions [3,1,1], cache), every cache a row of one
         ``KVPool``; each token's entries go into its cache at its length (the fused form writes them in place; the
         standard graph into staging buffers, copied into the rows after). Returns each request's hidden state
-        [1,1,H], a view of the batch output (read before the next batched call). The run covers the pool's rows: a
-        row without a call (a request prefilling, or a free row) gets a zero token written at its length, where
-        nothing is read and its own next write lands. The fused form's run covers the rows up to the last one a
-        request holds (``KVPool.span``: a request alone after a burst is one row, not every row the buffers grew
-        to); the standard graph's, every row (its staging buffers and scatter are the whole pool's)."""
+        [1,1,H], a view of the batch output (read before the next batched call). The run covers the pool's rows up to
+        the last one a request holds (``KVPool.span``: a request alone after a burst is one row, not every row the
+        buffers grew to; the first rows of the buffers are a contiguous slice in either layout): a row without a
+        call (a request prefilling, or a free row) gets a zero token written at its length, where nothing is read
+        and its own next write lands."""
         pool = calls[0][2].pool
-        n = pool.span if pool.head_major else pool.rows
+        n = pool.span
         t = kept_for_rows(self._rows, pool, n, lambda: _Rows(self, pool, n, calls[0][0].shape[2], calls[0][2]))
         embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device, rows=n)
         t.embeds.copy_(embeds)
@@ -267,8 +267,8 @@ class _Step:
 
 
 class _Rows:
-    """``OrtBackend.trunk_rows``' binding over one pool's buffers: its first ``n`` rows (the standard graph: every
-    row), its own input and output buffers (and, for the standard graph, the staging buffers of the new entries)."""
+    """``OrtBackend.trunk_rows``' binding over one pool's buffers: its first ``n`` rows, its own input and output
+    buffers (and, for the standard graph, the staging buffers of the new entries)."""
 
     def __init__(self, backend: OrtBackend, pool, n: int, hidden: int, cache: KVCache) -> None:
         dt, dev = backend.dtype, backend.device
@@ -284,7 +284,7 @@ class _Rows:
         else:
             self.staging = staging_buffers([], backend.num_layers, cache, rows=n)
             inputs, outputs = rows_bindings(backend.num_layers, self.embeds, self.positions, self.length, pool,
-                                            self.hidden, self.staging, extra)
+                                            self.hidden, self.staging, extra, rows=n)
         self.io = bind(backend.trunk_session, inputs, outputs, dev)
 
 

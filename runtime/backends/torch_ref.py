@@ -88,14 +88,14 @@ class TorchBackend(BackendBase):
 
     @torch.no_grad()
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
-        """One decode step of several requests (``Trunk.step`` over every row of their pool, each row's entries
-        written at its length; static decode: over the whole capacity, ``static_rows``); each request's hidden
-        state [1,1,H]."""
+        """One decode step of several requests (``Trunk.step`` over the rows of their pool up to the last one held,
+        ``KVPool.span``, each row's entries written at its length; static decode: every row over the whole
+        capacity, ``static_rows``); each request's hidden state [1,1,H]."""
         pool = calls[0][2].pool
         views = [pool.token_major(i) for i in range(self.num_layers)]  # [rows, capacity, kv, hd] each
         hidden = run_rows("trunk", calls, self.dtype, self.device, self.fixed,
-                          lambda x, p, i, end: self._step(x, p, [k[:, :end] for k, _ in views],
-                                                          [v[:, :end] for _, v in views], i))
+                          lambda x, p, i, end: self._step(x, p, [k[:len(x), :end] for k, _ in views],
+                                                          [v[:len(x), :end] for _, v in views], i))
         return [hidden[call[2].row:call[2].row + 1] for call in calls]
 
     def compile_step(self) -> None:

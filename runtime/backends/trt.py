@@ -138,18 +138,20 @@ class TrtBackend(BackendBase):
         """One decode step of several requests in one engine call (the decode profile, B = the pool's rows):
         ``calls`` (embeds [1,1,H], positions [3,1,1], cache), every cache a row of one token-major ``KVPool``; the
         new entries land in staging buffers and are copied into each row at its length on the device. Returns each
-        request's hidden state [1,1,H], a view of the batch output."""
+        request's hidden state [1,1,H], a view of the batch output. The call covers the pool's rows up to the last
+        one a request holds (``KVPool.span``)."""
         pool = calls[0][2].pool
-        if pool.rows > self.max_rows:
-            raise TrtError(f"{pool.rows} rows are more than trunk.plan's decode profile takes ({self.max_rows}); "
+        n = pool.span
+        if n > self.max_rows:
+            raise TrtError(f"{n} rows are more than trunk.plan's decode profile takes ({self.max_rows}); "
                            "re-export with a larger --max-batch")
-        embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device)
-        n, h = pool.rows, embeds.shape[2]
+        embeds, positions, index, _ = row_inputs(calls, self.dtype, self.device, rows=n)
+        h = embeds.shape[2]
         self._hidden, hidden = hidden_view(self._hidden, n, h, self.dtype, self.device)  # kept while they fit
         hidden = hidden.view(n, 1, h)
         self._staging = staging_buffers(self._staging, self.num_layers, calls[0][2], rows=n)
         inputs, outputs = rows_bindings(self.num_layers, embeds, positions, index, pool, hidden, self._staging,
-                                        self.deepstack.inputs(None, 1, self.dtype, self.device, rows=n))
+                                        self.deepstack.inputs(None, 1, self.dtype, self.device, rows=n), rows=n)
         handle = self._stream()
         self.trunk_engine.use_profile(select_profile(1, pool.capacity), handle)
         self.trunk_engine.run(inputs, outputs, handle)
