@@ -135,7 +135,7 @@ class TrtBackend(BackendBase):
         self.head_rows = partial(head_rows, head, dtype=self.dtype, device=self.device)
 
     def trunk_rows(self, calls: list[tuple]) -> list[torch.Tensor]:
-        """One decode step of several requests in one engine call (the decode profile, B = the pool's rows):
+        """One decode step of several requests in one engine call (the decode profile, B = the rows it covers):
         ``calls`` (embeds [1,1,H], positions [3,1,1], cache), every cache a row of one token-major ``KVPool``; the
         new entries land in staging buffers and are copied into each row at its length on the device. Returns each
         request's hidden state [1,1,H], a view of the batch output. The call covers the pool's rows up to the last
