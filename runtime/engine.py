@@ -141,7 +141,8 @@ class Running:
         self.turns = 0
         self.batch_sum = 0
         self._engine = engine
-        self.period = 0  # the update period it registered its phase for (0: none)
+        self.period = 0  # its updates' period, once its first step was let through ``in_phase`` (0: none)
+        self.phase = 0  # the round number, modulo ``period``, of that first step
 
     @property
     def batch_mean(self) -> float:
@@ -151,30 +152,16 @@ class Running:
         """Whether a request whose updates fall on every ``period``-th step from its first may take its first step
         in this round: where other running requests have that period, the rounds on which theirs fall (so that the
         updates run together, one call for all, rather than one call on every round); where none has, any round
-        (this one sets the phase). True for ``period`` < 2. Called once per round until True, which registers it
-        (released when it finishes)."""
+        (this one sets the phase). True for ``period`` < 2. Called once per round until True, which records the
+        phase on this request (read off the running requests: nothing to release when it finishes)."""
         engine = self._engine
         if period < 2 or engine is None or self.period:
             return True
-        phase = engine.phases.get(period)
-        if phase is None:
-            engine.phases[period] = [engine.rounds % period, 1]
-        elif engine.rounds % period == phase[0]:
-            phase[1] += 1
-        else:
+        here = engine.rounds % period
+        if any(row[4].period == period and row[4].phase != here for row in engine._active if row):
             return False
-        self.period = period
+        self.period, self.phase = period, here
         return True
-
-    def leave(self) -> None:
-        """The request finished: its phase registration goes."""
-        phases = self._engine.phases if self._engine is not None else {}
-        phase = phases.get(self.period)
-        if phase is not None:
-            phase[1] -= 1
-            if not phase[1]:
-                del phases[self.period]
-        self.period = 0
 
 
 class Engine:
@@ -193,8 +180,7 @@ class Engine:
         self.waiting = 0  # requests queued, not started
         self._active: list[list] = []  # the running requests: [generator, channel, threads, kv, running]
         self.kv_in_use = 0  # bytes of KV cache the running requests declared
-        self.rounds = 0  # rounds run (``_round``)
-        self.phases: dict[int, list[int]] = {}  # update period -> [its round phase, requests on it] (``Running``)
+        self.rounds = 0  # rounds run (``_round``; ``Running.in_phase``)
 
     @property
     def running(self) -> int:
@@ -320,5 +306,4 @@ class Engine:
         if finished:
             self._active = [r for r in self._active if r is not row]
             self.kv_in_use -= kv
-            running.leave()
             row.clear()  # the generator and its tensors go now, not at the next request
