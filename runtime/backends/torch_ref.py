@@ -55,9 +55,10 @@ class TorchBackend(BackendBase):
     head_major_layers = 0  # the KV cache layers it reads head-major (``KVCache.allocate``): none
     # dynamic decode: the running requests' caches are rows of one pool, decoded together (``trunk_rows``,
     # ``head_rows``: the static step's form with an index per row, over the rows' filled length). A request alone is
-    # one row (pool_min_rows 1): PyTorch's CPU matmuls read a one-row product about twice as fast as a two-row one
-    # (measured on the bench fp32 export: a lone request decoded 6.5-8.5 tokens/s as one row, 3.9-4.2 as one of two);
-    # rows together then equal each alone to float rounding (one-row and several-row kernels round differently)
+    # one row (pool_min_rows 1): PyTorch's own CPU matmuls read a one-row product about twice as fast as a two-row
+    # one (measured on the bench fp32 export: a lone request decoded 6.5-8.5 tokens/s as one row, 3.9-4.2 as one of
+    # two); rows together then equal each alone to float rounding (one-row and several-row kernels round
+    # differently; so do oneDNN's over packed weights, ``pack_linears``, at some shapes)
     batch_rows = True
     batch_static = True  # static decode too: the same calls over the pool's whole buffers (``static_rows``)
 
@@ -70,6 +71,19 @@ class TorchBackend(BackendBase):
         self.compiled = False
         self.head = None
         self.fixed = None  # static decode of several requests together (``static_rows``): a RowGraphs
+        self.packed_linears = 0  # linears run through oneDNN over packed weights (``pack_linears``)
+
+    def pack_linears(self, head) -> None:
+        """On CPU in float32: the trunk's and the head's linears through oneDNN over weights packed once
+        (``models.packed``: x1.27 the step's matmuls at 4 rows on the bench shape, faster at one row too, than
+        ONNX Runtime's; PyTorch's own CPU matmul was slower than both). The trunk's original weights are released
+        (it never runs a backward); the head keeps them beside the packed copy (V-Reason's update backpropagates
+        through its last layer and reads the LM head's weight). ``packed_linears``: how many were packed (0 where
+        ``models.packed.usable`` says no)."""
+        from models.packed import pack_linears, usable
+
+        if usable(self.device, self.dtype):
+            self.packed_linears = pack_linears(self.model.trunk, keep=False) + pack_linears(head, keep=True)
 
     def attach_head(self, head) -> None:
         """The head the batched head call (``head_rows``) runs."""
