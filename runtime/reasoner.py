@@ -200,6 +200,8 @@ class Reasoner:
             head.prefer_column_major_lm_head()
         if name == "torch" and model_dir is None:  # (the parity reference, --model, keeps PyTorch's own linears)
             impl.pack_linears(head)
+            if impl.packed_linears:
+                reason += f"; {impl.packed_linears} float linears through oneDNN over weights packed at load"
         static = decode == "static" or (decode == "auto" and on_cuda)
         if name == "ort":  # (max_batch checked against static decode when the Reasoner is made)
             batch = (default_max_batch("static" if static else "dynamic") if max_batch is None else max_batch) > 1

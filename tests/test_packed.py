@@ -68,6 +68,7 @@ def test_torch_backend_packs_its_linears_and_answers_as_before(engine_dir, monke
     video = str(sample_video(tmp_path / "clip.mp4", seconds=1.0, fps=4.0, size=(56, 56)))
     packed = Reasoner.load(engine_dir, backend="torch", max_batch=1)
     assert packed.backend.packed_linears > 0
+    assert "oneDNN" in packed.backend_reason  # what `python -m runtime` prints after "backend: torch"
     assert not any(isinstance(m, nn.Linear) for m in packed.backend.model.trunk.modules())
     monkeypatch.setattr(models.packed, "usable", lambda *a: False)
     plain = Reasoner.load(engine_dir, backend="torch", max_batch=1)
