@@ -79,3 +79,10 @@ def test_torch_backend_packs_its_linears_and_answers_as_before(engine_dir, monke
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.entropy, b.entropy)) < 1e-4
         assert a.alpha == pytest.approx(b.alpha, abs=1e-4)
+
+
+def test_the_load_time_check_leaves_the_random_stream_alone():
+    state = torch.random.get_rng_state()
+    assert usable("cpu", torch.float32)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not usable("cpu", torch.float16) and not usable("meta", torch.float32)
