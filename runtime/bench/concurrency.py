@@ -138,8 +138,7 @@ def run_concurrency(args) -> dict:
     top = levels[-1]
     peer = peer_model(r, clip, args) if args.peer else None
     rep = {"engine": str(args.engine), "backend": r.backend.name, "backend_reason": r.backend_reason,
-           "max_batch": r.max_batch,
-           "batched": r.pool is not None, "new_tokens": args.new_tokens,
+           "max_batch": r.max_batch, "batched": r.pool is not None, "new_tokens": args.new_tokens,
            "repeats": args.repeats, "levels": levels, "methods": {}}
     for method in ("base", "vreason"):
         solo = r.ask(video=str(clip), question=QUESTION, method=method, max_new_tokens=args.new_tokens,
@@ -178,8 +177,7 @@ def concurrency_table(rep: dict) -> str:
            "taking turns (this backend decodes one request per call)")
     lines = [f"{rep['engine']} on {rep['backend']} ({rep.get('backend_reason', '')}): {rep['new_tokens']} new tokens, "
              f"{rep['repeats']} requests per client, clients started together; one engine thread, up to "
-             f"{rep['max_batch']} requests running, "
-             f"{how}", "",
+             f"{rep['max_batch']} requests running, {how}", "",
              "| method | clients | aggregate tok/s | vs 1 client | aggregate decode tok/s | vs 1 client | "
              "per-request decode tok/s | TTFT p50 (s) | TTFT p95 (s) | queue p50 (s) | batch mean | KV held / own | "
              "answers = solo |",
