@@ -164,6 +164,38 @@ class Running:
         return True
 
 
+def apart(fn: Callable[[], object]) -> object:
+    """``fn()`` run on a thread of its own that ends when it returns: its result returned here, its exception raised
+    here. For work that runs PyTorch's parallel CPU kernels outside the engine (loading a model).
+
+    Why: PyTorch's CPU kernels run on libgomp (OpenMP) threads, a pool of them for each thread that ever ran a
+    parallel kernel, kept until that thread ends. Once a process holds more OpenMP threads than cores, libgomp
+    lets a waiting worker spin about 100 times before it sleeps, in place of about 300,000 (its "throttled" spin
+    count), so each of a decode step's parallel kernels (a hundred and more) wakes its workers through the kernel
+    again. A load on the caller's thread left such a pool beside the engine thread's for the life of the process:
+    on the bench fp32 export (torch backend, 2 cores, 4 clients) decode ran x0.82 of the rate with the engine's
+    pool alone (docs/benchmarks.md). The caller's current CUDA device (a per-thread setting) is the thread's too."""
+    import torch
+
+    box: dict = {}
+    cuda = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def run() -> None:
+        try:
+            if cuda is not None:
+                torch.cuda.set_device(cuda)
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (raised again on the caller's thread)
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="load", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box.pop("error")
+    return box["value"]
+
+
 class Engine:
     """The thread that runs a model's requests (see the module docstring). ``submit(run, kv=...)`` queues ``run``
     (a callable returning the request's generator) and returns its channel. A request runs with the PyTorch
@@ -188,10 +220,11 @@ class Engine:
         return len(self._active)
 
     def submit(self, run: Callable[[float, Running], Iterator], channel: Channel | AsyncChannel | None = None,
-               kv: int = 0) -> Channel | AsyncChannel:
+               kv: int = 0, threads: int = 0) -> Channel | AsyncChannel:
         """``run(queue_s, running)`` is called on the engine's thread with the seconds the request waited; its
         pieces go to ``channel`` (default: a new ``Channel``), which is returned. ``kv``: the bytes of KV cache
-        the request will hold; over the whole budget, ``ResourceError`` at once."""
+        the request will hold; over the whole budget, ``ResourceError`` at once. ``threads``: the PyTorch threads
+        the request runs with (0: the submitting thread's setting)."""
         import torch
 
         if self.kv_budget is not None and kv > self.kv_budget:
@@ -204,7 +237,7 @@ class Engine:
         self._ensure_thread()
         with self._start_lock:
             self.waiting += 1
-        self._queue.put((run, channel, time.perf_counter(), torch.get_num_threads(), kv))
+        self._queue.put((run, channel, time.perf_counter(), threads or torch.get_num_threads(), kv))
         return channel
 
     def _ensure_thread(self) -> None:

@@ -28,7 +28,7 @@ from models.prompt import Tokenizer, load_chat_template, prompt_ids
 from models.registry import family
 from runtime.backends import resolve
 from runtime.cache import KVCache
-from runtime.engine import TICK, Engine, drain
+from runtime.engine import TICK, Engine, apart, drain
 from runtime.generate import Cancelled, DecodeState, Loop
 from runtime.reuse import ReuseStore, default_reuse_mb, nbytes
 from runtime.sampling import SamplingParams
@@ -153,6 +153,14 @@ class Reasoner:
             import cv2
 
             cv2.setNumThreads(threads)  # video decoding and resizing too
+        # (on a thread of its own: its PyTorch CPU threads end with it, and the engine's run alone; see apart)
+        return apart(lambda: cls._open(engine_dir, backend, device, model_dir, verify, decode, cuda_graphs, compile,
+                                       threads, reuse_mb, ort_trunk, max_batch, kv_mb))
+
+    @classmethod
+    def _open(cls, engine_dir, backend, device, model_dir, verify, decode, cuda_graphs, compile, threads, reuse_mb,
+              ort_trunk, max_batch, kv_mb) -> Reasoner:
+        """``load``'s work, its arguments checked."""
         d = Path(engine_dir).expanduser()
         manifest = check_export(d, verify_hashes=verify)
         q = manifest["quantization"]

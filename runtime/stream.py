@@ -93,7 +93,7 @@ class Stream:
             return
         finished = False
         try:
-            yield from engine.submit(self._run, kv=self.kv)
+            yield from engine.submit(self._run, kv=self.kv, threads=self.r.backend.torch_threads)
             finished = True
         finally:
             if not finished:
@@ -107,7 +107,8 @@ class Stream:
 
         finished = False
         try:
-            async for piece in self.r.engine.submit(self._run, AsyncChannel(), kv=self.kv):
+            async for piece in self.r.engine.submit(self._run, AsyncChannel(), kv=self.kv,
+                                                    threads=self.r.backend.torch_threads):
                 yield piece
             finished = True
         finally:

@@ -4,14 +4,19 @@ answer equals the same request run alone."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from runtime.reasoner import Reasoner
 
 QUESTIONS = ["Which shape moves left?", "What color is the circle?", "How many squares?", "Which way?"]
+ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds: far above what these requests take; reached only if something hangs
 
 
@@ -425,3 +430,61 @@ def test_a_backend_with_a_row_limit_caps_max_batch(engine_dir, monkeypatch):
     with pytest.raises(InputError, match=r"max_batch=4 is more than this export's TensorRT decode profile takes \(2 "
                                          r"rows\).*--max-batch 4"):
         Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+
+
+def test_apart_returns_and_raises_on_the_callers_thread():
+    from runtime.engine import apart
+
+    ran = []
+    assert apart(lambda: ran.append(threading.current_thread()) or 7) == 7
+    assert ran[0] is not threading.current_thread() and not ran[0].is_alive()
+    with pytest.raises(KeyError, match="gone"):
+        apart(lambda: {}["gone"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts a process's OS threads through Linux's /proc; needs 2 cores for an OpenMP worker")
+def test_loading_leaves_no_pytorch_cpu_threads_behind(engine_dir):
+    """``Reasoner.load`` runs PyTorch's parallel CPU kernels on a thread that ends with it (``runtime.engine.apart``):
+    a fresh process holds as many OS threads after a torch-backend load as before it. The same load's work on the
+    caller's thread (``Reasoner._open``) leaves OpenMP workers behind, which shows the count can tell."""
+    code = (
+        "import os, sys, time\n"
+        "from runtime.reasoner import Reasoner\n"
+        "count = lambda: len(os.listdir('/proc/self/task'))\n"
+        "args = dict(backend='torch', reuse_mb=0, verify=False, max_batch=4, kv_mb=64)\n"
+        "before = count()\n"
+        "Reasoner.load(sys.argv[1], **args)\n"
+        "end = time.monotonic() + 10\n"  # (threads that have ended leave /proc/self/task a moment later)
+        "while count() > before and time.monotonic() < end:\n"
+        "    time.sleep(0.05)\n"
+        "after = count()\n"
+        "Reasoner._open(sys.argv[1], args['backend'], None, None, False, 'auto', None, False, None, 0, 'auto', 4, 64)\n"
+        "print(before, after, count())\n")
+    out = subprocess.run([sys.executable, "-c", code, str(engine_dir)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, on_caller = map(int, out.stdout.split()[-3:])
+    assert after == before
+    assert on_caller > after
+
+
+def test_a_request_runs_with_the_threads_it_was_submitted_with():
+    """``Engine.submit(threads=)``: the PyTorch threads a request's work runs with on the engine's thread (the ort
+    backend's requests take one: its thread then keeps no OpenMP workers); 0, the submitting thread's setting."""
+    import torch
+
+    from runtime.engine import Engine
+
+    engine = Engine("threads")
+
+    def run(queue_s, running):
+        yield torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert list(engine.submit(run, threads=1)) == [1]
+        assert list(engine.submit(run)) == [2]
+    finally:
+        torch.set_num_threads(before)

@@ -20,7 +20,8 @@ class Backend(Protocol):
     head_major_layers: int  # how many of the first cache layers it reads and writes head-major (KVCache.allocate)
     suffix_prefill: bool  # it can prefill on top of a cache that already holds entries (reuse, chunked prefill)
     graphs_outlive_prefill: bool  # CUDA graphs captured on a cache stay valid after another request's prefill
-    torch_threads: int  # PyTorch threads for the loop's own work between its calls (0: as they are)
+    torch_threads: int  # PyTorch threads for a request's own work between its calls, on the engine's thread and in
+    # the loop (0: the submitting thread's setting)
     base_head: object | None  # the head as a graph of its own, for steps without autograd (None: PyTorch's head)
     batch_rows: bool  # it decodes several requests' tokens in one call (``trunk_rows``; caches: rows of a KVPool)
     head_rows: object | None  # with batch_rows: the head for several requests' tokens in one call (None: per row)

@@ -117,7 +117,9 @@ class OrtBackend(BackendBase):
         self.threads = threads
         # PyTorch's work between this backend's calls (embedding, entropy, sampling, the controller) on one
         # thread: an OpenMP worker spins for milliseconds after each parallel op and would take a core from
-        # the next graph run (``Loop.threads``)
+        # the next graph run (``Loop.threads``); the engine runs the requests' whole work so (``Engine.submit``),
+        # and its thread then holds no OpenMP workers to slow a torch backend's in the same process
+        # (``runtime.engine.apart``)
         self.torch_threads = 1 if device == "cpu" else 0
         self.base_head = None  # the head as an ONNX Runtime graph, for steps without autograd (Loop.head_step)
 

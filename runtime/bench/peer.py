@@ -59,10 +59,15 @@ def build(text: dict, precision: str, work: Path) -> Path:
         import torch
         import transformers
 
-        torch.manual_seed(0)
-        names = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[kind]
-        conf = getattr(transformers, names[0])(**{k: v for k, v in cfg.items() if k != "architectures"})
-        getattr(transformers, names[1])(conf).save_pretrained(src)
+        from runtime.engine import apart
+
+        def save() -> None:
+            torch.manual_seed(0)
+            names = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[kind]
+            conf = getattr(transformers, names[0])(**{k: v for k, v in cfg.items() if k != "architectures"})
+            getattr(transformers, names[1])(conf).save_pretrained(src)
+
+        apart(save)  # (its PyTorch CPU threads end with it: runtime.engine.apart)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
            "-e", "cpu", "-c", str(work / "cache")]
     done = subprocess.run(cmd, capture_output=True, text=True)
