@@ -142,7 +142,10 @@ class Reasoner:
         calls as they are (already over the pool's whole buffers); on TensorRT it is refused.
         ``kv_mb``: the KV cache (MiB) the running requests may hold together; a request waits for room, and one that
         needs more than all of it is refused. Default: a quarter of the device's free memory at load, and at least
-        one request at the export's context limit."""
+        one request at the export's context limit.
+
+        The work runs on a thread of its own that ends with it (``runtime.engine.apart``: PyTorch's CPU worker
+        threads are then the engine thread's alone); errors are raised here."""
         if decode not in DECODE:
             raise UserError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE)}")
         check_number("reuse_mb", reuse_mb, lo=0, integer=True, optional=True)
