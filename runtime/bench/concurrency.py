@@ -15,9 +15,10 @@ longest request, rounded up to 256 entries, and on the ort backend a request alo
 engine keeps up to ``max_batch`` requests running; where the backend can (``batch_rows``: every backend with dynamic
 decode, the torch and ort backends with static decode too) their decode steps run as one call, one pass over the
 weights for all of them; elsewhere they take turns. With ``--peer``: onnxruntime-genai's model of the export's
-decoder shape and weight format (``runtime.bench.peer``, built once under --work) generates as many requests
-together as the top level, once per round after our waves (base): its aggregate decode rate, ours, and the
-per-round ratio.
+decoder shape and weight format (``runtime.bench.peer``, built once under --work; from the export's own weights
+where they are floats, and then first checked: its greedy tokens and their entropies on a text prompt against
+ours) generates as many requests together as the top level, once per round after our waves (base): its aggregate
+decode rate, ours, and the per-round ratio.
 """
 
 from __future__ import annotations
@@ -116,15 +117,27 @@ def level_row(n: int, waves: list[tuple[list, float]], solo: list[int]) -> dict:
 
 
 def peer_model(r, clip: Path, args):
-    """onnxruntime-genai's model of the export's decoder shape and weight format (``runtime.bench.peer``), built
-    once under --work: (its ``once``, its precision, the prompt length it is given: the benchmark request's)."""
+    """onnxruntime-genai's model of the export's decoder shape and weight format (``runtime.bench.peer``; of its
+    weights where they are floats), built once under --work: (its ``once``, its precision, the prompt length it is
+    given (the benchmark request's), its greedy tokens and entropies on a text prompt against ours (None where its
+    weights are not the export's))."""
     from runtime.bench.peer import build, measure
 
     precision = "int4" if r.weights["quantize"] == "int4" else "fp32"
     text = r.manifest["config"]["text"]
+    own = r.weights["quantize"] == "none"  # a float export: the peer takes its weights (``peer.export_weights``)
     prompt = len(r.prepare(video=str(clip), question=QUESTION, max_new_tokens=args.new_tokens, template="plain").ids)
-    rep = measure(build(text, precision, Path(args.work)), prompt, args.new_tokens, 1, text["vocab_size"])
-    return rep["once"], precision, prompt
+    rep = measure(build(text, precision, Path(args.work), Path(args.engine) if own else None), prompt,
+                  args.new_tokens, 1, text["vocab_size"])
+    same = None
+    if own:  # the same weights: the same greedy tokens and entropies on a text prompt (the peer takes no video)
+        ids = r.prepare(question=QUESTION, max_new_tokens=args.new_tokens, template="plain").ids
+        ours = list(r.stream(question=QUESTION, max_new_tokens=args.new_tokens, template="plain", events=True))
+        tokens, entropies = rep["greedy"](ids, args.new_tokens)
+        n = min(len(ours), len(tokens))
+        same = {"compared": n, "equal": n > 0 and [e.id for e in ours[:n]] == tokens[:n],
+                "entropy_max_abs_diff": max((abs(float(e.entropy) - h) for e, h in zip(ours, entropies)), default=None)}
+    return rep["once"], precision, prompt, same
 
 
 def run_concurrency(args) -> dict:
@@ -164,6 +177,8 @@ def run_concurrency(args) -> dict:
         if rounds:
             ratios = [o / p for o, p in rounds if o > 0]
             rep["peer"] = {"precision": peer[1], "prompt_tokens": peer[2], "batch": top,
+                           "weights": "the export's" if peer[3] is not None else "random, of the export's shape",
+                           "greedy_tokens": peer[3],
                            "aggregate_decode_tokens_per_s": statistics.median(p for _, p in rounds),
                            "ours_aggregate_decode_tokens_per_s": statistics.median(o for o, _ in rounds),
                            "ours_over_peer": statistics.median(ratios) if ratios else None,
@@ -201,4 +216,8 @@ def concurrency_table(rep: dict) -> str:
                   f"{peer['aggregate_decode_tokens_per_s']:.1f} decode tokens/s against our "
                   f"{peer['ours_aggregate_decode_tokens_per_s']:.1f}; ours / peer per round x"
                   f"{peer['ours_over_peer']:.2f} (x{peer['ours_over_peer_min']:.2f}-x{peer['ours_over_peer_max']:.2f})"]
+        same = peer.get("greedy_tokens")
+        lines.append(f"its weights: {peer.get('weights', 'random')}" + (
+            "" if same is None else f"; greedy tokens on a text prompt, its against ours: {same['compared']} compared, "
+            f"{'equal' if same['equal'] else 'NOT equal'}, entropies within {same['entropy_max_abs_diff']:.1e}"))
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The CPU peer a user would pick instead: onnxruntime-genai's model builder (fp32 and int4 CPU models) on a
-text-only Qwen2 (Qwen3 for a Qwen3-VL export) checkpoint of an export's decoder shape with random weights (only
-speed is compared).
+text-only Qwen2 (Qwen3 for a Qwen3-VL export) checkpoint of an export's decoder: with the export's own weights where
+it keeps floats (``export_weights``; the builder quantizes them for int4), else random weights of its shape.
 
 ``python -m runtime.bench.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
 one model: prefill of ``--prompt-tokens`` random ids, then ``--new-tokens`` greedy tokens; medians of
@@ -47,10 +47,57 @@ def peer_config(text: dict) -> dict:
     return cfg
 
 
-def build(text: dict, precision: str, work: Path) -> Path:
-    """The builder's model directory for this shape and precision (built once, then reused)."""
+def float_weights(engine: Path) -> bool:
+    """Whether the export keeps its decoder's weights as floats (then the peer takes them: ``export_weights``)."""
+    from export.manifest import read_manifest
+
+    return read_manifest(engine)["quantization"].get("scheme", "none") == "none"
+
+
+def export_weights(engine: Path) -> dict:
+    """A float export's decoder weights under the names of the transformers text model ``peer_config`` describes:
+    the trunk's layers read back from its graph (``model_from_export``; their fused q/k/v and gate/up split again),
+    the last layer, final norm, embedding and LM head from head.safetensors (the LM head left out where tied)."""
+    import torch
+
+    from export.manifest import read_manifest
+    from models.registry import family
+    from runtime.backends.torch_ref import model_from_export
+
+    manifest = read_manifest(engine)
+    fam = family(manifest["model_type"])
+    cfg = fam.Config.from_stored(manifest["config"])
+    model = model_from_export(engine, manifest, torch.float32, "cpu")
+    head = fam.load_head(cfg, engine / "head.safetensors", torch.float32, "cpu", manifest["quantization"])
+    layers = list(model.decoder.layers[:-1]) + [head.layer]
+    out = {"model.embed_tokens.weight": head.embed_tokens.weight, "model.norm.weight": head.norm.weight}
+    if not head.tied:
+        out["lm_head.weight"] = head.lm_head.weight
+    for i, layer in enumerate(layers):
+        for name, t in layer.state_dict().items():
+            part, _, kind = name.rpartition(".")
+            if part.endswith("qkv_proj"):
+                a = layer.self_attn
+                q, k, v = t.split([a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim])
+                for p, w in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+                    out[f"model.layers.{i}.self_attn.{p}.{kind}"] = w
+            elif part.endswith("gate_up_proj"):
+                gate, up = t.chunk(2)
+                out[f"model.layers.{i}.mlp.gate_proj.{kind}"] = gate
+                out[f"model.layers.{i}.mlp.up_proj.{kind}"] = up
+            else:
+                out[f"model.layers.{i}.{name}"] = t
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def build(text: dict, precision: str, work: Path, engine: Path | None = None) -> Path:
+    """The builder's model directory for this shape and precision (built once, then reused). ``engine``: a float
+    export whose own weights the model takes (``export_weights``); else random weights of its shape."""
     cfg = peer_config(text)
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    ident = json.dumps(cfg, sort_keys=True)
+    if engine is not None:  # (the export's manifest records its files' digests)
+        ident += (Path(engine) / "manifest.json").read_text()
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     kind = cfg["model_type"]
     src, out = work / f"{kind}-{key}", work / f"{kind}-{key}-{precision}"
     if (out / "genai_config.json").is_file():
@@ -62,6 +109,13 @@ def build(text: dict, precision: str, work: Path) -> Path:
         from runtime.engine import apart
 
         def save() -> None:
+            if engine is not None:
+                from safetensors.torch import save_file
+
+                src.mkdir(parents=True, exist_ok=True)
+                save_file(export_weights(Path(engine)), str(src / "model.safetensors"), metadata={"format": "pt"})
+                (src / "config.json").write_text(json.dumps(cfg, indent=1))
+                return
             torch.manual_seed(0)
             names = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[kind]
             conf = getattr(transformers, names[0])(**{k: v for k, v in cfg.items() if k != "architectures"})
@@ -108,13 +162,29 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
             n += 1
         return t1 - t0, (time.perf_counter() - t1) / max(n - 1, 1)
 
+    def greedy(prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+        """The model's greedy tokens after ``prompt`` (at most ``n``; fewer where it reaches its end token) and the
+        entropy (nats, float64) of the logits each was picked from."""
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens([int(i) for i in prompt])
+        entropies = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            logits = np.asarray(gen.get_output("logits"), dtype=np.float64).reshape(-1, vocab)[-1]
+            logp = logits - logits.max()
+            logp -= np.log(np.exp(logp).sum())
+            entropies.append(float(-(np.exp(logp) * logp).sum()))
+        return [int(t) for t in gen.get_sequence(0)][len(prompt):], entropies
+
     once()  # warm-up
     reset_peak_rss()
     runs = [once() for _ in range(repeats)]
     files = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".onnx", ".data"))
     rep = {"ttft_s": statistics.median(r[0] for r in runs),
            "decode_s_per_token": statistics.median(r[1] for r in runs), "prompt_tokens": prompt_tokens,
-           "peak_memory_bytes": peak_rss(), "export_bytes": files, "once": once}
+           "peak_memory_bytes": peak_rss(), "export_bytes": files, "once": once, "greedy": greedy}
     if batch > 1:  # measured after the single requests, alternating with them: ratios within one machine state
         pairs = []
         for _ in range(repeats):
@@ -198,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         against = checks.input_dir(args.against, "--against") if args.against else None
         checks.check_number("--rounds", args.rounds, lo=1, integer=True)
-        rep = measure(build(text, args.precision, work), args.prompt_tokens, args.new_tokens, args.repeats,
-                      text["vocab_size"], args.batch)
+        engine = Path(args.engine)
+        own = float_weights(engine)
+        rep = measure(build(text, args.precision, work, engine if own else None), args.prompt_tokens,
+                      args.new_tokens, args.repeats, text["vocab_size"], args.batch)
         once = rep.pop("once")
+        rep.pop("greedy")
         rep["precision"] = args.precision
+        rep["weights"] = "the export's" if own else "random"
         if against is not None:
             rep["side_by_side"] = side_by_side(once, against, args.new_tokens, args.rounds, args.seconds, work,
                                                args.ort_trunk, args.prompt_tokens)
