@@ -1,4 +1,5 @@
-"""Helpers shared by tests: prompts with visual inputs for our model and for transformers; a CLI's one-line error."""
+"""Helpers shared by tests: prompts with visual inputs for our model and for transformers; a CLI's one-line error;
+onnxruntime-genai's model of an export's own weights against ours."""
 
 from __future__ import annotations
 
@@ -67,3 +68,26 @@ def serving(asgi):
         srv.should_exit = True
         thread.join(timeout=15)
     return f"http://127.0.0.1:{port}", stop
+
+
+def peer_of_the_same_weights(engine, work) -> None:
+    """onnxruntime-genai's model built from a float export's own weights (``runtime.bench.peer``) decodes the
+    runtime's greedy tokens on a text prompt, from logits of the same entropy (the tiny models soon repeat one token;
+    the entropies tell every weight apart: gate and up swapped in the conversion left the tokens and moved them by
+    0.09)."""
+    import pytest
+
+    pytest.importorskip("onnxruntime_genai")
+    from runtime.bench.peer import build, measure
+    from runtime.reasoner import Reasoner
+
+    r = Reasoner.load(engine, backend="ort", reuse_mb=0)
+    text = r.manifest["config"]["text"]
+    peer = measure(build(text, "fp32", work, engine), 8, 4, 1, text["vocab_size"])
+    question = "Which shape moves left?"
+    ids = r.prepare(question=question, template="plain", max_new_tokens=12).ids
+    ours = list(r.stream(question=question, template="plain", max_new_tokens=12, events=True))
+    tokens, entropies = peer["greedy"](ids, 12)
+    n = min(len(ours), len(tokens))
+    assert n >= 8 and [e.id for e in ours[:n]] == tokens[:n]
+    assert max(abs(float(e.entropy) - h) for e, h in zip(ours[:n], entropies)) < 1e-4

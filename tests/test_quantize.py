@@ -21,7 +21,7 @@ from models.errors import UserError
 from models.quantized import QuantLinear, backward_block, dequantize
 from runtime.__main__ import main as runtime_main
 from runtime.reasoner import Reasoner
-from tests.helpers import one_error_line
+from tests.helpers import one_error_line, peer_of_the_same_weights
 
 BLOCK = 32  # the tiny checkpoints' layers are 64 and 128 wide
 QUESTION = "Which way does the red circle move?"
@@ -295,21 +295,9 @@ def test_peer_builds_and_runs_the_same_decoder_shape(quantized, tmp_path, capsys
 def test_peer_takes_a_float_exports_own_weights(engine_dir, tmp_path):
     """The peer model of a float export is built from that export's weights (``runtime.bench.peer.export_weights``:
     the trunk read back from its graph, fused projections split again, the head from head.safetensors), so it
-    decodes the same greedy tokens as the runtime on a text prompt, from logits of the same entropy."""
-    pytest.importorskip("onnxruntime_genai")
-    from runtime.bench.peer import build, measure
-
-    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0)
-    text = r.manifest["config"]["text"]
-    peer = measure(build(text, "fp32", tmp_path, engine_dir), 8, 4, 1, text["vocab_size"])
-    question = "Which shape moves left?"
-    ids = r.prepare(question=question, template="plain", max_new_tokens=12).ids
-    ours = list(r.stream(question=question, template="plain", max_new_tokens=12, events=True))
-    tokens, entropies = peer["greedy"](ids, 12)
-    n = min(len(ours), len(tokens))
-    assert n >= 8 and [e.id for e in ours[:n]] == tokens[:n]
-    # (the tiny model soon repeats one token; the entropies tell every weight apart)
-    assert max(abs(float(e.entropy) - h) for e, h in zip(ours[:n], entropies)) < 1e-4
+    decodes the same greedy tokens as the runtime on a text prompt, from logits of the same entropy (Qwen3-VL:
+    ``test_qwen3_vl``)."""
+    peer_of_the_same_weights(engine_dir, tmp_path)
 
 
 def test_peer_ratio_is_the_alternated_one_where_measured():

@@ -327,3 +327,11 @@ def test_derived_vision_limits_hold_every_video_the_rules_allow(q3):
         fh, fw = video_frame_size(h, w, n, s)
         frame = (fh // s.patch_size) * (fw // s.patch_size)
         assert frame <= lim.max_frame_patches and -(-n // 2) * frame <= lim.max_vision_patches, (n, h, w)
+
+
+def test_peer_takes_the_exports_own_weights(q3_engine, tmp_path):
+    """onnxruntime-genai's Qwen3 model built from the export's weights (q/k norms included) decodes our greedy tokens
+    from logits of the same entropy (``tests.helpers.peer_of_the_same_weights``)."""
+    from tests.helpers import peer_of_the_same_weights
+
+    peer_of_the_same_weights(q3_engine, tmp_path)
