@@ -78,16 +78,12 @@ def peer_of_the_same_weights(engine, work) -> None:
     import pytest
 
     pytest.importorskip("onnxruntime_genai")
-    from runtime.bench.peer import build, measure
+    from runtime.bench.peer import against, build, measure
     from runtime.reasoner import Reasoner
 
     r = Reasoner.load(engine, backend="ort", reuse_mb=0)
     text = r.manifest["config"]["text"]
     peer = measure(build(text, "fp32", work, engine), 8, 4, 1, text["vocab_size"])
-    question = "Which shape moves left?"
-    ids = r.prepare(question=question, template="plain", max_new_tokens=12).ids
-    ours = list(r.stream(question=question, template="plain", max_new_tokens=12, events=True))
-    tokens, entropies = peer["greedy"](ids, 12)
-    n = min(len(ours), len(tokens))
-    assert n >= 8 and [e.id for e in ours[:n]] == tokens[:n]
-    assert max(abs(float(e.entropy) - h) for e, h in zip(ours[:n], entropies)) < 1e-4
+    same = against(r, peer["greedy"], "Which shape moves left?", 12)
+    assert same["compared"] >= 8 and same["equal"]
+    assert same["entropy_max_abs_diff"] < 1e-4

@@ -121,22 +121,16 @@ def peer_model(r, clip: Path, args):
     weights where they are floats), built once under --work: (its ``once``, its precision, the prompt length it is
     given (the benchmark request's), its greedy tokens and entropies on a text prompt against ours (None where its
     weights are not the export's))."""
-    from runtime.bench.peer import build, measure
+    from runtime.bench.peer import against, build, float_weights, measure
 
     precision = "int4" if r.weights["quantize"] == "int4" else "fp32"
     text = r.manifest["config"]["text"]
-    own = r.weights["quantize"] == "none"  # a float export: the peer takes its weights (``peer.export_weights``)
+    own = float_weights(r.engine_dir)  # a float export: the peer takes its weights (``peer.export_weights``)
     prompt = len(r.prepare(video=str(clip), question=QUESTION, max_new_tokens=args.new_tokens, template="plain").ids)
-    rep = measure(build(text, precision, Path(args.work), Path(args.engine) if own else None), prompt,
+    rep = measure(build(text, precision, Path(args.work), r.engine_dir if own else None), prompt,
                   args.new_tokens, 1, text["vocab_size"])
-    same = None
-    if own:  # the same weights: the same greedy tokens and entropies on a text prompt (the peer takes no video)
-        ids = r.prepare(question=QUESTION, max_new_tokens=args.new_tokens, template="plain").ids
-        ours = list(r.stream(question=QUESTION, max_new_tokens=args.new_tokens, template="plain", events=True))
-        tokens, entropies = rep["greedy"](ids, args.new_tokens)
-        n = min(len(ours), len(tokens))
-        same = {"compared": n, "equal": n > 0 and [e.id for e in ours[:n]] == tokens[:n],
-                "entropy_max_abs_diff": max((abs(float(e.entropy) - h) for e, h in zip(ours, entropies)), default=None)}
+    # the same weights: the same greedy tokens and entropies on a text prompt
+    same = against(r, rep["greedy"], QUESTION, args.new_tokens) if own else None
     return rep["once"], precision, prompt, same
 
 

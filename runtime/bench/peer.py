@@ -90,6 +90,18 @@ def export_weights(engine: Path) -> dict:
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
+def against(r, greedy, question: str, n: int) -> dict:
+    """The peer's greedy tokens (``measure``'s ``greedy``) against the ``Reasoner`` ``r``'s on the text prompt of
+    ``question`` (the peer takes no video), up to ``n`` and as far as both went: how many were compared, whether they
+    are equal, and the largest difference between the entropies of the logits each was picked from."""
+    s = r.stream(question=question, max_new_tokens=n, template="plain", events=True)
+    ours = list(s)
+    tokens, entropies = greedy(s.prompt.ids, n)
+    m = min(len(ours), len(tokens))
+    return {"compared": m, "equal": m > 0 and [e.id for e in ours[:m]] == tokens[:m],
+            "entropy_max_abs_diff": max((abs(float(e.entropy) - h) for e, h in zip(ours, entropies)), default=None)}
+
+
 def build(text: dict, precision: str, work: Path, engine: Path | None = None) -> Path:
     """The builder's model directory for this shape and precision (built once, then reused). ``engine``: a float
     export whose own weights the model takes (``export_weights``); else random weights of its shape."""
