@@ -285,11 +285,30 @@ def test_peer_builds_and_runs_the_same_decoder_shape(quantized, tmp_path, capsys
     assert peer(int(err.rsplit(" ", 1)[1])) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["decode_s_per_token"] > 0 and rep["export_bytes"] > 0 and rep["precision"] == "int4"
+    assert rep["block_size"] == manifest(engine)["quantization"]["block_size"]  # the compared export's format
     batch = rep["batch"]  # two requests generated together by onnxruntime-genai
     assert batch["size"] == 2 and batch["aggregate_decode_tokens_per_s"] > 0 and batch["aggregate_over_one"] > 0
     sbs = rep["side_by_side"]  # the export on ort and the peer, alternated in one process
     assert sbs["engine"] == str(engine) and sbs["rounds"] == 3 and sbs["trunk"] == "fused"
     assert sbs["ratio_min"] <= sbs["ratio"] <= sbs["ratio_max"] and sbs["decode_tokens_per_s"] > 0
+
+
+def test_peer_takes_an_int4_exports_weight_format(quantized, engine_dir, tmp_path):
+    """The int4 peer is quantized in the compared export's format (``runtime.bench.peer.weight_format``: its block
+    size, accuracy level, symmetric blocks), so both read as many bytes per weight; the builder's own default is
+    blocks of 32, and a built model's graph says which it got (``block_size``)."""
+    pytest.importorskip("onnxruntime_genai")
+    from runtime.bench.peer import block_size, build, weight_format
+
+    q = manifest(quantized["gqa2", "int4"])["quantization"]
+    assert weight_format(quantized["gqa2", "int4"]) == {
+        "block_size": str(q["block_size"]), "accuracy_level": str(q["accuracy_level"]), "is_symmetric": "true"}
+    assert weight_format(quantized["gqa2", "int8"]) == weight_format(engine_dir) == weight_format(None) == {}
+    text = manifest(engine_dir)["config"]["text"]
+    built = {b: build(text, "int4", tmp_path, None, {**weight_format(quantized["gqa2", "int4"]), "block_size": str(b)})
+             for b in (16, 64)}
+    assert {b: block_size(d) for b, d in built.items()} == {16: 16, 64: 64} and built[16] != built[64]
+    assert block_size(build(text, "fp32", tmp_path)) is None
 
 
 def test_peer_takes_a_float_exports_own_weights(engine_dir, tmp_path):

@@ -120,18 +120,19 @@ def peer_model(r, clip: Path, args):
     """onnxruntime-genai's model of the export's decoder shape and weight format (``runtime.bench.peer``; of its
     weights where they are floats), built once under --work: (its ``once``, its precision, the prompt length it is
     given (the benchmark request's), its greedy tokens and entropies on a text prompt against ours (None where its
-    weights are not the export's))."""
-    from runtime.bench.peer import against, build, float_weights, measure
+    weights are not the export's), the block size of its low-bit matmuls (None at fp32; an int4 export's own,
+    ``peer.weight_format``))."""
+    from runtime.bench.peer import against, build, float_weights, measure, weight_format
 
     precision = "int4" if r.weights["quantize"] == "int4" else "fp32"
     text = r.manifest["config"]["text"]
     own = float_weights(r.engine_dir)  # a float export: the peer takes its weights (``peer.export_weights``)
     prompt = len(r.prepare(video=str(clip), question=QUESTION, max_new_tokens=args.new_tokens, template="plain").ids)
-    rep = measure(build(text, precision, Path(args.work), r.engine_dir if own else None), prompt,
-                  args.new_tokens, 1, text["vocab_size"])
+    rep = measure(build(text, precision, Path(args.work), r.engine_dir if own else None, weight_format(r.engine_dir)),
+                  prompt, args.new_tokens, 1, text["vocab_size"])
     # the same weights: the same greedy tokens and entropies on a text prompt
     same = against(r, rep["greedy"], QUESTION, args.new_tokens) if own else None
-    return rep["once"], precision, prompt, same
+    return rep["once"], precision, prompt, same, rep["block_size"]
 
 
 def run_concurrency(args) -> dict:
@@ -170,7 +171,7 @@ def run_concurrency(args) -> dict:
         rep["methods"][method] = rows
         if rounds:
             ratios = [o / p for o, p in rounds if o > 0]
-            rep["peer"] = {"precision": peer[1], "prompt_tokens": peer[2], "batch": top,
+            rep["peer"] = {"precision": peer[1], "prompt_tokens": peer[2], "batch": top, "block_size": peer[4],
                            "weights": "the export's" if peer[3] is not None else "random, of the export's shape",
                            "greedy_tokens": peer[3],
                            "aggregate_decode_tokens_per_s": statistics.median(p for _, p in rounds),
@@ -205,9 +206,10 @@ def concurrency_table(rep: dict) -> str:
                          f"{ratio(row['kv_held_over_own'])} | {'yes' if row['identical_to_solo'] else 'NO'} |")
     peer = rep.get("peer")
     if peer:
-        lines += ["", f"onnxruntime-genai {peer['precision']}, {peer['batch']} requests generated together (equal "
-                  f"{peer['prompt_tokens']}-token prompts), alternating with our waves of {peer['batch']}, base: "
-                  f"{peer['aggregate_decode_tokens_per_s']:.1f} decode tokens/s against our "
+        blocks = f" (blocks of {peer['block_size']})" if peer.get("block_size") else ""
+        lines += ["", f"onnxruntime-genai {peer['precision']}{blocks}, {peer['batch']} requests generated together "
+                  f"(equal {peer['prompt_tokens']}-token prompts), alternating with our waves of {peer['batch']}, "
+                  f"base: {peer['aggregate_decode_tokens_per_s']:.1f} decode tokens/s against our "
                   f"{peer['ours_aggregate_decode_tokens_per_s']:.1f}; ours / peer per round x"
                   f"{peer['ours_over_peer']:.2f} (x{peer['ours_over_peer_min']:.2f}-x{peer['ours_over_peer_max']:.2f})"]
         same = peer.get("greedy_tokens")

@@ -1,6 +1,9 @@
 """The CPU peer a user would pick instead: onnxruntime-genai's model builder (fp32 and int4 CPU models) on a
 text-only Qwen2 (Qwen3 for a Qwen3-VL export) checkpoint of an export's decoder: with the export's own weights where
-it keeps floats (``export_weights``; the builder quantizes them for int4), else random weights of its shape.
+it keeps floats (``export_weights``; the builder quantizes them for int4), else random weights of its shape. An int4
+peer is quantized in the compared int4 export's format (``weight_format``: block size, accuracy level, symmetric
+blocks), so both read as many bytes per weight; the builder's default blocks of 32 read about 18% more than an
+export's blocks of 128 (fp32 scales: 5 bits a weight against 4.25).
 
 ``python -m runtime.bench.peer --engine DIR --precision int4 --json`` builds (once, cached under --work) and times
 one model: prefill of ``--prompt-tokens`` random ids, then ``--new-tokens`` greedy tokens; medians of
@@ -54,6 +57,20 @@ def float_weights(engine: Path) -> bool:
     return read_manifest(engine)["quantization"].get("scheme", "none") == "none"
 
 
+def weight_format(engine: Path | None) -> dict[str, str]:
+    """The builder's options (its ``--extra_options``) that give the peer an int4 export's weight format: its block
+    size, accuracy level and symmetric blocks, so that both read as many bytes per weight (the builder's default
+    blocks of 32 carry four times the scales of blocks of 128). Empty (the builder's defaults) where ``engine`` is
+    None or not an int4 export."""
+    from export.manifest import read_manifest
+
+    q = read_manifest(engine)["quantization"] if engine is not None else {}
+    if q.get("scheme") != "int4":
+        return {}
+    return {"block_size": str(q["block_size"]), "accuracy_level": str(q["accuracy_level"]),
+            "is_symmetric": str(bool(q["symmetric"])).lower()}
+
+
 def export_weights(engine: Path) -> dict:
     """A float export's decoder weights under the names of the transformers text model ``peer_config`` describes:
     the trunk's layers read back from its graph (``model_from_export``; their fused q/k/v and gate/up split again),
@@ -102,16 +119,20 @@ def against(r, greedy, question: str, n: int) -> dict:
             "entropy_max_abs_diff": max((abs(float(e.entropy) - h) for e, h in zip(ours, entropies)), default=None)}
 
 
-def build(text: dict, precision: str, work: Path, engine: Path | None = None) -> Path:
+def build(text: dict, precision: str, work: Path, engine: Path | None = None,
+          options: dict[str, str] | None = None) -> Path:
     """The builder's model directory for this shape and precision (built once, then reused). ``engine``: a float
-    export whose own weights the model takes (``export_weights``); else random weights of its shape."""
+    export whose own weights the model takes (``export_weights``); else random weights of its shape. ``options``:
+    the builder's extra options (``weight_format``)."""
     cfg = peer_config(text)
     ident = json.dumps(cfg, sort_keys=True)
     if engine is not None:  # (the export's manifest records its files' digests)
         ident += (Path(engine) / "manifest.json").read_text()
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     kind = cfg["model_type"]
-    src, out = work / f"{kind}-{key}", work / f"{kind}-{key}-{precision}"
+    extra = [f"{k}={v}" for k, v in sorted((options or {}).items())]
+    tag = "-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
+    src, out = work / f"{kind}-{key}", work / f"{kind}-{key}-{precision}{tag}"
     if (out / "genai_config.json").is_file():
         return out
     if not (src / "config.json").is_file():
@@ -135,12 +156,22 @@ def build(text: dict, precision: str, work: Path, engine: Path | None = None) ->
 
         apart(save)  # (its PyTorch CPU threads end with it: runtime.engine.apart)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
-           "-e", "cpu", "-c", str(work / "cache")]
+           "-e", "cpu", "-c", str(work / "cache")] + (["--extra_options", *extra] if extra else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not (out / "genai_config.json").is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"onnxruntime-genai's builder failed for {precision}: {tail[0]}")
     return out
+
+
+def block_size(model_dir: Path) -> int | None:
+    """The block size of a built model's low-bit matmuls (MatMulNBits), as its graph says; None where it has none
+    (fp32)."""
+    import onnx
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    sizes = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    return max(sizes) if sizes else None
 
 
 def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, vocab: int, batch: int = 1) -> dict:
@@ -196,7 +227,8 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
     files = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".onnx", ".data"))
     rep = {"ttft_s": statistics.median(r[0] for r in runs),
            "decode_s_per_token": statistics.median(r[1] for r in runs), "prompt_tokens": prompt_tokens,
-           "peak_memory_bytes": peak_rss(), "export_bytes": files, "once": once, "greedy": greedy}
+           "peak_memory_bytes": peak_rss(), "export_bytes": files, "block_size": block_size(model_dir),
+           "once": once, "greedy": greedy}
     if batch > 1:  # measured after the single requests, alternating with them: ratios within one machine state
         pairs = []
         for _ in range(repeats):
@@ -282,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         checks.check_number("--rounds", args.rounds, lo=1, integer=True)
         engine = Path(args.engine)
         own = float_weights(engine)
-        rep = measure(build(text, args.precision, work, engine if own else None), args.prompt_tokens,
+        # int4: the format of the int4 export compared (--against, else --engine), where it is one
+        options = weight_format(against or engine) if args.precision == "int4" else {}
+        rep = measure(build(text, args.precision, work, engine if own else None, options), args.prompt_tokens,
                       args.new_tokens, args.repeats, text["vocab_size"], args.batch)
         once = rep.pop("once")
         rep.pop("greedy")
@@ -291,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if against is not None:
             rep["side_by_side"] = side_by_side(once, against, args.new_tokens, args.rounds, args.seconds, work,
                                                args.ort_trunk, args.prompt_tokens)
-        line = (f"onnxruntime-genai {args.precision}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
+        blocks = f" (blocks of {rep['block_size']})" if rep["block_size"] else ""
+        line = (f"onnxruntime-genai {args.precision}{blocks}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
                 f"TTFT {rep['ttft_s']:.3f} s, peak memory {rep['peak_memory_bytes'] / 1e6:.0f} MB")
         if "batch" in rep:
             b = rep["batch"]
