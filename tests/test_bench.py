@@ -55,6 +55,11 @@ def test_concurrency_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
         assert (one["clients"], one["requests"], three["clients"], three["requests"]) == (1, 2, 3, 6)
         assert one["identical_to_solo"] and three["identical_to_solo"]
         assert three["tokens"] == 3 * one["tokens"] and three["aggregate_over_one_client"] > 0
+        # the decode ratio is taken per repeat (each wave over the one-client wave just before it)
+        assert one["decode_over_one_client"] == one["decode_over_one_client_min"] == 1.0
+        if three["decode_over_one_client"] is not None:  # (4 tokens: a wave may have no window where all decode)
+            assert three["decode_over_one_client_min"] <= three["decode_over_one_client"] \
+                <= three["decode_over_one_client_max"]
         assert 0 <= three["queue_p50_s"] and three["ttft_p50_s"] <= three["ttft_p95_s"]
     assert bench(["--engine", str(engine_dir), "--concurrency", "0"]) == 1
 

@@ -96,6 +96,16 @@ def run_wave(r, clip: Path, method: str, n: int, new_tokens: int) -> tuple[list,
     return done, wall, (r.pool.peak_bytes / sum(needs) if r.pool is not None else None)
 
 
+def per_repeat(waves: list[tuple], ones: list[tuple]) -> list[float]:
+    """Each repeat's wave's aggregate decode rate (``together_rate``) over the one-client wave of the same repeat,
+    where both have one."""
+    def rate(wave: tuple) -> float:
+        return together_rate([[t for _, t in wave[0]]])
+
+    rates = [(rate(w), rate(o)) for w, o in zip(waves, ones)]
+    return [w / o for w, o in rates if w > 0 and o > 0]
+
+
 def level_row(n: int, waves: list[tuple[list, float]], solo: list[int]) -> dict:
     """One concurrency level's figures from its waves."""
     results = [res for done, _, _ in waves for res, _ in done]
@@ -163,11 +173,15 @@ def run_concurrency(args) -> dict:
         for row in rows:
             print(f"measured {method} x{row['clients']}: {row['aggregate_decode_tokens_per_s']:.1f} decode tokens/s "
                   "in all", file=sys.stderr)
-        one, one_decode = (rows[0]["aggregate_tokens_per_s"], rows[0]["aggregate_decode_tokens_per_s"]) \
-            if levels[0] == 1 else (None, None)
-        for row in rows:
+        one = rows[0]["aggregate_tokens_per_s"] if levels[0] == 1 else None
+        for n, row in zip(levels, rows):
             row["aggregate_over_one_client"] = row["aggregate_tokens_per_s"] / one if one else None
-            row["decode_over_one_client"] = row["aggregate_decode_tokens_per_s"] / one_decode if one_decode else None
+            # per repeat: this level's wave over the one-client wave run just before it (the machine's speed drifts
+            # by more than these differ over a run; within a repeat both waves see the same machine)
+            pairs = per_repeat(waves[n], waves[1]) if levels[0] == 1 else []
+            row["decode_over_one_client"] = statistics.median(pairs) if pairs else None
+            row["decode_over_one_client_min"], row["decode_over_one_client_max"] = \
+                (min(pairs), max(pairs)) if pairs else (None, None)
         rep["methods"][method] = rows
         if rounds:
             ratios = [o / p for o, p in rounds if o > 0]
@@ -188,7 +202,7 @@ def concurrency_table(rep: dict) -> str:
     lines = [f"{rep['engine']} on {rep['backend']} ({rep.get('backend_reason', '')}): {rep['new_tokens']} new tokens, "
              f"{rep['repeats']} requests per client, clients started together; one engine thread, up to "
              f"{rep['max_batch']} requests running, {how}", "",
-             "| method | clients | aggregate tok/s | vs 1 client | aggregate decode tok/s | vs 1 client | "
+             "| method | clients | aggregate tok/s | vs 1 client | aggregate decode tok/s | vs 1 client (per repeat) | "
              "per-request decode tok/s | TTFT p50 (s) | TTFT p95 (s) | queue p50 (s) | batch mean | KV held / own | "
              "answers = solo |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -196,11 +210,15 @@ def concurrency_table(rep: dict) -> str:
     def ratio(x):
         return "-" if x is None else f"x{x:.2f}"
 
+    def spread(row, key):  # the per-repeat median and range
+        lo, hi = row.get(key + "_min"), row.get(key + "_max")
+        return ratio(row[key]) + ("" if lo is None or lo == hi else f" ({ratio(lo)}-{ratio(hi)})")
+
     for method, rows in rep["methods"].items():
         for row in rows:
             lines.append(f"| {method} | {row['clients']} | {row['aggregate_tokens_per_s']:.1f} | "
                          f"{ratio(row['aggregate_over_one_client'])} | {row['aggregate_decode_tokens_per_s']:.1f} | "
-                         f"{ratio(row['decode_over_one_client'])} | "
+                         f"{spread(row, 'decode_over_one_client')} | "
                          f"{row['per_request_decode_tokens_per_s']:.1f} | {row['ttft_p50_s']:.3f} | "
                          f"{row['ttft_p95_s']:.3f} | {row['queue_p50_s']:.3f} | {row['batch_mean']:.2f} | "
                          f"{ratio(row['kv_held_over_own'])} | {'yes' if row['identical_to_solo'] else 'NO'} |")
