@@ -13,7 +13,8 @@ from models import load_model
 from models.quantized import QuantLinear, rtn_quantize
 from runtime import generate
 from runtime.backends.ort import options
-from runtime.backends.ort_head import DenseInputGrad, OrtHead, supported
+from runtime.backends.ort_graph import GraphBuilder
+from runtime.backends.ort_head import DenseInputGrad, OrtHead, largest_and_first, supported
 from runtime.cache import KVCache
 from runtime.reasoner import Reasoner
 
@@ -101,6 +102,37 @@ def test_the_graph_picks_what_the_loop_would(heads):
     assert graph.picked(logits.clone()) is None  # not the graph's output
     logits[top] -= 100.0  # written through PyTorch after the graph: its picks no longer describe it
     assert graph.picked(logits) is None
+
+
+@pytest.mark.parametrize("vocab", [151936, 320, 1000])
+def test_the_pick_in_blocks_is_torchs_argmax_and_max(vocab):
+    """``largest_and_first`` (in blocks of 128 for the bench vocabulary, of 64 for the tiny one's, over whole rows
+    for a vocabulary no block divides) gives each row's largest logit and torch.argmax's index: the first of equal
+    largest values, whether they lie in one block or in several, and in a row of equal values."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from models.quantized import IR_VERSION
+
+    g = GraphBuilder()
+    largest = largest_and_first(g, "logits", vocab, "top")
+    g.op("Identity", [largest], ["largest"])
+    graph = helper.make_graph(g.nodes, "pick", [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                              ["B", vocab])],
+                              [helper.make_tensor_value_info("top", TensorProto.INT64, ["B"]),
+                               helper.make_tensor_value_info("largest", TensorProto.FLOAT, ["B", 1])],
+                              list(g.consts.values()))
+    model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 21)])
+    session = ort.InferenceSession(model.SerializeToString(), options(2))
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0)) * 4 - 50
+    logits[1, [vocab - 1, 7, vocab // 2]] = 9.0  # equal largest in three blocks: the first index wins
+    logits[2, [70, 65]] = 9.0  # two in one block
+    logits[3] = -2.0  # every value equal: index 0
+    logits[4, vocab - 1] = 9.0  # the very last
+    logits[5, 0] = 9.0  # the very first
+    top, largest = session.run(None, {"logits": logits.numpy()})
+    assert top.tolist() == logits.argmax(dim=1).tolist() == [top[0], 7, 65, 0, vocab - 1, 0]
+    assert np.array_equal(largest[:, 0], logits.amax(dim=1).numpy())
 
 
 @pytest.mark.parametrize("name,form", [("gqa2", "rows"), ("qwen3", "columns"), ("gqa4", "int4")])
