@@ -61,10 +61,16 @@ class KVCache:
 
     def slot(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views [1, n, kv, hd] where the next n entries go (no copy)."""
+        end = self.room(n)
+        return self.keys[layer][:, self.length : end], self.values[layer][:, self.length : end]
+
+    def room(self, n: int) -> int:
+        """The length after ``n`` more entries; raises where they do not fit (the overflow check alone, without
+        ``slot``'s views: a batched decode step makes it once per request)."""
         end = self.length + n
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
-        return self.keys[layer][:, self.length : end], self.values[layer][:, self.length : end]
+        return end
 
     def release(self) -> None:
         """The request holding this cache has ended (a pooled cache gives its row back: ``runtime.pool``)."""

@@ -306,7 +306,8 @@ class Loop:
                 logits = self.head_step(state, hidden, pos)
         with torch.no_grad():
             state.cache.length += 1
-            state.hidden, state.positions = hidden.clone(), pos
+            # (batched: ``hidden`` is this request's own copy already)
+            state.hidden, state.positions = (hidden if self.batched else hidden.clone()), pos
         return logits
 
     def _recompute(self, state: DecodeState, logits: torch.Tensor | None = None) -> torch.Tensor:

@@ -172,7 +172,7 @@ def row_inputs(calls: list[tuple], dtype: torch.dtype, device, rows: int | None 
         if cache.pool is not pool or cache.row >= n:
             raise ValueError("a batched call takes rows of one KV pool (the rows it covers)")
         if not write or write[0]:
-            cache.slot(0, 1)  # the overflow check
+            cache.room(1)
         else:
             index[cache.row] = cache.length - 1
         x[cache.row] = h[0]

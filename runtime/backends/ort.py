@@ -159,12 +159,12 @@ class OrtBackend(BackendBase):
               deepstack: torch.Tensor | None = None) -> torch.Tensor:
         s = embeds.shape[1]
         if self.head_major_layers and s == 1 and deepstack is None:
-            cache.slot(0, 1)  # the overflow check
+            cache.room(1)
             return self._one_token(embeds, positions, cache.length, cache)
         self._hidden, hidden = hidden_view(self._hidden, s, embeds.shape[2], self.dtype, self.device)
         extra = self.deepstack.inputs(deepstack, s, self.dtype, self.device)
         if self.head_major_layers:
-            cache.slot(0, s)  # the overflow check
+            cache.room(s)
             length = torch.tensor([cache.length], dtype=torch.long, device=self.device)
             inputs, outputs = head_major_bindings(self.num_layers, embeds.contiguous(), positions.contiguous(), length,
                                                   cache, hidden, extra)

@@ -304,7 +304,7 @@ class OrtHead:
         recompute writes the current token's entries again, the same numbers: the cache keeps what it held)."""
         s = hidden.shape[1]
         if write:
-            cache.slot(layer, s)  # the overflow check
+            cache.room(s)
         k, v = cache.storage(layer)
         length = torch.tensor([cache.length if write else cache.length - s])
         inputs = {"hidden": hidden.contiguous(), "position_ids": positions.contiguous(), "cache_length": length,
