@@ -95,3 +95,21 @@ def test_a_call_spans_the_rows_up_to_the_last_one_held():
     two = KVPool(2, 2, 8, torch.float32, "cpu", min_rows=2)
     two.acquire(4)
     assert (two.rows, two.span) == (2, 2)  # never under min_rows
+
+
+def test_a_batched_call_refuses_a_row_whose_cache_is_full():
+    """``row_inputs``' overflow check (``KVCache.room``): a row at its capacity cannot take another token, while a
+    recompute of its last token (``write`` off) writes nothing new and goes through."""
+    import pytest
+
+    from runtime.pool import row_inputs
+
+    pool = KVPool(2, 2, 8, torch.float32, "cpu")
+    a, b = pool.acquire(4), pool.acquire(4)
+    a.length, b.length = 3, pool.capacity
+    token, pos = torch.zeros(1, 1, 16), torch.zeros(3, 1, 1, dtype=torch.long)
+    x, _, index, end = row_inputs([(token, pos, a), (token, pos, b, False)], torch.float32, "cpu")
+    assert index.tolist() == [3, pool.capacity - 1] and end == pool.capacity and x.shape == (2, 1, 16)
+    with pytest.raises(RuntimeError, match=f"KV cache overflow: {pool.capacity + 1} > capacity {pool.capacity}"):
+        row_inputs([(token, pos, a), (token, pos, b)], torch.float32, "cpu")
+    assert a.room(2) == 5 and b.room(0) == pool.capacity
