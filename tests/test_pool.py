@@ -3,9 +3,10 @@ entries kept and their views moved when it grows, kept for the next requests and
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from runtime.pool import ROUND, KVPool
+from runtime.pool import ROUND, KVPool, row_inputs
 
 
 def fill(cache, length: int, seed: int) -> list[torch.Tensor]:
@@ -100,10 +101,6 @@ def test_a_call_spans_the_rows_up_to_the_last_one_held():
 def test_a_batched_call_refuses_a_row_whose_cache_is_full():
     """``row_inputs``' overflow check (``KVCache.room``): a row at its capacity cannot take another token, while a
     recompute of its last token (``write`` off) writes nothing new and goes through."""
-    import pytest
-
-    from runtime.pool import row_inputs
-
     pool = KVPool(2, 2, 8, torch.float32, "cpu")
     a, b = pool.acquire(4), pool.acquire(4)
     a.length, b.length = 3, pool.capacity
