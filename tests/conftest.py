@@ -45,6 +45,14 @@ def q3_tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def q3_engine(q3_tiny, tmp_path_factory):
+    """The tiny Qwen3-VL checkpoint exported once (fp32)."""
+    from export.exporter import export_model
+
+    return export_model(q3_tiny, tmp_path_factory.mktemp("q3-engine") / "fp32", quiet=True)
+
+
+@pytest.fixture(scope="session")
 def engine_dir(tiny, tmp_path_factory):
     """The tiny checkpoint exported once (fp32) for every test that needs an export directory."""
     from export.exporter import export_model

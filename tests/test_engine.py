@@ -159,13 +159,6 @@ def _solo_then_together(r, requests: list[dict]) -> tuple[list, list]:
     return alone, [s.result for s in streams]
 
 
-@pytest.fixture(scope="module")
-def q3_engine(q3_tiny, tmp_path_factory):
-    from export.exporter import export_model
-
-    return export_model(q3_tiny, tmp_path_factory.mktemp("q3-engine") / "e", quiet=True)
-
-
 @pytest.mark.parametrize("export,trunk", [("fp32", "standard"), ("fp32", "fused"), ("int4", "fused"),
                                           ("qwen3", "fused"), ("qwen3", "standard"), ("fp32", "torch"),
                                           ("qwen3", "torch"), ("fp32", "torch-static"), ("qwen3", "torch-static"),

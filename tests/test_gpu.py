@@ -66,13 +66,6 @@ def _frames():
     return [f[:, :, ::-1].copy() for f in render_frames("square", "blue", "left", frames=4, size=(96, 128))]
 
 
-@pytest.fixture(scope="module")
-def q3_engine(q3_tiny, tmp_path_factory):
-    from export.exporter import export_model
-
-    return export_model(q3_tiny, tmp_path_factory.mktemp("q3-engine") / "fp32", quiet=True)
-
-
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("method", ["base", "vreason-lite"])
 def test_reasoner_on_cuda_static_equals_dynamic(engine_dir, q3_engine, family, method):

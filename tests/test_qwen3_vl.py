@@ -19,23 +19,17 @@ QUESTION = "Which way does the red circle move?"
 
 
 @pytest.fixture(scope="module")
-def q3(tmp_path_factory) -> dict:
-    """Tiny Qwen3-VL checkpoints in both layouts the family has been saved in."""
-    root = tmp_path_factory.mktemp("qwen3_vl")
-    return {layout: make_checkpoint(root / layout, family="qwen3_vl", layout=layout, seed=i)
-            for i, layout in enumerate(("transformers", "original"))}
+def q3(q3_tiny, tmp_path_factory) -> dict:
+    """Tiny Qwen3-VL checkpoints in both layouts the family has been saved in (the transformers one is the
+    session's, which ``q3_engine`` exports)."""
+    original = make_checkpoint(tmp_path_factory.mktemp("qwen3_vl") / "original", family="qwen3_vl",
+                               layout="original", seed=1)
+    return {"transformers": q3_tiny, "original": original}
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return sample_video(tmp_path_factory.mktemp("clip") / "clip.mp4", "circle", "red", "right", seed=0, seconds=3)
-
-
-@pytest.fixture(scope="module")
-def q3_engine(q3, tmp_path_factory):
-    from export.exporter import export_model
-
-    return export_model(q3["transformers"], tmp_path_factory.mktemp("q3engine") / "fp32", quiet=True)
 
 
 @pytest.fixture(scope="module")

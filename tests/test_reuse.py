@@ -26,13 +26,6 @@ def frames():
     return rgb_frames(8)
 
 
-@pytest.fixture(scope="module")
-def q3_engine(q3_tiny, tmp_path_factory):
-    from export.exporter import export_model
-
-    return export_model(q3_tiny, tmp_path_factory.mktemp("q3reuse") / "fp32", quiet=True)
-
-
 def pair(engine, backend, decode="dynamic"):
     """(with reuse, without) on one export."""
     return (Reasoner.load(engine, backend=backend, decode=decode, reuse_mb=64),
