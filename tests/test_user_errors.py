@@ -178,18 +178,12 @@ def test_export_files_are_readable_by_others(engine_dir):
             assert p.stat().st_mode & stat.S_IROTH, p.name  # head.safetensors included (it was 0600)
 
 
-def test_check_says_when_graphs_were_not_validated(tiny, tmp_path, capsys):
-    from export.exporter import export_model
-
-    out = export_model(tiny, tmp_path / "nv", validate=False, quiet=True)
-    assert export_main(["--check", str(out)]) == 0
-    assert "NOT validated: --no-validate" in capsys.readouterr().out
-
-
-def test_quiet_export_prints_nothing(tiny, tmp_path, capsys):
+def test_quiet_export_prints_nothing_and_check_says_its_graphs_were_not_validated(tiny, tmp_path, capsys):
     assert export_main(["--model", str(tiny), "--out", str(tmp_path / "q"), "--quiet", "--no-validate"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and err == ""
+    assert export_main(["--check", str(tmp_path / "q")]) == 0
+    assert "NOT validated: --no-validate" in capsys.readouterr().out
 
 
 def test_every_cli_shows_each_flags_meaning_and_default(capsys):
