@@ -124,14 +124,20 @@ def run(args) -> int:
         else:
             print(printable(res.text) if tty else res.text)
         t = res.timings
-        print(f"answer: {res.answer!r} | {len(res.token_ids)} tokens, prefill {t['prefill_s']:.2f} s, "
-              f"decode {t['decode_tokens_per_s']:.1f} tokens/s, {res.method} on {res.backend}", file=sys.stderr)
+        print(f"answer: {res.answer!r} | {len(res.token_ids)} tokens, first token after {duration(t['ttft_s'])} "
+              f"(prefill {duration(t['prefill_s'])}), decode {t['decode_tokens_per_s']:.1f} tokens/s, "
+              f"{res.method} on {res.backend}", file=sys.stderr)
     if args.plot:
         from runtime.plot import plot_entropy
         plot_entropy(res, args.plot)
         if not args.json:
             print(f"entropy trace: {args.plot}", file=sys.stderr)
     return 0
+
+
+def duration(seconds: float) -> str:
+    """A time for people: milliseconds under a second (a tiny model's prefill is a few), else seconds."""
+    return f"{seconds * 1e3:.0f} ms" if seconds < 0.9995 else f"{seconds:.2f} s"
 
 
 def printable(text: str) -> str:

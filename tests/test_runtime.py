@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from models.errors import InputError, UserError
 from models.samples import render_frames, sample_video
+from runtime.__main__ import duration
 from runtime.__main__ import main as runtime_main
 from runtime.cache import KVCache
 from runtime.generate import DecodeState, Loop
@@ -208,6 +210,18 @@ def test_cli_json(engine_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["backend"] == "ort" and len(out["token_ids"]) <= 5 and out["timings"]["decode_tokens_per_s"] > 0
     assert png.stat().st_size > 1000
+
+
+def test_cli_summary_line_gives_times_people_can_read(engine_dir, tmp_path, capsys):
+    assert (duration(0.0123), duration(0.9994), duration(0.9996), duration(12.345)) == ("12 ms", "999 ms", "1.00 s",
+                                                                                          "12.35 s")
+    video = sample_video(tmp_path / "clip.mp4", seconds=1)
+    assert runtime_main(["--engine", str(engine_dir), "--video", str(video), "--question", QUESTION,
+                         "--max-new-tokens", "3"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    took = r"(\d+ ms|\d+\.\d\d s)"  # (a loaded machine may take over a second)
+    assert re.fullmatch(rf"answer: .* \| \d+ tokens, first token after {took} \(prefill {took}\), "
+                        r"decode [\d.]+ tokens/s, base on ort", line), line
 
 
 @pytest.mark.parametrize("case", ["video", "engine", "tampered"])
