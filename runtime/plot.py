@@ -49,3 +49,50 @@ def plot_entropy(result, path: str | Path, title: str | None = None) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_concurrency(rep: dict, path: str | Path) -> Path:
+    """``runtime.bench --concurrency``'s report as two panels: the aggregate decode rate against the number of
+    clients (base and V-Reason, beside N times one client's rate, and onnxruntime-genai's batch where measured), and
+    the time to first token (p50, with p95 above it)."""
+    plt = _pyplot()
+    fig, (rate, ttft) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    colors = {"base": "tab:blue", "vreason": "tab:red"}
+    names = {"base": "base", "vreason": "V-Reason"}
+    for method, rows in rep["methods"].items():
+        n = [row["clients"] for row in rows]
+        agg = [row["aggregate_decode_tokens_per_s"] for row in rows]
+        c = colors.get(method, "0.3")
+        rate.plot(n, agg, "o-", color=c, label=f"{names.get(method, method)}, measured")
+        if n[0] == 1 and agg[0] > 0:
+            rate.plot(n, [agg[0] * k for k in n], ":", color=c, lw=1, label=f"{names.get(method, method)}, "
+                      "N x one client")
+        p50 = [row["ttft_p50_s"] for row in rows]
+        p95 = [row["ttft_p95_s"] for row in rows]
+        ttft.errorbar(n, p50, yerr=[[0] * len(n), [b - a for a, b in zip(p50, p95)]], fmt="o-", color=c, capsize=4,
+                      label=f"{names.get(method, method)}: p50, bar to p95")
+    peer = rep.get("peer")
+    if peer:
+        ratio = peer.get("ours_over_peer")
+        rate.plot([peer["batch"]], [peer["aggregate_decode_tokens_per_s"]], "*", ms=14, color="black",
+                  label=f"onnxruntime-genai {peer['precision']}, batch of {peer['batch']}"
+                        + (f" (ours / it per round x{ratio:.2f})" if ratio else ""))
+    levels = rep["levels"]
+    for ax in (rate, ttft):
+        ax.set_xticks(levels)
+        ax.set_xlabel("clients at once")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    rate.set_ylabel("aggregate decode tokens/s")
+    rate.set_title("decode rate, all clients together")
+    ttft.set_ylabel("time to first token (s)")
+    ttft.set_title("time to first token, queueing included")
+    fig.suptitle(f"{Path(rep['engine']).name} on {rep['backend']}: {rep['new_tokens']} new tokens, "
+                 f"{rep['repeats']} waves per level, up to {rep['max_batch']} requests running", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

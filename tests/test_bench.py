@@ -47,9 +47,12 @@ def test_reuse_line_says_where_answers_part():
 def test_concurrency_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
     from runtime.bench.__main__ import main as bench
 
+    png = tmp_path / "concurrency.png"
     assert bench(["--engine", str(engine_dir), "--concurrency", "1", "3", "--new-tokens", "4", "--repeats", "2",
-                  "--work", str(tmp_path), "--backend", "ort", "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+                  "--work", str(tmp_path), "--backend", "ort", "--json", "--plot", str(png)]) == 0
+    out, err = capsys.readouterr()
+    rep = json.loads(out)
+    assert err.strip().splitlines()[-1] == f"plot: {png}" and png.stat().st_size > 10_000
     for method in ("base", "vreason"):
         one, three = rep["methods"][method]
         assert (one["clients"], one["requests"], three["clients"], three["requests"]) == (1, 2, 3, 6)
@@ -62,6 +65,10 @@ def test_concurrency_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
                 <= three["decode_over_one_client_max"]
         assert 0 <= three["queue_p50_s"] and three["ttft_p50_s"] <= three["ttft_p95_s"]
     assert bench(["--engine", str(engine_dir), "--concurrency", "0"]) == 1
+    capsys.readouterr()
+    # the plot is of the --concurrency report: refused at once without it
+    assert bench(["--engine", str(engine_dir), "--plot", str(tmp_path / "x.png")]) == 1
+    assert "pass --concurrency" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_serve_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with one --engine: N clients at once on one loaded model, for each N (base and V-Reason): "
                          "aggregate and per-request tokens/s, TTFT p50/p95, queue time; with --synthetic: N requests' "
                          "decode steps together at the model's shape (static with CUDA graphs, and dynamic)")
+    ap.add_argument("--plot", metavar="PNG",
+                    help="with --concurrency and one --engine: also draw the report to this PNG file (aggregate "
+                    "decode rate and time to first token against the number of clients, the peer's batch beside)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--save", metavar="PATH",
                     help="also write the report to PATH as JSON; with --synthetic it is rewritten after every measured "
@@ -73,11 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         checks.check_number("--seconds", args.seconds, lo=0.5, hi=600)
         if args.save:
             args.save = checks.output_file(args.save, "--save", suffix=".json")
+        if args.plot:
+            if not args.concurrency or args.synthetic:
+                raise UserError("--plot draws the report of --concurrency on one --engine; pass --concurrency")
+            args.plot = checks.output_file(args.plot, "--plot", suffix=".png")
+            checks.plotting_available()
 
         def report(rep: dict, text: str) -> int:
             if args.save:
                 write_report(args.save, rep)
             print(json.dumps(rep, indent=2) if args.json else text)
+            if args.plot:
+                from runtime.plot import plot_concurrency
+
+                print(f"plot: {plot_concurrency(rep, args.plot)}", file=sys.stderr)
             return 0
 
         if args.synthetic:
