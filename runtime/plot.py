@@ -19,6 +19,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_entropy(result, path: str | Path, title: str | None = None) -> Path:
     plt = _pyplot()
     h, ema, alpha = result.entropy, result.ema, result.alpha
@@ -43,12 +52,7 @@ def plot_entropy(result, path: str | Path, title: str | None = None) -> Path:
     ax.set_title(title or f"{result.method} on {result.backend}: {len(h)} tokens")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=5, fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_concurrency(rep: dict, path: str | Path) -> Path:
@@ -90,9 +94,4 @@ def plot_concurrency(rep: dict, path: str | Path) -> Path:
     ttft.set_title("time to first token, queueing included")
     fig.suptitle(f"{Path(rep['engine']).name} on {rep['backend']}: {rep['new_tokens']} new tokens, "
                  f"{rep['repeats']} waves per level, up to {rep['max_batch']} requests running", fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
