@@ -4,15 +4,18 @@ tokens back through a channel of their own.
 A ``Reasoner`` holds one ``Engine``. ``Stream.__iter__`` submits its request and reads the channel. The engine's
 thread keeps up to ``max_batch`` requests running at once and advances them in rounds, one unit of work each per
 round: a token, a prefill chunk or a vision encoder call (a request's generator yields ``TICK`` where it may be
-paused without a piece to give). So a long prompt being prefilled holds the other running requests for one chunk
-at a time, not for its whole prefill, and a short request started behind a long one gets its first token without
-waiting for the long one's last. On its way to its unit, a request may yield ``Call``s: a step of its work that
-the engine runs together with the other requests' calls to the same function, in one call (a decode step of every
-running request through the trunk, then the head, V-Reason's updates due at this step and their recomputes: one
-pass over the weights for all, where the backend can: ``batch_rows``, every backend with dynamic decode (TensorRT
-up to its decode profile's batch range), and with static decode and ``max_batch`` > 1 the torch and ort backends;
-see ``runtime.pool``). Elsewhere (static decode on TensorRT) requests take turns and the aggregate rate is the
-one-request rate.
+paused without a piece to give). Of the requests still prefilling, one takes a prefill unit per round
+(``prefill_turn``): the one with the fewest prompt tokens left, the first admitted of equals, and one passed over
+for later requests in ``PREFILL_AGING`` rounds since its last turn before any other. So the decoding requests wait
+at most one prefill chunk (or vision encoder call) a round however many prompts are being prefilled, a short request
+started behind a long one gets its first token without waiting for the long one's last, and equal requests started
+together get their first tokens one after another rather than all near the end of all their prefills. On its way to
+its unit, a request may yield ``Call``s: a step of its work that the engine runs together with the other requests'
+calls to the same function, in one call (a decode step of every running request through the trunk, then the head,
+V-Reason's updates due at this step and their recomputes: one pass over the weights for all, where the backend can:
+``batch_rows``, every backend with dynamic decode (TensorRT up to its decode profile's batch range), and with static
+decode and ``max_batch`` > 1 the torch and ort backends; see ``runtime.pool``). Elsewhere (static decode on
+TensorRT) requests take turns and the aggregate rate is the one-request rate.
 Requests wait in a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget
 (``kv_bytes``: the cache every running request holds, declared when submitted); one that could never fit is
 refused at once (``ResourceError``, one line naming the limit). Every piece is put on the request's channel without
@@ -143,6 +146,11 @@ class Running:
         self._engine = engine
         self.period = 0  # its updates' period, once its first step was let through ``in_phase`` (0: none)
         self.phase = 0  # the round number, modulo ``period``, of that first step
+        # set by the request while it prefills (vision encoder calls included): prompt tokens it has left to run
+        # (None: not prefilling, and advanced every round); ``stopped()``: whether it was cancelled
+        self.prefill_left: int | None = None
+        self.stopped: Callable[[], bool] | None = None
+        self.passed_over = 0  # rounds since its last turn in which a request admitted after it had the prefill turn
 
     @property
     def batch_mean(self) -> float:
@@ -196,6 +204,23 @@ def apart(fn: Callable[[], object]) -> object:
     return box["value"]
 
 
+PREFILL_AGING = 16  # rounds a prefilling request may be passed over for later ones before it takes the next turn
+
+
+def prefill_turn(active: list) -> list | None:
+    """The running request whose prefill advances this round (None where none is prefilling): the one with the
+    fewest prompt tokens left (the first admitted of equals), unless one was passed over for requests admitted after
+    it in ``PREFILL_AGING`` rounds since its last turn (the longest passed over then: a long prompt is not held back
+    for ever by a run of short ones)."""
+    prefilling = [row for row in active if row and row[4].prefill_left is not None]
+    if not prefilling:
+        return None
+    starved = max(prefilling, key=lambda row: row[4].passed_over)
+    if starved[4].passed_over >= PREFILL_AGING:
+        return starved
+    return min(prefilling, key=lambda row: row[4].prefill_left)
+
+
 class Engine:
     """The thread that runs a model's requests (see the module docstring). ``submit(run, kv=...)`` queues ``run``
     (a callable returning the request's generator) and returns its channel. A request runs with the PyTorch
@@ -220,11 +245,13 @@ class Engine:
         return len(self._active)
 
     def submit(self, run: Callable[[float, Running], Iterator], channel: Channel | AsyncChannel | None = None,
-               kv: int = 0, threads: int = 0) -> Channel | AsyncChannel:
+               kv: int = 0, threads: int = 0, prefill: int | None = None) -> Channel | AsyncChannel:
         """``run(queue_s, running)`` is called on the engine's thread with the seconds the request waited; its
         pieces go to ``channel`` (default: a new ``Channel``), which is returned. ``kv``: the bytes of KV cache
         the request will hold; over the whole budget, ``ResourceError`` at once. ``threads``: the PyTorch threads
-        the request runs with (0: the submitting thread's setting)."""
+        the request runs with (0: the submitting thread's setting). ``prefill``: the prompt tokens it will prefill
+        (its ``Running.prefill_left`` when admitted, which the request keeps up to date; None: it takes a turn every
+        round)."""
         import torch
 
         if self.kv_budget is not None and kv > self.kv_budget:
@@ -237,7 +264,7 @@ class Engine:
         self._ensure_thread()
         with self._start_lock:
             self.waiting += 1
-        self._queue.put((run, channel, time.perf_counter(), threads or torch.get_num_threads(), kv))
+        self._queue.put((run, channel, time.perf_counter(), threads or torch.get_num_threads(), kv, prefill))
         return channel
 
     def _ensure_thread(self) -> None:
@@ -273,8 +300,9 @@ class Engine:
                 except queue.Empty:
                     break
             while pending and self._fits(pending[0][4], active):  # admit in order: none overtakes the head
-                run, channel, queued, threads, kv = pending.popleft()
+                run, channel, queued, threads, kv, prefill = pending.popleft()
                 running = Running(self)
+                running.prefill_left = prefill
                 with self._start_lock:
                     self.waiting -= 1
                 if torch.get_num_threads() != threads:
@@ -296,7 +324,16 @@ class Engine:
         n = len(active)
         self.rounds += 1
         parked: list = []  # (row, call): requests waiting for their call's result
+        turn = prefill_turn(active)
+        later = False  # past the turn's row: these were admitted after it
         for row in list(active):
+            later = later or row is turn
+            running = row[4]
+            if running.prefill_left is not None and row is not turn and not (running.stopped and running.stopped()):
+                if not later:  # a request admitted after this one has the turn
+                    running.passed_over += 1
+                continue
+            running.passed_over = 0
             row[4].turns += 1
             row[4].batch_sum += n
             self._resume(row, None, parked)

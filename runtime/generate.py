@@ -132,6 +132,7 @@ class Loop:
     restored_hidden: torch.Tensor | None = None  # the whole prompt's cache was restored: its last token's trunk output
     batched: bool = False  # decode steps are handed to the engine (``Call``s) to run with other requests' steps
     in_phase: Callable[[int], bool] | None = None  # the engine's ``Running.in_phase`` (batched: updates aligned)
+    prefill_left: Callable[[int | None], None] | None = None  # told the prompt tokens left after each chunk; None: done
 
     @property
     def head_graph(self):
@@ -192,6 +193,8 @@ class Loop:
                 hidden = self.backend.trunk(embeds[:, a:b], positions[:, :, a:b], state.cache, ds)
                 self.head_step(state, hidden, positions[:, :, a:b])  # fills the last layer's cache
                 state.cache.length += b - a
+            if self.prefill_left is not None:
+                self.prefill_left(s - b)
         with torch.no_grad():
             state.deepstack = None  # prefill only: decode tokens are never visual
             state.hidden, state.positions = hidden[:, -1:].clone(), positions[:, :, -1:].clone()
@@ -204,6 +207,8 @@ class Loop:
             self.steering.after_prefill(state)
         _sync(embeds.device)
         self.timings.prefill_s = spent + time.perf_counter() - t0
+        if self.prefill_left is not None:
+            self.prefill_left(None)
         return logits
 
     def threads(self):

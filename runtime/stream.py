@@ -93,7 +93,8 @@ class Stream:
             return
         finished = False
         try:
-            yield from engine.submit(self._run, kv=self.kv, threads=self.r.backend.torch_threads)
+            yield from engine.submit(self._run, kv=self.kv, threads=self.r.backend.torch_threads,
+                                     prefill=len(self.prompt.ids))
             finished = True
         finally:
             if not finished:
@@ -108,7 +109,8 @@ class Stream:
         finished = False
         try:
             async for piece in self.r.engine.submit(self._run, AsyncChannel(), kv=self.kv,
-                                                    threads=self.r.backend.torch_threads):
+                                                    threads=self.r.backend.torch_threads,
+                                                    prefill=len(self.prompt.ids)):
                 yield piece
             finished = True
         finally:
@@ -162,6 +164,10 @@ class Stream:
             if stopped():
                 raise Cancelled
             entry, reused, vkey, first = self._reusable()
+            running = self._running
+            if running is not None:  # its prefill's place among the others' (``engine.prefill_turn``)
+                running.stopped = stopped
+                running.prefill_left = len(self.prompt.ids) - reused
             embeds, deepstack, vision_s, patches = yield from r._prefill_steps(self.prompt, reused, stopped)
             cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)
             if entry is not None:
@@ -173,7 +179,9 @@ class Stream:
             loop.timings.queue_s = self.queue_s
             loop.timings.reused_prompt_tokens, loop.timings.reused_vision_patches = reused, patches
             loop.cancelled = stopped
-            loop.in_phase = self._running.in_phase if self._running is not None else None
+            loop.in_phase = running.in_phase if running is not None else None
+            if running is not None:
+                loop.prefill_left = lambda n: setattr(running, "prefill_left", n)
             if r.backend.suffix_prefill:
                 loop.prefill_chunk = PREFILL_CHUNK
             if r.reuse.enabled and reused < len(self.prompt.ids):

@@ -335,6 +335,64 @@ def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypat
     assert all(1 in gap for gap in between), calls  # a decode step of the running request between every two
 
 
+def test_one_prefill_chunk_a_round_the_fewest_tokens_left_first(engine_dir, monkeypatch):
+    """Of several prompts prefilling at once, one chunk a round goes to the one with the fewest tokens left (the
+    first admitted of equals): a running request gets a token between every two chunks however many prompts are
+    prefilling, two equal prompts submitted together are prefilled one after the other, and a short prompt
+    submitted with them is prefilled first."""
+    import runtime.stream
+
+    monkeypatch.setattr(runtime.stream, "PREFILL_CHUNK", 16)
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+    calls: list = []  # (tokens, the cache of the request a prefill chunk went to; None: the batched decode step)
+    trunk, rows = r.backend.trunk, r.backend.trunk_rows
+
+    def logged(embeds, positions, cache, *args, **kwargs):
+        calls.append((embeds.shape[1], id(cache)))
+        return trunk(embeds, positions, cache, *args, **kwargs)
+
+    monkeypatch.setattr(r.backend, "trunk", logged)
+    monkeypatch.setattr(r.backend, "trunk_rows", lambda calls_: (calls.append((1, None)), rows(calls_))[1])
+    long_question = " ".join(QUESTIONS * 12)
+    first, second = (r.stream(question=long_question, max_new_tokens=2) for _ in range(2))
+    short = r.stream(question=QUESTIONS[0], max_new_tokens=2)
+    pieces = iter(r.stream(question=QUESTIONS[1], max_new_tokens=300, events=True))
+    next(pieces)  # the running request is decoding
+    start = len(calls)
+    channels = [r.engine.submit(s._run, kv=s.kv, prefill=len(s.prompt.ids)) for s in (first, second, short)]
+    for channel in channels:
+        list(channel)
+    rest = list(pieces)
+    assert len(rest) > 100 and len(first.result.prompt_token_ids) > 5 * 16
+    after = calls[start:]
+    chunks = [(i, cache) for i, (_, cache) in enumerate(after) if cache is not None]
+    caches = [cache for _, cache in chunks]
+    # whose chunk came when: the short prompt's first, then all of the first long one's, then the second's
+    order = [c for k, c in enumerate(caches) if k == 0 or caches[k - 1] != c]
+    assert len(order) == 3 and caches.count(order[1]) > 5 and caches.count(order[2]) > 5, order
+    assert caches.count(order[0]) < caches.count(order[1]) == caches.count(order[2])
+    last_decode = max(i for i, (_, cache) in enumerate(after) if cache is None)
+    between = [after[a + 1:b] for (a, _), (b, _) in zip(chunks, chunks[1:]) if b < last_decode]
+    assert len(between) > 10 and all((1, None) in gap for gap in between), after
+
+
+def test_a_prefill_passed_over_too_long_goes_next():
+    from runtime.engine import PREFILL_AGING, Running, prefill_turn
+
+    def row(left, passed=0):
+        running = Running()
+        running.prefill_left, running.passed_over = left, passed
+        return [None, None, None, 0, running]
+
+    decoding, a, b, c = row(None), row(300), row(40), row(40)
+    assert prefill_turn([decoding]) is None
+    assert prefill_turn([decoding, a, b, c]) is b  # the fewest tokens left, the first admitted of equals
+    a[4].passed_over = PREFILL_AGING - 1
+    assert prefill_turn([decoding, a, b, c]) is b
+    a[4].passed_over = PREFILL_AGING
+    assert prefill_turn([decoding, a, b, c]) is a
+
+
 def test_a_new_requests_vision_encoding_takes_turns_with_a_running_request(engine_dir, monkeypatch):
     """The vision encoder's calls for a new request's clip (groups of temporal patches) also take turns with a
     request already decoding: a decode step of it between every two calls."""
