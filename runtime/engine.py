@@ -146,8 +146,8 @@ class Running:
         self._engine = engine
         self.period = 0  # its updates' period, once its first step was let through ``in_phase`` (0: none)
         self.phase = 0  # the round number, modulo ``period``, of that first step
-        # set by the request while it prefills (vision encoder calls included): prompt tokens it has left to run
-        # (None: not prefilling, and advanced every round); ``stopped()``: whether it was cancelled
+        # prompt tokens it has left to prefill (vision encoder calls included), kept up to date by the request (None:
+        # not prefilling, and advanced every round); ``stopped()``: whether it was cancelled (both from ``submit``)
         self.prefill_left: int | None = None
         self.stopped: Callable[[], bool] | None = None
         self.passed_over = 0  # rounds since its last turn in which a request admitted after it had the prefill turn
@@ -245,13 +245,15 @@ class Engine:
         return len(self._active)
 
     def submit(self, run: Callable[[float, Running], Iterator], channel: Channel | AsyncChannel | None = None,
-               kv: int = 0, threads: int = 0, prefill: int | None = None) -> Channel | AsyncChannel:
+               kv: int = 0, threads: int = 0, prefill: int | None = None,
+               stopped: Callable[[], bool] | None = None) -> Channel | AsyncChannel:
         """``run(queue_s, running)`` is called on the engine's thread with the seconds the request waited; its
         pieces go to ``channel`` (default: a new ``Channel``), which is returned. ``kv``: the bytes of KV cache
         the request will hold; over the whole budget, ``ResourceError`` at once. ``threads``: the PyTorch threads
         the request runs with (0: the submitting thread's setting). ``prefill``: the prompt tokens it will prefill
         (its ``Running.prefill_left`` when admitted, which the request keeps up to date; None: it takes a turn every
-        round)."""
+        round); ``stopped()``: whether it was cancelled (a prefilling request waiting for its turn is then resumed at
+        once, to leave)."""
         import torch
 
         if self.kv_budget is not None and kv > self.kv_budget:
@@ -264,7 +266,7 @@ class Engine:
         self._ensure_thread()
         with self._start_lock:
             self.waiting += 1
-        self._queue.put((run, channel, time.perf_counter(), threads or torch.get_num_threads(), kv, prefill))
+        self._queue.put((run, channel, time.perf_counter(), threads or torch.get_num_threads(), kv, prefill, stopped))
         return channel
 
     def _ensure_thread(self) -> None:
@@ -300,9 +302,9 @@ class Engine:
                 except queue.Empty:
                     break
             while pending and self._fits(pending[0][4], active):  # admit in order: none overtakes the head
-                run, channel, queued, threads, kv, prefill = pending.popleft()
+                run, channel, queued, threads, kv, prefill, stopped = pending.popleft()
                 running = Running(self)
-                running.prefill_left = prefill
+                running.prefill_left, running.stopped = prefill, stopped
                 with self._start_lock:
                     self.waiting -= 1
                 if torch.get_num_threads() != threads:
@@ -334,8 +336,8 @@ class Engine:
                     running.passed_over += 1
                 continue
             running.passed_over = 0
-            row[4].turns += 1
-            row[4].batch_sum += n
+            running.turns += 1
+            running.batch_sum += n
             self._resume(row, None, parked)
         while parked:
             kinds: dict = {}

@@ -66,15 +66,14 @@ def plot_concurrency(rep: dict, path: str | Path) -> Path:
     for method, rows in rep["methods"].items():
         n = [row["clients"] for row in rows]
         agg = [row["aggregate_decode_tokens_per_s"] for row in rows]
-        c = colors.get(method, "0.3")
-        rate.plot(n, agg, "o-", color=c, label=f"{names.get(method, method)}, measured")
+        c, name = colors.get(method, "0.3"), names.get(method, method)
+        rate.plot(n, agg, "o-", color=c, label=f"{name}, measured")
         if n[0] == 1 and agg[0] > 0:
-            rate.plot(n, [agg[0] * k for k in n], ":", color=c, lw=1, label=f"{names.get(method, method)}, "
-                      "N x one client")
+            rate.plot(n, [agg[0] * k for k in n], ":", color=c, lw=1, label=f"{name}, N x one client")
         p50 = [row["ttft_p50_s"] for row in rows]
         p95 = [row["ttft_p95_s"] for row in rows]
         ttft.errorbar(n, p50, yerr=[[0] * len(n), [b - a for a, b in zip(p50, p95)]], fmt="o-", color=c, capsize=4,
-                      label=f"{names.get(method, method)}: p50, bar to p95")
+                      label=f"{name}: p50, bar to p95")
     peer = rep.get("peer")
     if peer:
         ratio = peer.get("ours_over_peer")

@@ -94,7 +94,7 @@ class Stream:
         finished = False
         try:
             yield from engine.submit(self._run, kv=self.kv, threads=self.r.backend.torch_threads,
-                                     prefill=len(self.prompt.ids))
+                                     prefill=len(self.prompt.ids), stopped=self._cancel.is_set)
             finished = True
         finally:
             if not finished:
@@ -110,7 +110,7 @@ class Stream:
         try:
             async for piece in self.r.engine.submit(self._run, AsyncChannel(), kv=self.kv,
                                                     threads=self.r.backend.torch_threads,
-                                                    prefill=len(self.prompt.ids)):
+                                                    prefill=len(self.prompt.ids), stopped=self._cancel.is_set):
                 yield piece
             finished = True
         finally:
@@ -166,7 +166,6 @@ class Stream:
             entry, reused, vkey, first = self._reusable()
             running = self._running
             if running is not None:  # its prefill's place among the others' (``engine.prefill_turn``)
-                running.stopped = stopped
                 running.prefill_left = len(self.prompt.ids) - reused
             embeds, deepstack, vision_s, patches = yield from r._prefill_steps(self.prompt, reused, stopped)
             cache = r.cache_for(len(self.prompt.ids) + self.max_new_tokens)

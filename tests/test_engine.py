@@ -376,6 +376,30 @@ def test_one_prefill_chunk_a_round_the_fewest_tokens_left_first(engine_dir, monk
     assert len(between) > 10 and all((1, None) in gap for gap in between), after
 
 
+def test_a_prefill_waiting_for_its_turn_leaves_at_once_when_cancelled(engine_dir, monkeypatch):
+    import runtime.stream
+
+    monkeypatch.setattr(runtime.stream, "PREFILL_CHUNK", 16)
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+    chunks: list[int] = []
+    trunk = r.backend.trunk
+
+    def logged(embeds, positions, cache, *args, **kwargs):
+        chunks.append(id(cache))
+        return trunk(embeds, positions, cache, *args, **kwargs)
+
+    monkeypatch.setattr(r.backend, "trunk", logged)
+    first, second = (r.stream(question=" ".join(QUESTIONS * 12), max_new_tokens=2) for _ in range(2))
+    channels = [r.engine.submit(s._run, kv=s.kv, prefill=len(s.prompt.ids), stopped=s._cancel.is_set)
+                for s in (first, second)]
+    second.cancel()  # its prefill's turn comes after the first's whole prefill
+    list(channels[1])
+    left_at = len(chunks)
+    list(channels[0])
+    assert second.result.token_ids == [] and len(first.result.token_ids) == 2
+    assert left_at < len(chunks) - 5  # it left while the first was still prefilling
+
+
 def test_a_prefill_passed_over_too_long_goes_next():
     from runtime.engine import PREFILL_AGING, Running, prefill_turn
 
