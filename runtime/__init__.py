@@ -2,7 +2,8 @@
 
 ``import runtime`` works on a CPU-only machine without tensorrt or matplotlib; they are imported where used.
 The error classes an app catches are here too: ``UserError`` (the base of every error a user can cause) and its
-kinds ``InputError``, ``CheckpointError``, ``ExportError``, ``ResourceError``, ``SourceError``.
+kinds ``InputError``, ``CheckpointError``, ``ExportError``, ``ResourceError``, ``SourceError``; and ``Closed``, a
+request stopped by ``Reasoner.close`` (not a user error: the answer is incomplete).
 
 The project's top-level packages are ``models``, ``export``, ``controller`` and ``runtime``. An app with a
 package of one of those names that comes first on ``sys.path`` would shadow this project's; that is detected
@@ -43,8 +44,9 @@ _check_own_packages()
 
 from export.manifest import ExportError  # noqa: E402  (after the check: these import the packages it checks)
 from models.errors import CheckpointError, InputError, ResourceError, SourceError, UserError  # noqa: E402
+from runtime.engine import Closed  # noqa: E402
 from runtime.reasoner import Reasoner, Result  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 
 __all__ = ["Reasoner", "Result", "SamplingParams", "UserError", "InputError", "CheckpointError", "ExportError",
-           "ResourceError", "SourceError"]
+           "ResourceError", "SourceError", "Closed"]

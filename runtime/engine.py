@@ -25,7 +25,11 @@ waiting for its consumer, so:
 - a request made inside another stream's loop (nested, from the same thread) waits for the engine's thread,
   which never waits for a consumer: no deadlock;
 - a stream that is closed, dropped (its iterator garbage collected) or cancelled is cancelled in the engine
-  (after its current unit of work, or before it starts if still queued).
+  (after its current unit of work, or before it starts if still queued);
+- ``Engine.close`` (``Reasoner.close``, and every engine when the interpreter exits) stops the engine after its
+  current unit of work: the running and queued requests end with ``Closed``, and the thread ends. So a program that
+  exits (or is interrupted) while a request runs waits for one unit of work and exits as it meant to, instead of
+  tearing down ONNX Runtime and PyTorch under the engine thread's running graph (which aborted the process).
 ``timings["queue_s"]`` is the time a request waited for its place; ``timings["batch_mean"]`` the mean number of
 requests running while it was advanced. A request with periodic updates (V-Reason's every k-th token) takes its
 first step on a round on which the running requests with the same period have theirs (``Running.in_phase``;
@@ -34,14 +38,39 @@ first step on a round on which the running requests with the same period have th
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 
 _ITEM, _ERROR, _DONE = 0, 1, 2
 TICK = None  # what a request's generator yields where it may be paused without a piece for its consumer
+
+
+EXIT_WAIT_S = 120.0  # how long the interpreter's exit waits for each engine's current unit of work
+
+
+class Closed(RuntimeError):
+    """A request that did not finish because its engine was closed (``Engine.close``: ``Reasoner.close``, or the
+    interpreter exiting)."""
+
+
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # every engine made in this process (``_close_engines``)
+
+
+def _close_engines() -> None:
+    """At the interpreter's exit: every engine stopped after its current unit of work. The engine threads are daemon
+    threads; one left inside a graph's run while the interpreter finalizes has ONNX Runtime's and PyTorch's globals
+    destroyed under it, and the process aborts ("terminate called without an active exception", exit code 134) where
+    it meant to exit with its own code. A second Ctrl-C during the wait interrupts it."""
+    for engine in list(_ENGINES):
+        engine.close(EXIT_WAIT_S)
+
+
+atexit.register(_close_engines)
 
 
 class Channel:
@@ -238,6 +267,8 @@ class Engine:
         self._active: list[list] = []  # the running requests: [generator, channel, threads, kv, running]
         self.kv_in_use = 0  # bytes of KV cache the running requests declared
         self.rounds = 0  # rounds run (``_round``; ``Running.in_phase``)
+        self.closed = False  # ``close`` was called: no request is taken any more
+        _ENGINES.add(self)
 
     @property
     def running(self) -> int:
@@ -263,17 +294,32 @@ class Engine:
                                 f"kv_mb={self.kv_budget / 2**20:g}; ask for fewer new tokens, use fewer frames, or "
                                 "load with a larger kv_mb")
         channel = Channel() if channel is None else channel
-        self._ensure_thread()
-        with self._start_lock:
-            self.waiting += 1
-        self._queue.put((run, channel, time.perf_counter(), threads or torch.get_num_threads(), kv, prefill, stopped))
-        return channel
-
-    def _ensure_thread(self) -> None:
-        with self._start_lock:
+        item = (run, channel, time.perf_counter(), threads or torch.get_num_threads(), kv, prefill, stopped)
+        with self._start_lock:  # (with ``close``'s: a request is either queued before the close or refused)
+            if self.closed:
+                raise Closed(f"{self._name} was closed (Reasoner.close): load the model again to ask more")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._thread.start()
+            self.waiting += 1
+            self._queue.put(item)
+        return channel
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the engine after its current unit of work: the running requests' generators are closed (their
+        ``finally`` blocks run), they and the queued ones end with ``Closed`` in their consumers, and the thread
+        ends; a later ``submit`` raises ``Closed``. Waits for the thread up to ``timeout`` seconds (None: until it
+        ends; not when called on the engine's own thread). Returns whether the thread has ended."""
+        with self._start_lock:
+            self.closed = True
+            thread = self._thread
+        if thread is None or not thread.is_alive():
+            return True
+        self._queue.put(None)  # wakes an idle engine
+        if thread is threading.current_thread():
+            return False
+        thread.join(timeout)
+        return not thread.is_alive()
 
     @property
     def on_engine_thread(self) -> bool:
@@ -294,13 +340,17 @@ class Engine:
         pending: deque = deque()  # submitted, not yet running (first in, first out)
         while True:
             active = self._active
-            if not active and not pending:
-                pending.append(self._queue.get())  # idle: wait for a request
+            if not active and not pending and not self.closed:
+                pending.append(self._queue.get())  # idle: wait for a request (None: ``close``'s wake-up)
             while True:
                 try:
                     pending.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            pending = deque(item for item in pending if item is not None)
+            if self.closed:
+                self._shut(pending)
+                return
             while pending and self._fits(pending[0][4], active):  # admit in order: none overtakes the head
                 run, channel, queued, threads, kv, prefill, stopped = pending.popleft()
                 running = Running(self)
@@ -318,6 +368,28 @@ class Engine:
                 active.append([gen, channel, threads, kv, running])
                 self.kv_in_use += kv
             self._round(active)
+
+    def _shut(self, pending: deque) -> None:
+        """``close``'s end on the engine's thread: each running request's generator closed, and every running and
+        queued request's consumer told ``Closed``."""
+        error = Closed(f"{self._name} was closed (Reasoner.close, or the interpreter exiting) before this request "
+                       "finished: its answer is incomplete")
+        for row in self._active:
+            gen, channel = row[0], row[1]
+            try:
+                gen.close()
+            except BaseException:  # noqa: BLE001 (a request's own clean-up failing changes nothing here)
+                pass
+            channel.put(_ERROR, error)
+            channel.put(_DONE)
+            row.clear()
+        self._active = []
+        self.kv_in_use = 0
+        for item in pending:
+            item[1].put(_ERROR, error)
+            item[1].put(_DONE)
+        with self._start_lock:
+            self.waiting -= len(pending)
 
     def _round(self, active: list) -> None:
         """One unit of work of each running request (a piece or a ``TICK``); the ``Call``s they make on the way are

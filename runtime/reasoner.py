@@ -396,6 +396,20 @@ class Reasoner:
             pass
         return s.result
 
+    def close(self) -> None:
+        """Stop this Reasoner's engine and wait for its thread to end: requests running or queued end with
+        ``runtime.Closed`` in their consumers (after the unit of work under way: a token, a prefill chunk or a vision
+        encoder call), and later ones are refused with it. The interpreter's exit does this for every Reasoner, so a
+        program that exits or is interrupted while a request runs ends with its own exit code.
+        ``with Reasoner.load(...) as reasoner:`` closes it at the block's end."""
+        self.engine.close()
+
+    def __enter__(self) -> Reasoner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def watch(self, source, questions: str | list[str] | None = None, window: float = 4.0, every: float = 2.0,
               fps: float = 2.0, **kwargs):
         """Standing questions on the latest ``window`` seconds of a live source, every ``every`` seconds: an
