@@ -218,10 +218,8 @@ def test_more_waiting_requests_than_max_queue_get_429(reasoner, monkeypatch):
         stop()
 
 
-def test_sigterm_stops_accepting_finishes_the_running_request_and_exits_0(engine_dir, tmp_path):
-    """python -m runtime.serve as users run it: SIGTERM during a streamed answer lets that answer finish (uvicorn's
-    graceful shutdown, 10 s at most), then the process exits 0."""
-    import signal
+def _server_process(engine_dir, *extra: str):
+    """``python -m runtime.serve`` in a subprocess on a free port, once it is ready: (process, url)."""
     import subprocess
     import sys
 
@@ -229,27 +227,62 @@ def test_sigterm_stops_accepting_finishes_the_running_request_and_exits_0(engine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--engine", str(engine_dir), "--port", str(port),
-                             "--no-verify", "--backend", "ort"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--no-verify", "--backend", "ort", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return proc, url
+
+
+def _sigterm_during_a_streamed_answer(proc, url: str, max_tokens: int) -> tuple[str, list[str]]:
+    """A streamed answer of ``max_tokens``, SIGTERM sent after its first line: (first line, the other lines)."""
+    import signal
+
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        proc.send_signal(signal.SIGTERM)
+        return first, [line for line in lines if line]
+
+
+def test_sigterm_stops_accepting_finishes_the_running_request_and_exits_0(engine_dir):
+    """python -m runtime.serve as users run it: SIGTERM during a streamed answer lets that answer finish (uvicorn's
+    graceful shutdown, 10 s at most), then the process exits 0."""
+    proc, url = _server_process(engine_dir)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            first = next(lines)
-            proc.send_signal(signal.SIGTERM)
-            rest = list(lines)
+        first, rest = _sigterm_during_a_streamed_answer(proc, url, 64)
         assert first.startswith("data: ") and "data: [DONE]" in rest  # the running answer finished
         assert proc.wait(timeout=30) == 0
         out = proc.stdout.read()
         assert "Traceback" not in out and '"status": 200' in out  # the answer finished and was logged
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_cuts_an_answer_longer_than_the_grace_period_short_with_an_error(engine_dir):
+    """SIGTERM during a streamed answer that would outlast the grace period (``--grace-s 3``, 8000 tokens asked of the
+    tiny model): 2 s before the grace period ends the answer is cut short (``Service.stop_answers``) and its stream
+    ends with a 503 error event that says so, where uvicorn would cut the connection and log the cancelled request's
+    traceback; the process exits 0 within the grace period and a little."""
+    proc, url = _server_process(engine_dir, "--grace-s", "3")
+    try:
+        t0 = time.monotonic()
+        first, rest = _sigterm_during_a_streamed_answer(proc, url, 8000)
+        assert first.startswith("data: ") and "data: [DONE]" not in rest
+        error = json.loads(rest[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "shutting_down" and "cut short after" in error["message"]
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 3 + 10
+        out = proc.stdout.read()
+        assert "Traceback" not in out and '"status": 503' in out and "graceful shutdown exceeded" not in out
     finally:
         if proc.poll() is None:
             proc.kill()

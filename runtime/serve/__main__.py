@@ -6,8 +6,9 @@
              {"type": "text", "text": "Which way does the circle move?"}]}], "max_tokens": 32}'
 
 Binds 127.0.0.1 unless --host says otherwise. With --api-key (or VREASON_API_KEY), every route but the health
-checks needs ``Authorization: Bearer KEY``. SIGTERM stops accepting, lets running requests finish (10 s at most)
-and exits 0. Routes and fields: docs/serve.md.
+checks needs ``Authorization: Bearer KEY``. SIGTERM stops accepting, lets running requests finish (``--grace-s``,
+10 s by default; answers still running 2 s before its end are cut short with a 503 error) and exits 0. Routes and
+fields: docs/serve.md.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
                     help="largest request body (data: URLs included) and largest fetched media file")
     ap.add_argument("--max-queue", type=int, default=64,
                     help="chat requests that may wait behind the one being answered; more get 429 with Retry-After")
+    ap.add_argument("--grace-s", type=float, default=GRACE_S,
+                    help=f"on SIGTERM or Ctrl-C, seconds running requests get to finish; answers still running "
+                         f"{STOP_MARGIN_S} s before the end are cut short with a 503 error (default {GRACE_S:g})")
     add_load_arguments(ap)
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
@@ -61,6 +65,7 @@ def run(args) -> int:
     checks.check_number("--max-body-mb", args.max_body_mb, lo=0, lo_open=True)
     checks.check_number("--max-queue", args.max_queue, lo=0, integer=True)
     checks.check_number("--max-streams", args.max_streams, lo=0, integer=True)
+    checks.check_number("--grace-s", args.grace_s, lo=0)
     import logging
 
     handler = logging.StreamHandler()
@@ -75,15 +80,17 @@ def run(args) -> int:
     print(f"serving {args.engine} on http://{args.host}:{args.port} (key {'required' if args.api_key else 'none'})",
           file=sys.stderr)
     config = uvicorn.Config(service, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=GRACE_S)
-    Server(config, service.state.service.streams).run()
+                            timeout_graceful_shutdown=args.grace_s)
+    Server(config, service.state.service).run()
     return 0
 
 
-GRACE_S = 10  # SIGTERM: running requests get this long to finish
+GRACE_S = 10.0  # SIGTERM: running requests get this long to finish (--grace-s)
+STOP_MARGIN_S = 2  # ... less this: then the answers still running are cut short with a 503 error (stop_answers)
 
 
 def _server_class():
+    import asyncio
     import signal
 
     import uvicorn
@@ -91,18 +98,26 @@ def _server_class():
     class Server(uvicorn.Server):
         """uvicorn's server, except that SIGTERM (a service manager's stop) drains and then exits 0 instead of
         re-raising the signal once shut down; Ctrl-C keeps uvicorn's behaviour. Either way the live streams are
-        told to stop at once, which ends their event streams (which would otherwise hold the drain open)."""
+        told to stop at once, which ends their event streams (which would otherwise hold the drain open), and chat
+        answers still running ``STOP_MARGIN_S`` before the grace period ends are cut short with a 503 error
+        (``Service.stop_answers``): their clients get an error saying so, where uvicorn would cut the connection
+        and log the cancelled request's traceback."""
 
-        def __init__(self, config, streams) -> None:
+        def __init__(self, config, service) -> None:
             super().__init__(config)
-            self.streams = streams
+            self.service = service
 
         def handle_exit(self, sig, frame) -> None:
-            self.streams.close(wait=False)
+            self.service.streams.close(wait=False)
             if sig == signal.SIGTERM:
                 self.should_exit = True
                 return
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            grace = self.config.timeout_graceful_shutdown or 0
+            asyncio.get_running_loop().call_later(max(grace - STOP_MARGIN_S, 0), self.service.stop_answers)
+            await super().shutdown(sockets)
     return Server
 
 

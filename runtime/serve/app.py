@@ -129,10 +129,30 @@ class Service:
         self.max_body = int(max_body_mb * 2**20)
         self.max_queue = max_queue
         self.in_flight = 0  # chat requests admitted and not finished (answered in turn by the engine)
+        self.answering: set = set()  # the chat requests' streams being answered (``stop_answers``)
+        self.stopping = False  # the server is shutting down and has cut the running answers short
         self.created = int(time.time())
         self.streams = Streams(reasoner, media_root, remote, allow_camera, max_streams,
                                on_answer=lambda result: self.metrics.answered(result, live=True))
         self.metrics = Metrics(self)
+
+    def stop_answers(self) -> None:
+        """The server's shutdown, near the end of its grace period: every chat answer still running is cancelled (the
+        engine stops it after its current token) and ends with a 503 error (``cut_short``), rather than a connection
+        cut when the grace period ends."""
+        self.stopping = True
+        for stream in list(self.answering):
+            stream.cancel()
+
+    def cut_short(self, stream, request, rid: str, streamed: bool) -> ApiError | None:
+        """The 503 error of an answer that ``stop_answers`` cut short (counted and logged), else None."""
+        if not (self.stopping and stream.cancelled):
+            return None
+        made = len(stream.result.token_ids) if stream.result is not None else 0
+        message = f"the server is shutting down: this answer was cut short after {made} tokens; ask again"
+        self.metrics.requests.labels("shutdown").inc()
+        log_request(request, 503, rid=rid, error=message, streamed=streamed)
+        return ApiError(503, message, "server_error", code="shutting_down")
 
     def admit(self) -> None:
         """Refuse (429) a request that would wait behind more than ``max_queue`` others."""
@@ -276,13 +296,18 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
             raise
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if not body.get("stream"):
+            svc.answering.add(stream)
             try:
                 async for _ in stream:
                     pass
             except UserError as e:
                 raise ApiError(400, str(e).splitlines()[0]) from None
             finally:
+                svc.answering.discard(stream)
                 _remove(tmp)
+            cut = svc.cut_short(stream, request, rid, streamed=False)
+            if cut is not None:
+                raise cut
             svc.metrics.requests.labels("ok").inc()
             svc.metrics.answered(stream.result)
             log_request(request, 200, rid=rid, result=stream.result)
@@ -299,11 +324,16 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
             return sse_event({"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.model,
                         "choices": [choice], **extra})
         finished = False
+        svc.answering.add(stream)
         try:
             yield chunk({"role": "assistant", "content": ""})
             async for event in stream:  # a chunk per token, with its entropy, handed over by the engine's thread
                 yield chunk({"content": event.text}, vreason={"token_id": event.id, "entropy": event.entropy})
             finished = True
+            cut = svc.cut_short(stream, request, rid, streamed=True)
+            if cut is not None:
+                yield sse_event(cut.body())
+                return
             result = stream.result
             svc.metrics.requests.labels("ok").inc()
             svc.metrics.answered(result)
@@ -316,6 +346,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
             log_request(request, 400, rid=rid, error=str(e).splitlines()[0], streamed=True)
             yield sse_event(ApiError(400, str(e).splitlines()[0]).body())
         finally:
+            svc.answering.discard(stream)
             svc.in_flight -= 1
             if not finished:  # the client went away: the request stops in the engine after its current token
                 stream.cancel()
