@@ -4,7 +4,9 @@
         --window 4 --every 2 --trigger "^yes" --jsonl gate.jsonl
 
 Capture, ticks, skipping, reconnects and the line format are ``runtime.live``'s (``Reasoner.watch``); this is its
-command line: one JSON line per answer on stdout (and appended to ``--jsonl``), a summary line on stderr.
+command line: one JSON line per answer on stdout (and appended to ``--jsonl``), a summary line on stderr. Ctrl-C
+stops it (exit 130) and SIGTERM, a service manager's stop, stops it the same way with exit 0: the summary line is
+written, every finished line was, and the answer in progress is cancelled.
 ``--source`` repeated watches several sources on one model (``--question`` before the first ``--source``: every
 source's; after a ``--source``: that source's alone).
 """
@@ -12,8 +14,11 @@ source's; after a ``--source``: that source's alone).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 
 from models import checks
 from models.checks import process_memory
@@ -129,7 +134,29 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_cli(run, args, interrupted="stopped; every finished line was written")
+    with stop_on_sigterm() as stopped:
+        code = run_cli(run, args, interrupted="stopped; every finished line was written")
+    return 0 if stopped and code == 130 else code
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM stops the command as Ctrl-C does (the summary written, the answer in progress cancelled); the list
+    it yields holds the signal once one came. On the main thread only (elsewhere Python takes no handler)."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def stop(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

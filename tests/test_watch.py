@@ -282,3 +282,29 @@ def test_reasoner_watch_takes_a_list_of_sources(reasoner, tmp_path):
     got = list(reasoner.watch([str(a), (str(b), [Q2])], Q1, window=1.0, every=1.0, max_windows=1, realtime=False,
                               max_new_tokens=2))
     assert sorted((x["source"], x["question"]) for x in got) == [(str(a), Q1), (str(b), Q2)]
+
+
+def test_sigterm_stops_the_command_as_ctrl_c_does_and_exits_0(engine_dir, tmp_path):
+    """``python -m runtime.watch`` under a service manager: SIGTERM after the first answer stops it as Ctrl-C does
+    (the summary line written, the lines so far complete) and it exits 0; before, the process died of the signal
+    without its summary."""
+    import signal
+    import subprocess
+    import sys
+
+    video = sample_video(tmp_path / "long.mp4", "circle", "red", "right", seconds=30, fps=8)
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.watch", "--engine", str(engine_dir), "--source", str(video),
+                             "--question", Q1, "--window", "1", "--every", "0.5", "--max-new-tokens", "4",
+                             "--no-verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["event"] == "answer"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert all(json.loads(x)["event"] for x in out.splitlines() if x.strip())  # every line whole
+        assert "stopped; every finished line was written" in err and re.search(r"\d+ answers; ", err)
+        assert "Traceback" not in err and "terminate called" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
