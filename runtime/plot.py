@@ -65,7 +65,9 @@ def plot_concurrency(rep: dict, path: str | Path) -> Path:
     names = {"base": "base", "vreason": "V-Reason"}
     for method, rows in rep["methods"].items():
         n = [row["clients"] for row in rows]
-        agg = [row["aggregate_decode_tokens_per_s"] for row in rows]
+        # (None: more clients than max_batch, never all decoding at once; not drawn)
+        agg = [float("nan") if row["aggregate_decode_tokens_per_s"] is None else row["aggregate_decode_tokens_per_s"]
+               for row in rows]
         c, name = colors.get(method, "0.3"), names.get(method, method)
         rate.plot(n, agg, "o-", color=c, label=f"{name}, measured")
         if n[0] == 1 and agg[0] > 0:

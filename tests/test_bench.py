@@ -46,6 +46,7 @@ def test_reuse_line_says_where_answers_part():
 
 def test_concurrency_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
     from runtime.bench.__main__ import main as bench
+    from runtime.bench.concurrency import concurrency_table
 
     png = tmp_path / "concurrency.png"
     assert bench(["--engine", str(engine_dir), "--concurrency", "1", "3", "--new-tokens", "4", "--repeats", "2",
@@ -64,6 +65,17 @@ def test_concurrency_bench_on_the_tiny_export(engine_dir, tmp_path, capsys):
             assert three["decode_over_one_client_min"] <= three["decode_over_one_client"] \
                 <= three["decode_over_one_client_max"]
         assert 0 <= three["queue_p50_s"] and three["ttft_p50_s"] <= three["ttft_p95_s"]
+    assert rep["max_batch"] == 3  # the top level's clients all run at once (default 4 capped 8 clients' rate to 0)
+    # with fewer places than clients, they never all decode at once: no aggregate decode rate, said as "-"
+    assert bench(["--engine", str(engine_dir), "--concurrency", "1", "3", "--max-batch", "2", "--new-tokens", "4",
+                  "--repeats", "1", "--work", str(tmp_path), "--backend", "ort", "--json", "--no-peer"]) == 0
+    out, err = capsys.readouterr()
+    rep = json.loads(out)
+    three = rep["methods"]["base"][1]
+    assert rep["max_batch"] == 2 and three["identical_to_solo"] and three["batch_mean"] <= 2
+    assert three["aggregate_decode_tokens_per_s"] is None and three["decode_over_one_client"] is None
+    assert "never all decoding at once" in err and "| base | 3 |" in concurrency_table(rep)
+    assert "| - | - |" in concurrency_table(rep).split("| base | 3 |")[1].splitlines()[0]
     assert bench(["--engine", str(engine_dir), "--concurrency", "0"]) == 1
     capsys.readouterr()
     # the plot is of the --concurrency report: refused at once without it

@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with one --engine: N clients at once on one loaded model, for each N (base and V-Reason): "
                          "aggregate and per-request tokens/s, TTFT p50/p95, queue time; with --synthetic: N requests' "
                          "decode steps together at the model's shape (static with CUDA graphs, and dynamic)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="with --concurrency and one --engine: requests the engine runs at once (default: the largest "
+                    "--concurrency level, so that every level's clients decode together; fewer, and the clients past "
+                    "it wait for a place)")
     ap.add_argument("--plot", metavar="PNG",
                     help="with --concurrency and one --engine: also draw the report to this PNG file (aggregate "
                     "decode rate and time to first token against the number of clients, the peer's batch beside)")
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--concurrency measures one export: pass one --engine")
             for n in args.concurrency:
                 checks.check_number("--concurrency", n, lo=1, hi=256, integer=True)
+            if args.max_batch is not None:
+                checks.check_number("--max-batch", args.max_batch, lo=1, hi=256, integer=True)
             args.engine = args.engine[0]
             rep = run_concurrency(args)
             return report(rep, concurrency_table(rep))

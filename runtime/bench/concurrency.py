@@ -78,8 +78,9 @@ def together_rate(waves: list[list[list[float]]]) -> float:
 
 def run_wave(r, clip: Path, method: str, n: int, new_tokens: int) -> tuple[list, float, float | None]:
     """N threads asking one question each, started together: ([(result, its tokens' arrival times)], wall s, the
-    KV memory the engine held at its peak over the sum of what each request's own cache would hold (None where
-    requests hold caches of their own, not rows of a pool))."""
+    KV memory the engine held at its peak over the sum of what each request's own cache would hold, of the
+    ``max_batch`` largest where more wait for a place (None where requests hold caches of their own, not rows of a
+    pool))."""
     needs = []
 
     def client() -> tuple:
@@ -93,7 +94,8 @@ def run_wave(r, clip: Path, method: str, n: int, new_tokens: int) -> tuple[list,
         r.pool.clear()
         r.pool.peak_bytes = 0
     done, wall = at_once(client, n)
-    return done, wall, (r.pool.peak_bytes / sum(needs) if r.pool is not None else None)
+    held = sum(sorted(needs, reverse=True)[:r.max_batch])  # what the requests that can run at once would hold alone
+    return done, wall, (r.pool.peak_bytes / held if r.pool is not None else None)
 
 
 def per_repeat(waves: list[tuple], ones: list[tuple]) -> list[float]:
@@ -106,8 +108,9 @@ def per_repeat(waves: list[tuple], ones: list[tuple]) -> list[float]:
     return [w / o for w, o in rates if w > 0 and o > 0]
 
 
-def level_row(n: int, waves: list[tuple[list, float]], solo: list[int]) -> dict:
-    """One concurrency level's figures from its waves."""
+def level_row(n: int, waves: list[tuple[list, float]], solo: list[int], max_batch: int) -> dict:
+    """One concurrency level's figures from its waves. With more clients than ``max_batch`` they never all decode at
+    once: no aggregate decode rate (None)."""
     results = [res for done, _, _ in waves for res, _ in done]
     tokens = sum(len(res.token_ids) for res in results)
     wall = sum(w for _, w, _ in waves)
@@ -116,7 +119,8 @@ def level_row(n: int, waves: list[tuple[list, float]], solo: list[int]) -> dict:
     return {
         "clients": n, "requests": len(results), "tokens": tokens, "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
-        "aggregate_decode_tokens_per_s": together_rate([[t for _, t in done] for done, _, _ in waves]),
+        "aggregate_decode_tokens_per_s": (together_rate([[t for _, t in done] for done, _, _ in waves])
+                                          if n <= max_batch else None),
         "kv_held_over_own": max(held) if held else None,
         "per_request_decode_tokens_per_s": statistics.median(res.timings["decode_tokens_per_s"] for res in results),
         "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95),
@@ -150,10 +154,11 @@ def run_concurrency(args) -> dict:
     from runtime.reasoner import Reasoner
 
     backend = args.backend[0] if args.backend else "auto"
-    r = Reasoner.load(args.engine, backend=backend, reuse_mb=0)
-    clip = bench_clip(Path(args.work), args.seconds)
     levels = sorted(set(args.concurrency))
     top = levels[-1]
+    # every level's clients running at once unless told otherwise (a backend with a row limit caps it: Reasoner.load)
+    r = Reasoner.load(args.engine, backend=backend, reuse_mb=0, max_batch=getattr(args, "max_batch", None) or top)
+    clip = bench_clip(Path(args.work), args.seconds)
     peer = peer_model(r, clip, args) if args.peer else None
     rep = {"engine": str(args.engine), "backend": r.backend.name, "backend_reason": r.backend_reason,
            "max_batch": r.max_batch, "batched": r.pool is not None, "new_tokens": args.new_tokens,
@@ -166,19 +171,22 @@ def run_concurrency(args) -> dict:
         for _ in range(args.repeats):  # the levels alternate, wave by wave: they see the same machine state
             for n in levels:
                 waves[n].append(run_wave(r, clip, method, n, args.new_tokens))
-            if peer is not None and method == "base":
+            if peer is not None and method == "base" and top <= r.max_batch:
                 step = peer[0](top)[1]
                 rounds.append((together_rate([[t for _, t in waves[top][-1][0]]]), top / step))
-        rows = [level_row(n, waves[n], solo) for n in levels]
+        rows = [level_row(n, waves[n], solo, r.max_batch) for n in levels]
         for row in rows:
-            print(f"measured {method} x{row['clients']}: {row['aggregate_decode_tokens_per_s']:.1f} decode tokens/s "
-                  "in all", file=sys.stderr)
+            rate = row["aggregate_decode_tokens_per_s"]
+            print(f"measured {method} x{row['clients']}: " + (
+                f"{rate:.1f} decode tokens/s in all" if rate is not None else
+                f"{row['aggregate_tokens_per_s']:.1f} tokens/s in all (more clients than max_batch "
+                f"{r.max_batch}: never all decoding at once)"), file=sys.stderr)
         one = rows[0]["aggregate_tokens_per_s"] if levels[0] == 1 else None
         for n, row in zip(levels, rows):
             row["aggregate_over_one_client"] = row["aggregate_tokens_per_s"] / one if one else None
             # per repeat: this level's wave over the one-client wave run just before it (the machine's speed drifts
             # by more than these differ over a run; within a repeat both waves see the same machine)
-            pairs = per_repeat(waves[n], waves[1]) if levels[0] == 1 else []
+            pairs = per_repeat(waves[n], waves[1]) if levels[0] == 1 and n <= r.max_batch else []
             row["decode_over_one_client"] = statistics.median(pairs) if pairs else None
             row["decode_over_one_client_min"], row["decode_over_one_client_max"] = \
                 (min(pairs), max(pairs)) if pairs else (None, None)
@@ -210,6 +218,9 @@ def concurrency_table(rep: dict) -> str:
     def ratio(x):
         return "-" if x is None else f"x{x:.2f}"
 
+    def rate(x):  # None: more clients than max_batch, never all decoding at once
+        return "-" if x is None else f"{x:.1f}"
+
     def spread(row, key):  # the per-repeat median and range
         lo, hi = row.get(key + "_min"), row.get(key + "_max")
         return ratio(row[key]) + ("" if lo is None or lo == hi else f" ({ratio(lo)}-{ratio(hi)})")
@@ -217,7 +228,7 @@ def concurrency_table(rep: dict) -> str:
     for method, rows in rep["methods"].items():
         for row in rows:
             lines.append(f"| {method} | {row['clients']} | {row['aggregate_tokens_per_s']:.1f} | "
-                         f"{ratio(row['aggregate_over_one_client'])} | {row['aggregate_decode_tokens_per_s']:.1f} | "
+                         f"{ratio(row['aggregate_over_one_client'])} | {rate(row['aggregate_decode_tokens_per_s'])} | "
                          f"{spread(row, 'decode_over_one_client')} | "
                          f"{row['per_request_decode_tokens_per_s']:.1f} | {row['ttft_p50_s']:.3f} | "
                          f"{row['ttft_p95_s']:.3f} | {row['queue_p50_s']:.3f} | {row['batch_mean']:.2f} | "
