@@ -401,8 +401,9 @@ def watch(reasoner, source: str, questions: list[str], window: float, every: flo
 def watch_many(reasoner, sources: list[tuple[str, list[str]]], window: float, every: float, fps: float = 2.0,
                **options) -> Iterator[dict]:
     """Several sources on one model: ``watch`` of each ``(source, questions)`` on a thread of its own, their lines
-    merged as they come. Their requests share the Reasoner's engine (first in, first out: one source's answers
-    wait for another's, and its ticks are skipped while they wait, counted per source). A source that fails
+    merged as they come. Their requests share the Reasoner's engine: up to its ``max_batch`` run at once, their
+    decode steps batched; past that they wait for a place first in, first out, and a source's ticks that come while
+    its answers run or wait are skipped, counted per source. ``max_windows`` applies to each source. A source that fails
     (gives up, ends before its window fills, cannot be read) is reported as a ``"source_failed"`` line and the
     others go on; once every source has stopped, ``SourceError`` names the failures, if any. Stopping the
     iteration stops every source's capture (after the answer each is computing)."""

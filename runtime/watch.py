@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
                     help="plain (default): the question only, short answers; reasoning: think, then answer")
     ap.add_argument("--max-new-tokens", type=int, default=WATCH_MAX_NEW_TOKENS, help="answer length limit")
     ap.add_argument("--trigger", help="regular expression (case-insensitive); alert is true when it matches the answer")
-    ap.add_argument("--max-windows", type=int, default=None, help="stop after this many ticks answered")
+    ap.add_argument("--max-windows", type=int, default=None,
+                    help="stop after this many ticks answered (of each source, with several)")
     ap.add_argument("--jsonl", help="also append each line to this file")
     ap.add_argument("--as-fast-as-possible", action="store_true",
                     help="file or folder source: read as fast as answering allows (offline; no tick skipped)")
