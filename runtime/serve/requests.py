@@ -14,6 +14,15 @@ MEDIA_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", 
                 "image/bmp": ".bmp", "video/mp4": ".mp4", "video/x-msvideo": ".avi", "video/quicktime": ".mov",
                 "video/webm": ".webm", "video/x-matroska": ".mkv"}
 SAMPLING_FIELDS = ("temperature", "top_p", "seed")
+# OpenAI fields this server does not implement, each with the values that ask for nothing (the field may then be sent
+# and is ignored); any other value would be ignored silently, so it is refused: an answer without the tool call, the
+# log-probabilities, the JSON format or the penalty asked for would look like one that had them
+UNSUPPORTED_FIELDS = {
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+}
 CONTROLLER_FIELDS = ("vreason_beta", "vreason_every", "vreason_steps", "vreason_lr", "lite_ratio")
 
 
@@ -176,6 +185,11 @@ def request_options(body: dict) -> dict:
 
     if body.get("n", 1) != 1:
         raise ApiError(400, "n must be 1", param="n")
+    for field, inert in UNSUPPORTED_FIELDS.items():
+        if body.get(field) not in inert:
+            raise ApiError(400, f"{field} is not supported here: this server answers one question about one image or "
+                                f"video as text, without tools, log-probabilities, response formats or penalties; "
+                                f"leave {field} out", param=field)
     limit = body.get("max_completion_tokens", body.get("max_tokens", 512))
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
