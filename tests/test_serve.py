@@ -105,6 +105,7 @@ def _post(url: str, body, key: str | None = KEY, raw: bytes | None = None) -> ht
     ("remote", 403, "remote media"),
     ("too big", 413, "--max-body-mb"),
     ("bad video", 400, "video"),
+    ("bad data url image", 400, "the request's media (its data: or http(s) URL)"),
     ("bad tokens", 400, "max_tokens"),
     ("tools", 400, "tools is not supported"),
     ("logprobs", 400, "logprobs is not supported"),
@@ -135,6 +136,9 @@ def test_bad_requests_get_openai_style_errors(server, media, tmp_path, case, sta
         body["messages"] = video_message("broken.mp4")
     elif case == "bad tokens":
         body["max_tokens"] = -1
+    elif case == "bad data url image":  # named as the client sent it, not as the server's temporary copy
+        body["messages"] = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "?"}]}]
     elif case == "tools":
         body["tools"] = [{"type": "function", "function": {"name": "open_gate", "parameters": {"type": "object"}}}]
     elif case == "logprobs":
@@ -147,6 +151,7 @@ def test_bad_requests_get_openai_style_errors(server, media, tmp_path, case, sta
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert words in err["message"] and "Traceback" not in r.text and "\n" not in err["message"]
+    assert "vreason-serve-" not in err["message"]  # no path of the server's own
 
 
 def test_openai_fields_that_ask_for_nothing_are_accepted(server):

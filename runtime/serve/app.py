@@ -198,6 +198,15 @@ class Service:
                 "usage": usage(result), "vreason": extension(result)}
 
 
+def client_words(error: Exception, tmp: Path) -> str:
+    """A runtime error's first line as the client reads it: the server's own copy of the request's media (a data: or
+    http(s) URL written under ``tmp``) named as what the client sent, not as a path on the server."""
+    import re
+
+    return re.sub(re.escape(str(tmp)) + r"/media\.\w+", "the request's media (its data: or http(s) URL)",
+                  str(error).splitlines()[0])
+
+
 def finish_reason(result, limit: int) -> str:
     return "length" if len(result.token_ids) >= limit else "stop"
 
@@ -290,7 +299,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                 stream = await run_in_threadpool(lambda: reasoner.stream(question=question, events=True, **options,
                                                                          **visual))
             except UserError as e:
-                raise ApiError(400, str(e).splitlines()[0]) from None
+                raise ApiError(400, client_words(e, tmp)) from None
         except BaseException:
             _remove(tmp)
             raise
@@ -301,7 +310,7 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
                 async for _ in stream:
                     pass
             except UserError as e:
-                raise ApiError(400, str(e).splitlines()[0]) from None
+                raise ApiError(400, client_words(e, tmp)) from None
             finally:
                 svc.answering.discard(stream)
                 _remove(tmp)
@@ -343,8 +352,8 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
         except UserError as e:
             finished = True
             svc.metrics.requests.labels("client_error").inc()
-            log_request(request, 400, rid=rid, error=str(e).splitlines()[0], streamed=True)
-            yield sse_event(ApiError(400, str(e).splitlines()[0]).body())
+            log_request(request, 400, rid=rid, error=client_words(e, tmp), streamed=True)
+            yield sse_event(ApiError(400, client_words(e, tmp)).body())
         finally:
             svc.answering.discard(stream)
             svc.in_flight -= 1
