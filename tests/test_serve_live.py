@@ -167,6 +167,11 @@ def test_bad_sources_triggers_and_ids_are_refused(server, media, tmp_path):
     refused("/v1/live-stream", {"url": "still", "questions": [""]}, 400, "questions")
     refused("/v1/live-stream", {"url": "still", "method": "magic"}, 400, "unknown method")
     refused("/v1/live-stream", {"url": "still", "questions": ["why? " * 5000]}, 400, "prompt")
+    # a field it does not know (the Python API's name for max_tokens here) is refused, not left to its default
+    refused("/v1/live-stream", {"url": "still", "questions": ["q"], "max_new_tokens": 8}, 400,
+            "unknown field 'max_new_tokens'")
+    refused("/v1/alerts", {"stream_id": "stream-nope", "question": "q", "trigger": "x", "cooldown": 5}, 400,
+            "unknown field 'cooldown'")
     refused("/v1/alerts", {"stream_id": "stream-nope", "question": "q", "trigger": "x"}, 404, "no live stream")
     refused("/v1/live-stream/stream-nope", None, 404, "no live stream", "DELETE")
     refused("/v1/chat/completions", {"messages": [{"role": "user", "content": [

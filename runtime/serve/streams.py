@@ -251,6 +251,21 @@ def _offer(q: asyncio.Queue, event) -> None:
             q.get_nowait()
 
 
+STREAM_FIELDS = ("url", "source", "name", "questions", "fps", "window", "every", "max_tokens", "reconnect", "method",
+                 "template", "loop")  # POST /v1/live-stream
+ALERT_FIELDS = ("stream_id", "question", "trigger")  # POST /v1/alerts
+
+
+def known_fields(body, fields: tuple[str, ...]) -> None:
+    """Refuse (400, naming it) a field this API does not know: ignored, a misspelt or misnamed setting
+    (``max_new_tokens`` for ``max_tokens``) would leave the stream running on its default without a word."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    unknown = [k for k in body if k not in fields]
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; the fields are {', '.join(fields)}", param=unknown[0])
+
+
 class Streams:
     """The service's live streams and alerts."""
 
@@ -320,6 +335,7 @@ class Streams:
         """Check a POST /v1/live-stream body and start the stream (``check_requests`` runs the prompt checks)."""
         from runtime.live import WATCH_MAX_NEW_TOKENS, WATCH_TEMPLATE
 
+        known_fields(body, STREAM_FIELDS)
         source = self.source(body.get("url", body.get("source")))
         name = body.get("name") or source.rsplit("/", 1)[-1]
         if not isinstance(name, str) or len(name) > 200:
@@ -364,6 +380,7 @@ class Streams:
         s.stop()
 
     def add_alert(self, body: dict) -> Alert:
+        known_fields(body, ALERT_FIELDS)
         s = self.get(body.get("stream_id") if isinstance(body.get("stream_id"), str) else "")
         question = body.get("question")
         if not isinstance(question, str) or not question.strip():
