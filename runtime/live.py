@@ -346,6 +346,12 @@ def check_requests(reasoner, questions: list[str], fps: float, size: int, method
     if prepare is None:
         return
     known = inspect.signature(prepare).parameters
+    # what each answer's request takes: ``stream``'s own keywords and, through its ``**visual``, ``prepare``'s
+    own = inspect.signature(reasoner.stream).parameters.items()
+    takes = {n for n, p in own if p.kind != p.VAR_KEYWORD} | set(known)
+    unknown = [k for k in ask if k not in takes]
+    if unknown:  # (as Python says it of any call; else it came only once the first window had filled)
+        raise TypeError(f"watch() got an unexpected keyword argument {unknown[0]!r}")
     extra = {k: v for k, v in ask.items() if k in known}
     blank = [np.zeros((64, 64, 3), np.uint8)] * size
     for q in questions:

@@ -308,3 +308,12 @@ def test_sigterm_stops_the_command_as_ctrl_c_does_and_exits_0(engine_dir, tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_reasoner_watch_refuses_an_unknown_keyword_before_capture(reasoner, tmp_path):
+    """A keyword no answer takes (``max_tokens``, the HTTP API's name for ``max_new_tokens``) is refused as Python
+    refuses one in any call, before the source is opened; before, it was found only at the first full window (here
+    the clip is shorter than a window, so the run ended with the source's error instead)."""
+    video = sample_video(tmp_path / "short.mp4", "circle", "red", "right", seconds=2, fps=8)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens'"):
+        list(reasoner.watch(str(video), [Q1], window=4.0, every=1.0, max_tokens=5))
