@@ -93,6 +93,12 @@ class Channel:
             yield value
 
 
+def _fail(channel, error: BaseException) -> None:
+    """End a request's channel with ``error``, raised in its consumer."""
+    channel.put(_ERROR, error)
+    channel.put(_DONE)
+
+
 def _piece(kind: int, value) -> bool:
     """Whether a channel item is a piece (False: the request's end); raises the request's error."""
     if kind == _ERROR:
@@ -362,8 +368,7 @@ class Engine:
                 try:
                     gen = run(time.perf_counter() - queued, running)
                 except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
-                    channel.put(_ERROR, e)
-                    channel.put(_DONE)
+                    _fail(channel, e)
                     continue
                 active.append([gen, channel, threads, kv, running])
                 self.kv_in_use += kv
@@ -380,14 +385,12 @@ class Engine:
                 gen.close()
             except BaseException:  # noqa: BLE001 (a request's own clean-up failing changes nothing here)
                 pass
-            channel.put(_ERROR, error)
-            channel.put(_DONE)
+            _fail(channel, error)
             row.clear()
         self._active = []
         self.kv_in_use = 0
         for item in pending:
-            item[1].put(_ERROR, error)
-            item[1].put(_DONE)
+            _fail(item[1], error)
         with self._start_lock:
             self.waiting -= len(pending)
 
@@ -445,8 +448,7 @@ class Engine:
         except StopIteration:
             channel.put(_DONE)
         except BaseException as e:  # noqa: BLE001 (the request's error is raised in its consumer)
-            channel.put(_ERROR, e)
-            channel.put(_DONE)
+            _fail(channel, e)
         if finished:
             self._active = [r for r in self._active if r is not row]
             self.kv_in_use -= kv

@@ -1,7 +1,9 @@
 """Helpers shared by tests: prompts with visual inputs for our model and for transformers; a CLI's one-line error;
-onnxruntime-genai's model of an export's own weights against ours."""
+onnxruntime-genai's model of an export's own weights against ours; a call on a thread of its own."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -87,3 +89,17 @@ def peer_of_the_same_weights(engine, work) -> None:
     same = against(r, peer["greedy"], "Which shape moves left?", 12)
     assert same["compared"] >= 8 and same["equal"]
     assert same["entropy_max_abs_diff"] < 1e-4
+
+
+def in_thread(fn) -> tuple[threading.Thread, dict]:
+    """``fn()`` on a daemon thread, started: (the thread, a dict that gets its "value" or its "error")."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (reported by the test)
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from runtime.reasoner import Reasoner
+from tests.helpers import in_thread
 
 QUESTIONS = ["Which shape moves left?", "What color is the circle?", "How many squares?", "Which way?"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +32,6 @@ def solo(reasoner):
     return {q: reasoner.ask(question=q, max_new_tokens=10).token_ids for q in QUESTIONS}
 
 
-def _in_thread(fn) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 (reported by the test)
-            box["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, box
-
-
 def test_a_paused_consumer_delays_no_other_request(reasoner, solo):
     """Thread A pauses inside its stream's loop until thread B's request has been answered: B must be answered
     while A is paused (before, A held the model's lock across its yield and B waited for it)."""
@@ -59,14 +47,14 @@ def test_a_paused_consumer_delays_no_other_request(reasoner, solo):
         for i, event in enumerate(reasoner.stream(question=QUESTIONS[0], max_new_tokens=10, events=True)):
             ids.append(event.id)
             if i == 1:
-                t, box = _in_thread(b)
+                t, box = in_thread(b)
                 if not answered.wait(TIMEOUT):  # the pause: until B has its answer
                     raise AssertionError("B was not answered while A paused in its stream")
                 t.join()
                 assert box["value"] == solo[QUESTIONS[1]]
         return ids
 
-    t, box = _in_thread(a)
+    t, box = in_thread(a)
     t.join(TIMEOUT + 10)
     assert not t.is_alive() and "error" not in box, box.get("error")
     assert box["value"] == solo[QUESTIONS[0]]  # A's answer, whole, after its pause
@@ -78,10 +66,10 @@ def test_a_kept_unfinished_stream_and_a_request_from_another_thread_do_not_deadl
     held = reasoner.stream(question=QUESTIONS[0], max_new_tokens=10)
     it = iter(held)
     next(it)  # A keeps it unfinished
-    t, box = _in_thread(lambda: reasoner.ask(question=QUESTIONS[1], max_new_tokens=10).token_ids)
+    t, box = in_thread(lambda: reasoner.ask(question=QUESTIONS[1], max_new_tokens=10).token_ids)
     t.join(TIMEOUT)
     assert not t.is_alive() and box.get("value") == solo[QUESTIONS[1]]
-    t, box = _in_thread(lambda: reasoner.ask(question=QUESTIONS[2], max_new_tokens=10).token_ids)  # A again
+    t, box = in_thread(lambda: reasoner.ask(question=QUESTIONS[2], max_new_tokens=10).token_ids)  # A again
     t.join(TIMEOUT)
     assert not t.is_alive() and box.get("value") == solo[QUESTIONS[2]]
     rest = list(it)  # the kept stream still has its whole answer
@@ -563,81 +551,3 @@ def test_a_request_runs_with_the_threads_it_was_submitted_with():
         assert list(engine.submit(run)) == [2]
     finally:
         torch.set_num_threads(before)
-
-
-def test_close_ends_running_and_queued_requests_and_refuses_later_ones():
-    """``Engine.close``: after its current round the running request's generator is closed (its ``finally`` runs),
-    it and the queued one end with ``Closed`` in their consumers (the queued one never starts), the thread ends,
-    and a later ``submit`` raises ``Closed``; an engine that never started closes at once."""
-    from runtime.engine import TICK, Closed, Engine
-
-    engine = Engine("closing", max_batch=1)
-    started, cleaned = threading.Event(), threading.Event()
-
-    def forever(queue_s, running):
-        try:
-            started.set()
-            while True:
-                yield TICK
-        finally:
-            cleaned.set()
-
-    def never(queue_s, running):
-        raise AssertionError("a queued request started after close")
-
-    running, queued = engine.submit(forever), engine.submit(never)
-    assert started.wait(TIMEOUT)
-    assert engine.close(TIMEOUT)
-    assert cleaned.is_set()
-    for channel in (running, queued):
-        with pytest.raises(Closed, match="was closed"):
-            list(channel)
-    assert engine.running == 0 and engine.waiting == 0 and engine.kv_in_use == 0
-    with pytest.raises(Closed, match="was closed"):
-        engine.submit(forever)
-    assert Engine("never started").close(0)
-
-
-def test_reasoner_close_stops_a_stream_in_another_thread(engine_dir):
-    """``Reasoner.close`` (and ``with``): a stream read on another thread ends with ``runtime.Closed``; later
-    requests are refused with it."""
-    from runtime import Closed
-
-    with Reasoner.load(engine_dir, backend="ort", reuse_mb=0) as r:
-        first = threading.Event()
-
-        def read():
-            for _ in r.stream(question=QUESTIONS[0], max_new_tokens=1000, template="plain"):
-                first.set()
-
-        t, box = _in_thread(read)
-        assert first.wait(TIMEOUT)
-    t.join(TIMEOUT)
-    assert isinstance(box.get("error"), Closed), box
-    with pytest.raises(Closed):
-        r.ask(question=QUESTIONS[1], max_new_tokens=4)
-
-
-@pytest.mark.parametrize("how", ["exits", "raises"])
-def test_a_program_that_ends_during_a_request_exits_with_its_own_code(engine_dir, how):
-    """A program that exits, or dies of its own exception, while a request is still being decoded: the interpreter's
-    exit closes the engine after its current unit of work (``runtime.engine._close_engines``), so the process ends
-    with its own exit code. Before, the engine thread was left inside ONNX Runtime's run while the interpreter tore
-    down, and the process aborted: "terminate called without an active exception", exit code 134."""
-    code = (
-        "import sys\n"
-        "from runtime import Reasoner\n"
-        "r = Reasoner.load(sys.argv[1], backend='ort', reuse_mb=0)\n"
-        f"pieces = iter(r.stream(question={QUESTIONS[0]!r}, max_new_tokens=1000, template='plain'))\n"
-        "next(pieces)\n"
-        "print('first piece', flush=True)\n"
-        f"if {how == 'raises'}:\n"
-        "    raise RuntimeError('the app failed mid-stream')\n")
-    out = subprocess.run([sys.executable, "-c", code, str(engine_dir)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=TIMEOUT)
-    assert "first piece" in out.stdout, out.stderr[-2000:]
-    assert "terminate called" not in out.stderr, out.stderr[-2000:]
-    if how == "raises":
-        assert out.returncode == 1 and out.stderr.rstrip().endswith("RuntimeError: the app failed mid-stream")
-    else:
-        assert out.returncode == 0, out.stderr[-2000:]

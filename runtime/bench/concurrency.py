@@ -157,7 +157,7 @@ def run_concurrency(args) -> dict:
     levels = sorted(set(args.concurrency))
     top = levels[-1]
     # every level's clients running at once unless told otherwise (a backend with a row limit caps it: Reasoner.load)
-    r = Reasoner.load(args.engine, backend=backend, reuse_mb=0, max_batch=getattr(args, "max_batch", None) or top)
+    r = Reasoner.load(args.engine, backend=backend, reuse_mb=0, max_batch=args.max_batch or top)
     clip = bench_clip(Path(args.work), args.seconds)
     peer = peer_model(r, clip, args) if args.peer else None
     rep = {"engine": str(args.engine), "backend": r.backend.name, "backend_reason": r.backend_reason,

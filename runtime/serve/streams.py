@@ -258,9 +258,8 @@ ALERT_FIELDS = ("stream_id", "question", "trigger")  # POST /v1/alerts
 
 def known_fields(body, fields: tuple[str, ...]) -> None:
     """Refuse (400, naming it) a field this API does not know: ignored, a misspelt or misnamed setting
-    (``max_new_tokens`` for ``max_tokens``) would leave the stream running on its default without a word."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
+    (``max_new_tokens`` for ``max_tokens``) would leave the stream running on its default without a word. ``body``:
+    a JSON object (``Service.read_json``)."""
     unknown = [k for k in body if k not in fields]
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; the fields are {', '.join(fields)}", param=unknown[0])
