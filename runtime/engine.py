@@ -346,14 +346,13 @@ class Engine:
         pending: deque = deque()  # submitted, not yet running (first in, first out)
         while True:
             active = self._active
-            if not active and not pending and not self.closed:
-                pending.append(self._queue.get())  # idle: wait for a request (None: ``close``'s wake-up)
+            got = [self._queue.get()] if not active and not pending and not self.closed else []  # idle: wait
             while True:
                 try:
-                    pending.append(self._queue.get_nowait())
+                    got.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            pending = deque(item for item in pending if item is not None)
+            pending.extend(item for item in got if item is not None)  # (None: ``close``'s wake-up)
             if self.closed:
                 self._shut(pending)
                 return
