@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
                     "(slow first request)")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip hashing the export's files (presence, sizes and graph I/O are still checked)")
+    ap.add_argument("--no-hugepages", action="store_true",
+                    help="leave the loaded weights in 4 KB pages (CPU; see runtime.hugepages)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     from controller.config import add_cli_arguments
     add_cli_arguments(ap)
@@ -102,7 +104,8 @@ def run(args) -> int:
     controller = config_from_args(args)
     r = Reasoner.load(args.engine, backend=args.backend, device=args.device, model_dir=args.model,
                       verify=not args.no_verify, decode=args.decode,
-                      cuda_graphs=False if args.no_cuda_graphs else None, compile=args.compile)
+                      cuda_graphs=False if args.no_cuda_graphs else None, compile=args.compile,
+                      hugepages=not args.no_hugepages)
     visual = {"video": args.video} if args.video else {"frames": args.frames} if args.frames \
         else {"image": args.image}
     stream = r.stream(question=question, method=args.method, max_new_tokens=args.max_new_tokens,

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", metavar="PNG",
                     help="with --concurrency and one --engine: also draw the report to this PNG file (aggregate "
                     "decode rate and time to first token against the number of clients, the peer's batch beside)")
+    ap.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                    help="leave the loaded weights in 4 KB pages (CPU; by default each export's are moved into 2 MB "
+                    "pages after loading, and the move is waited for before measuring: runtime.hugepages)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--save", metavar="PATH",
                     help="also write the report to PATH as JSON; with --synthetic it is rewritten after every measured "

@@ -151,18 +151,20 @@ def peer_model(r, clip: Path, args):
 
 def run_concurrency(args) -> dict:
     from runtime.bench.exports import bench_clip
-    from runtime.reasoner import Reasoner
+    from runtime.bench.measure import load
 
     backend = args.backend[0] if args.backend else "auto"
     levels = sorted(set(args.concurrency))
     top = levels[-1]
     # every level's clients running at once unless told otherwise (a backend with a row limit caps it: Reasoner.load)
-    r = Reasoner.load(args.engine, backend=backend, reuse_mb=0, max_batch=args.max_batch or top)
+    r = load(args.engine, args.hugepages, backend=backend, reuse_mb=0, max_batch=args.max_batch or top)
     clip = bench_clip(Path(args.work), args.seconds)
     peer = peer_model(r, clip, args) if args.peer else None
     rep = {"engine": str(args.engine), "backend": r.backend.name, "backend_reason": r.backend_reason,
            "max_batch": r.max_batch, "batched": r.pool is not None, "new_tokens": args.new_tokens,
-           "repeats": args.repeats, "levels": levels, "methods": {}}
+           "repeats": args.repeats, "levels": levels, "methods": {},
+           "hugepages": r.hugepages.as_dict() if r.hugepages is not None else
+           {"state": "off: --no-hugepages" if not args.hugepages else f"off: weights on {r.device.type}"}}
     for method in ("base", "vreason"):
         solo = r.ask(video=str(clip), question=QUESTION, method=method, max_new_tokens=args.new_tokens,
                      template="plain").token_ids  # also the warm-up
@@ -204,12 +206,21 @@ def run_concurrency(args) -> dict:
     return rep
 
 
+def pages(state: dict | None) -> str:
+    """The report's line end on the weights' pages (``runtime.hugepages``; nothing for a report without it)."""
+    if state is None:
+        return ""
+    if state["state"] == "done":
+        return f"; weights in 2 MB pages ({state['moved_mb']} MiB moved before measuring)"
+    return f"; weights not moved into 2 MB pages ({state['state']})"
+
+
 def concurrency_table(rep: dict) -> str:
     how = ("their decode steps batched (one pass over the weights per step)" if rep.get("batched") else
            "taking turns (this backend decodes one request per call)")
     lines = [f"{rep['engine']} on {rep['backend']} ({rep.get('backend_reason', '')}): {rep['new_tokens']} new tokens, "
              f"{rep['repeats']} requests per client, clients started together; one engine thread, up to "
-             f"{rep['max_batch']} requests running, {how}", "",
+             f"{rep['max_batch']} requests running, {how}" + pages(rep.get("hugepages")), "",
              "| method | clients | aggregate tok/s | vs 1 client | aggregate decode tok/s | vs 1 client (per repeat) | "
              "per-request decode tok/s | TTFT p50 (s) | TTFT p95 (s) | queue p50 (s) | batch mean | KV held / own | "
              "answers = solo |",

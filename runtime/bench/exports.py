@@ -192,7 +192,7 @@ def bench_transformers(src: Path, prompt, new_tokens: int, repeats: int, dtype: 
 
 def run(args) -> dict:
     from runtime.backends import tensorrt_usable
-    from runtime.reasoner import Reasoner
+    from runtime.bench.measure import load
 
     engine = Path(args.engine)
     backends = args.backend or (["trt"] if tensorrt_usable(engine)[0] else []) + ["ort"]
@@ -202,8 +202,8 @@ def run(args) -> dict:
     reasoners = {}
     bandwidth = read_bandwidth()
     for name in backends:
-        r = Reasoner.load(engine, backend=name, reuse_mb=0,  # cold requests: nothing reused between runs
-                          ort_trunk=args.ort_trunk)
+        r = load(engine, args.hugepages, backend=name, reuse_mb=0,  # cold requests: nothing reused between runs
+                 ort_trunk=args.ort_trunk)
         reasoners[name] = r
         prompt = r.prepare(question=WORKLOAD, video=video, max_new_tokens=args.new_tokens)
         for _ in range(args.warmup):

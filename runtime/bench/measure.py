@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -77,3 +78,19 @@ def write_report(path, report: dict) -> None:
     part = path.with_name(path.name + ".part")
     part.write_text(json.dumps(report, indent=2) + "\n")
     part.replace(path)
+
+
+def load(engine, hugepages: bool = True, **kwargs):
+    """``Reasoner.load(engine, **kwargs)`` for a measurement: with ``hugepages``, the move of its weights into 2 MB
+    pages (``runtime.hugepages``) is waited for first, so that no measured request runs beside it or before it."""
+    from runtime.reasoner import Reasoner
+
+    r = Reasoner.load(engine, hugepages=hugepages, **kwargs)
+    move = r.hugepages
+    if move is not None:
+        t = time.perf_counter()
+        move.wait()
+        state = move.as_dict()
+        print(f"weights in 2 MB pages: {state['state']}, {state['moved_mb']} MiB moved "
+              f"({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    return r

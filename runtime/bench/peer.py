@@ -242,13 +242,13 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, repeats: int, 
 
 
 def side_by_side(once, engine: Path, new_tokens: int, rounds: int, seconds: float, work: Path,
-                 ort_trunk: str = "auto", prompt_tokens: int | None = None) -> dict:
+                 ort_trunk: str = "auto", prompt_tokens: int | None = None, hugepages: bool = True) -> dict:
     """Decode of ``engine`` on the ort backend (the benchmark's request: its clip and question) and of the peer
     (``once``, from ``measure``), alternating one request each per round; see the module docstring."""
     from runtime.bench.exports import WORKLOAD, bench_clip, run_once
-    from runtime.reasoner import Reasoner
+    from runtime.bench.measure import load
 
-    r = Reasoner.load(engine, backend="ort", reuse_mb=0, ort_trunk=ort_trunk)
+    r = load(engine, hugepages, backend="ort", reuse_mb=0, ort_trunk=ort_trunk)
     prompt = r.prepare(question=WORKLOAD, video=bench_clip(work, seconds), max_new_tokens=new_tokens)
     if prompt_tokens is not None and len(prompt.ids) != prompt_tokens:
         raise UserError(f"the benchmark request on {engine} is {len(prompt.ids)} prompt tokens with a {seconds:g} s "
@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", metavar="EXPORT",
                     help="then alternate requests with this export on the ort backend in the same process")
     ap.add_argument("--rounds", type=int, default=8, help="with --against: rounds of one request each")
+    ap.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                    help="with --against: leave our loaded weights in 4 KB pages (runtime.hugepages)")
     ap.add_argument("--seconds", type=float, default=2.0, help="with --against: length of the benchmark clip")
     ap.add_argument("--ort-trunk", choices=("auto", "fused", "standard"), default="auto",
                     help="with --against: the ort backend's trunk form")
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         rep["weights"] = "the export's" if own else "random"
         if against is not None:
             rep["side_by_side"] = side_by_side(once, against, args.new_tokens, args.rounds, args.seconds, work,
-                                               args.ort_trunk, args.prompt_tokens)
+                                               args.ort_trunk, args.prompt_tokens, args.hugepages)
         blocks = f" (blocks of {rep['block_size']})" if rep["block_size"] else ""
         line = (f"onnxruntime-genai {args.precision}{blocks}: decode {1 / rep['decode_s_per_token']:.1f} tokens/s, "
                 f"TTFT {rep['ttft_s']:.3f} s, peak memory {rep['peak_memory_bytes'] / 1e6:.0f} MB")
