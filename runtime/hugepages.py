@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import os
 import sys
 import threading
@@ -153,7 +154,7 @@ class Move:
                     self.failed += n
                     errors.add(ctypes.get_errno())
                 i = j
-            if blocks and not self.moved and errors == {22}:  # EINVAL everywhere: no MADV_COLLAPSE here
+            if blocks and not self.moved and errors == {errno.EINVAL}:  # EINVAL everywhere: no MADV_COLLAPSE here
                 self.state = "unsupported: this kernel cannot collapse pages on request (Linux 6.1 or later can)"
             else:
                 self.state = "done"

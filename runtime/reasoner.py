@@ -26,11 +26,11 @@ from models.inputs import Prompt, Visual, build_prompt, visual_from
 from models.preprocess import VisionSettings
 from models.prompt import Tokenizer, load_chat_template, prompt_ids
 from models.registry import family
-from runtime import hugepages as hugepages_
 from runtime.backends import resolve
 from runtime.cache import KVCache
 from runtime.engine import TICK, Engine, apart, drain
 from runtime.generate import Cancelled, DecodeState, Loop
+from runtime.hugepages import after_load, anonymous
 from runtime.reuse import ReuseStore, default_reuse_mb, nbytes
 from runtime.sampling import SamplingParams
 from runtime.stream import Result, Stream, TokenEvent
@@ -167,11 +167,11 @@ class Reasoner:
 
             cv2.setNumThreads(threads)  # video decoding and resizing too
         # (on a thread of its own: its PyTorch CPU threads end with it, and the engine's run alone; see apart)
-        before = hugepages_.anonymous() if hugepages else None
+        before = anonymous() if hugepages else None
         r = apart(lambda: cls._open(engine_dir, backend, device, model_dir, verify, decode, cuda_graphs, compile,
                                     threads, reuse_mb, ort_trunk, max_batch, kv_mb))
         if before is not None and r.device.type == "cpu":
-            r.hugepages = hugepages_.after_load(before)
+            r.hugepages = after_load(before)
         return r
 
     @classmethod

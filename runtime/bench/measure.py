@@ -91,6 +91,6 @@ def load(engine, hugepages: bool = True, **kwargs):
         t = time.perf_counter()
         move.wait()
         state = move.as_dict()
-        print(f"weights in 2 MB pages: {state['state']}, {state['moved_mb']} MiB moved "
+        print(f"the weights' move into 2 MB pages: {state['state']}, {state['moved_mb']} MiB moved "
               f"({time.perf_counter() - t:.1f} s)", file=sys.stderr)
     return r

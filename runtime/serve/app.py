@@ -352,8 +352,9 @@ def app(engine_dir: str | Path | None = None, *, reasoner=None, api_key: str | N
         except UserError as e:
             finished = True
             svc.metrics.requests.labels("client_error").inc()
-            log_request(request, 400, rid=rid, error=client_words(e, tmp), streamed=True)
-            yield sse_event(ApiError(400, client_words(e, tmp)).body())
+            words = client_words(e, tmp)
+            log_request(request, 400, rid=rid, error=words, streamed=True)
+            yield sse_event(ApiError(400, words).body())
         finally:
             svc.answering.discard(stream)
             svc.in_flight -= 1
