@@ -11,8 +11,9 @@ at most one prefill chunk (or vision encoder call) a round however many prompts 
 started behind a long one gets its first token without waiting for the long one's last, and equal requests started
 together get their first tokens one after another rather than all near the end of all their prefills. On its way to
 its unit, a request may yield ``Call``s: a step of its work that the engine runs together with the other requests'
-calls to the same function, in one call (a decode step of every running request through the trunk, then the head,
-V-Reason's updates due at this step and their recomputes: one pass over the weights for all, where the backend can:
+calls to the same function, in one call (a decode step of every running request through the trunk, then the head, or
+both in one call on ort's fused graphs, ``decode_rows``; V-Reason's updates due at this step and their recomputes: one
+pass over the weights for all, where the backend can:
 ``batch_rows``, every backend with dynamic decode (TensorRT up to its decode profile's batch range), and with static
 decode and ``max_batch`` > 1 the torch and ort backends; see ``runtime.pool``). Elsewhere (static decode on
 TensorRT) requests take turns and the aggregate rate is the one-request rate.

@@ -116,7 +116,7 @@ class Cancelled(Exception):
 @dataclass
 class Token:
     id: int
-    entropy: torch.Tensor  # 0-dim, on the logits' device: read it after the loop, not per token
+    entropy: torch.Tensor | float  # 0-dim, on the logits' device (read it after the loop, not per token), or a float
     alpha: float = 0.0
 
 
@@ -246,8 +246,7 @@ class Loop:
                 alpha = 0.0
                 if self.steering is not None:
                     logits, alpha = yield from self._steer(state, logits)
-                with self.threads():
-                    h, token = self.pick(logits, params, gen)
+                h, token = self.pick(logits, params, gen)
                 self.timings.decode_tokens = k + 1
                 yield Token(token, h, alpha)
                 if token in stop_ids or k + 1 == max_new_tokens:
@@ -275,21 +274,34 @@ class Loop:
             steering.record(logits, alpha)
         return logits, alpha
 
-    def pick(self, logits: torch.Tensor, params: SamplingParams, gen) -> tuple[torch.Tensor, int]:
-        """The entropy of ``logits`` (0-dim, on their device) and the token sampled from them (the one host sync
-        per token). Where the backend's head graph computed both with these very logits (``OrtHead.picked``),
-        a greedy step takes them from it."""
+    def pick(self, logits: torch.Tensor, params: SamplingParams, gen) -> tuple[torch.Tensor | float, int]:
+        """The entropy of ``logits`` (a 0-dim tensor on their device, or a float where the backend's head graph
+        computed it) and the token sampled from them (the one host sync per token). Where the head graph computed
+        both with these very logits (``OrtHead.picked``), a greedy step takes them from it, without PyTorch."""
         graph = self.head_graph
         done = graph.picked(logits) if graph is not None else None
         if done is not None and params.temperature <= 0:
             return done
-        return (entropy(logits) if done is None else done[0]), int(sample(logits, params, gen))
+        with self.threads():
+            return (entropy(logits) if done is None else done[0]), int(sample(logits, params, gen))
 
     def _advance(self, state: DecodeState, token: int, position: int, k: int, dev: torch.device
                  ) -> Generator[Call, object, torch.Tensor]:
         """Trunk and head for the token just sampled at step ``k``; returns its logits [V]. A generator: with
-        ``batched``, the trunk call and the head graph's call are yielded as ``Call``s, which the engine runs
-        together with the other running requests' (one pass over the weights for all); else it yields nothing."""
+        ``batched``, the backend's ``decode_rows`` call, or its trunk call and then its head graph's call, are
+        yielded as ``Call``s, which the engine runs together with the other running requests' (one pass over the
+        weights for all); else it yields nothing."""
+        decode = self.backend.decode_rows if self.batched else None
+        if decode is not None:  # trunk and head in one call with the other requests', from the token's id
+            hidden, logits = yield Call(decode, token, position, state.cache)
+            state.cache.length += 1
+            if self.steering is None:  # (read by a controller's updates and recomputes only)
+                state.hidden = state.positions = None
+            else:
+                with self.threads(), torch.no_grad():
+                    state.hidden = hidden.clone()  # (the call's output buffer is the next batched call's)
+                    state.positions = torch.full((3, 1, 1), position, dtype=torch.long, device=dev)
+            return logits
         with self.threads(), torch.no_grad():
             pos = torch.full((3, 1, 1), position, dtype=torch.long, device=dev)
             emb = self.head.embed(torch.tensor([[token]], device=dev))

@@ -237,7 +237,7 @@ class Stream:
         timings = loop.timings if loop is not None else Timings(prepare_s=self.prepare_s, queue_s=self.queue_s)
         if self._running is not None:
             timings.batch_mean = self._running.batch_mean
-        entropy = torch.stack(ents).float().cpu().tolist() if ents else []
+        entropy = floats(ents)
         if alphas and torch.is_tensor(alphas[0]):  # static decode: read once, at the end
             alphas = torch.stack(alphas).cpu().tolist()
         tracker = getattr(steering, "tracker", None)
@@ -254,6 +254,16 @@ class Stream:
             skipped_updates=getattr(steering, "skipped", 0),
             visual=self.prompt.visuals[0].describe(r.cfg) if self.prompt.visuals else {},
         )
+
+
+def floats(values: list) -> list[float]:
+    """Per-token values as floats: 0-dim tensors (read together: one device sync) and floats, in order."""
+    tensors = [i for i, v in enumerate(values) if torch.is_tensor(v)]
+    out = list(values)
+    if tensors:
+        for i, v in zip(tensors, torch.stack([values[i].float() for i in tensors]).cpu().tolist()):
+            out[i] = v
+    return [float(v) for v in out]
 
 
 def peak_memory(device: torch.device) -> int:

@@ -146,13 +146,14 @@ def test_no_op_settings_equal_the_base_method(reasoners, frames, setting):
     # both through the PyTorch head the controller steers (on ort, steps without autograd otherwise run the
     # head's ONNX Runtime graph, equal to it to float rounding: tests/test_ort_head.py); what is checked is the
     # controller with the head held fixed
-    (graph, rows), r.backend.base_head, r.backend.head_rows = (r.backend.base_head, r.backend.head_rows), None, None
+    graph, rows, decode = r.backend.base_head, r.backend.head_rows, r.backend.decode_rows
+    r.backend.base_head = r.backend.head_rows = r.backend.decode_rows = None
     try:
         base = r.ask(frames=frames, fps=2.0, question=QUESTION, max_new_tokens=10)
         vr = r.ask(frames=frames, fps=2.0, question=QUESTION, max_new_tokens=10, method="vreason",
                    controller=setting)
     finally:
-        r.backend.base_head, r.backend.head_rows = graph, rows
+        r.backend.base_head, r.backend.head_rows, r.backend.decode_rows = graph, rows, decode
     assert vr.token_ids == base.token_ids
     assert vr.entropy == base.entropy  # bit-identical logits give bit-identical entropies
     if "lr" in setting:

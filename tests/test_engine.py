@@ -178,6 +178,10 @@ def test_requests_running_together_equal_each_alone(request, monkeypatch, export
     rows, head_rows, update_rows = r.backend.trunk_rows, r.backend.head_rows, VReason.update_rows
     r.backend.trunk_rows = lambda calls: (widths.append(len(calls)), rows(calls))[1]
     r.backend.head_rows = lambda calls: (widths.append(len(calls)), head_rows(calls))[1]
+    decode_rows = r.backend.decode_rows  # (trunk and head in one call: the fused trunk with the head graph)
+    assert (decode_rows is not None) == (trunk in ("fused", "fused-static"))
+    if decode_rows is not None:
+        r.backend.decode_rows = lambda calls: (widths.append(len(calls)), decode_rows(calls))[1]
     monkeypatch.setattr(VReason, "update_rows", staticmethod(lambda calls: (updates.append(len(calls)),
                                                                             update_rows(calls))[1]))
     frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=4)]  # RGB
@@ -245,8 +249,8 @@ def test_a_request_alone_is_one_row_on_the_fused_float_graphs(engine_dir, int4_e
     r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4, ort_trunk="fused")
     assert r.backend.pool_min_rows == 1
     spans: list[int] = []
-    trunk_rows = r.backend.trunk_rows
-    r.backend.trunk_rows = lambda calls: (spans.append(calls[0][2].pool.span), trunk_rows(calls))[1]
+    decode_rows = r.backend.decode_rows  # (the fused trunk and the head graph, in one call a step)
+    r.backend.decode_rows = lambda calls: (spans.append(calls[0][2].pool.span), decode_rows(calls))[1]
     request = dict(question=QUESTIONS[0], max_new_tokens=8)
     first = r.ask(**request)
     assert set(spans) == {1} and r.pool.rows == 1
@@ -308,8 +312,8 @@ def test_a_long_prefill_takes_turns_with_a_running_request(engine_dir, monkeypat
         return trunk(embeds, *args, **kwargs)
 
     monkeypatch.setattr(r.backend, "trunk", logged)
-    rows = r.backend.trunk_rows  # the decode steps, batched (the fused trunk)
-    monkeypatch.setattr(r.backend, "trunk_rows", lambda calls_: (calls.append(1), rows(calls_))[1])
+    rows = r.backend.decode_rows  # the decode steps, batched (the fused trunk and the head graph)
+    monkeypatch.setattr(r.backend, "decode_rows", lambda calls_: (calls.append(1), rows(calls_))[1])
     long = r.stream(question=" ".join(QUESTIONS * 12), max_new_tokens=2)  # prepared here, submitted below
     pieces = iter(r.stream(question=QUESTIONS[0], max_new_tokens=300, events=True))
     next(pieces)  # the first request is decoding
@@ -333,14 +337,14 @@ def test_one_prefill_chunk_a_round_the_fewest_tokens_left_first(engine_dir, monk
     monkeypatch.setattr(runtime.stream, "PREFILL_CHUNK", 16)
     r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
     calls: list = []  # (tokens, the cache of the request a prefill chunk went to; None: the batched decode step)
-    trunk, rows = r.backend.trunk, r.backend.trunk_rows
+    trunk, rows = r.backend.trunk, r.backend.decode_rows
 
     def logged(embeds, positions, cache, *args, **kwargs):
         calls.append((embeds.shape[1], id(cache)))
         return trunk(embeds, positions, cache, *args, **kwargs)
 
     monkeypatch.setattr(r.backend, "trunk", logged)
-    monkeypatch.setattr(r.backend, "trunk_rows", lambda calls_: (calls.append((1, None)), rows(calls_))[1])
+    monkeypatch.setattr(r.backend, "decode_rows", lambda calls_: (calls.append((1, None)), rows(calls_))[1])
     long_question = " ".join(QUESTIONS * 12)
     first, second = (r.stream(question=long_question, max_new_tokens=2) for _ in range(2))
     short = r.stream(question=QUESTIONS[0], max_new_tokens=2)
@@ -424,8 +428,8 @@ def test_a_new_requests_vision_encoding_takes_turns_with_a_running_request(engin
 
     monkeypatch.setattr(r.backend, "trunk", logged_trunk)
     monkeypatch.setattr(r.backend, "encode_vision", logged_vision)
-    rows = r.backend.trunk_rows  # the decode steps, batched (the fused trunk)
-    monkeypatch.setattr(r.backend, "trunk_rows", lambda calls_: (calls.append("decode"), rows(calls_))[1])
+    rows = r.backend.decode_rows  # the decode steps, batched (the fused trunk and the head graph)
+    monkeypatch.setattr(r.backend, "decode_rows", lambda calls_: (calls.append("decode"), rows(calls_))[1])
     frames = [f[:, :, ::-1].copy() for f in render_frames("circle", "red", "right", frames=32)]
     clip = r.stream(frames=frames, fps=4.0, question=QUESTIONS[0], max_new_tokens=2)  # 16 temporal patches
     pieces = iter(r.stream(question=QUESTIONS[1], max_new_tokens=300, events=True))

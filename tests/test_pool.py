@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.pool import ROUND, KVPool, row_inputs
+from runtime.pool import BUCKET_ROUND, ROUND, KVPool, row_inputs
 
 
 def fill(cache, length: int, seed: int) -> list[torch.Tensor]:
@@ -72,11 +72,17 @@ def test_a_token_major_pool_holds_each_row_contiguous_and_grows_the_same():
 def test_capacities_round_up_but_not_past_the_limit():
     """A pool's capacity is rounded up to ROUND entries, but not past ``max_capacity`` (the export's context, which is
     a TensorRT decode profile's largest past)."""
-    pool = KVPool(2, 1, 4, torch.float32, "cpu", max_capacity=300)
+    limit = 2 * ROUND + ROUND // 2
+    pool = KVPool(2, 1, 4, torch.float32, "cpu", max_capacity=limit)
     pool.acquire(10)
     assert pool.capacity == ROUND
-    pool.acquire(ROUND + 1)
-    assert pool.capacity == 300
+    pool.acquire(2 * ROUND + 1)
+    assert pool.capacity == limit
+    # static decode's pool (batch-size buckets): rows in powers of two, capacities in multiples of BUCKET_ROUND
+    buckets = KVPool(2, 1, 4, torch.float32, "cpu", row_buckets=True)
+    for _ in range(3):
+        buckets.acquire(10)
+    assert (buckets.rows, buckets.capacity) == (4, BUCKET_ROUND) and BUCKET_ROUND % ROUND == 0
 
 
 def test_a_call_spans_the_rows_up_to_the_last_one_held():

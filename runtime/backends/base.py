@@ -25,6 +25,9 @@ class Backend(Protocol):
     base_head: object | None  # the head as a graph of its own, for steps without autograd (None: PyTorch's head)
     batch_rows: bool  # it decodes several requests' tokens in one call (``trunk_rows``; caches: rows of a KVPool)
     head_rows: object | None  # with batch_rows: the head for several requests' tokens in one call (None: per row)
+    # with batch_rows: the trunk and the head for several requests' next tokens in one call, from their token ids:
+    # calls (token, position, cache) -> each request's (hidden [1,1,H], logits [V]) (None: trunk_rows, then head_rows)
+    decode_rows: object | None
     pool_min_rows: int  # with batch_rows: rows its calls always cover (``runtime.pool.KVPool``'s ``min_rows``)
     pool_head_major: bool  # with batch_rows: the pool's layout its batched calls read (``KVPool``'s ``head_major``)
     max_rows: int  # with batch_rows: the most rows one call takes (0: any; a TensorRT engine's decode profile)
@@ -64,6 +67,7 @@ class BackendBase:
     base_head = None
     batch_rows = False
     head_rows = None
+    decode_rows = None
     pool_min_rows = 1
     pool_head_major = True
     max_rows = 0

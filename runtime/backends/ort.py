@@ -4,10 +4,12 @@ onnxruntime-gpu)."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from runtime.backends.base import BackendBase
@@ -142,6 +144,9 @@ class OrtBackend(BackendBase):
             self.base_head = OrtHead(head, options(self.threads), head_major=fused, packed=batch and fused)
             if fused:
                 self.head_rows = self.base_head.rows
+                self._lookup = table_rows(head.embed_tokens)
+                self._width = int(self._lookup([0]).shape[-1])
+                self.decode_rows = self._decode_rows
                 # one request alone is one row: the fused trunk's and the prepacked head's numbers for a row are the
                 # same in a call of one row as of several (``pool_min_rows``); one request at a time: nothing to match
                 self.pool_min_rows = 2 if quantized and batch else 1
@@ -245,6 +250,41 @@ class OrtBackend(BackendBase):
             scatter_rows(self.num_layers, pool, t.length, t.staging)
         return [t.hidden[cache.row:cache.row + 1] for _, _, cache in calls]
 
+    def _decode_rows(self, calls: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``decode_rows`` (fused form, with the head graph): one decode step of several requests, ``calls`` (token
+        id, position, cache) with every cache a row of one pool, from their tokens' embeddings (one lookup) through
+        the trunk graph's run and the head graph's, which takes the trunk's hidden states as they come out. Each
+        request's (hidden state [1,1,H], logits [V]): views of the bindings' outputs, read before the next batched
+        call (``OrtHead.picked`` knows the logits). The inputs are written through numpy views of the kept
+        bindings: between the runs, where the weights' reads have evicted the caches, a PyTorch op costs 10-20 us
+        (measured on the bench int4 export, 2 cores, 4 rows: the work outside the two runs 1.0 ms through
+        ``trunk_rows`` and ``head_rows``, 0.2 ms so; docs/benchmarks.md). Rows without a call are as
+        ``trunk_rows`` has them: a zero token written at the row's length, where nothing is read."""
+        pool = calls[0][2].pool
+        n = pool.span
+        t = kept_for_rows(self._rows, pool, n, lambda: _Rows(self, pool, n, self._width, calls[0][2]))
+        head = self.base_head
+        h = head.batch(pool, n)
+        rows = []
+        for _, _, cache in calls:
+            if cache.pool is not pool or cache.row >= n:
+                raise ValueError("a batched call takes rows of one KV pool (the rows it covers)")
+            cache.room(1)
+            rows.append(cache.row)
+        embeds, positions, length = t.embeds_np, t.positions_np, t.length_np
+        if len(rows) < n:
+            embeds.fill(0)
+            positions.fill(0)
+        embeds[rows, 0] = self._lookup([call[0] for call in calls])
+        positions[:, rows, 0] = [call[1] for call in calls]  # M-RoPE: a text token's three positions are equal
+        length[:] = pool.lengths()[:n]
+        self.trunk_session.run_with_iobinding(t.io)
+        h.hidden_np[:] = t.hidden_np
+        h.positions_np[:] = positions
+        h.length_np[:] = length
+        logits = head.run_rows(h, rows)
+        return [(t.row_hidden[r], x) for r, x in zip(rows, logits)]
+
     def encode_vision(self, inputs: dict[str, torch.Tensor], tokens: int,
                       hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embeds [tokens, hidden], DeepStack features [K, tokens, hidden] or None) of one visual input."""
@@ -288,6 +328,31 @@ class _Rows:
             inputs, outputs = rows_bindings(backend.num_layers, self.embeds, self.positions, self.length, pool,
                                             self.hidden, self.staging, extra, rows=n)
         self.io = bind(backend.trunk_session, inputs, outputs, dev)
+        self.row_hidden = [self.hidden[r:r + 1] for r in range(n)]  # each row's hidden state [1,1,H], made once
+        if dev.type == "cpu":  # numpy views of the inputs and the output (``decode_rows``)
+            self.embeds_np, self.positions_np, self.length_np, self.hidden_np = (
+                x.numpy() for x in (self.embeds, self.positions, self.length, self.hidden))
+
+
+def table_rows(embed) -> Callable[[list[int]], np.ndarray]:
+    """The rows of the embedding module ``embed`` for a list of token ids, as a numpy array [ids, H]: the float
+    table's rows, or an int8 table's rows times their scales (``models.quantized.QuantEmbedding``), the same
+    numbers as the module gives; any other module is called."""
+    from models.quantized import QuantEmbedding
+
+    if type(embed) is torch.nn.Embedding and embed.weight.device.type == "cpu" and \
+            embed.weight.dtype == torch.float32:
+        table = embed.weight.detach().numpy()
+        return lambda ids: table[ids]
+    if type(embed) is QuantEmbedding and embed.scales.device.type == "cpu" and embed.scales.dtype == torch.float32:
+        codes, scales = embed.codes.numpy(), embed.scales.numpy()
+        return lambda ids: codes[ids] * scales[ids, None]  # int8 to float32, then one float32 product, as PyTorch
+
+    def called(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return embed(torch.tensor(ids)).float().cpu().numpy()
+
+    return called
 
 
 def options(threads: int = 0, accuracy_level: int | None = None):

@@ -253,6 +253,7 @@ class OrtHead:
         self.out = self.logits[0]  # the one tensor every one-request call returns (``picked`` knows it by it)
         self._entropy = torch.empty(1, 1)
         self._top = torch.empty(1, dtype=torch.long)
+        self._entropy_np, self._top_np = self._entropy.numpy(), self._top.numpy()
         self._written = -1  # ``out``'s version counter when this graph last wrote it
         self._scratch = torch.empty(0)
         self._token: _Token | None = None  # the one-token binding, kept across calls
@@ -324,34 +325,44 @@ class OrtHead:
         its own next write lands."""
         pool = calls[0][2].pool
         n = pool.span  # the rows up to the last one a request holds, as the fused trunk's call covers
-        t = self._rows = kept_for_rows(self._row_bindings, pool, n, lambda: _Rows(self, pool, n))
+        t = self.batch(pool, n)
         hidden, positions, index, _ = row_inputs(calls, torch.float32, "cpu", rows=n)
         t.hidden.copy_(hidden)
         t.positions.copy_(positions)
         t.length.copy_(index)
+        return self.run_rows(t, [call[2].row for call in calls])
+
+    def batch(self, pool, n: int) -> _Rows:
+        """The batch binding over ``pool``'s first ``n`` rows (kept while the pool's buffers stay)."""
+        return kept_for_rows(self._row_bindings, pool, n, lambda: _Rows(self, pool, n))
+
+    def run_rows(self, t: _Rows, rows: list[int]) -> list[torch.Tensor]:
+        """Run batch binding ``t`` as its inputs stand; the logits [V] of ``rows`` (views ``picked`` knows)."""
         self.session.run_with_iobinding(t.io)
+        self._rows = t
         t.written = t.logits._version
-        t.out = [t.logits[call[2].row] for call in calls]
+        t.out = [t.row_logits[r] for r in rows]
         return t.out
 
     def _outputs(self) -> dict[str, torch.Tensor]:
         return {"logits": self.logits, "entropy": self._entropy, "top": self._top}
 
-    def picked(self, logits: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-        """(entropy as a 0-dim tensor of its own, greedy token) of ``logits``, computed in the graph with them, if
-        they are one of this graph's last outputs as it left them; None for any other tensor (``Loop.pick``)."""
+    def picked(self, logits: torch.Tensor) -> tuple[float, int] | None:
+        """(entropy, greedy token) of ``logits``, computed in the graph with them, if they are one of this graph's
+        last outputs as it left them; None for any other tensor (``Loop.pick``). Read through numpy: a step's few
+        PyTorch ops between the graph runs cost 10-20 us each there, against about 3 with warm caches (the weights'
+        reads evict them; measured on the bench int4 export, 2 cores, 4 rows: docs/benchmarks.md)."""
         if logits is self.out:
             if logits._version != self._written:
                 return None
-            return self._entropy[0, 0].clone(), int(self._top[0])
+            return float(self._entropy_np[0, 0]), int(self._top_np[0])
         t = self._rows
         if t is None or t.logits._version != t.written:
             return None
-        for out in t.out:
-            if logits is out:
-                row = out.storage_offset() // self.vocab
-                return t.entropy[row, 0].clone(), int(t.top[row])
-        return None
+        row = t.row_of.get(id(logits))
+        if row is None or not any(out is logits for out in t.out):
+            return None
+        return float(t.entropy_np[row, 0]), int(t.top_np[row])
 
 
 class _Rows:
@@ -366,7 +377,13 @@ class _Rows:
         self.entropy = torch.empty(n, 1)
         self.top = torch.empty(n, dtype=torch.long)
         self.written = -1
-        self.out: list[torch.Tensor] = []
+        self.out: list[torch.Tensor] = []  # the last run's requests' logits
+        self.row_logits = [self.logits[r] for r in range(n)]  # each row's logits [V], made once
+        self.row_of = {id(x): r for r, x in enumerate(self.row_logits)}
+        # numpy views, for the batched decode step's inputs and the picks (``OrtBackend.decode_rows``, ``picked``)
+        self.hidden_np, self.positions_np, self.length_np = self.hidden.numpy(), self.positions.numpy(), \
+            self.length.numpy()
+        self.entropy_np, self.top_np = self.entropy.numpy(), self.top.numpy()
         k, v = pool.keys[-1][:n], pool.values[-1][:n]  # the head's layer: the cache's last
         self.io = bind(graph.session, {"hidden": self.hidden, "position_ids": self.positions,
                                        "cache_length": self.length, "cache_key": k, "cache_value": v, **graph.bound},
