@@ -18,7 +18,8 @@ pass over the weights for all, where the backend can:
 decode and ``max_batch`` > 1 the torch and ort backends; see ``runtime.pool``). Elsewhere (static decode on
 TensorRT) requests take turns and the aggregate rate is the one-request rate.
 Requests wait in a first-in, first-out queue for a place (``max_batch``) and for room in the KV budget
-(``kv_bytes``: the cache every running request holds, declared when submitted); one that could never fit is
+(``kv_bytes``: what the running requests' caches hold together, ``kv_cost`` of the bytes each declared when
+submitted); one that could never fit is
 refused at once (``ResourceError``, one line naming the limit). Every piece is put on the request's channel without
 waiting for its consumer, so:
 - a consumer that reads slowly, pauses, or keeps an unfinished stream delays no other request (its pieces
@@ -262,7 +263,10 @@ class Engine:
     (a callable returning the request's generator) and returns its channel. A request runs with the PyTorch
     thread setting of the thread that submitted it (OpenMP keeps that setting per thread)."""
 
-    def __init__(self, name: str = "engine", device=None, max_batch: int = 1, kv_bytes: int | None = None) -> None:
+    def __init__(self, name: str = "engine", device=None, max_batch: int = 1, kv_bytes: int | None = None,
+                 kv_cost: Callable[[list[int]], int] | None = None) -> None:
+        """``kv_bytes``: the KV budget (None: none); ``kv_cost(kvs)``: the bytes requests that declared ``kvs`` hold
+        together (default: their sum; a ``runtime.pool.KVPool``'s rows all have the longest capacity)."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._name = name
         self._device = device  # a CUDA device is made the engine thread's current one (it is per thread)
@@ -272,10 +276,15 @@ class Engine:
         self.kv_budget = kv_bytes  # None: no budget
         self.waiting = 0  # requests queued, not started
         self._active: list[list] = []  # the running requests: [generator, channel, threads, kv, running]
-        self.kv_in_use = 0  # bytes of KV cache the running requests declared
+        self.kv_cost = kv_cost or sum
         self.rounds = 0  # rounds run (``_round``; ``Running.in_phase``)
         self.closed = False  # ``close`` was called: no request is taken any more
         _ENGINES.add(self)
+
+    @property
+    def kv_in_use(self) -> int:
+        """Bytes of KV cache the running requests hold together, as ``kv_cost`` counts what they declared."""
+        return self.kv_cost([row[3] for row in self._active if row]) if self._active else 0
 
     @property
     def running(self) -> int:
@@ -294,10 +303,11 @@ class Engine:
         once, to leave)."""
         import torch
 
-        if self.kv_budget is not None and kv > self.kv_budget:
+        alone = self.kv_cost([kv])
+        if self.kv_budget is not None and alone > self.kv_budget:
             from models.errors import ResourceError
 
-            raise ResourceError(f"this request needs {kv / 2**20:.1f} MiB of KV cache, over the engine's KV budget "
+            raise ResourceError(f"this request needs {alone / 2**20:.1f} MiB of KV cache, over the engine's KV budget "
                                 f"kv_mb={self.kv_budget / 2**20:g}; ask for fewer new tokens, use fewer frames, or "
                                 "load with a larger kv_mb")
         channel = Channel() if channel is None else channel
@@ -337,7 +347,7 @@ class Engine:
             return True  # alone it fits (a request over the whole budget was refused when submitted)
         if len(active) >= self.max_batch:
             return False
-        return self.kv_budget is None or self.kv_in_use + kv <= self.kv_budget
+        return self.kv_budget is None or self.kv_cost([row[3] for row in active if row] + [kv]) <= self.kv_budget
 
     def _serve(self) -> None:
         import torch
@@ -371,7 +381,6 @@ class Engine:
                     _fail(channel, e)
                     continue
                 active.append([gen, channel, threads, kv, running])
-                self.kv_in_use += kv
             self._round(active)
 
     def _shut(self, pending: deque) -> None:
@@ -388,7 +397,6 @@ class Engine:
             _fail(channel, error)
             row.clear()
         self._active = []
-        self.kv_in_use = 0
         for item in pending:
             _fail(item[1], error)
         with self._start_lock:
@@ -434,7 +442,7 @@ class Engine:
         ``value``: what it is sent (a call's result; ``error``: an exception it is thrown)."""
         import torch
 
-        gen, channel, threads, kv, running = row
+        gen, channel, threads, _, running = row
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         finished = True
@@ -451,5 +459,4 @@ class Engine:
             _fail(channel, e)
         if finished:
             self._active = [r for r in self._active if r is not row]
-            self.kv_in_use -= kv
             row.clear()  # the generator and its tensors go now, not at the next request

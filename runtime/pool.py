@@ -8,11 +8,13 @@ A request takes a row (``acquire``) when its prefill starts and gives it back wh
 (``PooledCache.release``); its ``KVCache`` is views of its row ([1, capacity, kv, hd], in either layout), so
 everything that reads
 or writes a cache (the backends' one-request calls, the head, V-Reason, Lite, prefix reuse) does so unchanged. The
-buffers grow when a request needs a row or a capacity they do not have: new buffers, every running row's entries
-copied over and its views moved (between units of work, on the engine's thread; nothing holds a view across one),
-and stay when the last request leaves, for the next (``clear`` frees them). So with requests of similar lengths the
-pool holds about what their own caches would hold (``rows`` x the longest capacity, rounded up to ``ROUND`` entries;
-a request alone holds ``min_rows`` rows).
+buffers are made anew when a request needs a row or a capacity they do not have: as many rows as the requests
+holding rows and the new one, at the longest capacity of theirs, their entries copied over and their views moved
+(between units of work, on the engine's thread; nothing holds a view across one); they stay when the last request
+leaves, for the next (``clear`` frees them). Each row has the buffers' capacity, so requests held together take
+``held_bytes``: rows x the longest of their capacities (each rounded up to ``ROUND`` entries; a request alone holds
+``min_rows`` rows), which is what the engine's KV budget counts them at: the buffers never outgrow what the budget
+admitted together (a long request with short ones holds the long one's capacity in every row).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ BUCKET_ROUND = 256  # with ``row_buckets`` (static decode): fewer pool shapes, e
 
 
 class PooledCache(KVCache):
-    """A request's cache: views of one row of a ``KVPool`` (``pool``, ``row``)."""
+    """A request's cache: views of one row of a ``KVPool`` (``pool``, ``row``; ``need``: the capacity it asked for,
+    rounded as the pool rounds it)."""
 
     row: int
+    need: int
 
     def release(self) -> None:
         """Give the row back (the request has ended); the views are not to be used after."""
@@ -82,20 +86,34 @@ class KVPool:
         """Bytes the buffers hold."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def acquire(self, capacity: int) -> PooledCache:
-        """A row for a request of ``capacity`` entries, its cache empty (length 0)."""
-        row = next((i for i, h in enumerate(self.holders) if h is None), self.rows)
+    def rounded(self, capacity: int) -> int:
+        """The capacity a row for a request of ``capacity`` entries has at least: rounded up to ``ROUND`` entries
+        (``BUCKET_ROUND`` with ``row_buckets``), but not past ``max_capacity``."""
         step = BUCKET_ROUND if self.row_buckets else ROUND
         need = -(-capacity // step) * step
-        if self.max_capacity is not None:
-            need = max(capacity, min(need, self.max_capacity))
+        return need if self.max_capacity is None else max(capacity, min(need, self.max_capacity))
+
+    def rows_for(self, held: int) -> int:
+        """The rows the buffers have when they are made for ``held`` requests."""
+        rows = max(held, self.min_rows)
+        return 1 << (rows - 1).bit_length() if self.row_buckets else rows
+
+    def held_bytes(self, needs: list[int]) -> int:
+        """The bytes the buffers hold at most for requests of these rounded capacities (``rounded``) held together:
+        ``rows_for`` of them, each row at the longest capacity (what the engine's KV budget counts)."""
+        per_entry = 2 * self.layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return self.rows_for(len(needs)) * max(needs, default=0) * per_entry
+
+    def acquire(self, capacity: int) -> PooledCache:
+        """A row for a request of ``capacity`` entries, its cache empty (length 0). Where the buffers have no free
+        row or too short a capacity, new ones are made for the requests holding rows and this one (``_grow``)."""
+        need = self.rounded(capacity)
+        row = next((i for i, h in enumerate(self.holders) if h is None), self.rows)
         if row >= self.rows or need > self.capacity:
-            rows = max(self.rows, row + 1, self.min_rows)
-            if self.row_buckets:
-                rows = 1 << (rows - 1).bit_length()
-            self._grow(rows, max(self.capacity, need))
+            self._grow(need)
+            row = self.holders.index(None)
         cache = PooledCache([], [])
-        cache.pool, cache.row = self, row
+        cache.pool, cache.row, cache.need = self, row, need
         self.holders[row] = cache
         self._view(cache)
         return cache
@@ -129,23 +147,33 @@ class KVPool:
         cache.keys[:] = [k[r:r + 1] for k, _ in views]  # [1, capacity, kv, hd] views
         cache.values[:] = [v[r:r + 1] for _, v in views]
 
-    def _grow(self, rows: int, capacity: int) -> None:
+    def _grow(self, need: int) -> None:
+        """New buffers for the requests holding rows and one more of capacity ``need``: as many rows as they take
+        (``rows_for``), at the longest capacity of theirs, not of the buffers before (which may have grown for
+        requests that have left since). The holders' entries are copied over, to rows 0, 1, ... in their order,
+        and their views moved (between units of work, on the engine's thread: nothing holds a view across one). So
+        the buffers hold what ``held_bytes`` counts for the requests they were made for, which the engine's KV
+        budget admitted together."""
+        held = [h for h in self.holders if h is not None]
+        rows, capacity = self.rows_for(len(held) + 1), max([need, *(h.need for h in held)])
         shape = (rows, self.kv_heads, capacity, self.head_dim) if self.head_major else \
             (rows, capacity, self.kv_heads, self.head_dim)
         keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-        n = self.capacity  # whole rows (a request may hold entries past its length: written, not yet counted)
-        for r, h in enumerate(self.holders):
-            if h is not None:
-                for new, old in zip((*keys, *values), (*self.keys, *self.values)):
-                    (new[r, :, :n] if self.head_major else new[r, :n]).copy_(old[r])
+        n = min(self.capacity, capacity)  # (a holder's entries, written or not yet counted, lie within its need)
+        for r, h in enumerate(held):
+            for new, old in zip((*keys, *values), (*self.keys, *self.values)):
+                if self.head_major:
+                    new[r, :, :n].copy_(old[h.row, :, :n])
+                else:
+                    new[r, :n].copy_(old[h.row, :n])
+            h.row = r
         self.keys, self.values = keys, values
-        self.holders += [None] * (rows - len(self.holders))
+        self.holders = held + [None] * (rows - len(held))
         self.generation += 1
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
-        for h in self.holders:
-            if h is not None:
-                self._view(h)
+        for h in held:
+            self._view(h)
 
 
 def kept_for_rows(held: dict, pool: KVPool, n: int, make):

@@ -74,8 +74,6 @@ class Reasoner:
             raise InputError(f"max_batch={self.max_batch} needs dynamic decode on the {backend.name} backend: its "
                              "static decode keeps one cache (and its CUDA graphs) for one request at a time; load with "
                              "decode='dynamic' or max_batch=1")
-        self.kv_mb = default_kv_mb(self.cfg, self.limits["max_context"], self.dtype, self.device) if kv_mb is None \
-            else kv_mb
         # the running requests' caches as rows of one pool, decoded together in one graph call per step, where
         # the backend can (``batch_rows``: the ort backend, the torch backend, TensorRT engines built with a batch
         # range). Static decode one request at a time (max_batch 1) keeps a cache of its own per request, its
@@ -92,8 +90,17 @@ class Reasoner:
                                row_buckets=decode == "static", max_capacity=self.limits["max_context"])
             if decode == "static":
                 backend.static_rows(cuda_graphs)
-        # the thread that runs this model's requests, up to max_batch at once within the KV budget
-        self.engine = Engine(f"engine {engine_dir.name}", self.device, self.max_batch, int(self.kv_mb * 2**20))
+        # the thread that runs this model's requests, up to max_batch at once within the KV budget: each request
+        # declares its cache's bytes (``kv_need``); a pool's rows all have the longest capacity (``KVPool.held_bytes``)
+        rows = self.pool.rows_for(1) if self.pool is not None else 1
+        self.kv_mb = default_kv_mb(self.cfg, self.limits["max_context"], self.dtype, self.device, rows) \
+            if kv_mb is None else kv_mb
+        cost = None
+        if self.pool is not None:
+            per_entry = cache_bytes(self.cfg, 1, self.dtype)
+            pool = self.pool
+            cost = lambda kvs: pool.held_bytes([kv // per_entry for kv in kvs])  # noqa: E731
+        self.engine = Engine(f"engine {engine_dir.name}", self.device, self.max_batch, int(self.kv_mb * 2**20), cost)
         self.hugepages = None  # the move of the loaded weights into 2 MB pages (``runtime.hugepages.Move``; CPU)
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
         self.reuse = ReuseStore(self.reuse_mb * 2**20)
@@ -142,9 +149,10 @@ class Reasoner:
         shapes over the running requests' pool, a CUDA graph per pool shape (rows in powers of two), V-Reason's
         updates eager between them (``TorchBackend.static_rows``; not yet measured on a GPU); on ort, the batched
         calls as they are (already over the pool's whole buffers); on TensorRT it is refused.
-        ``kv_mb``: the KV cache (MiB) the running requests may hold together; a request waits for room, and one that
-        needs more than all of it is refused. Default: a quarter of the device's free memory at load, and at least
-        one request at the export's context limit.
+        ``kv_mb``: the KV cache (MiB) the running requests may hold together (with requests decoded together, each
+        row of their pool at the longest one's capacity: ``KVPool.held_bytes``); a request waits for room, and one
+        that needs more than all of it is refused. Default: a quarter of the device's free memory at load, and at
+        least one request at the export's context limit.
 
         ``hugepages`` (CPU, Linux): after loading, the memory the load added is moved into 2 MB pages on a background
         thread at the lowest CPU priority (``runtime.hugepages``; decode steps read the weights with fewer TLB misses:
@@ -463,12 +471,14 @@ class Reasoner:
         return self.engine.kv_in_use
 
     def kv_need(self, capacity: int) -> int:
-        """Bytes of the KV cache a request of ``capacity`` entries holds (static decode: rounded up as
-        ``cache_for`` rounds it)."""
+        """Bytes of the KV cache a request of ``capacity`` entries holds (rounded up as ``cache_for`` and the pool
+        round it; in a pool, one row of it: ``KVPool.held_bytes`` counts the rows requests hold together)."""
         if self.decode == "static":
             from runtime.static import static_capacity
 
             capacity = static_capacity(capacity, self.limits["max_context"])
+        if self.pool is not None:
+            capacity = self.pool.rounded(capacity)
         return cache_bytes(self.cfg, capacity, self.dtype)
 
     def cache_for(self, capacity: int) -> KVCache:
@@ -557,10 +567,11 @@ def default_max_batch(decode: str) -> int:
     return 1 if decode == "static" else DEFAULT_MAX_BATCH
 
 
-def default_kv_mb(cfg, max_context: int, dtype: torch.dtype, device) -> int:
+def default_kv_mb(cfg, max_context: int, dtype: torch.dtype, device, rows: int = 1) -> int:
     """A quarter of the device's free memory at load (CUDA: free GPU memory; CPU: available RAM), and at least
-    what one request at the export's context limit holds."""
-    one = cache_bytes(cfg, max_context, dtype)
+    what one request at the export's context limit holds (``rows`` rows of it, where a request alone holds
+    more than one: ``KVPool.min_rows``)."""
+    one = rows * cache_bytes(cfg, max_context, dtype)
     free = available_memory(device) or 0
     return max(1, -(-max(one, int(free * KV_FRACTION)) // 2**20))
 

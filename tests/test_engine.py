@@ -224,11 +224,19 @@ def test_v_reason_requests_a_round_apart_update_together(engine_dir, monkeypatch
     widths.clear()
     first, second = r.stream(**request), r.stream(**request)
 
-    def behind(queue_s, running):  # the same request, started a round after the first
-        yield TICK
+    started: list[int] = []  # the round of the first's first unit of work
+
+    def ahead(queue_s, running):
+        started.append(r.engine.rounds)
+        yield from first._run(queue_s, running)
+
+    def behind(queue_s, running):  # the same request, started an odd number of rounds after the first (V-Reason's
+        # period is 2: its updates would fall on the other rounds), however soon the engine took it in
+        while not started or (r.engine.rounds - started[0]) % 2 == 0:
+            yield TICK
         yield from second._run(queue_s, running)
 
-    channels = [r.engine.submit(first._run, kv=first.kv), r.engine.submit(behind, kv=second.kv)]
+    channels = [r.engine.submit(ahead, kv=first.kv), r.engine.submit(behind, kv=second.kv)]
     for channel in channels:
         for _ in channel:
             pass
@@ -456,6 +464,25 @@ def test_the_kv_budget_holds_requests_back_and_refuses_one_that_never_fits(engin
         small.ask(question=QUESTIONS[0], max_new_tokens=400)
     assert len(str(e.value).splitlines()) == 1
     assert small.ask(question=QUESTIONS[0], max_new_tokens=10).token_ids == alone[0].token_ids
+
+
+def test_the_kv_budget_counts_every_row_at_the_longest_capacity(engine_dir):
+    """A pool's rows all have the longest running request's capacity, so a short request beside a long one holds as
+    much as the long one. The budget counts them so (``KVPool.held_bytes``): two that would fit by their own sizes
+    but not as two rows of the long one's capacity do not run together, and the pool's buffers never held more than
+    the budget."""
+    r = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4)
+    short = dict(question=QUESTIONS[0], max_new_tokens=8)
+    long = dict(question=" ".join(QUESTIONS * 6), max_new_tokens=300)
+    s_need = r.kv_need(len(r.prepare(**short).ids) + 8)
+    l_need = r.kv_need(len(r.prepare(**long).ids) + 300)
+    assert l_need > 2 * s_need
+    budget = l_need + (l_need + s_need) // 2  # over the two's own sizes, under two rows of the long one
+    small = Reasoner.load(engine_dir, backend="ort", reuse_mb=0, max_batch=4, kv_mb=budget / 2**20)
+    alone, together = _solo_then_together(small, [long, short])
+    assert [b.token_ids for b in together] == [a.token_ids for a in alone]
+    assert all(b.timings["batch_mean"] == 1.0 for b in together) and together[1].timings["queue_s"] > 0
+    assert small.pool.peak_bytes <= budget
 
 
 def test_static_decode_of_several_requests(engine_dir, monkeypatch):

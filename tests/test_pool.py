@@ -45,6 +45,30 @@ def test_rows_grow_keep_their_entries_and_are_freed_on_clear():
     assert pool.rows == 0 and pool.nbytes == 0 and pool.keys == []
 
 
+def test_new_buffers_fit_the_requests_holding_rows_not_those_that_left():
+    """Buffers made anew take as many rows as the requests holding rows and the new one, at the longest capacity of
+    theirs: the holders' entries move to the first rows, and a long request that has left no longer sets every row's
+    capacity. The buffers hold what ``held_bytes`` counts for the requests they were made for."""
+    pool = KVPool(2, 1, 4, torch.float32, "cpu")
+    a = pool.acquire(3 * ROUND)
+    b = pool.acquire(10)
+    kept = fill(b, 7, seed=3)
+    assert (pool.rows, pool.capacity, b.row) == (2, 3 * ROUND, 1)
+    a.release()
+    c = pool.acquire(4 * ROUND)  # row 0 is free but too short: new buffers for b and c, b moved to the first row
+    assert (pool.rows, pool.capacity, b.row, c.row) == (2, 4 * ROUND, 0, 1)
+    assert all(torch.equal(t[:, :7], k) for t, k in zip((*b.keys, *b.values), kept))
+    assert pool.nbytes == pool.held_bytes([b.need, c.need])
+    c.release()
+    d = pool.acquire(20)  # a free row, long enough: taken as it is
+    assert (d.row, pool.capacity) == (1, 4 * ROUND)
+    e = pool.acquire(30)  # no free row: three rows at the capacity of the three holding them, not the one gone
+    assert (pool.rows, pool.capacity, [b.row, d.row, e.row]) == (3, ROUND, [0, 1, 2])
+    assert all(torch.equal(t[:, :7], k) for t, k in zip((*b.keys, *b.values), kept))
+    assert pool.nbytes == pool.held_bytes([b.need, d.need, e.need])
+    assert pool.peak_bytes == 2 * 4 * ROUND * (2 * 2 * 4 * 4)  # rows x entries x (K and V, 2 layers, 4 floats)
+
+
 def test_one_row_by_default():
     pool = KVPool(2, 1, 4, torch.float32, "cpu")
     pool.acquire(3)

@@ -10,15 +10,16 @@ over its own decode time, others' prefill chunks run in between included), time 
 for the engine included), the median time a request waited for its place in the engine (``queue_s``) and the mean
 number of requests running while it was advanced (``batch_mean``), and the KV memory the engine held at its peak
 over the sum of what each request's own cache would hold (``kv_held_over_own``; the pool's rows are as long as the
-longest request, rounded up to 256 entries, and on the ort backend a request alone holds two rows:
-``runtime.pool``). Every answer is checked against the same request asked alone (greedy: identical tokens). The
-engine keeps up to ``max_batch`` requests running; where the backend can (``batch_rows``: every backend with dynamic
-decode, the torch and ort backends with static decode too) their decode steps run as one call, one pass over the
-weights for all of them; elsewhere they take turns. With ``--peer``: onnxruntime-genai's model of the export's
-decoder shape and weight format (``runtime.bench.peer``, built once under --work; from the export's own weights
-where they are floats, and then first checked: its greedy tokens and their entropies on a text prompt against
-ours) generates as many requests together as the top level, once per round after our waves (base): its aggregate
-decode rate, ours, and the per-round ratio.
+longest request, rounded up to 64 entries, and on ort's quantized and standard graphs a request alone holds two
+rows: ``runtime.pool``; its own cache: its prompt and new tokens, to the entry). Every answer is checked against
+the same request asked alone (greedy: identical tokens). The engine keeps up to ``max_batch`` requests running;
+where the backend can (``batch_rows``: every backend with dynamic decode, the torch and ort backends with static
+decode too) their decode steps run as one call, one pass over the weights for all of them; elsewhere they take
+turns. With ``--peer``: onnxruntime-genai's model of the export's decoder shape and weight format
+(``runtime.bench.peer``, built once under --work; from the export's own weights where they are floats, and then
+first checked: its greedy tokens and their entropies on a text prompt against ours) generates as many requests
+together as the top level, once per round after our waves (base): its aggregate decode rate, ours, and the per-round
+ratio.
 """
 
 from __future__ import annotations
@@ -81,12 +82,14 @@ def run_wave(r, clip: Path, method: str, n: int, new_tokens: int) -> tuple[list,
     KV memory the engine held at its peak over the sum of what each request's own cache would hold, of the
     ``max_batch`` largest where more wait for a place (None where requests hold caches of their own, not rows of a
     pool))."""
+    from runtime.reasoner import cache_bytes
+
     needs = []
 
     def client() -> tuple:
         s = r.stream(video=str(clip), question=QUESTION, method=method, max_new_tokens=new_tokens, template="plain",
                      events=True)
-        needs.append(s.kv)
+        needs.append(cache_bytes(r.cfg, len(s.prompt.ids) + new_tokens, r.dtype))  # its own, to the entry
         times = [time.perf_counter() for _event in s]
         return s.result, times[:len(s.result.token_ids)]
 
