@@ -224,19 +224,20 @@ def test_v_reason_requests_a_round_apart_update_together(engine_dir, monkeypatch
     widths.clear()
     first, second = r.stream(**request), r.stream(**request)
 
-    started: list[int] = []  # the round of the first's first unit of work
+    queued = threading.Event()
 
-    def ahead(queue_s, running):
-        started.append(r.engine.rounds)
-        yield from first._run(queue_s, running)
-
-    def behind(queue_s, running):  # the same request, started an odd number of rounds after the first (V-Reason's
-        # period is 2: its updates would fall on the other rounds), however soon the engine took it in
-        while not started or (r.engine.rounds - started[0]) % 2 == 0:
+    def gate(queue_s, running):  # runs alone (max_batch 1) until both are queued: they are then taken in together
+        while not queued.is_set():
             yield TICK
+        r.engine.max_batch = 4
+
+    def behind(queue_s, running):  # the same request, started a round after the first
+        yield TICK
         yield from second._run(queue_s, running)
 
-    channels = [r.engine.submit(ahead, kv=first.kv), r.engine.submit(behind, kv=second.kv)]
+    r.engine.max_batch = 1
+    channels = [r.engine.submit(gate), r.engine.submit(first._run, kv=first.kv), r.engine.submit(behind, kv=second.kv)]
+    queued.set()
     for channel in channels:
         for _ in channel:
             pass
