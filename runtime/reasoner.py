@@ -96,10 +96,9 @@ class Reasoner:
         self.kv_mb = default_kv_mb(self.cfg, self.limits["max_context"], self.dtype, self.device, rows) \
             if kv_mb is None else kv_mb
         cost = None
-        if self.pool is not None:
-            per_entry = cache_bytes(self.cfg, 1, self.dtype)
+        if self.pool is not None:  # (each request's bytes are its row's: rows x the longest, as held_bytes counts)
             pool = self.pool
-            cost = lambda kvs: pool.held_bytes([kv // per_entry for kv in kvs])  # noqa: E731
+            cost = lambda kvs: pool.rows_for(len(kvs)) * max(kvs)  # noqa: E731
         self.engine = Engine(f"engine {engine_dir.name}", self.device, self.max_batch, int(self.kv_mb * 2**20), cost)
         self.hugepages = None  # the move of the loaded weights into 2 MB pages (``runtime.hugepages.Move``; CPU)
         self.reuse_mb = default_reuse_mb(self.device) if reuse_mb is None else reuse_mb
